@@ -1,0 +1,327 @@
+"""The model bundle (DESIGN.md contract 1): a directory with `model.onnx` and `bundle.json`.
+
+This module is the single owner of the format. Training writes bundles with `write_bundle`; the
+service, `replay` and training's own validation read them with `load_bundle`. numpy and
+onnxruntime only: the runtime never imports torch. No pickle anywhere.
+
+Scoring rule: the model maps a normalised window x[W, F] to its reconstruction r[W, F]. The score
+of the window's newest event is the mean squared error over the positions named by
+`ScoringRule.positions` (negative indices from the window's end, e.g. [-1]) and over all features;
+the per-feature error at those positions gives the alert's `top_features`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+SCHEMA_VERSION = 1
+MODEL_FILE = "model.onnx"
+BUNDLE_FILE = "bundle.json"
+INPUT_NAME = "x"
+OUTPUT_NAME = "reconstruction"
+
+
+class BundleError(Exception):
+    """A bundle that cannot be used; the message is one sentence meant for the operator."""
+
+
+@dataclass(frozen=True)
+class Normaliser:
+    """Per-feature affine normalisation fitted on training data: (x - center) / scale."""
+
+    center: np.ndarray  # float32 [F]
+    scale: np.ndarray  # float32 [F], already floored (constant features get the floor, never 0)
+    scale_floor: float
+
+    @classmethod
+    def fit(cls, rows: np.ndarray, scale_floor: float = 1e-3) -> "Normaliser":
+        rows = np.asarray(rows, dtype=np.float64)
+        center = rows.mean(axis=0)
+        scale = np.maximum(rows.std(axis=0), scale_floor)
+        return cls(center.astype(np.float32), scale.astype(np.float32), float(scale_floor))
+
+    def apply(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Normalise float rows [..., F] into float32 (into `out` when given)."""
+        if out is None:
+            out = np.empty(np.shape(rows), dtype=np.float32)
+        np.subtract(rows, self.center, out=out, casting="unsafe")
+        np.divide(out, self.scale, out=out)
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": "standard",
+            "center": [float(v) for v in self.center],
+            "scale": [float(v) for v in self.scale],
+            "scale_floor": self.scale_floor,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], n_features: int) -> "Normaliser":
+        center = np.asarray(d["center"], dtype=np.float32)
+        scale = np.asarray(d["scale"], dtype=np.float32)
+        floor = float(d["scale_floor"])
+        if center.shape != (n_features,) or scale.shape != (n_features,):
+            raise BundleError(
+                f"the normaliser has {center.size} centres and {scale.size} scales but the bundle lists {n_features} features."
+            )
+        if not (np.all(np.isfinite(center)) and np.all(np.isfinite(scale)) and np.all(scale >= floor) and floor > 0):
+            raise BundleError("the normaliser has non-finite values or a scale below its floor.")
+        return cls(center, scale, floor)
+
+
+@dataclass(frozen=True)
+class ScoringRule:
+    """Which window positions score the newest event (negative indices from the end)."""
+
+    positions: tuple[int, ...] = (-1,)
+
+    def validate(self, window: int) -> None:
+        if not self.positions or any(not (-window <= p < 0) for p in self.positions):
+            raise BundleError(f"scoring positions {list(self.positions)} must be negative indices within a window of {window}.")
+
+    def feature_errors(self, x: np.ndarray, reconstruction: np.ndarray) -> np.ndarray:
+        """Squared error per feature at the scoring positions, averaged over them: [batch, F]."""
+        idx = list(self.positions)
+        diff = x[:, idx, :] - reconstruction[:, idx, :]
+        return np.mean(diff * diff, axis=1, dtype=np.float32)
+
+    def scores(self, x: np.ndarray, reconstruction: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(score [batch], per-feature error [batch, F]) for normalised windows and their reconstruction."""
+        fe = self.feature_errors(x, reconstruction)
+        return fe.mean(axis=1), fe
+
+    def to_json(self) -> dict[str, Any]:
+        return {"positions": list(self.positions), "reduction": "mean_squared_error"}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "ScoringRule":
+        if d.get("reduction", "mean_squared_error") != "mean_squared_error":
+            raise BundleError(f"unknown scoring reduction {d.get('reduction')!r}; this version knows 'mean_squared_error'.")
+        return cls(tuple(int(p) for p in d["positions"]))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Score quantiles of held-out normal data, and the suggested initial threshold."""
+
+    quantiles: dict[str, float]  # e.g. {"0.9": .., "0.99": .., "0.999": .., "0.9999": .., "1.0": max}
+    threshold: float
+    n_scores: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"quantiles": self.quantiles, "threshold": self.threshold, "n_scores": self.n_scores}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Calibration":
+        q = {str(k): float(v) for k, v in d["quantiles"].items()}
+        thr = float(d["threshold"])
+        if not math.isfinite(thr) or thr <= 0:
+            raise BundleError(f"the calibrated threshold {thr} is not a positive number.")
+        return cls(q, thr, int(d.get("n_scores", 0)))
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    schema_version: int
+    model_version: str
+    features: tuple[str, ...]
+    window: int
+    normaliser: Normaliser
+    scoring: ScoringRule
+    calibration: Calibration
+    model_sha256: str
+    model: dict[str, Any] = field(default_factory=dict)  # architecture, informational
+    training: dict[str, Any] = field(default_factory=dict)  # metadata, informational
+    extra: dict[str, Any] = field(default_factory=dict)  # other sections (e.g. a log parser), kept verbatim
+
+    @property
+    def n_features(self) -> int:
+        return len(self.features)
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / MODEL_FILE
+
+    def check_session_io(self, session: Any) -> None:
+        """Check an onnxruntime.InferenceSession against W and F; one sentence on mismatch."""
+        inputs, outputs = session.get_inputs(), session.get_outputs()
+        if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
+            raise BundleError(f"model.onnx must have one input named '{INPUT_NAME}', it has {[i.name for i in inputs]}.")
+        if len(outputs) < 1 or outputs[0].name != OUTPUT_NAME:
+            raise BundleError(f"model.onnx's first output must be named '{OUTPUT_NAME}', it has {[o.name for o in outputs]}.")
+        for what, arg in (("input", inputs[0]), ("output", outputs[0])):
+            if arg.type != "tensor(float)":
+                raise BundleError(f"model.onnx's {what} is {arg.type}, expected float32.")
+            shape = list(arg.shape)
+            if len(shape) != 3 or shape[1] != self.window or shape[2] != self.n_features:
+                raise BundleError(
+                    f"model.onnx's {what} shape {shape} does not match the bundle's window {self.window} and {self.n_features} features."
+                )
+            if isinstance(shape[0], int) and shape[0] > 0 and shape[0] != -1:
+                raise BundleError(f"model.onnx's {what} has a fixed batch size {shape[0]}; the batch axis must be dynamic.")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_bundle(path: str | os.PathLike[str], check_model: bool = True) -> Bundle:
+    """Read and verify a bundle directory. With check_model, also open model.onnx on the CPU and
+    check its input/output names and shapes against W and F."""
+    path = Path(path)
+    meta_path = path / BUNDLE_FILE
+    if not path.is_dir():
+        raise BundleError(f"model bundle {path} is not a directory.")
+    if not meta_path.is_file():
+        raise BundleError(f"model bundle {path} has no {BUNDLE_FILE}.")
+    if not (path / MODEL_FILE).is_file():
+        raise BundleError(f"model bundle {path} has no {MODEL_FILE}.")
+    try:
+        meta = orjson.loads(meta_path.read_bytes())
+    except orjson.JSONDecodeError as e:
+        raise BundleError(f"{meta_path} is not valid JSON ({e}).") from None
+    if not isinstance(meta, dict):
+        raise BundleError(f"{meta_path} must hold a JSON object.")
+    version = meta.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise BundleError(f"model bundle {path} has schema version {version!r}; this stream-detector reads version {SCHEMA_VERSION}.")
+    try:
+        features = tuple(str(f) for f in meta["features"])
+        window = int(meta["window"])
+        expected_sha = str(meta["model_sha256"])
+        bundle = Bundle(
+            path=path,
+            schema_version=version,
+            model_version=str(meta["model_version"]),
+            features=features,
+            window=window,
+            normaliser=Normaliser.from_json(meta["normaliser"], len(features)),
+            scoring=ScoringRule.from_json(meta["scoring"]),
+            calibration=Calibration.from_json(meta["calibration"]),
+            model_sha256=expected_sha,
+            model=dict(meta.get("model", {})),
+            training=dict(meta.get("training", {})),
+            extra={k: v for k, v in meta.items() if k not in _KNOWN_KEYS},
+        )
+    except KeyError as e:
+        raise BundleError(f"{meta_path} lacks the required key {e.args[0]!r}.") from None
+    except (TypeError, ValueError) as e:
+        raise BundleError(f"{meta_path} has a malformed value ({e}).") from None
+    if not features or len(set(features)) != len(features):
+        raise BundleError(f"{meta_path} must list at least one feature, each name once.")
+    if window < 2:
+        raise BundleError(f"{meta_path} has window {window}; it must be at least 2.")
+    bundle.scoring.validate(window)
+    actual_sha = sha256_file(bundle.model_path)
+    if actual_sha != expected_sha:
+        raise BundleError(
+            f"{bundle.model_path} does not match the sha256 recorded in {BUNDLE_FILE} (the model file was altered or replaced)."
+        )
+    if check_model:
+        bundle.check_session_io(open_cpu_session(bundle.model_path))
+    return bundle
+
+
+def open_cpu_session(model_path: Path) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(model_path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
+        raise BundleError(f"ONNX Runtime cannot load {model_path}: {str(e).splitlines()[0]}") from None
+
+
+_KNOWN_KEYS = {
+    "schema_version",
+    "model_version",
+    "model_file",
+    "model_sha256",
+    "features",
+    "window",
+    "normaliser",
+    "scoring",
+    "calibration",
+    "model",
+    "training",
+    "input_name",
+    "output_name",
+}
+
+
+def write_bundle(
+    out_dir: str | os.PathLike[str],
+    model_onnx: bytes,
+    *,
+    model_version: str,
+    features: list[str],
+    window: int,
+    normaliser: Normaliser,
+    scoring: ScoringRule,
+    calibration: Calibration,
+    model: dict[str, Any],
+    training: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+    extra_files: dict[str, bytes] | None = None,
+) -> Path:
+    """Write a complete bundle atomically: built in a sibling temp dir, then renamed into place,
+    so a failure never leaves a half-written BUNDLE_DIR. An existing bundle there is replaced."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "schema_version": SCHEMA_VERSION,
+        "model_version": model_version,
+        "model_file": MODEL_FILE,
+        "model_sha256": hashlib.sha256(model_onnx).hexdigest(),
+        "input_name": INPUT_NAME,
+        "output_name": OUTPUT_NAME,
+        "features": list(features),
+        "window": int(window),
+        "normaliser": normaliser.to_json(),
+        "scoring": scoring.to_json(),
+        "calibration": calibration.to_json(),
+        "model": model,
+        "training": training,
+        **(extra or {}),
+    }
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        (tmp / MODEL_FILE).write_bytes(model_onnx)
+        (tmp / BUNDLE_FILE).write_bytes(orjson.dumps(meta, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            if old.exists():
+                _rmtree(old)
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            _rmtree(old)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        _rmtree(tmp)
+        raise
+    return out_dir
+
+
+def _rmtree(p: Path) -> None:
+    import shutil
+
+    shutil.rmtree(p, ignore_errors=True)

@@ -1,0 +1,87 @@
+"""Shared fixtures: the real Kafka broker (session), unique topics (per test), seeded randomness."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BROKER_SH = REPO / "deploy" / "kafka" / "broker.sh"
+
+
+def _broker(cmd: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(BROKER_SH), cmd], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> str:
+    """KAFKA_BOOTSTRAP if set, else the local broker from deploy/kafka/broker.sh. A broker that this
+    fixture started is stopped at the end of the session; one that was already running is left alone.
+    Never skips: if no broker can be had, the tests that need it fail with the reason."""
+    env = os.environ.get("KAFKA_BOOTSTRAP")
+    if env:
+        yield env
+        return
+    was_running = _broker("status").returncode == 0
+    started = _broker("start")
+    if started.returncode != 0:
+        pytest.fail(f"could not start the local Kafka broker: {started.stderr.strip()}", pytrace=False)
+    line = [ln for ln in started.stdout.splitlines() if ln.startswith("bootstrap=")][-1]
+    yield line.split("=", 1)[1]
+    if not was_running:
+        _broker("stop")
+
+
+@pytest.fixture
+def make_topic(kafka_bootstrap: str):
+    """Factory: make_topic(partitions=1, config={...}, prefix='t') -> a new unique topic name."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    created: list[str] = []
+
+    def factory(partitions: int = 1, config: dict[str, str] | None = None, prefix: str = "t") -> str:
+        name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+        fut = admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1, config=config or {})])
+        fut[name].result(timeout=30)
+        created.append(name)
+        return name
+
+    yield factory
+    if created:
+        for f in admin.delete_topics(created, operation_timeout=30).values():
+            try:
+                f.result(timeout=30)
+            except Exception:
+                pass
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    """A seeded generator; the seed is printed so a failure can be replayed (SD_TEST_SEED=...)."""
+    seed = int(os.environ.get("SD_TEST_SEED", "12345"))
+    print(f"[seed] {request.node.nodeid}: SD_TEST_SEED={seed}")
+    return np.random.default_rng(seed)
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import onnxruntime as ort
+
+        has_cuda = "CUDAExecutionProvider" in ort.get_available_providers() and _cuda_device_present()
+    except Exception:
+        has_cuda = False
+    if not has_cuda:
+        skip = pytest.mark.skip(reason="no CUDA GPU on this machine (gpu marker)")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+def _cuda_device_present() -> bool:
+    return Path("/dev/nvidia0").exists() or Path("/proc/driver/nvidia").exists()

@@ -1,0 +1,1 @@
+"""Offline training: Transformer autoencoder on normal data, calibration, ONNX export to a bundle."""
