@@ -5,9 +5,11 @@ service, `replay` and training's own validation read them with `load_bundle`. nu
 onnxruntime only: the runtime never imports torch. No pickle anywhere.
 
 Scoring rule: the model maps a normalised window x[W, F] to its reconstruction r[W, F]. The score
-of the window's newest event is the mean squared error over the positions named by
-`ScoringRule.positions` (negative indices from the window's end, e.g. [-1]) and over all features;
-the per-feature error at those positions gives the alert's `top_features`.
+of the window's newest event is the squared error averaged over the positions named by
+`ScoringRule.positions` (negative indices from the window's end, e.g. [-1]), then reduced over the
+features by `ScoringRule.reduction`: `mean_squared_error` (the default: mean over features) or
+`max_squared_error` (the largest feature's error, used by the rolling z-score baseline); the
+per-feature error at those positions gives the alert's `top_features`.
 """
 
 from __future__ import annotations
@@ -79,15 +81,22 @@ class Normaliser:
         return cls(center, scale, floor)
 
 
+SCORING_REDUCTIONS = ("mean_squared_error", "max_squared_error")
+
+
 @dataclass(frozen=True)
 class ScoringRule:
-    """Which window positions score the newest event (negative indices from the end)."""
+    """Which window positions score the newest event (negative indices from the end), and how the
+    per-feature errors become one score (mean over features by default, or their maximum)."""
 
     positions: tuple[int, ...] = (-1,)
+    reduction: str = "mean_squared_error"
 
     def validate(self, window: int) -> None:
         if not self.positions or any(not (-window <= p < 0) for p in self.positions):
             raise BundleError(f"scoring positions {list(self.positions)} must be negative indices within a window of {window}.")
+        if self.reduction not in SCORING_REDUCTIONS:
+            raise BundleError(f"unknown scoring reduction {self.reduction!r}; this version knows {', '.join(SCORING_REDUCTIONS)}.")
 
     def feature_errors(self, x: np.ndarray, reconstruction: np.ndarray) -> np.ndarray:
         """Squared error per feature at the scoring positions, averaged over them: [batch, F]."""
@@ -98,16 +107,19 @@ class ScoringRule:
     def scores(self, x: np.ndarray, reconstruction: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(score [batch], per-feature error [batch, F]) for normalised windows and their reconstruction."""
         fe = self.feature_errors(x, reconstruction)
+        if self.reduction == "max_squared_error":
+            return fe.max(axis=1), fe
         return fe.mean(axis=1), fe
 
     def to_json(self) -> dict[str, Any]:
-        return {"positions": list(self.positions), "reduction": "mean_squared_error"}
+        return {"positions": list(self.positions), "reduction": self.reduction}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "ScoringRule":
-        if d.get("reduction", "mean_squared_error") != "mean_squared_error":
-            raise BundleError(f"unknown scoring reduction {d.get('reduction')!r}; this version knows 'mean_squared_error'.")
-        return cls(tuple(int(p) for p in d["positions"]))
+        reduction = str(d.get("reduction", "mean_squared_error"))
+        if reduction not in SCORING_REDUCTIONS:
+            raise BundleError(f"unknown scoring reduction {reduction!r}; this version knows {', '.join(SCORING_REDUCTIONS)}.")
+        return cls(tuple(int(p) for p in d["positions"]), reduction)
 
 
 @dataclass(frozen=True)
