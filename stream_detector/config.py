@@ -1,0 +1,282 @@
+"""`Settings`: the one frozen, typed configuration of the online service.
+
+Sources, lowest to highest priority: defaults < TOML file (`--config F`) < environment variables
+(`SD_` prefix, `__` between section and key, e.g. `SD_KAFKA__GROUP_ID`) < command-line flags
+(`--kafka.group-id`). Every key is listed, with its env var and default, in the `--help` of the
+commands that take a config (`add_settings_arguments`). Any problem (unknown key, wrong type,
+unreadable file) is a `ConfigError` with one sentence.
+
+Kafka client settings (`kafka.client`, `kafka.consumer`, `kafka.producer`) are passed to librdkafka
+unchanged, security settings included; `redacted()` masks secrets for logs and summaries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextvars
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
+
+ENV_PREFIX = "SD_"
+ENV_DELIMITER = "__"
+
+ClientValue = Union[str, int, float, bool]
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; the message is one sentence for the operator."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KafkaSettings(_Section):
+    bootstrap_servers: str = Field("127.0.0.1:19092", description="Kafka bootstrap servers (host:port,...)")
+    group_id: str = Field("stream-detector", description="consumer group; scale out by starting more members")
+    topics: list[str] = Field(["observations"], min_length=1, description="input topics (comma-separated on the command line)")
+    alerts_topic: str = Field("alerts", min_length=1, description="topic for alert events (contract 3)")
+    dlq_topic: str = Field("observations-dlq", min_length=1, description="dead-letter topic for messages that cannot be decoded")
+    auto_offset_reset: Literal["earliest", "latest"] = Field(
+        "earliest", description="where a group without committed offsets starts"
+    )
+    client: dict[str, ClientValue] = Field(
+        {}, description="librdkafka settings for consumer and producer, passed unchanged (security.protocol, sasl.*, ssl.*)"
+    )
+    consumer: dict[str, ClientValue] = Field({}, description="extra librdkafka settings for the consumer only")
+    producer: dict[str, ClientValue] = Field({}, description="extra librdkafka settings for the producer only")
+    timeout_s: float = Field(10.0, gt=0, description="bound on broker metadata requests at start-up and in `check`")
+
+
+class InputSettings(_Section):
+    key_field: str | None = Field(None, description="JSON field holding the entity key; unset = the Kafka message key")
+    timestamp_field: str | None = Field(None, description="JSON field holding the event time; unset = the Kafka timestamp")
+    timestamp_unit: Literal["ms", "s"] = Field("ms", description="unit of timestamp_field (epoch milliseconds or seconds)")
+    max_message_bytes: int = Field(65536, gt=0, description="larger messages go to the dead-letter topic")
+
+
+class ModelSettings(_Section):
+    bundle: Path | None = Field(None, description="model bundle directory (model.onnx + bundle.json)")
+    provider: Literal["auto", "cpu", "cuda"] = Field("auto", description="ONNX Runtime provider; auto = CUDA if active, else CPU")
+    require_cuda: bool = Field(False, description="refuse to start unless the CUDA provider is really active")
+
+
+class DetectionSettingsSection(_Section):
+    """Mirrors pipeline.DetectionSettings; `to_core()` builds the core's object."""
+
+    hop: int = Field(1, ge=1, description="score every hop-th event of each entity")
+    threshold: Literal["quantile", "spot"] = Field("quantile", description="per-entity threshold: rolling quantile or SPOT")
+    quantile: float = Field(0.999, gt=0, lt=1, description="quantile of recent normal scores used as threshold")
+    threshold_history: int = Field(2000, ge=10, description="recent normal scores kept per entity for the threshold")
+    warmup_scores: int = Field(200, ge=0, description="scores per entity before its own threshold replaces the calibrated one")
+    resolve_after: int = Field(10, ge=1, description="consecutive normal scores that resolve an open alert")
+    cooldown_events: int = Field(50, ge=0, description="events after a resolve during which no new alert opens")
+    update_every: int = Field(0, ge=0, description="emit an `update` every N anomalous scores of an open alert (0 = never)")
+    top_features: int = Field(3, ge=1, description="features named in an alert, by error contribution")
+    max_entities: int = Field(100_000, ge=1, description="cap on tracked entities; the least recently seen are evicted")
+    idle_evict_ms: int = Field(3_600_000, ge=0, description="evict an entity idle this long in event time (0 = never)")
+
+    def to_core(self) -> Any:
+        from stream_detector.pipeline import DetectionSettings
+
+        return DetectionSettings(**self.model_dump())
+
+
+class RuntimeSettings(_Section):
+    max_batch: int = Field(1024, ge=1, description="most messages per consumed batch")
+    max_wait_ms: int = Field(100, ge=0, description="longest wait for a batch to fill")
+    commit_interval_s: float = Field(5.0, gt=0, description="interval between offset commits")
+    shutdown_grace_s: float = Field(10.0, gt=0, description="time allowed on stop to finish, deliver, commit and close")
+    max_inflight: int = Field(2, ge=1, le=2, description="batches in flight: 2 overlaps inference with decoding the next batch, 1 does not")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="serve Prometheus metrics on this port (unset = off)")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_DELIMITER,
+        frozen=True,
+        extra="forbid",
+        nested_model_default_partial_update=True,
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    input: InputSettings = InputSettings()
+    model: ModelSettings = ModelSettings()
+    detection: DetectionSettingsSection = DetectionSettingsSection()
+    runtime: RuntimeSettings = RuntimeSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Flags (passed as init kwargs) beat env vars, which beat the TOML file.
+        return (init_settings, env_settings, _TomlSource(settings_cls))
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as plain data with secret-looking client values masked (safe to log)."""
+        data = self.model_dump(mode="json")
+        for name in ("client", "consumer", "producer"):
+            data["kafka"][name] = {k: ("***" if _is_secret(k) else v) for k, v in data["kafka"][name].items()}
+        return data
+
+    def consumer_config(self) -> dict[str, ClientValue]:
+        return {"bootstrap.servers": self.kafka.bootstrap_servers, **self.kafka.client, **self.kafka.consumer}
+
+    def producer_config(self) -> dict[str, ClientValue]:
+        return {"bootstrap.servers": self.kafka.bootstrap_servers, **self.kafka.client, **self.kafka.producer}
+
+
+_SECRET_MARKERS = ("password", "secret", "token", "key.pem", "private", "sasl.jaas", "credentials")
+
+
+def _is_secret(client_key: str) -> bool:
+    k = client_key.lower()
+    return any(m in k for m in _SECRET_MARKERS)
+
+
+_toml_data: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("stream_detector_toml", default={})
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    """The TOML file's contents, read (and checked) by `load_settings` beforehand."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover - unused
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return _toml_data.get()
+
+
+def load_settings(config_file: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Settings:
+    """Build the settings from a TOML file, the environment and `overrides` ({section: {key: value}},
+    e.g. parsed flags). Raises ConfigError with one sentence."""
+    toml: dict[str, Any] = {}
+    if config_file is not None:
+        path = Path(config_file)
+        try:
+            toml = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist.") from None
+        except OSError as e:
+            raise ConfigError(f"config file {path} cannot be read ({e.strerror}).") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {path} is not valid TOML ({e}).") from None
+    token = _toml_data.set(toml)
+    try:
+        return Settings(**(overrides or {}))
+    except ValidationError as e:
+        raise ConfigError(_one_sentence(e, config_file)) from None
+    except SettingsError as e:  # e.g. an env var holding malformed JSON for a list/dict key
+        raise ConfigError(f"{e} (an {ENV_PREFIX}... environment variable for a list or table key must hold JSON).") from None
+    finally:
+        _toml_data.reset(token)
+
+
+def _one_sentence(e: ValidationError, config_file: str | Path | None) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    where = f" in {config_file}" if config_file else ""
+    more = f" (and {e.error_count() - 1} more problem(s))" if e.error_count() > 1 else ""
+    if err["type"] == "extra_forbidden":
+        return f"unknown configuration key '{loc}'{where} (or env {_env_name(err['loc'])}){more}."
+    return f"configuration key '{loc}'{where}: {err['msg']} (got {err.get('input')!r}){more}."
+
+
+def _env_name(loc: tuple[Any, ...] | list[Any]) -> str:
+    return ENV_PREFIX + ENV_DELIMITER.join(str(p).upper() for p in loc)
+
+
+# ---- command-line flags for every key -------------------------------------------------------
+
+
+def _leaf_fields() -> list[tuple[str, str, Any]]:
+    out = []
+    for section, sfield in Settings.model_fields.items():
+        for key, field in sfield.annotation.model_fields.items():
+            out.append((section, key, field))
+    return out
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add `--config F` and one flag per settings key, each help naming its env var and default."""
+    parser.add_argument("--config", metavar="FILE", help="TOML settings file; env vars SD_SECTION__KEY and the flags below override it")
+    for section, key, field in _leaf_fields():
+        group = _group(parser, section)
+        flag = f"--{section}.{key.replace('_', '-')}"
+        dest = f"cfg__{section}__{key}"
+        env = _env_name((section, key))
+        default = field.default
+        kind = _kind(field.annotation)
+        if kind == "dict":
+            help_ = f"{field.description} [KEY=VALUE, repeatable; env {env} as JSON; default {default}]"
+            group.add_argument(flag, dest=dest, action="append", metavar="KEY=VALUE", help=help_)
+        else:
+            metavar = {"list": "A,B", "bool": "true|false"}.get(kind, key.split("_")[-1].upper())
+            help_ = f"{field.description} [env {env}; default {_show(default)}]"
+            group.add_argument(flag, dest=dest, metavar=metavar, help=help_)
+
+
+def _group(parser: argparse.ArgumentParser, section: str) -> Any:
+    title = f"[{section}] settings"
+    for g in parser._action_groups:  # argparse has no public lookup by title
+        if g.title == title:
+            return g
+    return parser.add_argument_group(title)
+
+
+def _kind(annotation: Any) -> str:
+    origin = get_origin(annotation)
+    if origin is dict:
+        return "dict"
+    if origin is list:
+        return "list"
+    if annotation is bool:
+        return "bool"
+    if origin is Union and bool in get_args(annotation):
+        return "bool"
+    return "scalar"
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return "unset" if value is None else str(value)
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The flags the user gave, as {section: {key: value}} for `load_settings`."""
+    out: dict[str, dict[str, Any]] = {}
+    for section, key, field in _leaf_fields():
+        value = getattr(args, f"cfg__{section}__{key}", None)
+        if value is None:
+            continue
+        kind = _kind(field.annotation)
+        if kind == "list":
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        elif kind == "dict":
+            pairs = {}
+            for item in value:
+                k, sep, v = item.partition("=")
+                if not sep or not k:
+                    raise ConfigError(f"--{section}.{key.replace('_', '-')} expects KEY=VALUE, got {item!r}.")
+                pairs[k] = v
+            value = pairs
+        elif value.lower() in ("none", "unset", "") and field.default is None:
+            value = None
+        out.setdefault(section, {})[key] = value
+    return out
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    return load_settings(getattr(args, "config", None), overrides_from_args(args))
+
