@@ -9,7 +9,7 @@ import logging
 import sys
 
 # Modules that provide subcommands, in the order --help lists them.
-SUBCOMMAND_MODULES: list[str] = []
+SUBCOMMAND_MODULES: list[str] = ["stream_detector.check"]
 
 
 def build_parser() -> argparse.ArgumentParser:

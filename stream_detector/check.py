@@ -1,0 +1,74 @@
+"""`stream-detector check --config F`: everything `run` needs before it consumes, without consuming.
+
+Validates the settings, loads and verifies the bundle, opens the scorer with the configured
+provider (so `require_cuda` is checked too), then connects to the broker with a bounded timeout
+and checks that the input, alerts and dead-letter topics exist. Exit 0 with a short summary, or
+exit 2 (bad settings or bundle) / 1 (broker problem) with one sentence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+
+from stream_detector.bundle import Bundle, BundleError, load_bundle
+from stream_detector.config import ConfigError, Settings, add_settings_arguments, settings_from_args
+from stream_detector.kafka_io import KafkaIOError, check_broker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    bundle: Bundle
+    provider: str
+    partitions: dict[str, int]
+
+
+def load_model(settings: Settings) -> Bundle:
+    """The configured bundle, verified; BundleError with one sentence otherwise."""
+    if settings.model.bundle is None:
+        raise ConfigError("no model bundle configured (set model.bundle, SD_MODEL__BUNDLE or --model.bundle).")
+    return load_bundle(settings.model.bundle)
+
+
+def run_checks(settings: Settings) -> CheckResult:
+    from stream_detector.scorer import Scorer
+
+    bundle = load_model(settings)
+    scorer = Scorer(bundle, provider=settings.model.provider, require_cuda=settings.model.require_cuda, max_batch=settings.runtime.max_batch)
+    topics = [*settings.kafka.topics, settings.kafka.alerts_topic, settings.kafka.dlq_topic]
+    partitions = check_broker(settings, topics)
+    return CheckResult(bundle, scorer.provider, partitions)
+
+
+def handle(args: argparse.Namespace) -> int:
+    from stream_detector.scorer import ScorerError
+
+    try:
+        settings = settings_from_args(args)
+        result = run_checks(settings)
+    except (ConfigError, BundleError, ScorerError) as e:
+        print(f"check failed: {e}", file=sys.stderr)
+        return 2
+    except KafkaIOError as e:
+        print(f"check failed: {e}", file=sys.stderr)
+        return 1
+    b = result.bundle
+    inputs = ", ".join(f"{t} ({result.partitions[t]} partitions)" for t in settings.kafka.topics)
+    print(f"config ok: group {settings.kafka.group_id}, hop {settings.detection.hop}, max_batch {settings.runtime.max_batch}")
+    print(f"bundle ok: {b.path} model {b.model_version}, window {b.window}, {b.n_features} features, scoring on {result.provider}")
+    print(f"broker ok: {settings.kafka.bootstrap_servers}; input {inputs}; alerts {settings.kafka.alerts_topic}; dead letters {settings.kafka.dlq_topic}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "check",
+        help="validate settings and model bundle and connect to the broker",
+        description=__doc__.split("\n\n")[1],
+    )
+    add_settings_arguments(p)
+    p.set_defaults(func=handle)

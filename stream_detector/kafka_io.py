@@ -1,0 +1,276 @@
+"""The service's Kafka clients: a consumer-group source with manual offset storing, and one
+idempotent producer for alerts and dead letters with delivery tracking.
+
+Offset rule (DESIGN.md "no silent loss"): the source never stores an offset by itself
+(`enable.auto.offset.store=false`, `enable.auto.commit=false`); the service calls `store()` only
+after every alert and dead letter of the batch was acknowledged (`KafkaSink.flush()`), and
+`commit()` on an interval, on revoke and at shutdown. Stored offsets only move forward.
+
+librdkafka callbacks never raise (an exception there is lost or corrupts the client): the delivery
+callback records the first error and the loop raises it at the next `flush()`/`raise_if_failed()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+
+from stream_detector.config import ConfigError, Settings
+from stream_detector.decode import DeadLetter, dead_letter_headers
+
+log = logging.getLogger(__name__)
+client_log = logging.getLogger("stream_detector.librdkafka")
+
+# Settings the service's guarantees depend on; a user value that contradicts them is refused.
+_CONSUMER_FIXED = {
+    "enable.auto.offset.store": False,
+    "enable.auto.commit": False,
+    "partition.assignment.strategy": "cooperative-sticky",
+    "enable.partition.eof": False,
+}
+_PRODUCER_FIXED = {"enable.idempotence": True}
+
+PartitionsCallback = Callable[[list[TopicPartition]], None]
+
+
+class KafkaIOError(Exception):
+    """A broker-side failure the service cannot handle by itself; one sentence for the operator."""
+
+
+class DeliveryError(KafkaIOError):
+    """An alert or dead letter was not acknowledged: the batch's offsets must not be stored."""
+
+
+def _merge(user: dict[str, Any], fixed: dict[str, Any], section: str) -> dict[str, Any]:
+    conf = dict(user)
+    for k, v in fixed.items():
+        if k in conf and str(conf[k]).lower() != str(v).lower():
+            raise ConfigError(f"kafka.{section} sets '{k}={conf[k]}', but the service needs '{k}={v}' for its delivery guarantees.")
+        conf[k] = v
+    return conf
+
+
+def consumer_config(settings: Settings) -> dict[str, Any]:
+    base = {"group.id": settings.kafka.group_id, "auto.offset.reset": settings.kafka.auto_offset_reset}
+    return _merge({**base, **settings.consumer_config()}, _CONSUMER_FIXED, "consumer")
+
+
+def producer_config(settings: Settings) -> dict[str, Any]:
+    base = {"linger.ms": 5, "compression.type": "lz4"}
+    return _merge({**base, **settings.producer_config()}, _PRODUCER_FIXED, "producer")
+
+
+class KafkaSource:
+    """Consumer in a group: `consume(n, timeout)` batches, manual offset store, interval commits."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        on_assign: PartitionsCallback | None = None,
+        on_revoke: PartitionsCallback | None = None,
+        on_lost: PartitionsCallback | None = None,
+    ) -> None:
+        self._settings = settings
+        self._on_assign_cb, self._on_revoke_cb, self._on_lost_cb = on_assign, on_revoke, on_lost
+        conf = consumer_config(settings)
+        conf.update({"error_cb": self._on_error, "logger": client_log})
+        self._consumer = Consumer(conf)
+        self._stored: dict[tuple[str, int], int] = {}  # next offset to read, per partition, as stored
+        self.assignment: set[tuple[str, int]] = set()
+        self.rebalanced = False  # set by the callbacks; the loop clears it after a consume
+        self._fatal: KafkaError | None = None
+        self._consumer.subscribe(
+            list(settings.kafka.topics), on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
+
+    # -- callbacks (run inside consume(); they must not raise into librdkafka) -----------------
+    def _on_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            self._fatal = err
+            log.error("fatal Kafka consumer error: %s", err)
+        else:
+            log.warning("Kafka consumer: %s", err)
+
+    def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        self.rebalanced = True
+        self.assignment |= {(tp.topic, tp.partition) for tp in partitions}
+        log.info("assigned %s", _fmt(partitions))
+        if self._on_assign_cb:
+            self._guard(self._on_assign_cb, partitions, "assign")
+
+    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        self.rebalanced = True
+        log.info("revoked %s", _fmt(partitions))
+        try:
+            if self._on_revoke_cb:
+                self._guard(self._on_revoke_cb, partitions, "revoke")
+        finally:
+            self._forget(partitions)
+
+    def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        self.rebalanced = True
+        log.warning("lost %s (their offsets are not committed)", _fmt(partitions))
+        try:
+            if self._on_lost_cb:
+                self._guard(self._on_lost_cb, partitions, "lost")
+        finally:
+            self._forget(partitions)
+
+    def _guard(self, cb: PartitionsCallback, partitions: list[TopicPartition], what: str) -> None:
+        try:
+            cb(partitions)
+        except BaseException as e:  # remembered and re-raised by consume(), outside librdkafka
+            log.error("the %s handler failed: %s", what, e)
+            self._callback_error = e
+
+    def _forget(self, partitions: Iterable[TopicPartition]) -> None:
+        for tp in partitions:
+            self.assignment.discard((tp.topic, tp.partition))
+            self._stored.pop((tp.topic, tp.partition), None)
+
+    # -- the hot path --------------------------------------------------------------------------
+    _callback_error: BaseException | None = None
+
+    def consume(self, n: int, timeout: float) -> list[Any]:
+        """Up to n messages within timeout seconds; partition EOF skipped, errors logged or raised."""
+        batch = self._consumer.consume(num_messages=n, timeout=timeout)
+        if self._callback_error is not None:
+            err, self._callback_error = self._callback_error, None
+            raise err
+        if self._fatal is not None:
+            raise KafkaIOError(f"the Kafka consumer hit a fatal error: {self._fatal.str()}.")
+        if not batch or all(m.error() is None for m in batch):
+            return batch
+        good = []
+        for m in batch:
+            err = m.error()
+            if err is None:
+                good.append(m)
+            elif err.code() == KafkaError._PARTITION_EOF:
+                continue
+            elif err.fatal():
+                raise KafkaIOError(f"the Kafka consumer hit a fatal error on {m.topic()}[{m.partition()}]: {err.str()}.")
+            else:
+                log.warning("consume error on %s[%s]: %s", m.topic(), m.partition(), err.str())
+        return good
+
+    def store(self, positions: dict[tuple[str, int], int]) -> None:
+        """Store next-offset-to-read per (topic, partition) after the batch was fully delivered.
+        Positions of partitions no longer assigned are ignored (they were revoked or lost)."""
+        tps = []
+        for (topic, partition), offset in positions.items():
+            if (topic, partition) not in self.assignment:
+                continue
+            prev = self._stored.get((topic, partition), -1)
+            if offset <= prev:
+                raise AssertionError(f"stored offsets must only move forward: {topic}[{partition}] {prev} -> {offset}")
+            self._stored[(topic, partition)] = offset
+            tps.append(TopicPartition(topic, partition, offset))
+        if tps:
+            self._consumer.store_offsets(offsets=tps)
+
+    def commit(self) -> None:
+        """Commit the stored offsets synchronously (a no-op when nothing new was stored)."""
+        try:
+            self._consumer.commit(asynchronous=False)
+        except KafkaException as e:
+            err = e.args[0]
+            if err.code() != KafkaError._NO_OFFSET:
+                raise KafkaIOError(f"committing offsets failed: {err.str()}.") from None
+
+    def committed(self, timeout: float = 10.0) -> dict[tuple[str, int], int]:
+        tps = [TopicPartition(t, p) for t, p in sorted(self.assignment)]
+        return {(tp.topic, tp.partition): tp.offset for tp in self._consumer.committed(tps, timeout=timeout)} if tps else {}
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+class KafkaSink:
+    """One idempotent producer for alerts (keyed by entity) and dead letters (original bytes)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._alerts_topic = settings.kafka.alerts_topic
+        self._dlq_topic = settings.kafka.dlq_topic
+        conf = producer_config(settings)
+        conf.update({"error_cb": self._on_error, "logger": client_log})
+        self._producer = Producer(conf)
+        self._first_error: str | None = None
+        self.delivered = 0
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.fatal() and self._first_error is None:
+            self._first_error = f"the Kafka producer hit a fatal error: {err.str()}"
+        log.warning("Kafka producer: %s", err)
+
+    def _on_delivery(self, err: KafkaError | None, msg: Any) -> None:
+        # Never raise here: remember the first failure, the loop raises it.
+        if err is None:
+            self.delivered += 1
+        elif self._first_error is None:
+            self._first_error = f"delivery to {msg.topic()} failed: {err.str()}"
+
+    def _produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]] | None) -> None:
+        while True:
+            try:
+                self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=self._on_delivery)
+                break
+            except BufferError:  # local queue full: serve delivery reports and retry
+                self._producer.poll(0.05)
+        self._producer.poll(0)
+
+    def alert(self, key: str, payload: bytes) -> None:
+        self._produce(self._alerts_topic, key.encode("utf-8"), payload, None)
+
+    def dead_letter(self, d: DeadLetter) -> None:
+        m = d.message
+        self._produce(self._dlq_topic, m.key(), m.value(), dead_letter_headers(d))
+
+    def raise_if_failed(self) -> None:
+        if self._first_error is not None:
+            raise DeliveryError(self._first_error + ".")
+
+    def flush(self, timeout: float) -> None:
+        """Wait until everything produced so far is acknowledged; DeliveryError otherwise."""
+        deadline = time.monotonic() + timeout
+        while len(self._producer) > 0:
+            self._producer.flush(min(1.0, max(0.0, deadline - time.monotonic())))
+            self.raise_if_failed()
+            if time.monotonic() >= deadline and len(self._producer) > 0:
+                raise DeliveryError(f"{len(self._producer)} alert/dead-letter record(s) were not acknowledged within {timeout:g} s.")
+        self.raise_if_failed()
+
+    def close(self, timeout: float) -> None:
+        self._producer.flush(timeout)
+
+
+def check_broker(settings: Settings, topics: Sequence[str], timeout: float | None = None) -> dict[str, int]:
+    """Connect, list topics within a bounded time, and check `topics` exist. Returns
+    {topic: partitions}; KafkaIOError with one sentence otherwise (unreachable broker included)."""
+    from confluent_kafka.admin import AdminClient
+
+    timeout = settings.kafka.timeout_s if timeout is None else timeout
+    last_error: list[str] = []
+
+    def on_error(err: KafkaError) -> None:  # librdkafka retries forever; keep the reason for the sentence
+        last_error.append(err.str())
+
+    conf = {"bootstrap.servers": settings.kafka.bootstrap_servers, **settings.kafka.client}
+    conf.update({"error_cb": on_error, "log_level": 0, "logger": client_log})
+    admin = AdminClient(conf)
+    try:
+        meta = admin.list_topics(timeout=timeout)
+    except KafkaException as e:
+        why = last_error[-1] if last_error else e.args[0].str()
+        raise KafkaIOError(f"cannot reach the Kafka broker at {settings.kafka.bootstrap_servers} within {timeout:g} s ({why}).") from None
+    missing = [t for t in topics if t not in meta.topics or meta.topics[t].error is not None]
+    if missing:
+        raise KafkaIOError(f"topic(s) {', '.join(missing)} do not exist on {settings.kafka.bootstrap_servers}.")
+    return {t: len(meta.topics[t].partitions) for t in topics}
+
+
+def _fmt(partitions: Iterable[TopicPartition]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions) or "nothing"
