@@ -1,0 +1,117 @@
+"""Liveness and readiness of the running service, as the loop reports them.
+
+The loop (service.Detector) calls `tick()` once per iteration and tells `Health` what it knows:
+partitions assigned or revoked, the model loaded, the broker reachable or not (from librdkafka's
+error callback and from successful fetches). The metrics server answers `/healthz` and `/readyz`
+from here, on its own thread, so every read and write takes the lock.
+
+- live: the loop ticked within `stall_after_s` (a loop stuck in inference, a deadlocked callback or
+  a hung broker call stops ticking). Before the first tick the process counts as live for a start-up
+  grace of the same length, so a slow start is not killed as a stuck one.
+- ready: live, the model is loaded, the broker is reachable and at least one partition is assigned.
+  A group member without partitions (more members than partitions) is alive but not ready, which is
+  the honest answer for a load balancer or a rollout that waits for readiness.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+
+@dataclass(frozen=True)
+class Status:
+    ok: bool
+    reasons: tuple[str, ...]  # empty when ok; otherwise one short sentence per failed condition
+
+    def text(self) -> str:
+        return "ok" if self.ok else "; ".join(self.reasons)
+
+
+class Health:
+    def __init__(self, stall_after_s: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+        if stall_after_s <= 0:
+            raise ValueError(f"stall_after_s must be positive, got {stall_after_s}.")
+        self.stall_after_s = float(stall_after_s)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._started = clock()
+        self._last_tick: float | None = None
+        self._partitions: set[tuple[str, int]] = set()
+        self._model_version: str | None = None
+        self._broker_ok = False
+        self._broker_reason = "the broker has not been reached yet"
+        self._stopping = False
+
+    # ---- what the loop reports ------------------------------------------------------------
+    def tick(self) -> None:
+        with self._lock:
+            self._last_tick = self._clock()
+
+    def assigned(self, partitions: Iterable[tuple[str, int]]) -> None:
+        with self._lock:
+            self._partitions.update(partitions)
+
+    def revoked(self, partitions: Iterable[tuple[str, int]]) -> None:
+        with self._lock:
+            self._partitions.difference_update(partitions)
+
+    def model_loaded(self, model_version: str) -> None:
+        with self._lock:
+            self._model_version = model_version
+
+    def broker_reachable(self) -> None:
+        with self._lock:
+            self._broker_ok = True
+
+    def broker_unreachable(self, reason: str) -> None:
+        with self._lock:
+            self._broker_ok = False
+            self._broker_reason = reason
+
+    def stopping(self) -> None:
+        """Shutdown began: stay live (the drain is progress) but stop being ready."""
+        with self._lock:
+            self._stopping = True
+
+    # ---- what the probes read --------------------------------------------------------------
+    @property
+    def partitions(self) -> frozenset[tuple[str, int]]:
+        with self._lock:
+            return frozenset(self._partitions)
+
+    @property
+    def model_version(self) -> str | None:
+        with self._lock:
+            return self._model_version
+
+    def liveness(self) -> Status:
+        with self._lock:
+            return self._liveness()
+
+    def _liveness(self) -> Status:
+        now = self._clock()
+        if self._last_tick is None:
+            waited = now - self._started
+            if waited > self.stall_after_s:
+                return Status(False, (f"the main loop has not started after {waited:.0f}s",))
+            return Status(True, ())
+        idle = now - self._last_tick
+        if idle > self.stall_after_s:
+            return Status(False, (f"the main loop last ticked {idle:.0f}s ago (limit {self.stall_after_s:.0f}s)",))
+        return Status(True, ())
+
+    def readiness(self) -> Status:
+        with self._lock:
+            reasons = list(self._liveness().reasons)
+            if self._stopping:
+                reasons.append("the service is shutting down")
+            if self._model_version is None:
+                reasons.append("no model is loaded")
+            if not self._broker_ok:
+                reasons.append(self._broker_reason)
+            if not self._partitions:
+                reasons.append("no partitions are assigned to this member")
+            return Status(not reasons, tuple(reasons))
