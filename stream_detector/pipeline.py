@@ -1,0 +1,275 @@
+"""`DetectorCore`: windows -> scorer -> thresholds -> alerts for one `EventBatch`.
+
+The one detection path, shared by the Kafka service (`stream-detector run`) and by `replay`, so
+backtests and production cannot drift apart. It holds all per-entity state: the window store's
+ring buffers and, by the same slot, each entity's threshold object and alert lifecycle.
+
+Per batch: normalise all rows at once with the bundle's normaliser, append them to the window
+store (which gathers the windows of the events due for scoring, each ending at its event), score
+those windows in micro-batches, then walk the scored events in batch order through their
+entity's threshold (judge, then learn if normal) and alert lifecycle.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from .alerts import OPEN, RESOLVED, AlertParams, AlertState, Source, alert_event, make_alert_id
+from .bundle import Bundle
+from .events import EventBatch
+from .scorer import Scorer
+from .thresholds import Threshold, ThresholdParams, make_threshold, threshold_from_state
+from .windows import WindowStore
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DetectionSettings:
+    """Detection knobs; the service's `Settings` and `replay`'s flags build one of these."""
+
+    hop: int = 1  # score every k-th event of an entity (once its window is full)
+    max_entities: int = 100_000  # tracked (partition, entity) pairs; beyond it the least recently seen go
+    idle_timeout_ms: int | None = 24 * 3600 * 1000  # evict entities silent this long (event time); None: never
+    threshold: ThresholdParams = field(default_factory=ThresholdParams)
+    alerts: AlertParams = field(default_factory=AlertParams)
+
+    def validate(self) -> None:
+        """Raise ValueError with one sentence if a value is unusable."""
+        if self.hop < 1:
+            raise ValueError(f"the scoring hop must be at least 1, got {self.hop}.")
+        if self.max_entities < 1:
+            raise ValueError(f"max_entities must be at least 1, got {self.max_entities}.")
+        if self.idle_timeout_ms is not None and self.idle_timeout_ms <= 0:
+            raise ValueError(f"idle_timeout_ms must be positive or unset, got {self.idle_timeout_ms}.")
+        self.threshold.validate()
+        self.alerts.validate()
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """Outcome of one batch. Arrays indexed by scored event (m of them), in batch order."""
+
+    n_events: int
+    index: np.ndarray  # int64 [m]: index in the batch of each scored event
+    score: np.ndarray  # float32 [m]
+    threshold: np.ndarray  # float32 [m]: the threshold the score was judged against
+    anomalous: np.ndarray  # bool [m]: score above threshold
+    alert_open: np.ndarray  # bool [m]: the entity is in an open alert after this event
+    alert_event: list[str | None]  # [m]: 'open' / 'update' / 'resolved' emitted at this event, or None
+    alerts: list[dict[str, Any]]  # contract-3 events, in emission order, ready to serialise
+    open_after: np.ndarray | None = None  # bool [n]: entity in an open alert after each batch event (on request)
+    evicted: int = 0  # entities evicted by the window store during this batch
+
+    @property
+    def n_scored(self) -> int:
+        return int(self.index.size)
+
+
+class DetectorCore:
+    def __init__(
+        self,
+        bundle: Bundle,
+        scorer: Scorer,
+        settings: DetectionSettings | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        settings = settings or DetectionSettings()
+        settings.validate()
+        if scorer.bundle is not bundle and scorer.bundle.model_sha256 != bundle.model_sha256:
+            raise ValueError("the scorer was built for a different model bundle than the detector.")
+        self.bundle = bundle
+        self.scorer = scorer
+        self.settings = settings
+        self._clock = clock
+        self.store = WindowStore(
+            bundle.window,
+            bundle.n_features,
+            max_entities=settings.max_entities,
+            idle_timeout_ms=settings.idle_timeout_ms,
+            hop=settings.hop,
+        )
+        self._thresholds: list[Threshold | None] = []
+        self._alerts: list[AlertState | None] = []
+        self._features = list(bundle.features)
+        self._initial_threshold = float(bundle.calibration.threshold)
+
+    # ------------------------------------------------------------------ the batch path
+    def process(self, batch: EventBatch, row_alert_state: bool = False) -> BatchResult:
+        """Run one batch through windows, scorer, thresholds and alerts. With `row_alert_state`,
+        the result also says for every batch event whether its entity is in an open alert after it
+        (what `replay` writes for rows that were not scored)."""
+        if batch.n_features != self.bundle.n_features:
+            raise ValueError(f"the batch has {batch.n_features} features per event; the model expects {self.bundle.n_features}.")
+        cap = self.settings.max_entities
+        if batch.n > cap:  # a sub-batch of <= cap events never holds more entities than the store may track
+            parts = [self.process(batch.slice(i, min(batch.n, i + cap)), row_alert_state) for i in range(0, batch.n, cap)]
+            return _concat_results(parts)
+
+        rows = self.bundle.normaliser.apply(batch.rows)
+        ing = self.store.ingest(batch.partition, batch.keys, rows, batch.event_time_ms)
+        self._ensure_capacity()
+        for s in ing.reset_slots.tolist():
+            self._thresholds[s] = None
+            self._alerts[s] = None
+        start_open: dict[int, bool] = {}
+        if row_alert_state:
+            for s in set(ing.slots.tolist()):
+                a = self._alerts[s]
+                start_open[s] = a is not None and a.is_open
+
+        scores, errors = self.scorer.score(ing.windows)
+        m = ing.due.size
+        thresholds = np.empty(m, dtype=np.float32)
+        anomalous = np.zeros(m, dtype=bool)
+        alert_open = np.zeros(m, dtype=bool)
+        emitted: list[str | None] = [None] * m
+        alerts: list[dict[str, Any]] = []
+        detected_at_ms = self._clock() * 1000.0
+        params = self.settings.alerts
+        model_version = self.bundle.model_version
+        due_slots = ing.slots[ing.due].tolist()
+        for j, (i, s, score) in enumerate(zip(ing.due.tolist(), due_slots, scores.tolist())):
+            thr = self._thresholds[s]
+            if thr is None:
+                thr = self._thresholds[s] = make_threshold(self.settings.threshold, self._initial_threshold)
+            a = self._alerts[s]
+            if a is None:
+                a = self._alerts[s] = AlertState()
+            t, anom = thr.observe(score)
+            thresholds[j] = t
+            anomalous[j] = anom
+            ev = a.step(score, anom, params)
+            if ev is not None:
+                key = batch.keys[i]
+                source = Source(batch.topic[i], int(batch.partition[i]), int(batch.offset[i]))
+                if ev == OPEN:
+                    a.opened(make_alert_id(model_version, key, source), source)
+                alerts.append(
+                    alert_event(
+                        state=ev,
+                        alert=a,
+                        key=key,
+                        source=source,
+                        event_time_ms=int(batch.event_time_ms[i]),
+                        detected_at_ms=detected_at_ms,
+                        score=score,
+                        threshold=t,
+                        model_version=model_version,
+                        feature_errors=errors[j],
+                        feature_names=self._features,
+                        top_k=params.top_k,
+                    )
+                )
+                if ev == RESOLVED:
+                    a.closed(params)
+                emitted[j] = ev
+            alert_open[j] = a.is_open
+
+        open_after = None
+        if row_alert_state:
+            open_after = _row_open_state(ing.slots, ing.due, alert_open, start_open)
+        return BatchResult(batch.n, ing.due, scores, thresholds, anomalous, alert_open, emitted, alerts, open_after, ing.evicted)
+
+    def _ensure_capacity(self) -> None:
+        extra = self.store.capacity - len(self._thresholds)
+        if extra > 0:
+            self._thresholds.extend([None] * extra)
+            self._alerts.extend([None] * extra)
+
+    # ------------------------------------------------------------------ rebalance, changelog
+    def drop_partitions(self, partitions: Iterable[int]) -> int:
+        """Forget all state of entities on these partitions (revoked or lost); returns how many."""
+        freed = self.store.drop_partitions(partitions)
+        for s in freed:
+            if s < len(self._thresholds):
+                self._thresholds[s] = None
+                self._alerts[s] = None
+        return len(freed)
+
+    def entities(self) -> list[tuple[int, str]]:
+        return self.store.entities()
+
+    def state_of(self, partition: int, key: str) -> dict[str, Any] | None:
+        """One entity's complete detection state (window, threshold, alert lifecycle), JSON-ready
+        with orjson.OPT_SERIALIZE_NUMPY; None if the entity is not tracked."""
+        window = self.store.export_state(partition, key)
+        if window is None:
+            return None
+        slot = self.store.slot_of(partition, key)
+        assert slot is not None
+        self._ensure_capacity()
+        thr, alert = self._thresholds[slot], self._alerts[slot]
+        return {
+            "version": STATE_VERSION,
+            "model_version": self.bundle.model_version,
+            "window": window,
+            "threshold": None if thr is None else thr.state(),
+            "alert": None if alert is None else alert.state(),
+        }
+
+    def restore(self, partition: int, key: str, state: dict[str, Any]) -> None:
+        """Install an entity's state saved by `state_of` (e.g. read back from a changelog)."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"entity state version {state.get('version')!r} is not {STATE_VERSION}.")
+        if state.get("model_version") != self.bundle.model_version:
+            raise ValueError(
+                f"entity state was saved for model {state.get('model_version')!r}, not {self.bundle.model_version!r}."
+            )
+        slot = self.store.import_state(partition, key, state["window"])
+        self._ensure_capacity()
+        t = state.get("threshold")
+        a = state.get("alert")
+        self._thresholds[slot] = None if t is None else threshold_from_state(self.settings.threshold, t)
+        self._alerts[slot] = None if a is None else AlertState.from_state(a)
+
+
+def _row_open_state(slots: np.ndarray, due: np.ndarray, due_open: np.ndarray, start_open: dict[int, bool]) -> np.ndarray:
+    """For every batch event: is its entity in an open alert after it? Alert state only changes at
+    scored events, so it is the state after the entity's latest scored event at or before this one,
+    or the state at batch start. Forward-filled per entity with numpy."""
+    n = slots.size
+    if n == 0:
+        return np.zeros(0, dtype=bool)
+    val = np.full(n, -1, dtype=np.int8)
+    val[due] = due_open
+    order = np.argsort(slots, kind="stable")
+    s_sorted = slots[order]
+    v = val[order]
+    first = np.empty(n, dtype=bool)
+    first[0] = True
+    np.not_equal(s_sorted[1:], s_sorted[:-1], out=first[1:])
+    fill_first = first & (v < 0)
+    if fill_first.any():
+        v[fill_first] = [start_open[s] for s in s_sorted[fill_first].tolist()]
+    pos = np.where(v >= 0, np.arange(n), 0)
+    np.maximum.accumulate(pos, out=pos)  # every group starts with a known value, so fills never cross groups
+    out = np.empty(n, dtype=bool)
+    out[order] = v[pos] > 0
+    return out
+
+
+def _concat_results(parts: list[BatchResult]) -> BatchResult:
+    offsets = np.cumsum([0] + [p.n_events for p in parts[:-1]])
+    open_after = None
+    if all(p.open_after is not None for p in parts):
+        open_after = np.concatenate([p.open_after for p in parts])  # type: ignore[misc]
+    return BatchResult(
+        n_events=sum(p.n_events for p in parts),
+        index=np.concatenate([p.index + off for p, off in zip(parts, offsets)]),
+        score=np.concatenate([p.score for p in parts]),
+        threshold=np.concatenate([p.threshold for p in parts]),
+        anomalous=np.concatenate([p.anomalous for p in parts]),
+        alert_open=np.concatenate([p.alert_open for p in parts]),
+        alert_event=[e for p in parts for e in p.alert_event],
+        alerts=[a for p in parts for a in p.alerts],
+        open_after=open_after,
+        evicted=sum(p.evicted for p in parts),
+    )

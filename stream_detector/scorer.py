@@ -1,0 +1,108 @@
+"""`Scorer`: one ONNX Runtime session for the bundle's model, and micro-batched scoring.
+
+Provider choice: "cpu", "cuda", or "auto" (CUDA when this onnxruntime build offers it, else CPU).
+Which provider is really active is read back from the session (`session.get_providers()`): the
+onnxruntime-gpu wheel lists CUDA in `get_available_providers()` even on a machine without CUDA
+libraries, and a session asked for CUDA there quietly runs on the CPU. That answer is logged, and
+with `require_cuda` a session that is not on CUDA is refused with one sentence.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from .bundle import INPUT_NAME, OUTPUT_NAME, Bundle, BundleError
+
+log = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+PROVIDER_CHOICES = ("auto", "cpu", "cuda")
+
+
+class ScorerError(Exception):
+    """The scorer cannot run as configured; the message is one sentence for the operator."""
+
+
+class Scorer:
+    def __init__(
+        self,
+        bundle: Bundle,
+        provider: str = "auto",
+        require_cuda: bool = False,
+        max_batch: int = 1024,
+        intra_op_threads: int | None = None,
+        device_id: int = 0,
+    ) -> None:
+        import onnxruntime as ort
+
+        if provider not in PROVIDER_CHOICES:
+            raise ScorerError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDER_CHOICES)}.")
+        if max_batch < 1:
+            raise ScorerError(f"max_batch must be at least 1, got {max_batch}.")
+        self.bundle = bundle
+        self.max_batch = int(max_batch)
+        self.requested = provider
+        want_cuda = provider == "cuda" or require_cuda or (provider == "auto" and CUDA in ort.get_available_providers())
+        providers: list[Any] = [(CUDA, {"device_id": device_id}), CPU] if want_cuda else [CPU]
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3  # a failed CUDA start is reported by us below, in one line
+        if intra_op_threads is not None:
+            opts.intra_op_num_threads = int(intra_op_threads)
+        try:
+            self.session = ort.InferenceSession(str(bundle.model_path), sess_options=opts, providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise ScorerError(f"ONNX Runtime cannot open {bundle.model_path}: {str(e).splitlines()[0]}") from None
+        try:
+            bundle.check_session_io(self.session)
+        except BundleError as e:
+            raise ScorerError(str(e)) from None
+        active = self.session.get_providers()
+        self.provider = active[0] if active else "none"
+        self.on_cuda = self.provider == CUDA
+        if want_cuda and not self.on_cuda:
+            if require_cuda:
+                raise ScorerError(
+                    f"the CUDA execution provider was required but ONNX Runtime runs this model on {self.provider} "
+                    "(no usable GPU or CUDA libraries on this machine)."
+                )
+            level = logging.WARNING if provider == "cuda" else logging.INFO
+            log.log(level, "CUDA was requested (provider=%s) but is not active; scoring on %s", provider, self.provider)
+        log.info("scorer: model %s on %s (max_batch %d)", bundle.model_version, self.provider, self.max_batch)
+        # TODO(perf issue): on CUDA, keep windows device-resident and bind them with io_binding;
+        # today both providers take host arrays through session.run.
+
+    def reconstruct(self, windows: np.ndarray) -> np.ndarray:
+        """Model output for normalised windows [n, W, F], in chunks of max_batch."""
+        windows = np.ascontiguousarray(windows, dtype=np.float32)
+        n = windows.shape[0]
+        if n <= self.max_batch:
+            return self.session.run([OUTPUT_NAME], {INPUT_NAME: windows})[0]
+        out = np.empty_like(windows)
+        for start in range(0, n, self.max_batch):
+            stop = min(n, start + self.max_batch)
+            out[start:stop] = self.session.run([OUTPUT_NAME], {INPUT_NAME: windows[start:stop]})[0]
+        return out
+
+    def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(scores float32 [n], per-feature errors float32 [n, F]) of normalised windows [n, W, F],
+        by the bundle's scoring rule."""
+        w, f = self.bundle.window, self.bundle.n_features
+        if windows.ndim != 3 or windows.shape[1:] != (w, f):
+            raise ValueError(f"windows must have shape [n, {w}, {f}], got {list(windows.shape)}.")
+        n = windows.shape[0]
+        if n == 0:
+            return np.zeros(0, np.float32), np.zeros((0, f), np.float32)
+        scores = np.empty(n, dtype=np.float32)
+        errors = np.empty((n, f), dtype=np.float32)
+        for start in range(0, n, self.max_batch):
+            stop = min(n, start + self.max_batch)
+            x = np.ascontiguousarray(windows[start:stop], dtype=np.float32)
+            r = self.session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+            s, fe = self.bundle.scoring.scores(x, r)
+            scores[start:stop] = s
+            errors[start:stop] = fe
+        return scores, errors

@@ -1,0 +1,331 @@
+"""`WindowStore`: per-(partition, entity) sliding windows as numpy ring buffers.
+
+Every tracked entity owns one *slot*: a row of `buffer[capacity, W, F]` (normalised float32 rows),
+its write position, its event count since it was first seen, and when it was last seen. A batch is
+applied with a handful of numpy operations, not per-event Python lists of rows:
+
+- events are mapped to slots (a dict lookup per event, the only per-event Python work);
+- the batch is split into *rounds* by each event's occurrence rank within the batch for its
+  entity (round 0 = every entity's first event in the batch, round 1 = the second ones, ...), so
+  inside a round all slots are distinct and one vectorised write + gather handles it, and the
+  window gathered for an event is exactly the window ending at that event;
+- an event is *due* for scoring when its window is full and the entity's event count is a
+  multiple of the scoring hop.
+
+Memory is bounded by `max_entities`: entities not seen for `idle_timeout_ms` (by event time) are
+evicted at each batch, and when the cap is still hit, the least recently seen entities are
+evicted. Slots are handed out again, so callers keep per-entity state by slot and reset it for the
+slots listed in `Ingested.reset_slots`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from .events import NO_TIME
+
+log = logging.getLogger(__name__)
+
+EntityKey = tuple[int, str]  # (partition, entity key)
+
+
+@dataclass(frozen=True)
+class Ingested:
+    """What one `WindowStore.ingest` call produced."""
+
+    slots: np.ndarray  # int64 [n]: slot of each event's entity
+    due: np.ndarray  # int64 [m]: batch indices of the events due for scoring, ascending
+    windows: np.ndarray  # float32 [m, W, F]: the window ending at each due event, oldest row first
+    reset_slots: np.ndarray  # int64: slots given to a new entity during this call (start their state fresh)
+    evicted: int  # entities evicted during this call (idle or LRU)
+
+
+class WindowStore:
+    def __init__(
+        self,
+        window: int,
+        n_features: int,
+        max_entities: int = 100_000,
+        idle_timeout_ms: int | None = None,
+        hop: int = 1,
+        initial_capacity: int = 1024,
+    ) -> None:
+        if window < 1 or n_features < 1:
+            raise ValueError(f"window ({window}) and n_features ({n_features}) must be positive.")
+        if max_entities < 1:
+            raise ValueError(f"max_entities must be at least 1, got {max_entities}.")
+        if hop < 1:
+            raise ValueError(f"the scoring hop must be at least 1, got {hop}.")
+        if idle_timeout_ms is not None and idle_timeout_ms <= 0:
+            raise ValueError(f"idle_timeout_ms must be positive (or None to disable), got {idle_timeout_ms}.")
+        self.window = int(window)
+        self.n_features = int(n_features)
+        self.max_entities = int(max_entities)
+        self.idle_timeout_ms = idle_timeout_ms
+        self.hop = int(hop)
+        self._index: dict[EntityKey, int] = {}
+        self._keys: list[EntityKey | None] = []
+        self._free: list[int] = []
+        self._capacity = 0
+        self._buf = np.zeros((0, self.window, self.n_features), dtype=np.float32)
+        self._pos = np.zeros(0, dtype=np.int64)  # next write position in the ring
+        self._count = np.zeros(0, dtype=np.int64)  # events since the entity was first seen
+        self._last_time = np.zeros(0, dtype=np.int64)  # event time of the latest event (NO_TIME if unknown)
+        self._last_seq = np.zeros(0, dtype=np.int64)  # ingest call that last touched the slot (LRU clock)
+        self._seq = 0
+        self._clock_ms = NO_TIME  # highest event time seen: the clock idle eviction runs on
+        self.evicted_idle = 0
+        self.evicted_lru = 0
+        self._grow(min(int(initial_capacity), self.max_entities))
+
+    # ------------------------------------------------------------------ queries
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, entity: EntityKey) -> bool:
+        return entity in self._index
+
+    def slot_of(self, partition: int, key: str) -> int | None:
+        return self._index.get((int(partition), key))
+
+    def entity_of(self, slot: int) -> EntityKey | None:
+        return self._keys[slot] if 0 <= slot < self._capacity else None
+
+    def entities(self) -> list[EntityKey]:
+        return list(self._index)
+
+    def count_of(self, slot: int) -> int:
+        return int(self._count[slot])
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    # ------------------------------------------------------------------ batch update
+    def ingest(
+        self,
+        partitions: np.ndarray | Sequence[int],
+        keys: Sequence[str],
+        rows: np.ndarray,
+        event_time_ms: np.ndarray | None = None,
+    ) -> Ingested:
+        """Append normalised rows [n, F] (in event order) to their entities' windows and gather the
+        windows of the events due for scoring. A batch may hold several events of one entity."""
+        n = len(keys)
+        rows = np.asarray(rows, dtype=np.float32)
+        if rows.shape != (n, self.n_features):
+            raise ValueError(f"rows must have shape ({n}, {self.n_features}), got {rows.shape}.")
+        parts = np.asarray(partitions, dtype=np.int64)
+        times = np.full(n, NO_TIME, dtype=np.int64) if event_time_ms is None else np.asarray(event_time_ms, dtype=np.int64)
+        self._seq += 1
+        empty = np.zeros(0, dtype=np.int64)
+        if n == 0:
+            return Ingested(empty, empty, np.zeros((0, self.window, self.n_features), np.float32), empty, 0)
+
+        known_times = times[times != NO_TIME]
+        if known_times.size:
+            self._clock_ms = max(self._clock_ms, int(known_times.max()))
+
+        slots, reset_slots, evicted = self._assign_slots(parts, keys)
+        # The latest event per slot wins: numpy fancy assignment keeps the last write for repeated indices.
+        self._last_seq[slots] = self._seq
+        has_time = times != NO_TIME
+        if has_time.any():
+            np.maximum.at(self._last_time, slots[has_time], times[has_time])
+
+        due_parts: list[np.ndarray] = []
+        win_parts: list[np.ndarray] = []
+        for idx in self._rounds(slots):
+            s = slots[idx]
+            p = self._pos[s]
+            self._buf[s, p] = rows[idx]
+            self._pos[s] = (p + 1) % self.window
+            self._count[s] += 1
+            c = self._count[s]
+            due_mask = (c >= self.window) & (c % self.hop == 0)
+            if due_mask.any():
+                ds = s[due_mask]
+                due_parts.append(idx[due_mask])
+                win_parts.append(self._gather(ds))
+        if not due_parts:
+            return Ingested(slots, empty, np.zeros((0, self.window, self.n_features), np.float32), reset_slots, evicted)
+        due = np.concatenate(due_parts)
+        windows = np.concatenate(win_parts) if len(win_parts) > 1 else win_parts[0]
+        if len(due_parts) > 1:
+            order = np.argsort(due, kind="stable")
+            due, windows = due[order], windows[order]
+        return Ingested(slots, due, windows, reset_slots, evicted)
+
+    def _gather(self, slots: np.ndarray) -> np.ndarray:
+        """Windows of the given slots, oldest row first: [len(slots), W, F] (a new array)."""
+        ring = (self._pos[slots][:, None] + np.arange(self.window)) % self.window
+        return self._buf[slots[:, None], ring]
+
+    @staticmethod
+    def _rounds(slots: np.ndarray) -> Iterable[np.ndarray]:
+        """Batch indices grouped by occurrence rank of their slot within the batch, each group ascending."""
+        n = slots.size
+        order = np.argsort(slots, kind="stable")
+        s_sorted = slots[order]
+        new_group = np.empty(n, dtype=bool)
+        new_group[0] = True
+        np.not_equal(s_sorted[1:], s_sorted[:-1], out=new_group[1:])
+        if new_group.all():  # every entity once: a single round in batch order
+            yield np.arange(n, dtype=np.int64)
+            return
+        positions = np.arange(n, dtype=np.int64)
+        group_start = np.maximum.accumulate(np.where(new_group, positions, 0))
+        rank = np.empty(n, dtype=np.int64)
+        rank[order] = positions - group_start
+        by_rank = np.argsort(rank, kind="stable")  # stable: ascending batch index inside each rank
+        bounds = np.cumsum(np.bincount(rank))
+        start = 0
+        for stop in bounds:
+            yield by_rank[start:stop]
+            start = stop
+
+    # ------------------------------------------------------------------ slots, eviction
+    def _assign_slots(self, parts: np.ndarray, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray, int]:
+        index = self._index
+        entities = list(zip(parts.tolist(), keys))
+        slots = np.fromiter((index.get(e, -1) for e in entities), dtype=np.int64, count=len(entities))
+        missing = np.flatnonzero(slots < 0)
+        evicted = 0
+        if self.idle_timeout_ms is not None and self._clock_ms != NO_TIME:
+            # entities of this batch are protected from eviction: mark them touched first
+            self._last_seq[slots[slots >= 0]] = self._seq
+            evicted += self._evict_idle()
+        if missing.size == 0:
+            return slots, np.zeros(0, dtype=np.int64), evicted
+        new_entities: dict[EntityKey, int] = {}
+        for i in missing.tolist():
+            new_entities.setdefault(entities[i], -1)
+        need = len(new_entities)
+        if need > len(self._free):
+            self._grow(min(self.max_entities, max(self._capacity * 2, len(self._index) + need)))
+        if need > len(self._free):
+            self._last_seq[slots[slots >= 0]] = self._seq
+            evicted += self._evict_lru(need - len(self._free))
+        reset = np.empty(need, dtype=np.int64)
+        for j, e in enumerate(new_entities):
+            s = self._free.pop()
+            new_entities[e] = s
+            self._occupy(s, e)
+            reset[j] = s
+        for i in missing.tolist():
+            slots[i] = new_entities[entities[i]]
+        return slots, reset, evicted
+
+    def _occupy(self, slot: int, entity: EntityKey) -> None:
+        self._index[entity] = slot
+        self._keys[slot] = entity
+        self._pos[slot] = 0
+        self._count[slot] = 0
+        self._last_time[slot] = NO_TIME
+        self._last_seq[slot] = self._seq
+
+    def _release(self, slot: int) -> None:
+        entity = self._keys[slot]
+        if entity is not None:
+            del self._index[entity]
+            self._keys[slot] = None
+            self._free.append(slot)
+
+    def _occupied_mask(self) -> np.ndarray:
+        return np.fromiter((k is not None for k in self._keys), dtype=bool, count=self._capacity)
+
+    def _evict_idle(self) -> int:
+        assert self.idle_timeout_ms is not None
+        limit = self._clock_ms - self.idle_timeout_ms
+        idle = (self._last_time != NO_TIME) & (self._last_time < limit) & (self._last_seq != self._seq)
+        victims = np.flatnonzero(idle)
+        if victims.size:
+            for s in victims.tolist():
+                self._release(s)
+                self._last_time[s] = NO_TIME  # a free slot is never idle-evicted again
+            self.evicted_idle += victims.size
+            log.info("evicted %d entities idle for more than %d ms (%d tracked)", victims.size, self.idle_timeout_ms, len(self))
+        return int(victims.size)
+
+    def _evict_lru(self, k: int) -> int:
+        candidates = np.flatnonzero(self._occupied_mask() & (self._last_seq != self._seq))
+        if candidates.size < k:
+            raise ValueError(
+                f"one batch holds more distinct entities than max_entities={self.max_entities}; split the batch or raise the cap."
+            )
+        victims = candidates[np.argpartition(self._last_seq[candidates], k - 1)[:k]] if k < candidates.size else candidates
+        for s in victims.tolist():
+            self._release(s)
+        self.evicted_lru += int(victims.size)
+        log.warning(
+            "entity cap max_entities=%d reached: evicted the %d least recently seen entities", self.max_entities, victims.size
+        )
+        return int(victims.size)
+
+    def _grow(self, new_capacity: int) -> None:
+        old = self._capacity
+        if new_capacity <= old:
+            return
+        extra = new_capacity - old
+
+        def grow(a: np.ndarray, fill: int) -> np.ndarray:
+            out = np.full((new_capacity,) + a.shape[1:], fill, dtype=a.dtype)
+            out[:old] = a
+            return out
+
+        self._buf = grow(self._buf, 0)
+        self._pos = grow(self._pos, 0)
+        self._count = grow(self._count, 0)
+        self._last_time = grow(self._last_time, NO_TIME)
+        self._last_seq = grow(self._last_seq, 0)
+        self._keys.extend([None] * extra)
+        # pop() hands out the lowest free slot first
+        self._free = list(range(new_capacity - 1, old - 1, -1)) + self._free
+        self._capacity = new_capacity
+
+    # ------------------------------------------------------------------ rebalance, changelog
+    def drop_partitions(self, partitions: Iterable[int]) -> list[int]:
+        """Forget every entity of these partitions (revoked or lost); returns the freed slots."""
+        drop = {int(p) for p in partitions}
+        freed = [s for e, s in self._index.items() if e[0] in drop]
+        for s in freed:
+            self._release(s)
+        if freed:
+            log.info("dropped window state of %d entities of partitions %s", len(freed), sorted(drop))
+        return freed
+
+    def export_state(self, partition: int, key: str) -> dict[str, Any] | None:
+        """The entity's window state (JSON-ready with orjson's numpy option), or None if untracked."""
+        slot = self.slot_of(partition, key)
+        if slot is None:
+            return None
+        count = int(self._count[slot])
+        k = min(count, self.window)
+        rows = self._gather(np.array([slot]))[0, self.window - k :]
+        last = int(self._last_time[slot])
+        return {"count": count, "last_time_ms": None if last == NO_TIME else last, "rows": rows.copy()}
+
+    def import_state(self, partition: int, key: str, state: dict[str, Any]) -> int:
+        """Install an entity's window state (replacing any it has); returns its slot."""
+        rows = np.asarray(state["rows"], dtype=np.float32).reshape(-1, self.n_features)
+        count = int(state["count"])
+        if rows.shape[0] != min(count, self.window):
+            raise ValueError(f"window state holds {rows.shape[0]} rows for a count of {count} with window {self.window}.")
+        entity = (int(partition), key)
+        slot = self._index.get(entity)
+        if slot is None:
+            self._seq += 1
+            _, reset, _ = self._assign_slots(np.array([entity[0]]), [key])
+            slot = int(reset[0])
+        k = rows.shape[0]
+        self._buf[slot] = 0
+        self._buf[slot, :k] = rows
+        self._pos[slot] = k % self.window
+        self._count[slot] = count
+        last = state.get("last_time_ms")
+        self._last_time[slot] = NO_TIME if last is None else int(last)
+        return slot
