@@ -9,7 +9,7 @@ import logging
 import sys
 
 # Modules that provide subcommands, in the order --help lists them.
-SUBCOMMAND_MODULES: list[str] = []
+SUBCOMMAND_MODULES: list[str] = ["training.fit", "training.report"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,52 @@
+"""Calibration: score the validation windows with the exported ONNX model exactly as the service
+will (bundle.ScoringRule on ONNX Runtime output), then keep score quantiles and a suggested
+threshold (the `threshold_quantile` quantile of validation scores)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from stream_detector.bundle import INPUT_NAME, OUTPUT_NAME, Calibration, ScoringRule
+from training.export import ort_session
+
+QUANTILES = (0.9, 0.99, 0.999, 0.9999)
+
+
+@dataclass(frozen=True)
+class ValidationScores:
+    scores: np.ndarray  # float32 [n]
+    feature_errors: np.ndarray  # float32 [n, F]
+
+
+def score_windows(onnx_bytes: bytes, data: np.ndarray, starts: np.ndarray, window: int, scoring: ScoringRule, chunk: int = 1024) -> ValidationScores:
+    """Scores of the windows starting at `starts` in normalised `data` [N, F], through ONNX Runtime."""
+    session = ort_session(onnx_bytes)
+    offsets = np.arange(window)
+    scores, errors = [], []
+    for i in range(0, len(starts), chunk):
+        x = np.ascontiguousarray(data[starts[i : i + chunk, None] + offsets], dtype=np.float32)
+        recon = session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+        s, fe = scoring.scores(x, recon)
+        scores.append(s)
+        errors.append(fe)
+    return ValidationScores(np.concatenate(scores), np.concatenate(errors))
+
+
+def calibrate(scores: np.ndarray, threshold_quantile: float) -> Calibration:
+    if scores.size == 0:
+        raise ValueError("no validation scores to calibrate on.")
+    qs = {str(q): float(np.quantile(scores, q)) for q in QUANTILES}
+    qs["1.0"] = float(np.max(scores))
+    threshold = max(float(np.quantile(scores, threshold_quantile)), 1e-12)  # the loader requires > 0
+    return Calibration(quantiles=qs, threshold=threshold, n_scores=int(scores.size))
+
+
+def score_histogram(scores: np.ndarray, bins: int = 60) -> dict[str, list[float]]:
+    """Log-spaced histogram of positive scores (for report.png without keeping every score)."""
+    lo = max(float(np.min(scores)), 1e-12)
+    hi = max(float(np.max(scores)), lo * 1.0001)
+    edges = np.geomspace(lo, hi, bins + 1)
+    counts, _ = np.histogram(np.clip(scores, lo, hi), bins=edges)
+    return {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}

@@ -1,0 +1,221 @@
+"""`stream-detector-train fit`: data file -> windows -> Transformer autoencoder -> ONNX -> bundle.
+
+Python API: `fit(settings: FitSettings) -> FitResult` (the bundle path and the figures). Steps:
+read the file (stream_detector.datafiles), plan windows per entity (training.windows), fit the
+`Normaliser` on training rows only, train (training.trainer), export and prove ONNX parity
+(training.export), calibrate on validation windows through ONNX Runtime (training.calibrate),
+then write model.onnx + bundle.json + report.png in one atomic `write_bundle`. Any failure
+leaves BUNDLE_DIR as it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from stream_detector.bundle import Bundle, BundleError, Normaliser, ScoringRule, load_bundle, write_bundle, SCHEMA_VERSION
+from stream_detector.datafiles import DataFileError, read_table
+from training.settings import FitSettings, SettingsError, add_fit_arguments, settings_from_args
+from training.windows import WindowingError, plan_windows
+
+log = logging.getLogger(__name__)
+
+PARITY_WINDOWS = 1024  # held-out windows compared between ONNX Runtime and PyTorch
+
+
+@dataclass(frozen=True)
+class FitResult:
+    bundle_dir: Path
+    model_version: str
+    best_val_loss: float
+    parity_max_abs_diff: float
+    threshold: float
+    epochs_run: int
+    train_windows_per_s: float
+    seconds: float
+
+
+def fit(settings: FitSettings, command_line: str | None = None) -> FitResult:
+    import torch
+
+    from training.calibrate import calibrate, score_histogram, score_windows
+    from training.export import check_parity, export_onnx
+    from training.model import TransformerAutoencoder
+    from training.report import render_report_png
+    from training.trainer import pick_device, train
+
+    t0 = time.perf_counter()
+    s = settings
+    table = read_table(s.data, s.format, s.features, s.key_field, s.timestamp_field, s.nan_policy)
+    plan = plan_windows(table, s.window, s.val_fraction, s.gap_factor, s.stride)
+    normaliser = Normaliser.fit(plan.data[plan.train_rows], s.scale_floor)
+    data = normaliser.apply(plan.data)
+    n_entities = len(set(table.keys))
+    log.info(
+        "%s: %d rows, %d features, %d entities, %d segments (%d gaps); %d training / %d validation windows of %d",
+        table.source, table.n_rows, len(table.features), n_entities, plan.n_segments, plan.n_gaps,
+        plan.train_starts.size, plan.val_starts.size, s.window,
+    )
+
+    device = pick_device(s.device)
+    if device.type == "cpu":
+        torch.set_num_threads(s.threads or os.cpu_count() or 1)
+    torch.manual_seed(s.seed)
+    model = TransformerAutoencoder(
+        len(table.features), s.window, s.d_model, s.n_heads, s.n_layers, s.ff_dim, s.dropout, s.variant, s.mask_steps
+    )
+    result = train(
+        model, data, plan.train_starts, plan.val_starts,
+        epochs=s.epochs, patience=s.patience, batch_size=s.batch_size, lr=s.lr, weight_decay=s.weight_decay,
+        grad_clip=s.grad_clip, max_windows_per_epoch=s.max_windows_per_epoch, seed=s.seed, device=device,
+        progress=s.progress,
+    )
+    model.to("cpu").eval()
+
+    onnx_bytes = export_onnx(model, s.window, len(table.features), s.opset)
+    sample = np.random.default_rng(s.seed).choice(plan.val_starts, size=min(PARITY_WINDOWS, plan.val_starts.size), replace=False)
+    parity_windows = data[np.sort(sample)[:, None] + np.arange(s.window)]
+    parity = check_parity(onnx_bytes, model, parity_windows, s.parity_tolerance)
+    log.info("ONNX parity on %d held-out windows: max |ORT - PyTorch| = %.3g", len(parity_windows), parity)
+
+    scoring = ScoringRule(model.scoring_positions)
+    val = score_windows(onnx_bytes, data, plan.val_starts, s.window, scoring)
+    calibration = calibrate(val.scores, s.threshold_quantile)
+
+    import hashlib
+
+    sha = hashlib.sha256(onnx_bytes).hexdigest()
+    model_version = s.model_version or f"{s.variant}-{sha[:12]}"
+    training_meta = {
+        "data_source": str(Path(table.source).resolve()),
+        "data_format": s.format,
+        "rows": table.n_rows,
+        "entities": n_entities,
+        "segments": plan.n_segments,
+        "gaps": plan.n_gaps,
+        "missing_values": table.cleaning.to_json(),
+        "train_windows": int(plan.train_starts.size),
+        "val_windows": int(plan.val_starts.size),
+        "seed": s.seed,
+        "epochs": len(result.train_loss),
+        "best_epoch": result.best_epoch,
+        "best_val_loss": result.best_val_loss,
+        "interrupted": result.interrupted,
+        "early_stopped": result.early_stopped,
+        "history": {"train_loss": result.train_loss, "val_loss": result.val_loss},
+        "device": result.device,
+        "train_seconds": round(result.seconds, 2),
+        "train_windows_per_s": round(result.windows_per_s, 1),
+        "parity_max_abs_diff": parity,
+        "parity_windows": int(len(parity_windows)),
+        "threshold_quantile": s.threshold_quantile,
+        "validation": {
+            "score_histogram": score_histogram(val.scores),
+            "feature_error_mean": [float(v) for v in val.feature_errors.mean(axis=0)],
+        },
+        "settings": s.model_dump(mode="json"),
+        "versions": _library_versions(),
+        "command_line": command_line or "python API: training.fit.fit()",
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    bundle = Bundle(
+        path=Path(s.out),
+        schema_version=SCHEMA_VERSION,
+        model_version=model_version,
+        features=table.features,
+        window=s.window,
+        normaliser=normaliser,
+        scoring=scoring,
+        calibration=calibration,
+        model_sha256=sha,
+        model=model.architecture(),
+        training=training_meta,
+    )
+    from training.export import ort_session
+
+    bundle.check_session_io(ort_session(onnx_bytes))  # what the service's loader will check
+    try:
+        extra_files = {"report.png": render_report_png(bundle)}
+    except ImportError:
+        log.warning("matplotlib is not installed: no report.png")
+        extra_files = {}
+    write_bundle(
+        s.out, onnx_bytes,
+        model_version=model_version, features=list(table.features), window=s.window, normaliser=normaliser,
+        scoring=scoring, calibration=calibration, model=model.architecture(), training=training_meta,
+        extra_files=extra_files,
+    )
+    load_bundle(s.out)  # the service's own checks, on what was written
+    return FitResult(
+        bundle_dir=Path(s.out),
+        model_version=model_version,
+        best_val_loss=result.best_val_loss,
+        parity_max_abs_diff=parity,
+        threshold=calibration.threshold,
+        epochs_run=len(result.train_loss),
+        train_windows_per_s=result.windows_per_s,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _library_versions() -> dict[str, str]:
+    import numpy
+    import onnx
+    import onnxruntime
+    import torch
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        own = version("stream-detector")
+    except PackageNotFoundError:
+        own = "unknown"
+    return {
+        "python": platform.python_version(),
+        "stream_detector": own,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": numpy.__version__,
+    }
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "fit",
+        help="train on a file of normal data and write a model bundle",
+        description="Train a Transformer autoencoder on normal data, export it to ONNX, check parity, calibrate "
+        "a threshold and write the bundle (model.onnx, bundle.json, report.png). Options can also come from a "
+        "TOML file (--config); flags override it.",
+    )
+    add_fit_arguments(p)
+    p.set_defaults(func=handle)
+
+
+def handle(args: argparse.Namespace) -> int:
+    from training.export import ExportError
+    from training.trainer import TrainingInterrupted
+
+    try:
+        settings = settings_from_args(args)
+        res = fit(settings, command_line=shlex.join(["stream-detector-train", *sys.argv[1:]]))
+    except (SettingsError, DataFileError, WindowingError, BundleError, TrainingInterrupted) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(
+        f"wrote {res.bundle_dir} (model_version {res.model_version}): best validation loss {res.best_val_loss:.5g} "
+        f"after {res.epochs_run} epochs, ONNX parity {res.parity_max_abs_diff:.3g}, threshold {res.threshold:.5g}, "
+        f"{res.train_windows_per_s:.0f} training windows/s, {res.seconds:.1f} s"
+    )
+    return 0

@@ -1,0 +1,134 @@
+"""`FitSettings`: every option of `stream-detector-train fit`, one frozen, typed object.
+
+Precedence: defaults < TOML file (`--config`, flat keys named like the fields) < command-line flags.
+The argparse options are generated from the fields, so `--help` lists each default and config key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class SettingsError(Exception):
+    """Bad training settings; one sentence."""
+
+
+class FitSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # data
+    data: Path = Field(description="input file of normal operation")
+    out: Path = Field(description="bundle directory to write (replaced atomically)")
+    format: Literal["auto", "csv", "parquet", "jsonl", "smd"] = Field("auto", description="input format")
+    features: tuple[str, ...] | None = Field(None, description="feature columns in order (comma-separated); default: all numeric")
+    key_field: str | None = Field(None, description="entity-key column; default: 'key' or 'entity' if present")
+    timestamp_field: str | None = Field(None, description="timestamp column; default: 'timestamp', 'time', 'ts' or 'event_time' if present")
+    nan_policy: Literal["ffill", "drop", "error"] = Field("ffill", description="missing/non-finite values: forward-fill per entity (leading rows dropped), drop rows, or refuse")
+    # windows
+    window: int = Field(64, ge=2, description="window length W (rows)")
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="last fraction of each entity held out for validation and calibration")
+    gap_factor: float = Field(3.0, gt=1.0, description="a time step longer than this x the median step is a gap windows never cross")
+    stride: int = Field(1, ge=1, description="step between training window starts")
+    scale_floor: float = Field(1e-3, gt=0.0, description="smallest normaliser scale (constant features)")
+    # model
+    variant: Literal["plain", "masked"] = Field("masked", description="'masked' predicts the newest mask_steps rows from context; 'plain' reconstructs all rows")
+    mask_steps: int = Field(1, ge=1, description="rows masked and scored by the 'masked' variant")
+    d_model: int = Field(64, ge=4, description="Transformer width")
+    n_heads: int = Field(4, ge=1, description="attention heads")
+    n_layers: int = Field(2, ge=1, description="encoder layers")
+    ff_dim: int = Field(128, ge=4, description="feed-forward width")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout")
+    # optimisation
+    epochs: int = Field(15, ge=1, description="maximum epochs")
+    patience: int = Field(3, ge=1, description="early stopping: epochs without validation improvement")
+    batch_size: int = Field(256, ge=1, description="training batch size")
+    lr: float = Field(1e-3, gt=0.0, description="peak learning rate (AdamW; linear warm-up, cosine decay)")
+    weight_decay: float = Field(1e-4, ge=0.0, description="AdamW weight decay")
+    grad_clip: float = Field(1.0, gt=0.0, description="gradient norm clip")
+    max_windows_per_epoch: int = Field(0, ge=0, description="random subset of training windows per epoch (0: all)")
+    seed: int = Field(0, description="random seed (torch, numpy, sampling)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto': CUDA when available, else CPU")
+    threads: int = Field(0, ge=0, description="CPU threads for torch (0: all cores)")
+    # export and calibration
+    opset: int = Field(18, ge=17, description="ONNX opset")
+    parity_tolerance: float = Field(1e-4, gt=0.0, description="largest allowed |ONNX Runtime - PyTorch| on held-out windows")
+    threshold_quantile: float = Field(0.999, gt=0.0, lt=1.0, description="validation score quantile used as the suggested threshold")
+    model_version: str | None = Field(None, description="model_version in the bundle (default: variant + sha256 prefix of model.onnx)")
+    progress: bool = Field(True, description="show a progress bar")
+
+    @field_validator("features", mode="before")
+    @classmethod
+    def _split_features(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [s.strip() for s in v.split(",") if s.strip()]
+        return v
+
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "FitSettings":
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
+        if self.variant == "masked" and self.mask_steps >= self.window:
+            raise ValueError(f"mask_steps ({self.mask_steps}) must be smaller than the window ({self.window})")
+        return self
+
+
+# Options that are positional/required or never set from a file.
+_REQUIRED = ("data", "out")
+
+
+def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML file with any of the options below (flat keys, e.g. window = 64)")
+    for name, info in FitSettings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{info.description} (config key '{name}'"
+        help_text += ")" if name in _REQUIRED else f"; default {info.default})"
+        if info.annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_text)
+
+
+def settings_from_args(args: argparse.Namespace) -> FitSettings:
+    """Merge defaults, the TOML file and the flags that were given."""
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None) is not None:
+        values.update(load_toml(args.config))
+    for name in FitSettings.model_fields:
+        v = getattr(args, name, None)
+        if v is not None:
+            values[name] = v
+    return make_settings(values)
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise SettingsError(f"config file {path} does not exist.") from None
+    except tomllib.TOMLDecodeError as e:
+        raise SettingsError(f"config file {path} is not valid TOML ({e}).") from None
+    unknown = sorted(set(data) - set(FitSettings.model_fields))
+    if unknown:
+        raise SettingsError(f"config file {path} has unknown key {unknown[0]!r}; run 'stream-detector-train fit --help' for the keys.")
+    return data
+
+
+def make_settings(values: dict[str, Any]) -> FitSettings:
+    for name in _REQUIRED:
+        if values.get(name) in (None, ""):
+            raise SettingsError(f"the option --{name} is required (or '{name}' in the config file).")
+    try:
+        return FitSettings(**values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "settings"
+        if err["type"] == "extra_forbidden":
+            raise SettingsError(f"unknown setting {where!r}.") from None
+        raise SettingsError(f"setting {where!r}: {err['msg']} (got {err.get('input')!r}).") from None
