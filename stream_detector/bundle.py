@@ -314,6 +314,10 @@ def write_bundle(
     }
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
+        # mkdtemp makes the directory 0700; a bundle must be readable by the service's user.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
         (tmp / MODEL_FILE).write_bytes(model_onnx)
         (tmp / BUNDLE_FILE).write_bytes(orjson.dumps(meta, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
         for name, data in (extra_files or {}).items():
