@@ -9,7 +9,7 @@ import logging
 import sys
 
 # Modules that provide subcommands, in the order --help lists them.
-SUBCOMMAND_MODULES: list[str] = ["stream_detector.check"]
+SUBCOMMAND_MODULES: list[str] = ["stream_detector.check", "stream_detector.evaluate"]
 
 
 def build_parser() -> argparse.ArgumentParser:
