@@ -7,7 +7,9 @@ the bundle's calibrated one (`initial`).
 
 - `RollingQuantile` (default): a quantile of the last `history` normal scores, times `multiplier`.
   Kept as a ring (arrival order) plus a sorted copy, so an update is two memmoves, not a sort.
-  Memory: 8 bytes per history entry per entity.
+  Memory: 16 bytes per history entry per entity. Keep `multiplier` above 1: learning only scores
+  below the threshold truncates the history, and with multiplier 1 and quantile < 1 that
+  truncation ratchets the threshold down step by step.
 - `Spot`: peaks-over-threshold (Siffer et al., KDD 2017, streaming SPOT): after warm-up, a
   generalised Pareto distribution is fitted (method of moments) to the excesses over the
   `init_quantile` level `t` of the warm-up scores; the threshold is the score exceeded with

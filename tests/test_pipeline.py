@@ -1,0 +1,156 @@
+"""DetectorCore end to end on generated data: injected spikes open alerts, normal entities stay
+quiet, results do not depend on how the stream is cut into batches, state moves between cores."""
+
+from __future__ import annotations
+
+import numpy as np
+import orjson
+import pytest
+
+from bundle_factory import make_bundle
+from stream_detector.alerts import AlertParams
+from stream_detector.events import EventBatch
+from stream_detector.pipeline import DetectionSettings, DetectorCore
+from stream_detector.scorer import Scorer
+from stream_detector.thresholds import ThresholdParams
+
+F, W = 4, 8
+SETTINGS = DetectionSettings(threshold=ThresholdParams(warmup=50, history=300), alerts=AlertParams(resolve_after=5))
+
+
+def stream(rng, n_entities=6, steps=400, spikes=((3, 300),)):
+    """Interleaved events of n_entities (entity e on partition e % 2) with spikes (entity, step)."""
+    rows = rng.normal(size=(steps, n_entities, F)).astype(np.float32) * 2.0 + 10.0
+    for e, t in spikes:
+        rows[t, e, 1] += 30.0
+    order = np.stack([rng.permutation(n_entities) for _ in range(steps)])  # random order within each step
+    keys = [f"dev-{e}" for t in range(steps) for e in order[t]]
+    flat = np.stack([rows[t, order[t]] for t in range(steps)]).reshape(-1, F)
+    ents = order.reshape(-1)
+    times = np.repeat(np.arange(steps, dtype=np.int64) * 1000, n_entities) + 1_700_000_000_000
+    return keys, flat, times, (ents % 2).astype(np.int32)
+
+
+def new_core(tmp_path, settings=SETTINGS, name="b"):
+    b = make_bundle(tmp_path, window=W, threshold=12.0, center=[10.0] * F, scale=[2.0] * F, name=name)
+    return DetectorCore(b, Scorer(b, provider="cpu", intra_op_threads=1), settings, clock=lambda: 1_800_000_000.0)
+
+
+def run(core, keys, rows, times, parts, batch_sizes, row_state=False):
+    results, i, k = [], 0, 0
+    while i < len(keys):
+        j = min(len(keys), i + batch_sizes[k % len(batch_sizes)])
+        batch = EventBatch.build(keys[i:j], rows[i:j], times[i:j], topic="sensors", partition=parts[i:j], offset=np.arange(i, j))
+        results.append((i, core.process(batch, row_alert_state=row_state)))
+        i, k = j, k + 1
+    return results
+
+
+def flatten(results):
+    out = []
+    for start, r in results:
+        for j, idx in enumerate(r.index.tolist()):
+            out.append((start + idx, float(r.score[j]), float(r.threshold[j]), bool(r.alert_open[j]), r.alert_event[j]))
+    return out
+
+
+def test_spike_opens_one_alert_and_normal_entities_stay_quiet(tmp_path, rng):
+    keys, rows, times, parts = stream(rng)
+    core = new_core(tmp_path)
+    results = run(core, keys, rows, times, parts, [97])
+    alerts = [a for _, r in results for a in r.alerts]
+    opens = [a for a in alerts if a["state"] == "open"]
+    assert [a["key"] for a in opens] == ["dev-3"], alerts
+    spike_offset = next(i for i, k in enumerate(keys) if k == "dev-3" and i >= 300 * 6)
+    assert opens[0]["source"] == {"topic": "sensors", "partition": 1, "offset": spike_offset}
+    assert opens[0]["top_features"][0]["name"] == "b"
+    assert opens[0]["event_time"] == "2023-11-14T22:18:20.000Z"  # step 300
+    assert [a["state"] for a in alerts] == ["open", "resolved"]
+    assert alerts[1]["alert_id"] == opens[0]["alert_id"]
+    # every event is scored once its window is full (hop 1): 6 entities x (400 - W + 1)
+    assert sum(r.n_scored for _, r in results) == 6 * (400 - W + 1)
+
+
+def test_batching_does_not_change_results(tmp_path, rng):
+    keys, rows, times, parts = stream(rng, spikes=((1, 120), (4, 250), (4, 330)))
+    a = flatten(run(new_core(tmp_path, name="a"), keys, rows, times, parts, [len(keys)]))
+    b = flatten(run(new_core(tmp_path, name="b"), keys, rows, times, parts, [1, 7, 300, 64]))
+    assert a == b
+    assert sum(1 for x in a if x[4] == "open") >= 3
+
+
+def test_reprocessing_gives_the_same_alert_ids(tmp_path, rng):
+    keys, rows, times, parts = stream(rng)
+    ids = []
+    for name in ("x", "y"):
+        res = run(new_core(tmp_path, name=name), keys, rows, times, parts, [128])
+        ids.append([(a["alert_id"], a["event_id"], a["state"]) for _, r in res for a in r.alerts])
+    assert ids[0] == ids[1] and ids[0]
+
+
+def test_hop_scores_every_kth_event(tmp_path, rng):
+    keys, rows, times, parts = stream(rng, n_entities=3, steps=100, spikes=())
+    settings = DetectionSettings(hop=4, threshold=SETTINGS.threshold)
+    res = run(new_core(tmp_path, settings), keys, rows, times, parts, [50])
+    scored = [i for i, *_ in flatten(res)]
+    per_entity = {}
+    for i in scored:
+        per_entity.setdefault(keys[i], []).append(keys[: i + 1].count(keys[i]))
+    assert all(counts == list(range(8, 101, 4)) for counts in per_entity.values()), per_entity
+
+
+def test_row_alert_state_matches_a_per_row_walk(tmp_path, rng):
+    keys, rows, times, parts = stream(rng, spikes=((2, 100), (5, 200)))
+    settings = DetectionSettings(hop=3, threshold=SETTINGS.threshold, alerts=AlertParams(resolve_after=4))
+    res = run(new_core(tmp_path, settings), keys, rows, times, parts, [50, 333], row_state=True)
+    got = np.concatenate([r.open_after for _, r in res])
+    state: dict[str, bool] = {}
+    expected = []
+    scored = {i: is_open for i, _, _, is_open, _ in flatten(res)}
+    for i, k in enumerate(keys):
+        if i in scored:
+            state[k] = scored[i]
+        expected.append(state.get(k, False))
+    assert got.tolist() == expected and any(expected)
+
+
+def test_state_moves_to_another_core(tmp_path, rng):
+    keys, rows, times, parts = stream(rng, spikes=((0, 150), (5, 300)))
+    whole = flatten(run(new_core(tmp_path, name="whole"), keys, rows, times, parts, [100]))
+    first = new_core(tmp_path, name="first")
+    cut = 160 * 6
+    part1 = run(first, keys[:cut], rows[:cut], times[:cut], parts[:cut], [100])
+    second = new_core(tmp_path, name="second")
+    for p, k in first.entities():
+        state = orjson.loads(orjson.dumps(first.state_of(p, k), option=orjson.OPT_SERIALIZE_NUMPY))
+        second.restore(p, k, state)
+    part2 = run(second, keys[cut:], rows[cut:], times[cut:], parts[cut:], [100])
+    moved = flatten(part1) + [(i + cut, *rest) for i, *rest in flatten(part2)]
+    assert moved == whole
+
+
+def test_drop_partitions_forgets_their_entities(tmp_path, rng):
+    keys, rows, times, parts = stream(rng, steps=20, spikes=())
+    core = new_core(tmp_path)
+    run(core, keys, rows, times, parts, [1000])
+    assert core.drop_partitions([1]) == 3
+    assert all(p == 0 for p, _ in core.entities())
+    assert core.state_of(1, "dev-1") is None and core.state_of(0, "dev-0") is not None
+
+
+def test_batches_larger_than_the_entity_cap_are_split(tmp_path, rng):
+    keys, rows, times, parts = stream(rng, n_entities=6, steps=30, spikes=())
+    capped = DetectionSettings(max_entities=6, threshold=SETTINGS.threshold)
+    a = flatten(run(new_core(tmp_path, capped, name="capped"), keys, rows, times, parts, [len(keys)]))
+    b = flatten(run(new_core(tmp_path, name="free"), keys, rows, times, parts, [len(keys)]))
+    assert a == b
+
+
+def test_refuses_mismatched_input_and_state(tmp_path, rng):
+    core = new_core(tmp_path)
+    with pytest.raises(ValueError, match="3 features per event; the model expects 4"):
+        core.process(EventBatch.build(["a"], np.zeros((1, 3))))
+    with pytest.raises(ValueError, match="saved for model"):
+        core.restore(0, "a", {"version": 1, "model_version": "other", "window": {}, "threshold": None, "alert": None})
+    with pytest.raises(ValueError, match="hop"):
+        DetectorCore(core.bundle, core.scorer, DetectionSettings(hop=0))

@@ -1,0 +1,83 @@
+"""Scorer on factory bundles: CPU provider really active, scores by the bundle's rule, chunking,
+CUDA required but absent refused with one sentence, wrong model IO refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bundle_factory import make_bundle
+from stream_detector.scorer import Scorer, ScorerError
+
+
+def test_cpu_scores_follow_the_scoring_rule(tmp_path, rng):
+    b = make_bundle(tmp_path, window=6, kind="mean")
+    s = Scorer(b, provider="cpu", max_batch=7, intra_op_threads=1)
+    assert s.provider == "CPUExecutionProvider" and not s.on_cuda
+    x = rng.normal(size=(20, 6, 4)).astype(np.float32)  # 20 windows in chunks of 7
+    scores, errors = s.score(x)
+    expected_err = (x[:, -1, :] - x.mean(axis=1)) ** 2
+    np.testing.assert_allclose(errors, expected_err, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(scores, expected_err.mean(axis=1), rtol=1e-5, atol=1e-6)
+    assert scores.dtype == np.float32 and errors.shape == (20, 4)
+    empty_s, empty_e = s.score(np.zeros((0, 6, 4), np.float32))
+    assert empty_s.shape == (0,) and empty_e.shape == (0, 4)
+
+
+def test_spike_scores_high(tmp_path, rng):
+    b = make_bundle(tmp_path, window=8)
+    s = Scorer(b, provider="cpu")
+    x = rng.normal(size=(2, 8, 4)).astype(np.float32)
+    x[1, -1, 2] += 15.0
+    scores, errors = s.score(x)
+    assert scores[1] > 10 * scores[0]
+    assert int(np.argmax(errors[1])) == 2
+
+
+def test_identity_model_scores_zero(tmp_path, rng):
+    b = make_bundle(tmp_path, kind="identity")
+    scores, _ = Scorer(b, provider="cpu").score(rng.normal(size=(5, 8, 4)).astype(np.float32))
+    assert np.all(scores == 0)
+
+
+def test_auto_decides_from_the_session_not_the_available_list(tmp_path):
+    # onnxruntime-gpu lists CUDA as available even without a GPU; the scorer must report what runs
+    b = make_bundle(tmp_path)
+    s = Scorer(b, provider="auto")
+    assert s.provider == s.session.get_providers()[0]
+    if not _gpu_present():
+        assert s.provider == "CPUExecutionProvider" and not s.on_cuda
+
+
+def test_require_cuda_refused_without_a_gpu(tmp_path):
+    if _gpu_present():
+        pytest.skip("this machine has a GPU; the refusal is for CPU-only machines")
+    b = make_bundle(tmp_path)
+    with pytest.raises(ScorerError, match=r"CUDA execution provider was required but .* runs this model on CPUExecutionProvider"):
+        Scorer(b, provider="auto", require_cuda=True)
+
+
+def test_bad_provider_and_wrong_shapes(tmp_path):
+    b = make_bundle(tmp_path)
+    with pytest.raises(ScorerError, match="unknown provider"):
+        Scorer(b, provider="tpu")
+    s = Scorer(b, provider="cpu")
+    with pytest.raises(ValueError, match="windows must have shape"):
+        s.score(np.zeros((2, 7, 4), np.float32))
+
+
+def test_model_io_mismatch_is_one_sentence(tmp_path):
+    b = make_bundle(tmp_path, window=8)
+    other = make_bundle(tmp_path, window=9, name="other")
+    # a bundle whose model file was swapped for another window length (sha kept consistent)
+    import dataclasses
+
+    wrong = dataclasses.replace(b, path=other.path)
+    with pytest.raises(ScorerError, match="does not match the bundle's window 8"):
+        Scorer(wrong, provider="cpu")
+
+
+def _gpu_present() -> bool:
+    from pathlib import Path
+
+    return Path("/dev/nvidia0").exists()

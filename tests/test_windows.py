@@ -1,0 +1,159 @@
+"""WindowStore against a naive per-event reference (random interleavings, batch splits, hops),
+eviction, partition drop and state round-trip."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+import pytest
+
+from stream_detector.events import NO_TIME
+from stream_detector.windows import WindowStore
+
+
+class NaiveWindows:
+    """One event at a time, a deque per entity: obviously right, slow."""
+
+    def __init__(self, window: int, hop: int) -> None:
+        self.window, self.hop = window, hop
+        self.rows: dict[tuple[int, str], deque] = {}
+        self.count: dict[tuple[int, str], int] = {}
+
+    def push(self, partition: int, key: str, row: np.ndarray) -> np.ndarray | None:
+        e = (partition, key)
+        self.rows.setdefault(e, deque(maxlen=self.window)).append(row.copy())
+        self.count[e] = self.count.get(e, 0) + 1
+        c = self.count[e]
+        if c >= self.window and c % self.hop == 0:
+            return np.stack(self.rows[e])
+        return None
+
+
+def random_stream(rng: np.random.Generator, n: int, n_entities: int, n_partitions: int, f: int):
+    ent = rng.integers(0, n_entities, size=n)
+    # bursts: repeat the previous entity sometimes so batches hold several events of one entity
+    burst = rng.random(n) < 0.3
+    for i in range(1, n):
+        if burst[i]:
+            ent[i] = ent[i - 1]
+    keys = [f"k{e}" for e in ent]
+    parts = (ent % n_partitions).astype(np.int32)
+    rows = rng.normal(size=(n, f)).astype(np.float32)
+    return parts, keys, rows
+
+
+@pytest.mark.parametrize("hop", [1, 3])
+@pytest.mark.parametrize("window", [1, 4, 7])
+def test_matches_naive_reference(rng, window, hop):
+    f = 3
+    parts, keys, rows = random_stream(rng, 1500, n_entities=13, n_partitions=3, f=f)
+    store = WindowStore(window, f, max_entities=100, hop=hop, initial_capacity=2)  # forces growth
+    ref = NaiveWindows(window, hop)
+    expected = {}
+    for i in range(len(keys)):
+        w = ref.push(int(parts[i]), keys[i], rows[i])
+        if w is not None:
+            expected[i] = w
+    got = {}
+    i = 0
+    while i < len(keys):
+        size = int(rng.integers(1, 200))
+        j = min(len(keys), i + size)
+        rows_in = rows[i:j].copy()
+        ing = store.ingest(parts[i:j], keys[i:j], rows_in)
+        np.testing.assert_array_equal(rows_in, rows[i:j])  # input not mutated
+        assert ing.windows.shape == (ing.due.size, window, f)
+        assert np.all(np.diff(ing.due) > 0)
+        for d, w in zip(ing.due.tolist(), ing.windows):
+            got[i + d] = w
+        i = j
+    assert sorted(got) == sorted(expected)
+    for k in expected:
+        np.testing.assert_array_equal(got[k], expected[k], err_msg=f"event {k}")
+    assert len(store) == len({(int(p), k) for p, k in zip(parts, keys)})
+
+
+def test_same_key_on_two_partitions_is_two_entities():
+    store = WindowStore(2, 1)
+    ing = store.ingest([0, 1, 0, 1], ["a", "a", "a", "a"], np.array([[1], [10], [2], [20]], np.float32))
+    assert ing.due.tolist() == [2, 3]
+    np.testing.assert_array_equal(ing.windows[:, :, 0], [[1, 2], [10, 20]])
+
+
+def test_lru_eviction_at_cap_and_reset_slots():
+    store = WindowStore(2, 1, max_entities=3)
+    one = np.ones((1, 1), np.float32)
+    for t, k in enumerate(["a", "b", "c"]):
+        store.ingest([0], [k], one, np.array([t]))
+    store.ingest([0], ["a"], one, np.array([3]))  # a is now the most recent; b the least
+    ing = store.ingest([0], ["d"], one, np.array([4]))
+    assert ing.evicted == 1 and store.evicted_lru == 1
+    assert (0, "b") not in store and (0, "a") in store and (0, "d") in store
+    assert ing.reset_slots.tolist() == [int(ing.slots[0])]
+    # the reused slot starts empty: d needs two events of its own before it is due
+    assert store.ingest([0], ["d"], one, np.array([5])).due.tolist() == [0]
+
+
+def test_batch_with_more_entities_than_cap_is_refused_clearly():
+    store = WindowStore(2, 1, max_entities=2)
+    with pytest.raises(ValueError, match="more distinct entities than max_entities"):
+        store.ingest([0, 0, 0], ["a", "b", "c"], np.zeros((3, 1), np.float32))
+
+
+def test_idle_eviction_by_event_time():
+    store = WindowStore(2, 1, max_entities=10, idle_timeout_ms=1000)
+    z = np.zeros((1, 1), np.float32)
+    store.ingest([0], ["old"], z, np.array([0]))
+    store.ingest([0], ["new"], z, np.array([900]))
+    assert len(store) == 2
+    ing = store.ingest([0], ["new"], z, np.array([1500]))  # old last seen 1500 ms ago
+    assert ing.evicted == 1 and (0, "old") not in store and (0, "new") in store
+    # events without a time never make an entity idle
+    store.ingest([0], ["timeless"], z, np.array([NO_TIME]))
+    store.ingest([0], ["new"], z, np.array([99_000]))
+    assert (0, "timeless") in store and (0, "new") in store
+
+
+def test_idle_eviction_spares_entities_of_the_current_batch():
+    store = WindowStore(2, 1, max_entities=10, idle_timeout_ms=1000)
+    z = np.zeros((2, 1), np.float32)
+    store.ingest([0], ["a"], z[:1], np.array([0]))
+    store.ingest([0], ["a"], z[:1], np.array([1]))
+    # a returns after a long silence in the same batch as a late clock: it keeps its window
+    ing = store.ingest([0, 0], ["b", "a"], z, np.array([10_000, 10_001]))
+    assert ing.evicted == 0 and store.count_of(store.slot_of(0, "a")) == 3
+
+
+def test_drop_partitions():
+    store = WindowStore(2, 1)
+    store.ingest([0, 1, 2], ["a", "b", "c"], np.zeros((3, 1), np.float32))
+    freed = store.drop_partitions([1, 2])
+    assert len(freed) == 2 and store.entities() == [(0, "a")]
+
+
+def test_state_round_trip_continues_identically(rng):
+    w, f = 5, 2
+    parts, keys, rows = random_stream(rng, 300, n_entities=4, n_partitions=2, f=f)
+    a = WindowStore(w, f, hop=2)
+    b = WindowStore(w, f, hop=2)
+    a.ingest(parts[:150], keys[:150], rows[:150])
+    b2 = WindowStore(w, f, hop=2)
+    b.ingest(parts[:150], keys[:150], rows[:150])
+    for p, k in b.entities():
+        st = b.export_state(p, k)
+        assert st is not None and st["rows"].shape == (min(st["count"], w), f)
+        b2.import_state(p, k, {"count": st["count"], "last_time_ms": st["last_time_ms"], "rows": st["rows"].tolist()})
+    ra = a.ingest(parts[150:], keys[150:], rows[150:])
+    rb = b2.ingest(parts[150:], keys[150:], rows[150:])
+    np.testing.assert_array_equal(ra.due, rb.due)
+    np.testing.assert_array_equal(ra.windows, rb.windows)
+    assert b.export_state(9, "nobody") is None
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="hop"):
+        WindowStore(4, 2, hop=0)
+    store = WindowStore(4, 2)
+    with pytest.raises(ValueError, match="shape"):
+        store.ingest([0], ["a"], np.zeros((1, 3), np.float32))
