@@ -254,9 +254,12 @@ def check_broker(settings: Settings, topics: Sequence[str], timeout: float | Non
 
     timeout = settings.kafka.timeout_s if timeout is None else timeout
     last_error: list[str] = []
+    auth_error: list[str] = []
 
     def on_error(err: KafkaError) -> None:  # librdkafka retries forever; keep the reason for the sentence
         last_error.append(err.str())
+        if err.code() == KafkaError._AUTHENTICATION:
+            auth_error.append(err.str())
 
     conf = {"bootstrap.servers": settings.kafka.bootstrap_servers, **settings.kafka.client}
     conf.update({"error_cb": on_error, "log_level": 0, "logger": client_log})
@@ -264,6 +267,12 @@ def check_broker(settings: Settings, topics: Sequence[str], timeout: float | Non
     try:
         meta = admin.list_topics(timeout=timeout)
     except KafkaException as e:
+        admin.poll(0)  # error_cb runs only from poll(): collect why the metadata request failed
+        if auth_error:  # wrong SASL user/password: say so instead of "brokers are down"
+            raise KafkaIOError(
+                f"the Kafka broker at {settings.kafka.bootstrap_servers} rejected the SASL credentials"
+                f" of user '{settings.kafka.client.get('sasl.username', '')}' ({auth_error[0]})."
+            ) from None
         why = last_error[-1] if last_error else e.args[0].str()
         raise KafkaIOError(f"cannot reach the Kafka broker at {settings.kafka.bootstrap_servers} within {timeout:g} s ({why}).") from None
     missing = [t for t in topics if t not in meta.topics or meta.topics[t].error is not None]

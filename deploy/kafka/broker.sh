@@ -5,7 +5,7 @@ set -euo pipefail
 
 usage() {
   cat <<'USAGE'
-Usage: deploy/kafka/broker.sh start|stop|status [--port N] [--data-dir DIR] [--version V]
+Usage: deploy/kafka/broker.sh start|stop|status [--port N] [--data-dir DIR] [--version V] [--security MODE]
 
   start    provision (first time), format KRaft storage, start the broker, wait for the port,
            print "bootstrap=HOST:PORT". Idempotent: on a running broker prints the same line.
@@ -13,13 +13,25 @@ Usage: deploy/kafka/broker.sh start|stop|status [--port N] [--data-dir DIR] [--v
   status   "running bootstrap=HOST:PORT" or "stopped bootstrap=HOST:PORT" (exit 0 / 3).
 
 Options (each also an environment variable):
-  --port N        SD_KAFKA_PORT        client port (default 19092; controller uses port+1)
+  --port N        SD_KAFKA_PORT        client port (default 19092, 19192 with --security sasl_ssl;
+                                       controller uses port+1)
   --host H        SD_KAFKA_HOST        advertised host (default 127.0.0.1)
   --data-dir DIR  SD_KAFKA_DATA_DIR    log dirs, pid file, logs (default ~/.cache/stream-detector/kafka-data-PORT)
   --version V     SD_KAFKA_VERSION     Apache Kafka version (default 4.1.1)
   --cache-dir DIR SD_KAFKA_CACHE       jar cache (default ~/.cache/stream-detector/kafka-VERSION)
   --start-timeout SD_KAFKA_START_TIMEOUT seconds to wait for the port (default 90)
+  --security MODE SD_KAFKA_SECURITY    plaintext (default) or sasl_ssl
 Topic auto-creation is off in the generated config; create topics explicitly.
+
+--security sasl_ssl starts a separate broker (own port and data dir, so it never disturbs the
+PLAINTEXT one) whose client listener is SASL_SSL with PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512:
+  - a self-signed CA and a server certificate for the host are generated once into DATA_DIR/tls
+    (openssl); clients trust DATA_DIR/tls/ca.pem;
+  - one client user, SD_KAFKA_SASL_USER (default "detector"), with password SD_KAFKA_SASL_PASSWORD
+    (default: generated once), created for PLAIN and, at storage format, for both SCRAM mechanisms;
+  - "start" also prints "client_config=DATA_DIR/client.properties": librdkafka settings
+    (security.protocol, ssl.ca.location, sasl.username, sasl.password; mode 0600) for clients.
+For development and tests only: the controller listener stays PLAINTEXT on the loopback.
 USAGE
 }
 
@@ -28,7 +40,8 @@ die() { echo "broker.sh: $*" >&2; exit 1; }
 cmd=${1:-}
 [ -n "$cmd" ] || { usage >&2; exit 2; }
 shift || true
-PORT=${SD_KAFKA_PORT:-19092}
+PORT=${SD_KAFKA_PORT:-}
+SECURITY=${SD_KAFKA_SECURITY:-plaintext}
 HOST=${SD_KAFKA_HOST:-127.0.0.1}
 VERSION=${SD_KAFKA_VERSION:-4.1.1}
 DATA_DIR=${SD_KAFKA_DATA_DIR:-}
@@ -43,11 +56,17 @@ while [ $# -gt 0 ]; do
     --version) VERSION=$2; shift 2 ;;
     --cache-dir) CACHE=$2; shift 2 ;;
     --start-timeout) START_TIMEOUT=$2; shift 2 ;;
+    --security) SECURITY=$2; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) usage >&2; die "unknown option '$1'." ;;
   esac
 done
 case "$cmd" in -h|--help|help) usage; exit 0 ;; esac
+case "$SECURITY" in
+  plaintext) PORT=${PORT:-19092} ;;
+  sasl_ssl) PORT=${PORT:-19192} ;;
+  *) die "unknown security mode '$SECURITY'; use plaintext or sasl_ssl." ;;
+esac
 [[ "$PORT" =~ ^[0-9]+$ ]] || die "port '$PORT' is not a number."
 CONTROLLER_PORT=$((PORT + 1))
 BASE=${XDG_CACHE_HOME:-$HOME/.cache}/stream-detector
@@ -56,6 +75,9 @@ CACHE=${CACHE:-$BASE/kafka-$VERSION}
 PIDFILE=$DATA_DIR/broker.pid
 LOG=$DATA_DIR/server.log
 BOOT="bootstrap=$HOST:$PORT"
+TLS_DIR=$DATA_DIR/tls
+SASL_USER=${SD_KAFKA_SASL_USER:-detector}
+[[ "$SASL_USER" =~ ^[A-Za-z0-9._-]+$ ]] || die "SASL user '$SASL_USER' may use only letters, digits, '.', '_' and '-'."
 
 port_open() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
 our_pid() {
@@ -99,17 +121,107 @@ POM
   touch "$CACHE/.complete"
 }
 
+listener_config() {
+  if [ "$SECURITY" = plaintext ]; then
+    cat <<LISTEN
+listeners=PLAINTEXT://$HOST:$PORT,CONTROLLER://$HOST:$CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://$HOST:$PORT
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+LISTEN
+    return
+  fi
+  local admin_pw user_pw
+  admin_pw=$(cat "$TLS_DIR/admin.password"); user_pw=$(cat "$TLS_DIR/user.password")
+  cat <<LISTEN
+listeners=SASL_SSL://$HOST:$PORT,CONTROLLER://$HOST:$CONTROLLER_PORT
+advertised.listeners=SASL_SSL://$HOST:$PORT
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,SASL_SSL:SASL_SSL
+inter.broker.listener.name=SASL_SSL
+sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-256,SCRAM-SHA-512
+sasl.mechanism.inter.broker.protocol=PLAIN
+listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required username="admin" password="$admin_pw" user_admin="$admin_pw" user_$SASL_USER="$user_pw";
+listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+ssl.keystore.type=PKCS12
+ssl.keystore.location=$TLS_DIR/server.p12
+ssl.keystore.password=$(cat "$TLS_DIR/keystore.password")
+ssl.truststore.type=PEM
+ssl.truststore.location=$TLS_DIR/ca.pem
+ssl.client.auth=none
+ssl.endpoint.identification.algorithm=https
+LISTEN
+}
+
+# SASL_SSL mode: CA + server certificate (SAN = the advertised host) and the passwords, made once.
+make_security() {
+  [ "$SECURITY" = sasl_ssl ] || return 0
+  command -v openssl >/dev/null || die "openssl is needed to generate the broker's TLS certificates."
+  mkdir -p "$TLS_DIR"; chmod 700 "$TLS_DIR"
+  local pw
+  for f in admin keystore; do
+    [ -s "$TLS_DIR/$f.password" ] || (umask 077; openssl rand -hex 16 > "$TLS_DIR/$f.password")
+  done
+  if [ -s "$TLS_DIR/user.password" ]; then
+    if [ -n "${SD_KAFKA_SASL_PASSWORD:-}" ] && [ "$SD_KAFKA_SASL_PASSWORD" != "$(cat "$TLS_DIR/user.password")" ]; then
+      die "the broker in $DATA_DIR was set up with another SD_KAFKA_SASL_PASSWORD; use that one or remove $DATA_DIR."
+    fi
+    [ "$(cat "$TLS_DIR/user.name")" = "$SASL_USER" ] ||
+      die "the broker in $DATA_DIR was set up for SASL user '$(cat "$TLS_DIR/user.name")', not '$SASL_USER'; remove $DATA_DIR to change it."
+  else
+    (umask 077; printf '%s' "${SD_KAFKA_SASL_PASSWORD:-$(openssl rand -hex 12)}" > "$TLS_DIR/user.password")
+    printf '%s' "$SASL_USER" > "$TLS_DIR/user.name"
+  fi
+  if [ ! -s "$TLS_DIR/server.p12" ]; then
+    local san="DNS:localhost"
+    if [[ "$HOST" =~ ^[0-9.]+$ ]]; then san="IP:$HOST,$san"; else san="DNS:$HOST,$san"; fi
+    if ! {
+      openssl req -x509 -newkey rsa:2048 -nodes -days 825 -subj "/CN=stream-detector dev CA" \
+        -keyout "$TLS_DIR/ca.key" -out "$TLS_DIR/ca.pem" &&
+      openssl req -newkey rsa:2048 -nodes -subj "/CN=$HOST" -keyout "$TLS_DIR/server.key" -out "$TLS_DIR/server.csr" &&
+      printf 'subjectAltName=%s\nextendedKeyUsage=serverAuth,clientAuth\n' "$san" > "$TLS_DIR/server.ext" &&
+      openssl x509 -req -in "$TLS_DIR/server.csr" -CA "$TLS_DIR/ca.pem" -CAkey "$TLS_DIR/ca.key" -CAcreateserial \
+        -days 825 -extfile "$TLS_DIR/server.ext" -out "$TLS_DIR/server.pem" &&
+      openssl pkcs12 -export -in "$TLS_DIR/server.pem" -inkey "$TLS_DIR/server.key" -certfile "$TLS_DIR/ca.pem" \
+        -name broker -out "$TLS_DIR/server.p12" -passout "file:$TLS_DIR/keystore.password"
+    } > "$TLS_DIR/openssl.log" 2>&1; then
+      tail -n 5 "$TLS_DIR/openssl.log" >&2
+      rm -f "$TLS_DIR/server.p12"
+      die "generating the broker's TLS certificates in $TLS_DIR failed."
+    fi
+    chmod 600 "$TLS_DIR"/*.key "$TLS_DIR/server.p12"
+  fi
+  pw=$(cat "$TLS_DIR/user.password")
+  (umask 077; cat > "$DATA_DIR/client.properties" <<CLIENT
+bootstrap.servers=$HOST:$PORT
+security.protocol=SASL_SSL
+ssl.ca.location=$TLS_DIR/ca.pem
+sasl.mechanism=SCRAM-SHA-256
+sasl.username=$SASL_USER
+sasl.password=$pw
+CLIENT
+  )
+}
+
+# StorageTool arguments that create the SCRAM credentials in the metadata at format time.
+scram_args() {
+  [ "$SECURITY" = sasl_ssl ] || return 0
+  local pw; pw=$(cat "$TLS_DIR/user.password")
+  for mech in SCRAM-SHA-256 SCRAM-SHA-512; do
+    printf '%s\n' --add-scram "$mech=[name=$SASL_USER,password=$pw]"
+    printf '%s\n' --add-scram "$mech=[name=admin,password=$(cat "$TLS_DIR/admin.password")]"
+  done
+}
+
 write_config() {
   mkdir -p "$DATA_DIR/logs"
   cat > "$DATA_DIR/server.properties" <<PROPS
 process.roles=broker,controller
 node.id=1
 controller.quorum.bootstrap.servers=$HOST:$CONTROLLER_PORT
-listeners=PLAINTEXT://$HOST:$PORT,CONTROLLER://$HOST:$CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://$HOST:$PORT
-controller.listener.names=CONTROLLER
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
-inter.broker.listener.name=PLAINTEXT
+$(listener_config)
 log.dirs=$DATA_DIR/logs
 num.partitions=1
 auto.create.topics.enable=false
@@ -142,18 +254,22 @@ L4J
 }
 
 start() {
-  if pid=$(our_pid); then echo "$BOOT"; return 0; fi
+  if pid=$(our_pid); then echo "$BOOT"; client_line; return 0; fi
   check_java
   if port_open "$PORT" || port_open "$CONTROLLER_PORT"; then
     die "port $PORT or $CONTROLLER_PORT on $HOST is already in use by another process; choose another with --port."
   fi
   provision
+  mkdir -p "$DATA_DIR"
+  make_security
   write_config
   local cp="$CACHE/libs/*"
   local java_opts=(-Xms256m -Xmx1g -XX:+UseG1GC -Djava.awt.headless=true
                    -Dlog4j2.configurationFile="$DATA_DIR/log4j2.properties")
   if [ ! -f "$DATA_DIR/logs/meta.properties" ]; then
-    if ! java "${java_opts[@]}" -cp "$cp" kafka.tools.StorageTool format --standalone \
+    local extra=()
+    mapfile -t extra < <(scram_args)
+    if ! java "${java_opts[@]}" -cp "$cp" kafka.tools.StorageTool format --standalone "${extra[@]}" \
           -t "$(java -cp "$cp" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -1)" \
           -c "$DATA_DIR/server.properties" > "$DATA_DIR/format.log" 2>&1; then
       tail -n 10 "$DATA_DIR/format.log" >&2
@@ -176,7 +292,10 @@ start() {
     sleep 0.25; waited=$((waited + 1))
   done
   echo "$BOOT"
+  client_line
 }
+
+client_line() { [ "$SECURITY" = plaintext ] || echo "client_config=$DATA_DIR/client.properties"; }
 
 stop() {
   local pid
