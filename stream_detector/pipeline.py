@@ -184,6 +184,19 @@ class DetectorCore:
             self._thresholds.extend([None] * extra)
             self._alerts.extend([None] * extra)
 
+    # ------------------------------------------------------------------ model hot reload
+    def swap_model(self, bundle: Bundle, scorer: Scorer) -> None:
+        """Replace the model between two batches (reload.py checked that features and window are
+        the same). Windows hold raw rows and open alerts keep their id; per-entity thresholds were
+        learned on the old model's score scale, so they restart from the new bundle's calibration."""
+        if tuple(bundle.features) != tuple(self.bundle.features) or bundle.window != self.bundle.window:
+            raise ValueError("the new model reads other features or another window length; it needs a restart.")
+        self.bundle = bundle
+        self.scorer = scorer
+        self._features = list(bundle.features)
+        self._initial_threshold = float(bundle.calibration.threshold)
+        self._thresholds = [None] * len(self._thresholds)
+
     # ------------------------------------------------------------------ rebalance, changelog
     def drop_partitions(self, partitions: Iterable[int]) -> int:
         """Forget all state of entities on these partitions (revoked or lost); returns how many."""
