@@ -19,6 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -42,6 +43,7 @@ class FitResult:
     epochs_run: int
     train_windows_per_s: float
     seconds: float
+    model: Any = None  # the trained torch module (CPU, eval mode), for callers that compare with ONNX
 
 
 def fit(settings: FitSettings, command_line: str | None = None) -> FitResult:
@@ -164,6 +166,7 @@ def fit(settings: FitSettings, command_line: str | None = None) -> FitResult:
         epochs_run=len(result.train_loss),
         train_windows_per_s=result.windows_per_s,
         seconds=time.perf_counter() - t0,
+        model=model,
     )
 
 

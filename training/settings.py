@@ -50,7 +50,7 @@ class FitSettings(BaseModel):
     lr: float = Field(1e-3, gt=0.0, description="peak learning rate (AdamW; linear warm-up, cosine decay)")
     weight_decay: float = Field(1e-4, ge=0.0, description="AdamW weight decay")
     grad_clip: float = Field(1.0, gt=0.0, description="gradient norm clip")
-    max_windows_per_epoch: int = Field(0, ge=0, description="random subset of training windows per epoch (0: all)")
+    max_windows_per_epoch: int = Field(8192, ge=0, description="training windows drawn at random per epoch, so an epoch takes seconds on a CPU (0: all)")
     seed: int = Field(0, description="random seed (torch, numpy, sampling)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto': CUDA when available, else CPU")
     threads: int = Field(0, ge=0, description="CPU threads for torch (0: all cores)")
