@@ -9,7 +9,7 @@ import logging
 import sys
 
 # Modules that provide subcommands, in the order --help lists them.
-SUBCOMMAND_MODULES: list[str] = ["stream_detector.check", "stream_detector.evaluate", "stream_detector.simulate", "stream_detector.replay"]
+SUBCOMMAND_MODULES: list[str] = ["stream_detector.check", "stream_detector.evaluate", "stream_detector.simulate", "stream_detector.service", "stream_detector.replay"]
 
 
 def build_parser() -> argparse.ArgumentParser:

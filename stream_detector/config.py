@@ -21,6 +21,10 @@ from typing import Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
+from stream_detector.alerts import AlertParams
+from stream_detector.pipeline import DetectionSettings
+from stream_detector.thresholds import ThresholdParams
+
 ENV_PREFIX = "SD_"
 ENV_DELIMITER = "__"
 
@@ -65,25 +69,51 @@ class ModelSettings(_Section):
     require_cuda: bool = Field(False, description="refuse to start unless the CUDA provider is really active")
 
 
+_THR = ThresholdParams()
+_ALERT = AlertParams()
+
+
 class DetectionSettingsSection(_Section):
-    """Mirrors pipeline.DetectionSettings; `to_core()` builds the core's object."""
+    """Flat view of pipeline.DetectionSettings (its defaults); `to_core()` builds the core's object."""
 
-    hop: int = Field(1, ge=1, description="score every hop-th event of each entity")
-    threshold: Literal["quantile", "spot"] = Field("quantile", description="per-entity threshold: rolling quantile or SPOT")
-    quantile: float = Field(0.999, gt=0, lt=1, description="quantile of recent normal scores used as threshold")
-    threshold_history: int = Field(2000, ge=10, description="recent normal scores kept per entity for the threshold")
-    warmup_scores: int = Field(200, ge=0, description="scores per entity before its own threshold replaces the calibrated one")
-    resolve_after: int = Field(10, ge=1, description="consecutive normal scores that resolve an open alert")
-    cooldown_events: int = Field(50, ge=0, description="events after a resolve during which no new alert opens")
-    update_every: int = Field(0, ge=0, description="emit an `update` every N anomalous scores of an open alert (0 = never)")
-    top_features: int = Field(3, ge=1, description="features named in an alert, by error contribution")
-    max_entities: int = Field(100_000, ge=1, description="cap on tracked entities; the least recently seen are evicted")
-    idle_evict_ms: int = Field(3_600_000, ge=0, description="evict an entity idle this long in event time (0 = never)")
+    hop: int = Field(1, ge=1, description="score every hop-th event of each entity (once its window is full)")
+    max_entities: int = Field(100_000, ge=1, description="tracked (partition, entity) pairs; beyond it the least recently seen are evicted")
+    idle_timeout_ms: int = Field(24 * 3600 * 1000, ge=0, description="evict entities silent this long in event time (0 = never)")
+    threshold: Literal["quantile", "spot"] = Field(_THR.method, description="per-entity threshold: rolling quantile or SPOT")
+    warmup: int = Field(_THR.warmup, ge=1, description="normal scores per entity before its own threshold replaces the calibrated one")
+    quantile: float = Field(_THR.quantile, gt=0, le=1, description="rolling quantile of recent normal scores")
+    history: int = Field(_THR.history, ge=1, description="recent normal scores kept per entity")
+    multiplier: float = Field(_THR.multiplier, gt=0, description="rolling-quantile threshold = multiplier x quantile")
+    spot_risk: float = Field(_THR.risk, gt=0, lt=1, description="SPOT: probability of exceeding the threshold")
+    spot_init_quantile: float = Field(_THR.init_quantile, gt=0, lt=1, description="SPOT: level above which scores are peaks")
+    spot_max_peaks: int = Field(_THR.max_peaks, ge=2, description="SPOT: peaks kept per entity")
+    resolve_after: int = Field(_ALERT.resolve_after, ge=1, description="consecutive normal scores that resolve an open alert")
+    cooldown: int = Field(_ALERT.cooldown, ge=0, description="scored events after a resolve during which nothing new opens")
+    update_every: int = Field(_ALERT.update_every, ge=0, description="while open, emit `update` every N anomalous scores (0 = never)")
+    update_factor: float = Field(_ALERT.update_factor, ge=0, description="while open, emit `update` when the score grows this many times (0 = never)")
+    top_features: int = Field(_ALERT.top_k, ge=1, description="features named in an alert, by error contribution")
 
-    def to_core(self) -> Any:
-        from stream_detector.pipeline import DetectionSettings
-
-        return DetectionSettings(**self.model_dump())
+    def to_core(self) -> DetectionSettings:
+        """The core's settings; ConfigError with one sentence if the combination is unusable."""
+        core = DetectionSettings(
+            hop=self.hop,
+            max_entities=self.max_entities,
+            idle_timeout_ms=self.idle_timeout_ms or None,
+            threshold=ThresholdParams(
+                method=self.threshold, warmup=self.warmup, quantile=self.quantile, history=self.history,
+                multiplier=self.multiplier, risk=self.spot_risk, init_quantile=self.spot_init_quantile,
+                max_peaks=self.spot_max_peaks,
+            ),
+            alerts=AlertParams(
+                resolve_after=self.resolve_after, cooldown=self.cooldown, update_every=self.update_every,
+                update_factor=self.update_factor, top_k=self.top_features,
+            ),
+        )
+        try:
+            core.validate()
+        except ValueError as e:
+            raise ConfigError(f"[detection] {e}") from None
+        return core
 
 
 class RuntimeSettings(_Section):
