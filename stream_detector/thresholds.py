@@ -122,12 +122,12 @@ class RollingQuantile:
         s = self._sorted
         if self._n == h:
             old = self._ring[self._head]
-            i = int(np.searchsorted(s, old, side="left"))
+            i = int(s.searchsorted(old, side="left"))
             s[i : h - 1] = s[i + 1 : h]  # delete the oldest value
             n_before = h - 1
         else:
             n_before = self._n
-        j = int(np.searchsorted(s[:n_before], x, side="right"))
+        j = int(s[:n_before].searchsorted(x, side="right"))
         s[j + 1 : n_before + 1] = s[j:n_before].copy()  # insert x keeping the order
         s[j] = x
         self._ring[self._head] = x

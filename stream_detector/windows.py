@@ -131,12 +131,9 @@ class WindowStore:
             self._clock_ms = max(self._clock_ms, int(known_times.max()))
 
         slots, reset_slots, evicted = self._assign_slots(parts, keys)
-        # The latest event per slot wins: numpy fancy assignment keeps the last write for repeated indices.
         self._last_seq[slots] = self._seq
-        has_time = times != NO_TIME
-        if has_time.any():
-            np.maximum.at(self._last_time, slots[has_time], times[has_time])
 
+        times_buf = np.empty(n, dtype=np.int64)
         due_parts: list[np.ndarray] = []
         win_parts: list[np.ndarray] = []
         for idx in self._rounds(slots):
@@ -145,6 +142,8 @@ class WindowStore:
             self._buf[s, p] = rows[idx]
             self._pos[s] = (p + 1) % self.window
             self._count[s] += 1
+            np.maximum(self._last_time[s], times[idx], out=times_buf[: s.size])  # NO_TIME is int64 min: never wins
+            self._last_time[s] = times_buf[: s.size]
             c = self._count[s]
             due_mask = (c >= self.window) & (c % self.hop == 0)
             if due_mask.any():
