@@ -81,3 +81,15 @@ def _gpu_present() -> bool:
     from pathlib import Path
 
     return Path("/dev/nvidia0").exists()
+
+
+@pytest.mark.gpu
+def test_cuda_is_really_active_and_matches_cpu(tmp_path, rng):
+    b = make_bundle(tmp_path, features=[f"f{i}" for i in range(38)], window=64)
+    gpu = Scorer(b, provider="auto", require_cuda=True, max_batch=256)
+    assert gpu.provider == "CUDAExecutionProvider" and gpu.on_cuda
+    x = rng.normal(size=(600, 64, 38)).astype(np.float32)
+    s_gpu, e_gpu = gpu.score(x)
+    s_cpu, e_cpu = Scorer(b, provider="cpu").score(x)
+    np.testing.assert_allclose(s_gpu, s_cpu, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(e_gpu, e_cpu, rtol=1e-4, atol=1e-5)
