@@ -18,7 +18,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from stream_detector.alerts import AlertParams
@@ -54,6 +54,27 @@ class KafkaSettings(_Section):
     consumer: dict[str, ClientValue] = Field({}, description="extra librdkafka settings for the consumer only")
     producer: dict[str, ClientValue] = Field({}, description="extra librdkafka settings for the producer only")
     timeout_s: float = Field(10.0, gt=0, description="bound on broker metadata requests at start-up and in `check`")
+    secret_files: dict[str, Path] = Field(
+        {}, description="librdkafka settings read from files (e.g. sasl.password from a systemd credential); content minus trailing newline"
+    )
+
+    @field_validator("secret_files")
+    @classmethod
+    def _secret_files_readable(cls, v: dict[str, Path]) -> dict[str, Path]:
+        for key, path in v.items():
+            _read_secret(key, path)  # fail at start-up, not at the first reconnect
+        return v
+
+    def client_settings(self) -> dict[str, ClientValue]:
+        """`client` plus the values of `secret_files` (read now, so a rotated file is picked up on restart)."""
+        return {**self.client, **{k: _read_secret(k, p) for k, p in self.secret_files.items()}}
+
+
+def _read_secret(key: str, path: Path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as e:
+        raise ValueError(f"the file {path} for '{key}' cannot be read ({e.strerror})") from None
 
 
 class InputSettings(_Section):
@@ -67,6 +88,8 @@ class ModelSettings(_Section):
     bundle: Path | None = Field(None, description="model bundle directory (model.onnx + bundle.json)")
     provider: Literal["auto", "cpu", "cuda"] = Field("auto", description="ONNX Runtime provider; auto = CUDA if active, else CPU")
     require_cuda: bool = Field(False, description="refuse to start unless the CUDA provider is really active")
+    watch: bool = Field(True, description="hot-reload the bundle when its path changes (SIGHUP always reloads)")
+    watch_interval_s: float = Field(2.0, gt=0, description="how often the bundle path is checked for a change")
 
 
 _THR = ThresholdParams()
@@ -160,10 +183,10 @@ class Settings(BaseSettings):
         return data
 
     def consumer_config(self) -> dict[str, ClientValue]:
-        return {"bootstrap.servers": self.kafka.bootstrap_servers, **self.kafka.client, **self.kafka.consumer}
+        return {"bootstrap.servers": self.kafka.bootstrap_servers, **self.kafka.client_settings(), **self.kafka.consumer}
 
     def producer_config(self) -> dict[str, ClientValue]:
-        return {"bootstrap.servers": self.kafka.bootstrap_servers, **self.kafka.client, **self.kafka.producer}
+        return {"bootstrap.servers": self.kafka.bootstrap_servers, **self.kafka.client_settings(), **self.kafka.producer}
 
 
 _SECRET_MARKERS = ("password", "secret", "token", "key.pem", "private", "sasl.jaas", "credentials")

@@ -261,7 +261,7 @@ def check_broker(settings: Settings, topics: Sequence[str], timeout: float | Non
         if err.code() == KafkaError._AUTHENTICATION:
             auth_error.append(err.str())
 
-    conf = {"bootstrap.servers": settings.kafka.bootstrap_servers, **settings.kafka.client}
+    conf = {"bootstrap.servers": settings.kafka.bootstrap_servers, **settings.kafka.client_settings()}
     conf.update({"error_cb": on_error, "log_level": 0, "logger": client_log})
     admin = AdminClient(conf)
     try:
@@ -271,7 +271,7 @@ def check_broker(settings: Settings, topics: Sequence[str], timeout: float | Non
         if auth_error:  # wrong SASL user/password: say so instead of "brokers are down"
             raise KafkaIOError(
                 f"the Kafka broker at {settings.kafka.bootstrap_servers} rejected the SASL credentials"
-                f" of user '{settings.kafka.client.get('sasl.username', '')}' ({auth_error[0]})."
+                f" of user '{conf.get('sasl.username', '')}' ({auth_error[0]})."
             ) from None
         why = last_error[-1] if last_error else e.args[0].str()
         raise KafkaIOError(f"cannot reach the Kafka broker at {settings.kafka.bootstrap_servers} within {timeout:g} s ({why}).") from None

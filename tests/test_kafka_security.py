@@ -156,3 +156,23 @@ def test_secrets_are_masked_in_the_settings_summary(sasl_client, sasl_topic):
     settings = _settings(sasl_client, sasl_topic)
     shown = json.dumps(settings.redacted())
     assert sasl_client["sasl.password"] not in shown and '"sasl.password": "***"' in shown
+
+
+def test_password_from_a_secret_file(sasl_client, sasl_topic, tmp_path):
+    """kafka.secret_files: the password lives in a file (a systemd credential), not in config or env."""
+    secret = tmp_path / "kafka-password"
+    secret.write_text(sasl_client["sasl.password"] + "\n")
+    client = {k: v for k, v in sasl_client.items() if k not in ("bootstrap.servers", "sasl.password")}
+    settings = load_settings(overrides={"kafka": {
+        "bootstrap_servers": sasl_client["bootstrap.servers"], "client": client,
+        "secret_files": {"sasl.password": str(secret)}, "timeout_s": 5,
+    }})
+    assert check_broker(settings, [sasl_topic]) == {sasl_topic: 1}
+    assert sasl_client["sasl.password"] not in json.dumps(settings.redacted())
+
+
+def test_missing_secret_file_is_a_config_error(tmp_path):
+    from stream_detector.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"kafka.secret_files.*cannot be read \(No such file or directory\)"):
+        load_settings(overrides={"kafka": {"secret_files": {"sasl.password": str(tmp_path / "nope")}}})
