@@ -185,6 +185,19 @@ class KafkaSource:
         tps = [TopicPartition(t, p) for t, p in sorted(self.assignment)]
         return {(tp.topic, tp.partition): tp.offset for tp in self._consumer.committed(tps, timeout=timeout)} if tps else {}
 
+    def lag(self) -> dict[tuple[str, int], int]:
+        """Messages behind per assigned partition: high watermark (as of the last fetch, no broker
+        round trip) minus the consumer's position; partitions without a known position are left out."""
+        tps = [TopicPartition(t, p) for t, p in sorted(self.assignment)]
+        out: dict[tuple[str, int], int] = {}
+        for tp in self._consumer.position(tps) if tps else []:
+            if tp.offset < 0:
+                continue
+            _, high = self._consumer.get_watermark_offsets(tp, cached=True)
+            if high >= 0:
+                out[(tp.topic, tp.partition)] = max(0, high - tp.offset)
+        return out
+
     def close(self) -> None:
         self._consumer.close()
 

@@ -210,6 +210,13 @@ class DetectorCore:
     def entities(self) -> list[tuple[int, str]]:
         return self.store.entities()
 
+    def summary(self, max_thresholds: int = 10_000) -> tuple[int, int, np.ndarray]:
+        """(tracked entities, entities in an open alert, current thresholds of up to
+        `max_thresholds` entities) for the metrics; call it only between batches."""
+        alerts = [a for a in self._alerts if a is not None]
+        thresholds = [t.threshold() for t in self._thresholds[: max(0, 4 * max_thresholds)] if t is not None]
+        return len(self.store.entities()), sum(a.is_open for a in alerts), np.asarray(thresholds[:max_thresholds], dtype=np.float64)
+
     def state_of(self, partition: int, key: str) -> dict[str, Any] | None:
         """One entity's complete detection state (window, threshold, alert lifecycle), JSON-ready
         with orjson.OPT_SERIALIZE_NUMPY; None if the entity is not tracked."""

@@ -41,6 +41,8 @@ from stream_detector.events import EventBatch
 from stream_detector.health import Health
 from stream_detector.kafka_io import KafkaIOError, KafkaSink, KafkaSource, check_broker
 from stream_detector.metrics import Metrics, MetricsServer
+from stream_detector.notify import SystemdNotifier
+from stream_detector.reload import LoadedModel, ModelReloader
 from stream_detector.pipeline import BatchResult, DetectorCore
 from stream_detector.scorer import Scorer, ScorerError
 
@@ -57,6 +59,7 @@ class RunStats:
     batches: int = 0
     commits: int = 0
     elapsed_s: float = 0.0
+    first_message_s: float | None = None  # seconds from start to the first consumed message (group join)
 
 
 @dataclass
@@ -91,6 +94,14 @@ class Detector:
         self.health.broker_reachable()
         self.health.model_loaded(self.bundle.model_version)
         self.metrics.set_model(self.bundle.model_version, self.scorer.provider, self.bundle.window, self.bundle.n_features)
+        # operations hooks (notify.py: systemd READY/WATCHDOG/STOPPING; reload.py: hot model reload)
+        self.notifier = SystemdNotifier()
+        self.reloader = ModelReloader(
+            settings.model.bundle, self.bundle, self._build_scorer, watch=settings.model.watch,
+            watch_interval_s=settings.model.watch_interval_s, on_result=lambda ok, _: self.metrics.reload_result(ok),
+        )
+        self._ready_sent = False
+        self._next_state_report = 0.0
         self.stats = RunStats()
         self._stop = threading.Event()
         self._pending: _Work | None = None
@@ -128,14 +139,18 @@ class Detector:
                         break
                     self.health.tick()
                     self.metrics.tick(time.time())
+                    self._ops_tick(now - t0)
                     n = rt.max_batch if max_messages is None else min(rt.max_batch, max_messages - self.stats.consumed)
                     msgs = source.consume(n, rt.max_wait_ms / 1000)
+                    if msgs and self.stats.first_message_s is None:
+                        self.stats.first_message_s = time.monotonic() - t0
                     if source.rebalanced:  # drop anything fetched for partitions we no longer own
                         source.rebalanced = False
                         msgs = [m for m in msgs if (m.topic(), m.partition()) in source.assignment]
                     work = self._decode(msgs) if msgs else None
                     previous, self._pending = self._pending, None
                     result = previous.future.result() if previous and previous.future else None
+                    self._between_batches()  # the inference thread is idle here
                     if work is not None:
                         self._submit(work)
                     if previous is not None:
@@ -146,6 +161,7 @@ class Detector:
                         self._commit()
                         next_commit = time.monotonic() + rt.commit_interval_s
                 self.health.stopping()
+                self.notifier.stopping(f"draining: finishing the batch, delivering, committing (grace {rt.shutdown_grace_s:g} s)")
                 self._drain()
                 self._commit()
             finally:
@@ -204,6 +220,8 @@ class Detector:
             self.stats.alerts[a["state"]] += 1
             self.metrics.observe_alert(a["state"], _iso_to_ms(a.get("event_time")), published_ms)
             log.info("alert %s %s key=%s score=%.4g threshold=%.4g", a["state"], a["alert_id"][:12], a["key"], a["score"], a["threshold"])
+        if result is not None:
+            self.metrics.evicted(result.evicted)
         scored = result.n_scored if result is not None else 0
         self.stats.scored += scored
         self.stats.batches += 1
@@ -225,6 +243,50 @@ class Detector:
     # ------------------------------------------------------------------ rebalance (inside consume)
     def _on_assign(self, partitions: list[Any]) -> None:
         self.health.assigned((tp.topic, tp.partition) for tp in partitions)
+        self._notify_ready()
+
+    # ------------------------------------------------------------------ operations hooks
+    def _build_scorer(self, bundle: Bundle) -> Scorer:
+        model, rt = self.settings.model, self.settings.runtime
+        return Scorer(bundle, provider=model.provider, require_cuda=model.require_cuda, max_batch=rt.max_batch)
+
+    def _notify_ready(self) -> None:
+        """READY=1 after the first assignment (systemd Type=notify), then STATUS on every change."""
+        n = len(self._source.assignment) if self._source is not None else 0
+        status = f"model {self.bundle.model_version} on {self.scorer.provider}, {n} partition(s) assigned"
+        if not self._ready_sent:
+            self._ready_sent = True
+            self.notifier.ready(status)
+        else:
+            self.notifier.status(status)
+
+    def _ops_tick(self, running_s: float) -> None:
+        self.notifier.watchdog()
+        if not self._ready_sent and running_s > 60.0:  # joined, but the group gave us nothing to do
+            self._notify_ready()
+
+    def _between_batches(self) -> None:
+        """Swap in a reloaded model and refresh state metrics; only here is the core not in use."""
+        loaded = self.reloader.poll()
+        if loaded is not None:
+            self._swap_model(loaded)
+        now = time.monotonic()
+        if now >= self._next_state_report:
+            self._next_state_report = now + 5.0
+            entities, open_alerts, thresholds = self.core.summary()
+            self.metrics.set_state(tracked_entities=entities, open_alerts=open_alerts)
+            self.metrics.set_thresholds(thresholds)
+            if self._source is not None:
+                self.metrics.set_consumer_lag(self._source.lag())
+
+    def _swap_model(self, loaded: LoadedModel) -> None:
+        old = self.bundle.model_version
+        self.core.swap_model(loaded.bundle, loaded.scorer)
+        self.bundle, self.scorer = loaded.bundle, loaded.scorer
+        self.health.model_loaded(loaded.bundle.model_version)
+        self.metrics.set_model(loaded.bundle.model_version, loaded.scorer.provider, loaded.bundle.window, loaded.bundle.n_features)
+        log.info("model %s replaced by %s; alerts from the next batch on carry the new version", old, loaded.bundle.model_version)
+        self._notify_ready()
 
     def _on_revoke(self, partitions: list[Any]) -> None:
         revoked = {(tp.topic, tp.partition) for tp in partitions}
@@ -286,6 +348,7 @@ def handle(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    detector.reloader.install_sighup()  # SIGHUP: hot model reload (systemctl reload)
     try:
         stats = detector.run()
     except KafkaIOError as e:

@@ -26,15 +26,19 @@ class FakeSystemd:
             self.env_value = path
         self.sock.settimeout(2)
 
-    def messages(self, max_n: int = 100, timeout: float = 0.2) -> list[dict[str, str]]:
+    def messages(self, timeout: float = 0.2) -> list[dict[str, str]]:
+        """Datagrams that arrive within `timeout` seconds from now (parsed into dicts)."""
+        import time
+
         out = []
-        self.sock.settimeout(timeout)
-        try:
-            while len(out) < max_n:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            self.sock.settimeout(left)
+            try:
                 data = self.sock.recv(4096).decode()
-                out.append(dict(line.split("=", 1) for line in data.split("\n")))
-        except socket.timeout:
-            pass
+            except socket.timeout:
+                break
+            out.append(dict(line.split("=", 1) for line in data.split("\n")))
         return out
 
     def close(self) -> None:
@@ -112,3 +116,85 @@ def test_relative_socket_name_is_refused_with_a_warning(caplog):
         n = SystemdNotifier({"NOTIFY_SOCKET": "relative.sock"})
     assert not n.enabled
     assert "neither an absolute path" in caplog.text
+
+
+# ---- the real daemon under a fake systemd ----------------------------------------------------------
+@pytest.mark.kafka
+def test_daemon_sends_ready_watchdog_and_stopping(tmp_path, kafka_bootstrap, make_topic):
+    """`stream-detector run` as systemd would start it (NOTIFY_SOCKET, WATCHDOG_USEC): READY=1 after
+    the partition assignment, WATCHDOG=1 while it runs, STOPPING=1 on SIGTERM, then exit 0. On the
+    way, /readyz says ok and /metrics counts the events it consumed."""
+    import json
+    import signal as sig
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from confluent_kafka import Producer
+
+    from bundle_factory import make_bundle
+
+    topic, alerts, dlq = make_topic(partitions=2), make_topic(), make_topic()
+    bundle = make_bundle(tmp_path, ["a", "b"], window=4, model_version="notify-v1")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sd = FakeSystemd(tmp_path)
+    env = {
+        **os.environ,
+        "NOTIFY_SOCKET": sd.env_value,
+        "WATCHDOG_USEC": "1000000",  # a ping at least every 0.5 s
+        "SD_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap,
+        "SD_KAFKA__TOPICS": json.dumps([topic]),
+        "SD_KAFKA__ALERTS_TOPIC": alerts,
+        "SD_KAFKA__DLQ_TOPIC": dlq,
+        "SD_KAFKA__GROUP_ID": f"g-{uuid.uuid4().hex[:8]}",
+        "SD_MODEL__BUNDLE": str(bundle.path),
+        "SD_MODEL__PROVIDER": "cpu",
+        "SD_RUNTIME__METRICS_PORT": str(port),
+        "SD_RUNTIME__MAX_WAIT_MS": "50",
+    }
+    env.pop("WATCHDOG_PID", None)
+    proc = subprocess.Popen([sys.executable, "-m", "stream_detector.cli", "run"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        msgs: list[dict[str, str]] = []
+        deadline = time.monotonic() + 60
+        while not any("READY" in m for m in msgs) and time.monotonic() < deadline and proc.poll() is None:
+            msgs += sd.messages(timeout=0.5)
+        ready = [m for m in msgs if "READY" in m]
+        assert ready, f"no READY=1 (process {'exited' if proc.poll() is not None else 'running'})"
+        assert ", 2 partition(s) assigned" in ready[0]["STATUS"] and "notify-v1" in ready[0]["STATUS"]
+
+        p = Producer({"bootstrap.servers": kafka_bootstrap})
+        for i in range(50):
+            p.produce(topic, key=f"e{i % 5}", value=json.dumps({"a": float(i), "b": 1.0}).encode())
+        p.produce(topic, key="bad", value=b"not json")
+        assert p.flush(30) == 0
+        body = ""
+        for _ in range(100):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                body = r.read().decode()
+            if 'stream_detector_events_consumed_total{topic="%s"} 51.0' % topic in body:
+                break
+            time.sleep(0.1)
+        assert 'stream_detector_events_consumed_total{topic="%s"} 51.0' % topic in body
+        assert 'stream_detector_model_info{features="2",model_version="notify-v1"' in body
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
+            assert r.status == 200
+        msgs += sd.messages(timeout=1.5)
+        assert sum("WATCHDOG" in m for m in msgs) >= 2
+
+        proc.send_signal(sig.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out
+        msgs += sd.messages(timeout=0.5)
+        assert any(m.get("STOPPING") == "1" for m in msgs)
+        kinds = [next(iter(m)) for m in msgs if set(m) & {"READY", "STOPPING"}]
+        assert kinds.index("READY") < kinds.index("STOPPING")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        sd.close()
