@@ -188,3 +188,14 @@ def test_ctrl_c_before_first_epoch_writes_nothing(monkeypatch, tmp_path, rng):
     with pytest.raises(trainer.TrainingInterrupted, match="nothing was written"):
         fit(make_settings({"data": data, "out": tmp_path / "b", **TINY}))
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.gpu
+def test_fit_on_cuda_exports_a_bundle_with_cpu_parity(tmp_path, rng):
+    if not torch.cuda.is_available():
+        pytest.skip("torch sees no CUDA device")
+    data = make_csv(tmp_path / "d.csv", rng)
+    res = fit(make_settings({"data": data, "out": tmp_path / "b", **TINY, "device": "cuda"}))
+    bundle = load_bundle(res.bundle_dir)
+    assert bundle.training["device"].startswith("cuda")
+    assert res.parity_max_abs_diff <= 1e-4  # trained on the GPU, exported and checked on the CPU

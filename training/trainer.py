@@ -107,7 +107,9 @@ def train(
             order = gen.permutation(len(train_starts))[:per_epoch]
             starts_t = torch.as_tensor(train_starts[order], device=device)
             bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False, unit="batch")
-            loss_sum, n_sum = 0.0, 0
+            # The loss sum stays on the device: reading it every step would sync the GPU each batch.
+            loss_sum = torch.zeros((), device=device)
+            n_sum = 0
             t0 = time.perf_counter()
             for b in bar:
                 idx = starts_t[b * batch_size : (b + 1) * batch_size]
@@ -119,15 +121,15 @@ def train(
                 torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
                 opt.step()
                 sched.step()
-                loss_sum += float(loss.detach()) * len(idx)
+                loss_sum += loss.detach() * len(idx)
                 n_sum += len(idx)
-                if b % 10 == 0:
+                if progress and b % 20 == 0:
                     elapsed = time.perf_counter() - t0
-                    bar.set_postfix(loss=f"{loss_sum / n_sum:.4f}", win_s=f"{n_sum / max(elapsed, 1e-9):.0f}")
+                    bar.set_postfix(loss=f"{float(loss_sum) / n_sum:.4f}", win_s=f"{n_sum / max(elapsed, 1e-9):.0f}")
             bar.close()
+            train_loss = float(loss_sum) / max(n_sum, 1)  # also waits for the device to finish the epoch
             train_seconds += time.perf_counter() - t0
             trained_windows += n_sum
-            train_loss = loss_sum / max(n_sum, 1)
             val_loss = evaluate_loss(model, batches, val_t, pos)
             result.train_loss.append(train_loss)
             result.val_loss.append(val_loss)
