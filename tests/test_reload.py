@@ -214,3 +214,78 @@ def test_reload_under_load_loses_no_event_and_switches_between_batches(tmp_path,
     after = set().union(*versions_per_batch[swap_at_batch:])
     assert before == {"v1"} and after == {"v2"}
     assert core.bundle.model_version == "v2" and core.scorer.bundle.model_version == "v2"
+
+
+# ---- the real service against the real broker ------------------------------------------------
+@pytest.mark.kafka
+def test_service_reload_under_load_loses_nothing(tmp_path, kafka_bootstrap, make_topic, rng):
+    """Detector.run consumes while a producer keeps sending; mid-stream the bundle is replaced and
+    a reload requested (what SIGHUP does). Every event is consumed and scored once, offsets reach
+    the end of every partition, and per partition the alerts switch from v1 to v2 exactly once."""
+    import json
+    import threading
+    import uuid
+
+    from confluent_kafka import Consumer, Producer, TopicPartition
+
+    from stream_detector.config import load_settings
+    from stream_detector.service import Detector
+
+    topic, alerts_topic, dlq = make_topic(partitions=2), make_topic(partitions=1), make_topic()
+    n_entities, steps = 12, 240
+    n = n_entities * steps
+    make_bundle(tmp_path, FEATURES, W, threshold=2.0, model_version="v1", name="live")
+    settings = load_settings(overrides={
+        "kafka": {"bootstrap_servers": kafka_bootstrap, "group_id": f"g-{uuid.uuid4().hex[:8]}", "topics": [topic],
+                  "alerts_topic": alerts_topic, "dlq_topic": dlq},
+        "model": {"bundle": str(tmp_path / "live"), "provider": "cpu", "watch": False},
+        "detection": {"warmup": 20, "history": 200, "resolve_after": 3, "cooldown": 0},
+        "runtime": {"max_batch": 40, "max_wait_ms": 20, "commit_interval_s": 0.2},
+    })
+    detector = Detector(settings)
+    rows = rng.normal(size=(steps, n_entities, F))
+    rows[np.arange(20, steps, 20), :, 0] += 25.0  # every entity spikes every 20 steps
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 2})
+
+    def produce() -> None:
+        for t in range(steps):
+            for e in range(n_entities):
+                producer.produce(topic, key=f"e{e}", value=json.dumps(dict(zip(FEATURES, rows[t, e].tolist()))).encode())
+            producer.poll(0)
+            time.sleep(0.01)  # ~2.5 s of steady input
+        producer.flush(30)
+
+    feeder = threading.Thread(target=produce)
+    feeder.start()
+    runner_result = {}
+    runner = threading.Thread(target=lambda: runner_result.update(stats=detector.run(max_messages=n, timeout=90)))
+    runner.start()
+    while detector.stats.consumed < n // 3:
+        time.sleep(0.01)
+    make_bundle(tmp_path, FEATURES, W, threshold=2.0, kind="zeros", model_version="v2", name="live")
+    detector.reloader.request("SIGHUP")
+    feeder.join()
+    runner.join(120)
+    stats = runner_result["stats"]
+    assert stats.consumed == n and stats.dead_letters == 0
+    assert stats.scored == n_entities * (steps - W + 1)  # each event with a full window, once
+    assert detector.bundle.model_version == "v2"
+    assert detector.metrics.registry.get_sample_value("stream_detector_model_reloads_total", {"result": "ok"}) == 1
+
+    check = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": settings.kafka.group_id})
+    committed = check.committed([TopicPartition(topic, p) for p in range(2)], timeout=10)
+    assert sum(tp.offset for tp in committed) == n
+    check.close()
+    reader = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": f"r-{uuid.uuid4().hex[:8]}", "auto.offset.reset": "earliest"})
+    reader.subscribe([alerts_topic])
+    alerts, idle = [], 0
+    while idle < 3:
+        got = [m for m in reader.consume(500, 1.0) if m.error() is None]
+        alerts += [json.loads(m.value()) for m in got]
+        idle = 0 if got else idle + 1
+    reader.close()
+    assert {a["model_version"] for a in alerts} == {"v1", "v2"}
+    for p in range(2):
+        seq = [a["model_version"] for a in sorted(alerts, key=lambda a: a["source"]["offset"]) if a["source"]["partition"] == p]
+        switch = seq.index("v2")
+        assert set(seq[:switch]) == {"v1"} and set(seq[switch:]) == {"v2"}, seq
