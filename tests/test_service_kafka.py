@@ -209,3 +209,48 @@ def test_service_end_to_end(kafka_bootstrap, make_topic, tmp_path, rng):
             continue
         assert len(matched_ab.get(i, [])) == 1, f"{x.kind} on {x.entity} at tick {x.start} across the restart (seed {seed})"
     assert false_ab <= MAX_FALSE + 2
+
+
+def test_cli_run_sigterm_commits_and_exits(kafka_bootstrap, make_topic, tmp_path):
+    """`stream-detector run` as operators start it: SIGTERM → finish, deliver, commit, exit 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    sim = Simulator(SimConfig(entities=10, features=F, seed=4), 100)
+    bundle = make_bundle(tmp_path, sim.features, W, "mean", 50.0)
+    topic, alerts, dlq = make_topic(partitions=2, prefix="obs"), make_topic(prefix="alerts"), make_topic(prefix="dlq")
+    _produce(kafka_bootstrap, topic, [(k.encode(), v) for k, _, v in sim.events()])
+    group = f"sd-{uuid.uuid4().hex[:8]}"
+    bad_bundle = subprocess.run(
+        [sys.executable, "-m", "stream_detector.cli", "run", "--model.bundle", str(tmp_path / "nope"), "--kafka.bootstrap-servers", kafka_bootstrap],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert bad_bundle.returncode == 2 and "nope" in bad_bundle.stderr and "Traceback" not in bad_bundle.stderr
+    cmd = [
+        sys.executable, "-m", "stream_detector.cli", "run", "--kafka.bootstrap-servers", kafka_bootstrap, "--kafka.group-id", group,
+        "--kafka.topics", topic, "--kafka.alerts-topic", alerts, "--kafka.dlq-topic", dlq, "--model.bundle", str(bundle.path),
+        "--model.provider", "cpu", "--runtime.commit-interval-s", "0.3", "--runtime.shutdown-grace-s", "5",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "SD_INPUT__TIMESTAMP_FIELD": "ts"})
+    probe = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": group})
+    tps = [TopicPartition(topic, p) for p in range(2)]
+    try:
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            if sum(max(tp.offset, 0) for tp in probe.committed(tps, timeout=5)) == 1000:
+                break
+            time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert time.monotonic() - t0 < 5 + 2, "shutdown took longer than the grace period"
+    assert "SIGTERM" in err and "stopped: 1000 consumed" in err and "Traceback" not in err
+    assert sum(tp.offset for tp in probe.committed(tps, timeout=5)) == 1000
+    probe.close()
