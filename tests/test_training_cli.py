@@ -126,3 +126,19 @@ def test_a_failed_fit_leaves_an_existing_bundle_untouched(tmp_path, rng, capsys)
     code, _, err = run(capsys, "fit", *TINY, "--data", str(tmp_path / "short.txt"), "--out", str(tmp_path / "b"))
     assert code == 2
     assert {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()} == before
+
+
+def test_unwritable_output_is_one_sentence(tmp_path, rng, capsys):
+    import os
+
+    if os.geteuid() == 0:
+        blocker = tmp_path / "file"
+        blocker.write_text("x")
+        out = blocker / "bundle"  # a path under a regular file cannot be created, even by root
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        out = ro / "bundle"
+    smd_file(tmp_path / "ok.txt", rng)
+    code, _, err = run(capsys, "fit", *TINY, "--data", str(tmp_path / "ok.txt"), "--out", str(out))
+    assert_one_sentence_error(code, err, "parent directory")

@@ -57,6 +57,7 @@ def fit(settings: FitSettings, command_line: str | None = None) -> FitResult:
 
     t0 = time.perf_counter()
     s = settings
+    _check_output(Path(s.out))  # fail before training, not after it
     table = read_table(s.data, s.format, s.features, s.key_field, s.timestamp_field, s.nan_policy)
     plan = plan_windows(table, s.window, s.val_fraction, s.gap_factor, s.stride)
     normaliser = Normaliser.fit(plan.data[plan.train_rows], s.scale_floor)
@@ -170,6 +171,18 @@ def fit(settings: FitSettings, command_line: str | None = None) -> FitResult:
     )
 
 
+def _check_output(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise SettingsError(f"the output {out} exists and is not a directory.")
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SettingsError(f"cannot create the output's parent directory {parent} ({(e.strerror or str(e)).lower()}).") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SettingsError(f"cannot write in {parent}, where the bundle would go.")
+
+
 def _library_versions() -> dict[str, str]:
     import numpy
     import onnx
@@ -200,6 +213,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "TOML file (--config); flags override it.",
     )
     add_fit_arguments(p)
+    from training.logs import add_log_arguments
+
+    add_log_arguments(p)  # --format log: raw log lines (issue 8), trained by training/logs.py
     p.set_defaults(func=handle)
 
 
@@ -207,6 +223,10 @@ def handle(args: argparse.Namespace) -> int:
     from training.export import ExportError
     from training.trainer import TrainingInterrupted
 
+    if getattr(args, "format", None) == "log":
+        from training.logs import handle_log_fit
+
+        return handle_log_fit(args, shlex.join(["stream-detector-train", *sys.argv[1:]]))
     try:
         settings = settings_from_args(args)
         res = fit(settings, command_line=shlex.join(["stream-detector-train", *sys.argv[1:]]))
@@ -216,6 +236,9 @@ def handle(args: argparse.Namespace) -> int:
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # e.g. the bundle's parent directory is not writable, an unreadable file
+        print(f"error: {e.filename or 'a file'}: {(e.strerror or str(e)).lower()}.", file=sys.stderr)
+        return 2
     print(
         f"wrote {res.bundle_dir} (model_version {res.model_version}): best validation loss {res.best_val_loss:.5g} "
         f"after {res.epochs_run} epochs, ONNX parity {res.parity_max_abs_diff:.3g}, threshold {res.threshold:.5g}, "
