@@ -224,6 +224,8 @@ class MetricsServer:
     def __init__(self, metrics: Metrics, health: "Health | None" = None, host: str = "0.0.0.0", port: int = 9464) -> None:
         self.metrics = metrics
         self.health = health
+        if health is not None:
+            metrics.track_readiness(health)
         handler = _make_handler(metrics, health)
         try:
             self._server = ThreadingHTTPServer((host, port), handler)

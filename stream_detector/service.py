@@ -37,7 +37,7 @@ import orjson
 from stream_detector.bundle import Bundle, BundleError
 from stream_detector.config import ConfigError, Settings, add_settings_arguments, settings_from_args
 from stream_detector.decode import DeadLetter, Decoder
-from stream_detector.events import EventBatch
+from stream_detector.events import NO_TIME, EventBatch
 from stream_detector.health import Health
 from stream_detector.kafka_io import KafkaIOError, KafkaSink, KafkaSource, check_broker
 from stream_detector.metrics import Metrics, MetricsServer
@@ -73,6 +73,7 @@ class _Work:
     batch: EventBatch | None  # the decoded events, until submitted
     future: Future | None = None  # DetectorCore.process(batch) on the inference thread
     started: float = 0.0
+    oldest_event_ms: int | None = None  # for the event-lag gauge
 
 
 class Detector:
@@ -181,7 +182,8 @@ class Detector:
         self.stats.consumed += len(msgs)
         self.stats.decoded += batch.n
         self.stats.dead_letters += len(dead)
-        return _Work(positions, dead, len(msgs), dict(by_topic), batch)
+        times = batch.event_time_ms[batch.event_time_ms != NO_TIME]
+        return _Work(positions, dead, len(msgs), dict(by_topic), batch, oldest_event_ms=int(times.min()) if times.size else None)
 
     def _submit(self, work: _Work) -> None:
         batch, work.batch = work.batch, None
@@ -232,6 +234,8 @@ class Detector:
             scored=scored,
             max_batch=self.settings.runtime.max_batch,
             inference_s=inference_s if result is not None else None,
+            oldest_event_time_ms=work.oldest_event_ms,
+            now_ms=published_ms,
         )
 
     def _commit(self) -> None:

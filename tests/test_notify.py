@@ -183,6 +183,13 @@ def test_daemon_sends_ready_watchdog_and_stopping(tmp_path, kafka_bootstrap, mak
         assert 'stream_detector_model_info{features="2",model_version="notify-v1"' in body
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
             assert r.status == 200
+        for _ in range(40):  # state gauges are refreshed every 5 s
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                body = r.read().decode()
+            if "stream_detector_tracked_entities 5.0" in body:
+                break
+            time.sleep(0.25)
+        assert "stream_detector_ready 1.0" in body and "stream_detector_tracked_entities 5.0" in body
         msgs += sd.messages(timeout=1.5)
         assert sum("WATCHDOG" in m for m in msgs) >= 2
 
