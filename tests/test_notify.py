@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import uuid
 
@@ -190,6 +191,7 @@ def test_daemon_sends_ready_watchdog_and_stopping(tmp_path, kafka_bootstrap, mak
                 break
             time.sleep(0.25)
         assert "stream_detector_ready 1.0" in body and "stream_detector_tracked_entities 5.0" in body
+        assert re.search(r"^process_resident_memory_bytes [1-9]", body, flags=re.M)
         msgs += sd.messages(timeout=1.5)
         assert sum("WATCHDOG" in m for m in msgs) >= 2
 
