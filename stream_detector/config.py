@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import contextvars
+import socket
 import tomllib
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from stream_detector.alerts import AlertParams
@@ -148,6 +149,36 @@ class RuntimeSettings(_Section):
     metrics_port: int | None = Field(None, ge=0, le=65535, description="serve Prometheus metrics on this port (unset = off)")
 
 
+class ProcessingSettings(_Section):
+    """Delivery guarantee and the state changelog (docs/reliability.md)."""
+
+    guarantee: Literal["at_least_once", "exactly_once"] = Field(
+        "at_least_once",
+        description="at_least_once: a crash may repeat alerts (same alert_id); exactly_once: alerts, dead letters, state and offsets commit in one Kafka transaction",
+    )
+    instance_id: str | None = Field(
+        None, description="stable id of this group member (transactional.id = group_id-instance_id); unset = the host name. Unique per running process"
+    )
+    changelog: bool = Field(True, description="keep entity state in a compacted changelog topic so it moves with its partition (required by exactly_once)")
+    changelog_topic: str | None = Field(None, description="the changelog topic; unset = GROUP_ID-changelog, created (compacted, as many partitions as the input) if missing")
+    restore_chunk: int = Field(2000, ge=1, description="changelog records restored per loop iteration while newly assigned partitions are paused")
+    transaction_timeout_s: float = Field(
+        60.0, gt=0, description="exactly_once: a dead member's open transaction blocks its partitions this long; must exceed broker outages to ride them out"
+    )
+
+    @model_validator(mode="after")
+    def _exactly_once_needs_changelog(self) -> "ProcessingSettings":
+        if self.guarantee == "exactly_once" and not self.changelog:
+            raise ValueError("exactly_once needs the state changelog (processing.changelog = true)")
+        return self
+
+    def changelog_topic_for(self, group_id: str) -> str:
+        return self.changelog_topic or f"{group_id}-changelog"
+
+    def transactional_id_for(self, group_id: str) -> str:
+        return f"{group_id}-{self.instance_id or socket.gethostname()}"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -162,6 +193,7 @@ class Settings(BaseSettings):
     model: ModelSettings = ModelSettings()
     detection: DetectionSettingsSection = DetectionSettingsSection()
     runtime: RuntimeSettings = RuntimeSettings()
+    processing: ProcessingSettings = ProcessingSettings()
 
     @classmethod
     def settings_customise_sources(

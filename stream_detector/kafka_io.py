@@ -32,6 +32,19 @@ _CONSUMER_FIXED = {
     "enable.partition.eof": False,
 }
 _PRODUCER_FIXED = {"enable.idempotence": True}
+# Bounds (docs/reliability.md): the producer queue holds at most this much before produce() waits
+# (BufferError -> serve delivery reports), and a dead letter may be as large as the broker allows
+# (deploy/kafka/broker.sh: message.max.bytes = 10 MiB), so a 5 MB poison message reaches the DLQ.
+_PRODUCER_DEFAULTS = {
+    "linger.ms": 5,
+    "compression.type": "lz4",
+    "queue.buffering.max.messages": 100_000,
+    "queue.buffering.max.kbytes": 65_536,
+    "message.max.bytes": 10_485_760,
+}
+# The consumer's prefetch queue is bounded too; a single message larger than the fetch sizes is
+# still returned (KIP-74), up to receive.message.max.bytes.
+_CONSUMER_DEFAULTS = {"queued.max.messages.kbytes": 32_768, "fetch.max.bytes": 20_971_520, "receive.message.max.bytes": 31_457_280}
 
 PartitionsCallback = Callable[[list[TopicPartition]], None]
 
@@ -54,13 +67,15 @@ def _merge(user: dict[str, Any], fixed: dict[str, Any], section: str) -> dict[st
 
 
 def consumer_config(settings: Settings) -> dict[str, Any]:
-    base = {"group.id": settings.kafka.group_id, "auto.offset.reset": settings.kafka.auto_offset_reset}
-    return _merge({**base, **settings.consumer_config()}, _CONSUMER_FIXED, "consumer")
+    base = {"group.id": settings.kafka.group_id, "auto.offset.reset": settings.kafka.auto_offset_reset, **_CONSUMER_DEFAULTS}
+    fixed = dict(_CONSUMER_FIXED)
+    if settings.processing.guarantee == "exactly_once":  # never read another producer's aborted records
+        fixed["isolation.level"] = "read_committed"
+    return _merge({**base, **settings.consumer_config()}, fixed, "consumer")
 
 
 def producer_config(settings: Settings) -> dict[str, Any]:
-    base = {"linger.ms": 5, "compression.type": "lz4"}
-    return _merge({**base, **settings.producer_config()}, _PRODUCER_FIXED, "producer")
+    return _merge({**_PRODUCER_DEFAULTS, **settings.producer_config()}, _PRODUCER_FIXED, "producer")
 
 
 class KafkaSource:
@@ -96,6 +111,9 @@ class KafkaSource:
 
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         self.rebalanced = True
+        # Assign now (cooperative: incremental) so the callback may pause the partitions before the
+        # first fetch (state restore); confluent-kafka skips its own assign when we did it.
+        self._consumer.incremental_assign(partitions)
         self.assignment |= {(tp.topic, tp.partition) for tp in partitions}
         log.info("assigned %s", _fmt(partitions))
         if self._on_assign_cb:
@@ -172,14 +190,66 @@ class KafkaSource:
         if tps:
             self._consumer.store_offsets(offsets=tps)
 
-    def commit(self) -> None:
-        """Commit the stored offsets synchronously (a no-op when nothing new was stored)."""
+    def commit(self) -> bool:
+        """Commit the stored offsets synchronously (a no-op when nothing new was stored). A broker
+        that is away (coordinator unavailable, timeout) is not fatal: the offsets stay stored and
+        the next commit carries them; returns False then. KafkaIOError on anything else."""
         try:
             self._consumer.commit(asynchronous=False)
         except KafkaException as e:
             err = e.args[0]
-            if err.code() != KafkaError._NO_OFFSET:
+            if err.code() == KafkaError._NO_OFFSET:
+                return True
+            if err.fatal():
                 raise KafkaIOError(f"committing offsets failed: {err.str()}.") from None
+            log.warning("committing offsets failed (%s); they stay stored and go with the next commit", err.str())
+            return False
+        return True
+
+    # -- flow control, rewind, transactions --------------------------------------------------
+    def pause(self, tps: Iterable[tuple[str, int]]) -> None:
+        tps = [TopicPartition(t, p) for t, p in tps if (t, p) in self.assignment]
+        if tps:
+            self._consumer.pause(tps)
+
+    def resume(self, tps: Iterable[tuple[str, int]]) -> None:
+        tps = [TopicPartition(t, p) for t, p in tps if (t, p) in self.assignment]
+        if tps:
+            self._consumer.resume(tps)
+
+    def committed_offsets(self, tps: Iterable[tuple[str, int]], timeout: float = 30.0) -> dict[tuple[str, int], int]:
+        """Committed next-offset per partition (negative = none committed). In exactly-once mode
+        (read_committed) the broker answers only once no transaction holds pending offsets."""
+        want = [TopicPartition(t, p) for t, p in tps]
+        if not want:
+            return {}
+        try:
+            got = self._consumer.committed(want, timeout=timeout)
+        except KafkaException as e:
+            raise KafkaIOError(f"reading the committed offsets failed: {e.args[0].str()}.") from None
+        return {(tp.topic, tp.partition): tp.offset for tp in got}
+
+    def rewind(self, tps: Iterable[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        """Seek partitions back to their committed offsets (after an aborted transaction) and forget
+        what was stored for them; returns the offsets sought to (negative = reset policy)."""
+        from confluent_kafka import OFFSET_BEGINNING, OFFSET_END
+
+        tps = [tp for tp in tps if tp in self.assignment]
+        committed = self.committed_offsets(tps)
+        reset = OFFSET_BEGINNING if self._settings.kafka.auto_offset_reset == "earliest" else OFFSET_END
+        for (t, p), off in committed.items():
+            self._consumer.seek(TopicPartition(t, p, off if off >= 0 else reset))
+            self._stored.pop((t, p), None)
+        return committed
+
+    def seek(self, tp: tuple[str, int], offset: int) -> None:
+        try:
+            self._consumer.seek(TopicPartition(tp[0], tp[1], offset))
+        except KafkaException as e:  # never continue past messages we dropped
+            raise KafkaIOError(f"seeking {tp[0]}[{tp[1]}] back to offset {offset} failed: {e.args[0].str()}.") from None
+
+    def group_metadata(self) -> Any:
+        return self._consumer.consumer_group_metadata()
 
     def committed(self, timeout: float = 10.0) -> dict[tuple[str, int], int]:
         tps = [TopicPartition(t, p) for t, p in sorted(self.assignment)]
@@ -202,17 +272,33 @@ class KafkaSource:
         self._consumer.close()
 
 
-class KafkaSink:
-    """One idempotent producer for alerts (keyed by entity) and dead letters (original bytes)."""
+class TransactionAborted(KafkaIOError):
+    """The transaction had to be aborted (an abortable error); rewind to the committed offsets and retry."""
 
-    def __init__(self, settings: Settings) -> None:
+
+class KafkaSink:
+    """One idempotent producer for alerts (keyed by entity), dead letters (original bytes) and state
+    changelog records. With a `transactional_id` (exactly-once mode) everything produced between
+    two `commit_transaction` calls, plus the consumer offsets handed to it, commits atomically."""
+
+    def __init__(self, settings: Settings, transactional_id: str | None = None) -> None:
         self._alerts_topic = settings.kafka.alerts_topic
         self._dlq_topic = settings.kafka.dlq_topic
+        self._changelog_topic = settings.processing.changelog_topic_for(settings.kafka.group_id)
+        self._timeout = settings.kafka.timeout_s
         conf = producer_config(settings)
         conf.update({"error_cb": self._on_error, "logger": client_log})
+        self.transactional = transactional_id is not None
+        if self.transactional:
+            conf["transactional.id"] = transactional_id
+            conf["transaction.timeout.ms"] = int(settings.processing.transaction_timeout_s * 1000)
         self._producer = Producer(conf)
         self._first_error: str | None = None
+        self._in_txn = False
         self.delivered = 0
+        if self.transactional:
+            # Fences an earlier incarnation with the same id and aborts its open transaction.
+            self._txn_call(lambda: self._producer.init_transactions(max(self._timeout, 30.0)), "initialising transactions")
 
     def _on_error(self, err: KafkaError) -> None:
         if err.fatal() and self._first_error is None:
@@ -223,15 +309,22 @@ class KafkaSink:
         # Never raise here: remember the first failure, the loop raises it.
         if err is None:
             self.delivered += 1
-        elif self._first_error is None:
+        elif self._first_error is None and not self.transactional:
             self._first_error = f"delivery to {msg.topic()} failed: {err.str()}"
+        elif self.transactional:  # the transaction turns abortable; commit_transaction reports it
+            log.warning("delivery to %s failed inside a transaction: %s", msg.topic(), err.str())
 
-    def _produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]] | None) -> None:
+    def _produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]] | None,
+                 partition: int | None = None) -> None:
+        if self.transactional and not self._in_txn:
+            self._txn_call(self._producer.begin_transaction, "beginning a transaction")
+            self._in_txn = True
+        kwargs = {} if partition is None else {"partition": partition}
         while True:
             try:
-                self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=self._on_delivery)
+                self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=self._on_delivery, **kwargs)
                 break
-            except BufferError:  # local queue full: serve delivery reports and retry
+            except BufferError:  # local queue full (bounded): serve delivery reports and retry
                 self._producer.poll(0.05)
         self._producer.poll(0)
 
@@ -242,21 +335,80 @@ class KafkaSink:
         m = d.message
         self._produce(self._dlq_topic, m.key(), m.value(), dead_letter_headers(d))
 
+    def changelog(self, partition: int, key: str, value: bytes | None) -> None:
+        self._produce(self._changelog_topic, key.encode("utf-8"), value, None, partition=partition)
+
     def raise_if_failed(self) -> None:
         if self._first_error is not None:
             raise DeliveryError(self._first_error + ".")
 
-    def flush(self, timeout: float) -> None:
-        """Wait until everything produced so far is acknowledged; DeliveryError otherwise."""
-        deadline = time.monotonic() + timeout
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until everything produced so far is acknowledged; DeliveryError if a record failed
+        (librdkafka retries until `message.timeout.ms`, so a broker outage shorter than that is
+        ridden out) or, with a `timeout` (shutdown), if records are still unacknowledged then."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         while len(self._producer) > 0:
-            self._producer.flush(min(1.0, max(0.0, deadline - time.monotonic())))
+            self._producer.flush(1.0 if deadline is None else min(1.0, max(0.0, deadline - time.monotonic())))
             self.raise_if_failed()
-            if time.monotonic() >= deadline and len(self._producer) > 0:
+            if deadline is not None and time.monotonic() >= deadline and len(self._producer) > 0:
                 raise DeliveryError(f"{len(self._producer)} alert/dead-letter record(s) were not acknowledged within {timeout:g} s.")
         self.raise_if_failed()
 
+    # -- exactly-once ----------------------------------------------------------------------------
+    def commit_transaction(self, offsets: dict[tuple[str, int], int], group_metadata: Any, timeout: float | None = None) -> None:
+        """Add the consumer offsets to the open transaction and commit it. Retriable errors (broker
+        away, timeout) are retried until `timeout` (None: until it works or turns abortable/fatal).
+        Raises TransactionAborted after aborting on an abortable error, KafkaIOError when fatal
+        (e.g. fenced by a newer incarnation: the supervisor restarts the process)."""
+        if not self._in_txn:
+            if not offsets:
+                return
+            self._txn_call(self._producer.begin_transaction, "beginning a transaction")
+            self._in_txn = True
+        tps = [TopicPartition(t, p, o) for (t, p), o in sorted(offsets.items())]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if tps:
+            self._retrying(lambda: self._producer.send_offsets_to_transaction(tps, group_metadata, self._timeout), "adding offsets to the transaction", deadline)
+        self._retrying(lambda: self._producer.commit_transaction(self._timeout), "committing the transaction", deadline)
+        self._in_txn = False
+
+    def abort_transaction(self) -> None:
+        if self._in_txn:
+            self._retrying(lambda: self._producer.abort_transaction(self._timeout), "aborting the transaction", None)
+            self._in_txn = False
+        self._first_error = None
+
+    def _retrying(self, call: Callable[[], Any], what: str, deadline: float | None) -> None:
+        while True:
+            try:
+                call()
+                return
+            except KafkaException as e:
+                err = e.args[0]
+                if err.fatal():
+                    raise KafkaIOError(f"{what} failed fatally: {err.str()} (another instance with this transactional.id may have taken over).") from None
+                if err.txn_requires_abort():
+                    log.warning("%s failed (%s): aborting the transaction", what, err.str())
+                    self.abort_transaction()
+                    raise TransactionAborted(f"{what} failed: {err.str()}.") from None
+                if not err.retriable() or (deadline is not None and time.monotonic() >= deadline):
+                    raise KafkaIOError(f"{what} failed: {err.str()}.") from None
+                log.warning("%s: %s; retrying", what, err.str())
+                time.sleep(0.5)
+
+    def _txn_call(self, call: Callable[[], Any], what: str) -> None:
+        try:
+            call()
+        except KafkaException as e:
+            err = e.args[0]
+            raise KafkaIOError(f"{what} failed: {err.str()}.") from None
+
     def close(self, timeout: float) -> None:
+        if self._in_txn:  # an unfinished transaction (error path): abort it rather than leave it open
+            try:
+                self._producer.abort_transaction(timeout)
+            except KafkaException:
+                pass
         self._producer.flush(timeout)
 
 

@@ -27,19 +27,22 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import numpy as np
 import orjson
 
 from stream_detector.bundle import Bundle, BundleError
+from stream_detector.changelog import ChangelogError, Restorer, StateTracker, decode_state, ensure_changelog_topic
 from stream_detector.config import ConfigError, Settings, add_settings_arguments, settings_from_args
 from stream_detector.decode import DeadLetter, Decoder
 from stream_detector.events import NO_TIME, EventBatch
 from stream_detector.health import Health
-from stream_detector.kafka_io import KafkaIOError, KafkaSink, KafkaSource, check_broker
+from stream_detector.kafka_io import KafkaIOError, KafkaSink, KafkaSource, TransactionAborted, check_broker
 from stream_detector.metrics import Metrics, MetricsServer
 from stream_detector.notify import SystemdNotifier
 from stream_detector.reload import LoadedModel, ModelReloader
@@ -47,6 +50,9 @@ from stream_detector.pipeline import BatchResult, DetectorCore
 from stream_detector.scorer import Scorer, ScorerError
 
 log = logging.getLogger(__name__)
+
+# Debug switch for the fault-injection suite (tests/test_reliability_*.py), not a setting.
+FAULT_KILL_BEFORE_COMMIT = "STREAM_DETECTOR_FAULT_KILL_BEFORE_COMMIT"
 
 
 @dataclass
@@ -60,6 +66,12 @@ class RunStats:
     commits: int = 0
     elapsed_s: float = 0.0
     first_message_s: float | None = None  # seconds from start to the first consumed message (group join)
+    backpressure_s: float = 0.0  # time spent with partitions paused waiting for inference
+    changelog_records: int = 0  # state records (tombstones included) written
+    changelog_bytes: int = 0
+    restored_entities: int = 0  # entities whose state was read back from the changelog
+    aborted_transactions: int = 0
+    rewinds: int = 0  # back to the committed state after an abort or lost partitions
 
 
 @dataclass
@@ -89,9 +101,13 @@ class Detector:
         self.scorer = Scorer(self.bundle, provider=settings.model.provider, require_cuda=settings.model.require_cuda, max_batch=rt.max_batch)
         self.core = DetectorCore(self.bundle, self.scorer, settings.detection.to_core())
         self.decoder = Decoder(self.bundle.features, settings.input)
-        self.metrics = metrics if metrics is not None else Metrics()  # process_* (RSS, CPU, fds) included
+        self.metrics = metrics if metrics is not None else Metrics(process_metrics=False)
         self.health = health if health is not None else Health(stall_after_s=max(30.0, 10 * rt.max_wait_ms / 1000))
-        check_broker(settings, [*settings.kafka.topics, settings.kafka.alerts_topic, settings.kafka.dlq_topic])
+        partitions = check_broker(settings, [*settings.kafka.topics, settings.kafka.alerts_topic, settings.kafka.dlq_topic])
+        proc = settings.processing
+        self.exactly_once = proc.guarantee == "exactly_once"
+        self.changelog_topic = ensure_changelog_topic(settings, max(partitions[t] for t in settings.kafka.topics)) if proc.changelog else None
+        self.tracker = StateTracker() if proc.changelog else None
         self.health.broker_reachable()
         self.health.model_loaded(self.bundle.model_version)
         self.metrics.set_model(self.bundle.model_version, self.scorer.provider, self.bundle.window, self.bundle.n_features)
@@ -108,7 +124,18 @@ class Detector:
         self._pending: _Work | None = None
         self._source: KafkaSource | None = None
         self._sink: KafkaSink | None = None
+        self._restorer: Restorer | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._carry: list[Any] = []  # messages consumed while backpressure paused the partitions
+        self._txn_positions: dict[tuple[str, int], int] = {}  # exactly-once: offsets of the open transaction
+        self._restoring: set[tuple[str, int]] = set()  # paused until their partition's state is restored
+        self._slipped: dict[tuple[str, int], int] = {}  # first offset fetched (and dropped) while restoring
+        self._rewind_needed = False
+        self._checkpoints_with_alerts = 0
+        self._alerts_since_checkpoint = 0
+        # Fault injection for the reliability suite: die by SIGKILL at the N-th checkpoint that
+        # follows produced alerts, after they reached the broker and before the commit.
+        self._kill_at = int(os.environ.get(FAULT_KILL_BEFORE_COMMIT, "0") or 0)
 
     def stop(self) -> None:
         """Ask the loop to finish the current batch, deliver, commit and close (signal-safe)."""
@@ -124,8 +151,12 @@ class Detector:
         deadline = None if timeout is None else t0 + timeout
         next_commit = t0 + rt.commit_interval_s
         with ExitStack() as stack:
-            self._sink = sink = KafkaSink(self.settings)
+            txn_id = self.settings.processing.transactional_id_for(self.settings.kafka.group_id) if self.exactly_once else None
+            self._sink = sink = KafkaSink(self.settings, transactional_id=txn_id)
             stack.callback(sink.close, rt.shutdown_grace_s)
+            if self.changelog_topic is not None:
+                self._restorer = Restorer(self.settings, self.changelog_topic)
+                stack.callback(self._restorer.close)
             self._source = source = KafkaSource(self.settings, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost)
             stack.callback(source.close)
             self._executor = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="sd-inference"))
@@ -141,36 +172,96 @@ class Detector:
                     self.health.tick()
                     self.metrics.tick(time.time())
                     self._ops_tick(now - t0)
-                    n = rt.max_batch if max_messages is None else min(rt.max_batch, max_messages - self.stats.consumed)
-                    msgs = source.consume(n, rt.max_wait_ms / 1000)
-                    if msgs and self.stats.first_message_s is None:
-                        self.stats.first_message_s = time.monotonic() - t0
-                    if source.rebalanced:  # drop anything fetched for partitions we no longer own
-                        source.rebalanced = False
-                        msgs = [m for m in msgs if (m.topic(), m.partition()) in source.assignment]
-                    work = self._decode(msgs) if msgs else None
-                    previous, self._pending = self._pending, None
-                    result = previous.future.result() if previous and previous.future else None
-                    self._between_batches()  # the inference thread is idle here
-                    if work is not None:
-                        self._submit(work)
-                    if previous is not None:
-                        self._deliver(previous, result)
-                    if rt.max_inflight == 1 and self._pending is not None:
-                        self._drain()
-                    if time.monotonic() >= next_commit:
-                        self._commit()
-                        next_commit = time.monotonic() + rt.commit_interval_s
+                    try:
+                        self._iteration(max_messages, t0)
+                        if time.monotonic() >= next_commit:
+                            self._checkpoint()
+                            next_commit = time.monotonic() + rt.commit_interval_s
+                    except TransactionAborted as e:
+                        self._rewind(str(e))
                 self.health.stopping()
                 self.notifier.stopping(f"draining: finishing the batch, delivering, committing (grace {rt.shutdown_grace_s:g} s)")
-                self._drain()
-                self._commit()
+                try:
+                    self._checkpoint()
+                except TransactionAborted as e:  # nothing of the open transaction is visible; a restart redoes it
+                    log.warning("the final transaction was aborted (%s); its input is re-processed on restart", e)
             finally:
                 self.stats.elapsed_s = time.monotonic() - t0
                 if self._pending is not None and self._pending.future is not None:
                     self._pending.future.cancel()  # an error path: this batch is neither delivered nor stored
                 self._pending = None
         return self.stats
+
+    def _iteration(self, max_messages: int | None, t0: float) -> None:
+        rt = self.settings.runtime
+        source = self._source
+        assert source is not None
+        if self._rewind_needed:
+            self._rewind("partitions were lost")
+        restoring = self._restorer is not None and self._restorer.busy
+        n = rt.max_batch if max_messages is None else min(rt.max_batch, max_messages - self.stats.consumed)
+        carry, self._carry = self._carry, []
+        wait = min(rt.max_wait_ms / 1000, 0.01) if restoring else rt.max_wait_ms / 1000
+        msgs = carry + (source.consume(n - len(carry), wait) if len(carry) < n else [])
+        if msgs and self.stats.first_message_s is None:
+            self.stats.first_message_s = time.monotonic() - t0
+        msgs = self._owned(msgs)
+        work = self._decode(msgs) if msgs else None
+        pending = self._pending
+        if pending is not None and pending.future is not None and not pending.future.done():
+            self._backpressure(pending.future)
+            if work is not None and source.rebalanced:  # the callbacks ran meanwhile
+                source.rebalanced = False
+                work = _restrict(work, source.assignment - self._restoring)
+        previous, self._pending = self._pending, None
+        result = previous.future.result() if previous and previous.future else None
+        self._between_batches()  # the inference thread is idle here
+        if work is not None:
+            self._submit(work)
+        if previous is not None:
+            self._deliver(previous, result)
+        if rt.max_inflight == 1 and self._pending is not None:
+            self._drain()
+
+    def _owned(self, msgs: list[Any]) -> list[Any]:
+        """Drop messages of partitions we no longer own, or whose state is still being restored
+        (remembering where to seek back to for the latter)."""
+        source = self._source
+        assert source is not None
+        if source.rebalanced:
+            source.rebalanced = False
+            msgs = [m for m in msgs if (m.topic(), m.partition()) in source.assignment]
+        if self._restoring and msgs:
+            kept = []
+            for m in msgs:
+                tp = (m.topic(), m.partition())
+                if tp in self._restoring:
+                    self._slipped.setdefault(tp, m.offset())
+                else:
+                    kept.append(m)
+            msgs = kept
+        return msgs
+
+    def _backpressure(self, future: Future) -> None:
+        """Bound in-flight batches: while inference of the previous batch runs and the next one is
+        decoded, pause every partition and keep polling (heartbeats, rebalance callbacks) until it
+        finishes; anything still returned is carried into the next batch."""
+        try:
+            future.result(timeout=0.05)  # the common case: nearly done
+            return
+        except FutureTimeout:
+            pass
+        source = self._source
+        assert source is not None
+        t = time.monotonic()
+        paused = set(source.assignment) - self._restoring
+        source.pause(paused)
+        try:
+            while not future.done():
+                self._carry.extend(source.consume(self.settings.runtime.max_batch, 0.05))
+        finally:
+            source.resume((set(source.assignment) & paused) - self._restoring)
+            self.stats.backpressure_s += time.monotonic() - t
 
     def _decode(self, msgs: list[Any]) -> _Work:
         positions: dict[tuple[str, int], int] = {}
@@ -188,6 +279,9 @@ class Detector:
     def _submit(self, work: _Work) -> None:
         batch, work.batch = work.batch, None
         work.started = time.monotonic()
+        if batch is not None and self.tracker is not None:
+            batch = self.tracker.fence(batch)  # at-least-once replay: skip what restored state already holds
+            self.tracker.note_batch(batch)
         if batch is not None and batch.n and self._executor is not None:
             work.future = self._executor.submit(self.core.process, batch)
         self._pending = work
@@ -209,14 +303,19 @@ class Detector:
         alerts = result.alerts if result is not None else []
         for a in alerts:
             sink.alert(a["key"], orjson.dumps(a, option=orjson.OPT_SERIALIZE_NUMPY))
-        try:
-            sink.flush(self.settings.runtime.shutdown_grace_s if self._stop.is_set() else 60.0)
-        except KafkaIOError:
-            self.metrics.delivery_failed()
-            raise
+        self._alerts_since_checkpoint += len(alerts)
         positions = work.positions if not exclude else {tp: o for tp, o in work.positions.items() if tp not in exclude}
-        source.store(positions)
-        # bookkeeping after the guarantees are met
+        if self.exactly_once:
+            # Delivered and committed together with the offsets at the next checkpoint.
+            self._txn_positions.update({tp: o for tp, o in positions.items() if tp in source.assignment})
+        else:
+            try:
+                sink.flush(self.settings.runtime.shutdown_grace_s if self._stop.is_set() else None)
+            except KafkaIOError:
+                self.metrics.delivery_failed()
+                raise
+            source.store(positions)
+        # bookkeeping (in exactly-once mode the transaction may still abort; the counts are then redone)
         published_ms = int(time.time() * 1000)
         for a in alerts:
             self.stats.alerts[a["state"]] += 1
@@ -238,15 +337,134 @@ class Detector:
             now_ms=published_ms,
         )
 
-    def _commit(self) -> None:
-        if self._source is not None:
-            self._source.commit()
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint(self) -> None:
+        """Finish the in-flight batch, write the changed entities' state to the changelog, then
+        commit: at-least-once = flush (alerts, dead letters, state acknowledged) and commit the
+        stored offsets; exactly-once = add the offsets to the transaction and commit it."""
+        sink, source = self._sink, self._source
+        if sink is None or source is None:
+            return
+        self._drain()
+        if self.tracker is not None:
+            owned = {p for (_, p) in source.assignment - self._restoring}
+            for r in self.tracker.snapshot(self.core, owned):
+                sink.changelog(r.partition, r.key, r.value)
+                self.stats.changelog_records += 1
+                self.stats.changelog_bytes += len(r.value) if r.value is not None else 0
+        grace = self.settings.runtime.shutdown_grace_s if self._stop.is_set() else None
+        self._fault_point(sink)
+        if self.exactly_once:
+            positions, self._txn_positions = self._txn_positions, {}
+            try:
+                sink.commit_transaction(positions, source.group_metadata(), timeout=grace)
+            except TransactionAborted:
+                self.stats.aborted_transactions += 1
+                raise
+            except KafkaIOError:
+                self.metrics.delivery_failed()
+                raise
+            ok = True
+        else:
+            try:
+                sink.flush(grace)
+            except KafkaIOError:
+                self.metrics.delivery_failed()
+                raise
+            ok = source.commit()
+        if ok:
             self.stats.commits += 1
             self.metrics.committed()
+
+    def _fault_point(self, sink: KafkaSink) -> None:
+        if not self._kill_at or not self._alerts_since_checkpoint:
+            return
+        self._alerts_since_checkpoint = 0
+        self._checkpoints_with_alerts += 1
+        if self._checkpoints_with_alerts == self._kill_at:
+            sink.flush(30.0)  # exactly-once: written inside the open transaction, invisible to read_committed
+            log.error("%s=%d: killing this process between producing alerts and committing", FAULT_KILL_BEFORE_COMMIT, self._kill_at)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def _rewind(self, why: str) -> None:
+        """Exactly-once, after an aborted transaction (or lost partitions): nothing of it is
+        visible, so go back to the committed state: discard the in-flight batch, seek every
+        partition to its committed offset and restore its entities from the changelog."""
+        self._rewind_needed = False
+        source, sink = self._source, self._sink
+        assert source is not None and sink is not None
+        log.warning("rewinding to the last committed transaction: %s", why)
+        work, self._pending = self._pending, None
+        if work is not None and work.future is not None:
+            work.future.result()  # the core must be idle before its state is replaced
+        sink.abort_transaction()
+        self._txn_positions.clear()
+        self._carry = []
+        tps = set(source.assignment)
+        numbers = {p for _, p in tps}
+        self.core.drop_partitions(sorted(numbers))
+        if self.tracker is not None:
+            self.tracker.forget_partitions(numbers)
+        if self._restorer is not None:
+            self._restorer.cancel(numbers)
+            source.pause(tps)
+            self._restoring |= tps
+            self._restorer.start(numbers)
+        source.rewind(tps)
+        self._slipped = {tp: o for tp, o in self._slipped.items() if tp not in tps}
+        self.stats.rewinds += 1
+
+    # ------------------------------------------------------------------ state restore
+    def _restore_step(self) -> None:
+        restorer, source = self._restorer, self._source
+        if restorer is None or source is None or not restorer.busy:
+            return
+        for partition, latest in restorer.step(self.settings.processing.restore_chunk, 0.05).items():
+            self._install(partition, latest)
+
+    def _install(self, partition: int, latest: dict[str, bytes | None]) -> None:
+        """Put a restored partition's entities into the core (idle), fence them, resume the partition."""
+        source = self._source
+        assert source is not None and self.tracker is not None
+        t = time.monotonic()
+        tps = {tp for tp in self._restoring if tp[1] == partition}
+        committed = source.committed_offsets(tps)
+        by_topic = {topic: off for (topic, _), off in committed.items() if off >= 0}
+        restored = cold = 0
+        for key, value in latest.items():
+            if value is None:
+                continue
+            try:
+                state, applied = decode_state(value)
+                self.core.restore(partition, key, state)
+            except (ChangelogError, ValueError, KeyError) as e:
+                cold += 1
+                if cold == 1:
+                    log.warning("changelog state of %s in partition %d is not usable (%s); such entities start cold", key, partition, e)
+                continue
+            self.tracker.restored(partition, key, applied, by_topic)
+            restored += 1
+        self._restoring -= tps
+        for tp in tps:
+            first = self._slipped.pop(tp, None)
+            if first is not None:  # fetched before the pause took hold: read it again
+                source.seek(tp, first)
+        source.resume(tps)
+        self.stats.restored_entities += restored
+        log.info("restored %d entities of partition %d from %s in %.2f s (%d cold)", restored, partition, self.changelog_topic, time.monotonic() - t, cold)
 
     # ------------------------------------------------------------------ rebalance (inside consume)
     def _on_assign(self, partitions: list[Any]) -> None:
         self.health.assigned((tp.topic, tp.partition) for tp in partitions)
+        if self._restorer is not None and self._source is not None:
+            new = {(tp.topic, tp.partition) for tp in partitions}
+            owned_before = {p for (t, p) in self._source.assignment - new}
+            fresh = {p for _, p in new} - owned_before
+            self._restorer.start(fresh)
+            hold = {tp for tp in new if self._restorer.restoring(tp[1])}
+            if hold:
+                self._source.pause(hold)
+                self._restoring |= hold
         self._notify_ready()
 
     # ------------------------------------------------------------------ operations hooks
@@ -270,7 +488,9 @@ class Detector:
             self._notify_ready()
 
     def _between_batches(self) -> None:
-        """Swap in a reloaded model and refresh state metrics; only here is the core not in use."""
+        """Restore changelog state, swap in a reloaded model, refresh state metrics; only here is
+        the core not in use."""
+        self._restore_step()
         loaded = self.reloader.poll()
         if loaded is not None:
             self._swap_model(loaded)
@@ -295,25 +515,55 @@ class Detector:
     def _on_revoke(self, partitions: list[Any]) -> None:
         revoked = {(tp.topic, tp.partition) for tp in partitions}
         try:
-            self._drain()
-            self._commit()
+            self._checkpoint()  # finish, write state, commit (exactly-once: the transaction) ...
         finally:
-            self._drop(revoked)
+            self._drop(revoked)  # ... then forget the partitions, whatever happened
 
     def _on_lost(self, partitions: list[Any]) -> None:
         lost = {(tp.topic, tp.partition) for tp in partitions}
         try:
-            self._drain(exclude=lost)  # alerts still go out (deterministic ids); offsets of lost partitions do not
+            if self.exactly_once:
+                # The open transaction holds offsets we may no longer commit: it is aborted and the
+                # remaining partitions go back to their committed state (`_rewind`, from the loop).
+                work, self._pending = self._pending, None
+                if work is not None and work.future is not None:
+                    work.future.result()
+                self._rewind_needed = True
+            else:
+                self._drain(exclude=lost)  # alerts still go out (deterministic ids); offsets of lost partitions do not
         finally:
             self._drop(lost)
 
     def _drop(self, gone: set[tuple[str, int]]) -> None:
         # The core keys state by partition number: drop a number only when no input topic keeps it.
         keep = {p for (t, p) in (self._source.assignment if self._source else set()) if (t, p) not in gone}
-        dropped = self.core.drop_partitions(sorted({p for _, p in gone} - keep))
+        numbers = sorted({p for _, p in gone} - keep)
+        dropped = self.core.drop_partitions(numbers)
+        if self.tracker is not None:
+            self.tracker.forget_partitions(numbers)
+        if self._restorer is not None:
+            self._restorer.cancel(numbers)
+        self._restoring -= gone
+        for tp in gone:
+            self._slipped.pop(tp, None)
+            self._txn_positions.pop(tp, None)
         self.health.revoked(gone)
         self.metrics.drop_partitions(gone)
         log.info("dropped state of %d entities on %d partition(s)", dropped, len(gone))
+
+
+def _restrict(work: _Work, allowed: set[tuple[str, int]]) -> _Work:
+    """The part of a decoded batch that belongs to `allowed` partitions (after a rebalance)."""
+    positions = {tp: o for tp, o in work.positions.items() if tp in allowed}
+    if len(positions) == len(work.positions):
+        return work
+    dead = [d for d in work.dead if (d.message.topic(), d.message.partition()) in allowed]
+    batch = work.batch
+    if batch is not None and batch.n:
+        idx = np.flatnonzero([(t, p) in allowed for t, p in zip(batch.topic, batch.partition.tolist())])
+        batch = EventBatch([batch.keys[i] for i in idx], batch.rows[idx], batch.event_time_ms[idx],
+                           [batch.topic[i] for i in idx], batch.partition[idx], batch.offset[idx])
+    return _Work(positions, dead, work.n_messages, work.by_topic, batch, oldest_event_ms=work.oldest_event_ms)
 
 
 def _iso_to_ms(value: Any) -> int | None:
@@ -333,7 +583,7 @@ def handle(args: argparse.Namespace) -> int:
         settings = settings_from_args(args)
         log.info("settings: %s", orjson.dumps(settings.redacted()).decode())
         detector = Detector(settings)
-    except (ConfigError, BundleError, ScorerError) as e:
+    except (ConfigError, BundleError, ScorerError, ChangelogError) as e:
         print(f"run: {e}", file=sys.stderr)
         return 2
     except KafkaIOError as e:
