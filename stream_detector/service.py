@@ -101,7 +101,7 @@ class Detector:
         self.scorer = Scorer(self.bundle, provider=settings.model.provider, require_cuda=settings.model.require_cuda, max_batch=rt.max_batch)
         self.core = DetectorCore(self.bundle, self.scorer, settings.detection.to_core())
         self.decoder = Decoder(self.bundle.features, settings.input)
-        self.metrics = metrics if metrics is not None else Metrics(process_metrics=False)
+        self.metrics = metrics if metrics is not None else Metrics()  # process_* (RSS, CPU, fds) included
         self.health = health if health is not None else Health(stall_after_s=max(30.0, 10 * rt.max_wait_ms / 1000))
         partitions = check_broker(settings, [*settings.kafka.topics, settings.kafka.alerts_topic, settings.kafka.dlq_topic])
         proc = settings.processing
