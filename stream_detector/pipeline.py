@@ -187,10 +187,12 @@ class DetectorCore:
     # ------------------------------------------------------------------ model hot reload
     def swap_model(self, bundle: Bundle, scorer: Scorer) -> None:
         """Replace the model between two batches (reload.py checked that features and window are
-        the same). Windows hold raw rows and open alerts keep their id; per-entity thresholds were
-        learned on the old model's score scale, so they restart from the new bundle's calibration."""
+        the same). Windows keep their rows, re-normalised with the new bundle's normaliser; open
+        alerts keep their id; per-entity thresholds were learned on the old model's score scale, so
+        they restart from the new bundle's calibration."""
         if tuple(bundle.features) != tuple(self.bundle.features) or bundle.window != self.bundle.window:
             raise ValueError("the new model reads other features or another window length; it needs a restart.")
+        self.store.renormalise(self.bundle.normaliser, bundle.normaliser)
         self.bundle = bundle
         self.scorer = scorer
         self._features = list(bundle.features)

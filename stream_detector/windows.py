@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
 from .events import NO_TIME
+
+if TYPE_CHECKING:
+    from .bundle import Normaliser
 
 log = logging.getLogger(__name__)
 
@@ -296,6 +299,14 @@ class WindowStore:
         if freed:
             log.info("dropped window state of %d entities of partitions %s", len(freed), sorted(drop))
         return freed
+
+    def renormalise(self, old: "Normaliser", new: "Normaliser") -> None:
+        """Re-express every stored row under another normaliser (model hot reload): the buffers
+        hold normalised rows, so a new bundle's centre/scale must be applied to them, in place."""
+        buf = self._buf
+        buf *= old.scale
+        buf += old.center - new.center
+        buf /= new.scale
 
     def export_state(self, partition: int, key: str) -> dict[str, Any] | None:
         """The entity's window state (JSON-ready with orjson's numpy option), or None if untracked."""

@@ -154,3 +154,22 @@ def test_refuses_mismatched_input_and_state(tmp_path, rng):
         core.restore(0, "a", {"version": 1, "model_version": "other", "window": {}, "threshold": None, "alert": None})
     with pytest.raises(ValueError, match="hop"):
         DetectorCore(core.bundle, core.scorer, DetectionSettings(hop=0))
+
+
+def test_swap_model_renormalises_stored_windows(tmp_path, rng):
+    """Hot reload to a bundle with another normaliser: the stored windows are re-expressed in the
+    new normalisation, so scores after the swap equal those of a core that ran the new bundle all along."""
+    keys, rows, times, parts = stream(rng, steps=60, spikes=((3, 45),))
+    new = make_bundle(tmp_path, window=W, threshold=12.0, center=[9.0, 11.0, 10.0, 8.0], scale=[1.5, 3.0, 2.0, 0.5],
+                      name="new", model_version="v-new")
+    half = len(keys) // 2
+    swapped = new_core(tmp_path, name="old")
+    run(swapped, keys[:half], rows[:half], times[:half], parts[:half], [50])
+    swapped.swap_model(new, Scorer(new, provider="cpu", intra_op_threads=1))
+    reference = DetectorCore(new, Scorer(new, provider="cpu", intra_op_threads=1), SETTINGS, clock=lambda: 1_800_000_000.0)
+    run(reference, keys[:half], rows[:half], times[:half], parts[:half], [50])
+    tail = (keys[half:], rows[half:], times[half:], parts[half:])
+    got = [x[1] for x in flatten(run(swapped, *tail, [50]))]
+    want = [x[1] for x in flatten(run(reference, *tail, [50]))]
+    assert len(got) == len(want) > 0
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
