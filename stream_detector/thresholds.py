@@ -34,7 +34,7 @@ class ThresholdParams:
     # rolling quantile
     quantile: float = 0.999
     history: int = 1000
-    multiplier: float = 1.5
+    multiplier: float = 2.0
     # SPOT
     risk: float = 1e-4
     init_quantile: float = 0.98
