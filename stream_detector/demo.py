@@ -108,15 +108,17 @@ def main(argv: list[str] | None = None) -> int:
     bootstrap = args.bootstrap or start_broker()
     print(f"[demo] broker {bootstrap}; files in {work}", flush=True)
 
-    base = dict(entities=args.entities, features=args.features, seed=args.seed)
-    n = write_file(Simulator(SimConfig(**base), args.train_ticks), work / "normal.csv")
+    # Event time follows the wall clock: one tick of the fleet lasts as long as streaming it at
+    # --rate takes, the normal (training) period lies in the past and the live stream starts now,
+    # so the end-to-end lag metric (event time -> alert) means what it says.
+    interval_ms = max(1, round(1000 * args.entities / args.rate)) if args.rate > 0 else 1000
+    base = dict(entities=args.entities, features=args.features, seed=args.seed, interval_ms=interval_ms)
+    train_start_ms = int(time.time() * 1000) - args.train_ticks * interval_ms
+    n = write_file(Simulator(SimConfig(**base, start_ms=train_start_ms), args.train_ticks), work / "normal.csv")
     print(f"[demo] simulated {n} normal events ({args.entities} machines x {args.features} sensors)", flush=True)
     train(work / "normal.csv", work / "bundle", args)
 
     # The live stream: the same fleet (same seed: same machines), later in time, with anomalies.
-    cfg = SimConfig(**base, anomaly_rate=args.anomaly_rate, warmup=300, start_ms=SimConfig().start_ms + args.train_ticks * 1000)
-    sim = Simulator(cfg, args.ticks)
-    write_truth(work / "truth.jsonl", sim.truth)
     run_id = uuid.uuid4().hex[:6]
     topics = {"input": f"demo-{run_id}-observations", "alerts": f"demo-{run_id}-alerts", "dlq": f"demo-{run_id}-dlq"}
     create_topics(bootstrap, list(topics.values()), partitions=4)
@@ -142,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
 
     service = threading.Thread(target=serve, name="detector", daemon=True)
     service.start()
+    cfg = SimConfig(**base, anomaly_rate=args.anomaly_rate, warmup=300, start_ms=int(time.time() * 1000))
+    sim = Simulator(cfg, args.ticks)
+    write_truth(work / "truth.jsonl", sim.truth)
     print(f"[demo] detector running (model {detector.bundle.model_version} on {detector.scorer.provider}); "
           f"streaming {args.ticks * args.entities} events with {len(sim.truth)} injected anomalies at {args.rate:g}/s", flush=True)
 
