@@ -152,6 +152,9 @@ SWEEP = {
 # would reward it. A setting qualifies only if it keeps alerts open for at most this multiple of
 # the labelled anomalous rows on every development machine.
 MAX_ALERTED_PER_ANOMALOUS = 2.0
+# The target asks for event recall >= 0.8 first; among settings reaching it on the
+# development machines (mean), the best event F1 wins (if none reaches it, the best F1 overall).
+MIN_DEV_RECALL = 0.8
 
 
 def tune(args: argparse.Namespace, smd: Path, work: Path, variants: list[str]) -> dict[str, dict[str, Any]]:
@@ -184,7 +187,8 @@ def tune(args: argparse.Namespace, smd: Path, work: Path, variants: list[str]) -
             ok = ratio <= MAX_ALERTED_PER_ANOMALOUS
             scored.append((f1 if ok else -1.0, rec, prec, over))
             print(f"  {over}  F1 {f1:.3f}  recall {rec:.3f}  precision {prec:.3f}  alerted/anomalous {ratio:.2f}{'' if ok else '  (excluded)'}", flush=True)
-        f1, rec, prec, over = max(scored, key=lambda t: t[0])
+        recall_ok = [t for t in scored if t[1] >= MIN_DEV_RECALL and t[0] >= 0] or scored
+        f1, rec, prec, over = max(recall_ok, key=lambda t: t[0])
         best[variant] = {"settings": over, "f1": f1, "recall": rec, "alert_precision": prec}
         print(f"  best for {variant}: {over} (F1 {f1:.3f})", flush=True)
     return best
@@ -282,8 +286,9 @@ def write_report(
         "",
         *(
             [
-                f"Threshold settings per variant, each the best event F1 on {', '.join(DEV_MACHINES)} among those keeping "
-                f"alerts open at most {MAX_ALERTED_PER_ANOMALOUS:g}x the anomalous rows (`--tune`; they override the ones above):",
+                f"Threshold settings per variant, each the best mean event F1 on {', '.join(DEV_MACHINES)} among those with "
+                f"mean event recall >= {MIN_DEV_RECALL} that keep alerts open at most {MAX_ALERTED_PER_ANOMALOUS:g}x the "
+                f"anomalous rows (`--tune`; they override the ones above):",
                 "",
                 *[f"- `{v}`: {t['settings']} (dev event F1 {t['f1']:.3f})" for v, t in tuned.items()],
                 "",
