@@ -9,7 +9,10 @@ of the window's newest event is the squared error averaged over the positions na
 `ScoringRule.positions` (negative indices from the window's end, e.g. [-1]), then reduced over the
 features by `ScoringRule.reduction`: `mean_squared_error` (the default: mean over features) or
 `max_squared_error` (the largest feature's error, used by the rolling z-score baseline); the
-per-feature error at those positions gives the alert's `top_features`.
+per-feature error at those positions gives the alert's `top_features`. `model_error` is for
+models whose output already *is* a per-position, per-feature error (the log sequence model puts
+the negative log-likelihood of the observed template there): the per-feature error is the output
+averaged over the scoring positions, and the score is its sum over features.
 """
 
 from __future__ import annotations
@@ -81,7 +84,7 @@ class Normaliser:
         return cls(center, scale, floor)
 
 
-SCORING_REDUCTIONS = ("mean_squared_error", "max_squared_error")
+SCORING_REDUCTIONS = ("mean_squared_error", "max_squared_error", "model_error")
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,8 @@ class ScoringRule:
     def feature_errors(self, x: np.ndarray, reconstruction: np.ndarray) -> np.ndarray:
         """Squared error per feature at the scoring positions, averaged over them: [batch, F]."""
         idx = list(self.positions)
+        if self.reduction == "model_error":  # the output is the error already
+            return np.mean(reconstruction[:, idx, :], axis=1, dtype=np.float32)
         diff = x[:, idx, :] - reconstruction[:, idx, :]
         return np.mean(diff * diff, axis=1, dtype=np.float32)
 
@@ -109,6 +114,8 @@ class ScoringRule:
         fe = self.feature_errors(x, reconstruction)
         if self.reduction == "max_squared_error":
             return fe.max(axis=1), fe
+        if self.reduction == "model_error":
+            return fe.sum(axis=1, dtype=np.float32), fe
         return fe.mean(axis=1), fe
 
     def to_json(self) -> dict[str, Any]:

@@ -146,7 +146,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, type=Path, help="model bundle directory")
     p.add_argument("--input", required=True, type=Path, help="data file to replay")
     p.add_argument("--out", required=True, type=Path, help="output directory (created)")
-    p.add_argument("--format", default="auto", choices=FORMATS, help="input format (default: from the suffix)")
+    p.add_argument("--format", default="auto", choices=(*FORMATS, "log"), help="input format (default: from the suffix); 'log': raw log lines for a log model bundle (logreplay.py)")
     p.add_argument("--key-field", default=None, help="column holding the entity key (default: 'key'/'entity' if present, else one entity)")
     p.add_argument("--timestamp-field", default=None, help="column holding the event time (default: 'timestamp'/'time'/'ts'/'event_time' if present)")
     p.add_argument("--hop", type=int, default=d_det.hop, help="score every k-th event of an entity (default %(default)s)")
@@ -165,6 +165,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    if args.format == "log":
+        from .logreplay import run_log_replay_cli
+
+        return run_log_replay_cli(args)
     try:
         bundle: Bundle = load_bundle(args.model)
         settings = DetectionSettings(

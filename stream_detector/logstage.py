@@ -1,0 +1,305 @@
+"""Raw log lines → the `EventBatch` the scoring core consumes (the log stage of issue 8).
+
+Shared by training (`training/logs.py` builds its training rows with it), `replay --format log` and
+`run`, so the three cannot drift apart. Per line: parse (logparse) → template id in match-only mode
+(templates; a line no learned template matches is token 0, "unknown template") → one event per
+entity named by the line → per-entity sessions (logfeatures: inactivity timeout, end template,
+cap + eviction) → the event's input row, which carries the entity's last K tokens and gaps
+(layout in logbundle.py).
+
+Besides one row per (line, entity), the stage adds two kinds of rows:
+- a session-start row before the first event of every session (never alerts: its score is 0), so
+  that the first real event already has a full window of W = 2 rows and is scored;
+- a session-end row when a session ends by inactivity timeout (or an end template): the model
+  scores how likely the session was to end there, which is how a block that stops early (missing
+  events) is caught. Sessions still open when the input ends (`flush`) are incomplete: no end row.
+
+Time is event time: the line's timestamp, else the transport's (Kafka) timestamp. Timeouts are
+noticed at the entity's next event, or by the stage's clock (the highest event time seen) at the
+end of every batch. Lines that cannot be parsed are returned as (index, reason) for the dead-letter
+path; they never reach the model.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from .events import NO_TIME, EventBatch
+from .logbundle import LogModelSpec, gap_feature
+from .logfeatures import LogFeaturizer, Session
+from .logparse import LineParser, LogLineError
+
+log = logging.getLogger(__name__)
+
+LINE, START, END = 0, 1, 2  # row kinds
+ROW_KINDS = ("line", "session-start", "session-end")
+
+
+@dataclass(frozen=True)
+class LogEventBatch(EventBatch):
+    """An EventBatch plus, per row, what it stands for (for alerts and per-entity decisions)."""
+
+    kind: np.ndarray  # int8 [n]: LINE, START or END
+    token: np.ndarray  # int32 [n]: the row's newest token (template id, or the start/end token)
+    line: list[str]  # [n]: the raw line (END: the session's last line)
+    line_index: np.ndarray  # int64 [n]: index of the input line in the fed sequence (-1 for END rows made by expire)
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    entity: str
+    start_ms: int
+    end_ms: int
+    events: int
+    reason: str  # logfeatures.SessionEnd
+    complete: bool  # ended by timeout or end template (an end row was scored)
+
+
+class _Context:
+    __slots__ = ("tokens", "gaps", "source", "line", "time_ms")
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.gaps: list[float] = []
+        self.source: tuple[str, int, int] = ("", 0, 0)
+        self.line = ""
+        self.time_ms = 0
+
+
+class LogStage:
+    """Streaming: feed batches of raw lines in arrival order. Not thread-safe."""
+
+    def __init__(self, spec: LogModelSpec, record_sessions: bool = False) -> None:
+        self.spec = spec
+        self.parser = LineParser(spec.parser)
+        self.templates = spec.templates
+        self.featurizer = LogFeaturizer(spec.vocab_size, spec.features, spec.end_template_ids)
+        self._ctx: dict[str, _Context] = {}
+        self._timeout_ms = int(round(spec.features.session_timeout_s * 1000))
+        self._end_gap = gap_feature(spec.features.session_timeout_s)
+        self.clock_ms = NO_TIME  # highest event time seen
+        self.record_sessions = record_sessions
+        self.sessions: list[SessionRecord] = []
+        self.lines_parsed = 0
+        self.unknown_lines = 0
+
+    # ------------------------------------------------------------------ public
+    def feed(
+        self,
+        lines: Sequence[str | bytes],
+        keys: Sequence[str | bytes | None] | None = None,
+        transport_time_ms: Sequence[int] | np.ndarray | None = None,
+        topic: str | Sequence[str] = "",
+        partition: int | Sequence[int] | np.ndarray = 0,
+        offset: Sequence[int] | np.ndarray | None = None,
+        expire: bool = True,
+    ) -> tuple[LogEventBatch, list[tuple[int, str]]]:
+        """Rows for a batch of raw lines (+ end rows of sessions that timed out by the stage's clock
+        after the batch, when `expire`), and the lines that could not be used as (index, reason)."""
+        n = len(lines)
+        topics = [topic] * n if isinstance(topic, str) else list(topic)
+        parts = np.full(n, int(partition), dtype=np.int64) if np.isscalar(partition) else np.asarray(partition, dtype=np.int64)
+        offs = np.arange(n, dtype=np.int64) if offset is None else np.asarray(offset, dtype=np.int64)
+        out = _RowBuilder(self.spec)
+        dead: list[tuple[int, str]] = []
+        parse, match = self.parser.parse, self.templates.match
+        for i in range(n):
+            key = keys[i] if keys is not None else None
+            try:
+                p = parse(lines[i], key=key)
+            except LogLineError as e:
+                dead.append((i, str(e)))
+                continue
+            t = p.timestamp_ms
+            if t is None:
+                t = None if transport_time_ms is None else int(transport_time_ms[i])
+                if t is None or t == NO_TIME or t < 0:
+                    dead.append((i, "log line carries no timestamp and its message has none either."))
+                    continue
+            tid = match(p.message)
+            self.lines_parsed += 1
+            if tid == 0:
+                self.unknown_lines += 1
+            raw = lines[i]
+            text = raw if isinstance(raw, str) else bytes(raw).decode("utf-8", "replace")
+            text = text.rstrip("\r\n")
+            src = (topics[i], int(parts[i]), int(offs[i]))
+            for entity in p.entities:
+                self._event(out, entity, t, tid, src, text, i)
+            if t > self.clock_ms:
+                self.clock_ms = t
+        if expire and self.clock_ms != NO_TIME:
+            self._closed(out, self.featurizer.expire(self.clock_ms).sessions)
+        return out.build(), dead
+
+    def flush(self) -> None:
+        """End of input: close every open session as incomplete (no end row, nothing scored)."""
+        self._closed(_RowBuilder(self.spec), self.featurizer.close_all().sessions)
+
+    # ------------------------------------------------------------------ internals
+    def _event(self, out: "_RowBuilder", entity: str, t: int, tid: int, src: tuple[str, int, int], text: str, i: int) -> None:
+        fb = self.featurizer.add_batch((entity,), (t,), (tid,))
+        before = [s for s in fb.sessions if not (s.entity == entity and s.reason in ("end-template", "max-length"))]
+        after = [s for s in fb.sessions if s.entity == entity and s.reason in ("end-template", "max-length")]
+        if before:
+            self._closed(out, before)
+        ctx = self._ctx.get(entity)
+        if fb.position[0] == 0 or ctx is None:  # a new session: the start row first
+            ctx = self._ctx[entity] = _Context()
+            ctx.tokens.append(self.spec.bos_id)
+            ctx.gaps.append(0.0)
+            out.add(entity, ctx, START, self.spec.bos_id, t, src, text, i)
+        ctx.tokens.append(tid)
+        ctx.gaps.append(gap_feature(float(fb.gap_s[0])))
+        ctx.source, ctx.line, ctx.time_ms = src, text, t
+        out.add(entity, ctx, LINE, tid, t, src, text, i)
+        if after:
+            self._closed(out, after, end_gap=0.0)
+
+    def _closed(self, out: "_RowBuilder", sessions: list[Session], end_gap: float | None = None) -> None:
+        for s in sessions:
+            ctx = self._ctx.pop(s.entity, None)
+            complete = s.reason in ("timeout", "end-template")
+            if complete and ctx is not None:
+                ctx.tokens.append(self.spec.end_id)
+                ctx.gaps.append(self._end_gap if end_gap is None else end_gap)
+                t_end = ctx.time_ms + (self._timeout_ms if s.reason == "timeout" else 0)
+                out.add(s.entity, ctx, END, self.spec.end_id, t_end, ctx.source, ctx.line, -1)
+            if self.record_sessions:
+                self.sessions.append(SessionRecord(s.entity, s.start_ms, s.end_ms, int(s.template_ids.size), s.reason, complete))
+
+
+class _RowBuilder:
+    """Accumulates rows; each row is the context's last K tokens and gaps, left-padded."""
+
+    def __init__(self, spec: LogModelSpec) -> None:
+        self.k = spec.context
+        self.pad = float(spec.pad_id)
+        self.rows: list[np.ndarray] = []
+        self.keys: list[str] = []
+        self.kind: list[int] = []
+        self.token: list[int] = []
+        self.time: list[int] = []
+        self.topic: list[str] = []
+        self.partition: list[int] = []
+        self.offset: list[int] = []
+        self.line: list[str] = []
+        self.line_index: list[int] = []
+
+    def add(self, entity: str, ctx: _Context, kind: int, token: int, t: int, src: tuple[str, int, int], line: str, i: int) -> None:
+        k = self.k
+        if len(ctx.tokens) > k:  # keep only what the model sees
+            del ctx.tokens[:-k]
+            del ctx.gaps[:-k]
+        m = len(ctx.tokens)
+        row = np.zeros(2 * k, dtype=np.float32)
+        row[: k - m] = self.pad
+        row[k - m : k] = ctx.tokens
+        row[2 * k - m :] = ctx.gaps
+        self.rows.append(row)
+        self.keys.append(entity)
+        self.kind.append(kind)
+        self.token.append(token)
+        self.time.append(t)
+        self.topic.append(src[0])
+        self.partition.append(src[1])
+        self.offset.append(src[2])
+        self.line.append(line)
+        self.line_index.append(i)
+
+    def build(self) -> LogEventBatch:
+        n = len(self.keys)
+        rows = np.stack(self.rows) if n else np.zeros((0, 2 * self.k), dtype=np.float32)
+        return LogEventBatch(
+            keys=self.keys,
+            rows=rows,
+            event_time_ms=np.asarray(self.time, dtype=np.int64),
+            topic=self.topic,
+            partition=np.asarray(self.partition, dtype=np.int32),
+            offset=np.asarray(self.offset, dtype=np.int64),
+            kind=np.asarray(self.kind, dtype=np.int8),
+            token=np.asarray(self.token, dtype=np.int32),
+            line=self.line,
+            line_index=np.asarray(self.line_index, dtype=np.int64),
+        )
+
+
+def annotate_alerts(spec: LogModelSpec, batch: LogEventBatch, alerts: list[dict[str, Any]], alert_rows: Sequence[int]) -> None:
+    """Add a `log` object to each contract-3 alert: what kind of row raised it, the offending
+    line's template (or "<session end>") and a sample line. `alert_rows[j]` is the batch row of alerts[j]."""
+    for a, r in zip(alerts, alert_rows):
+        tok = int(batch.token[r])
+        a["log"] = {
+            "row": ROW_KINDS[int(batch.kind[r])],
+            "template_id": tok,
+            "template": spec.token_text(tok),
+            "line": batch.line[r],
+        }
+
+
+def alert_rows(result: Any) -> list[int]:
+    """Batch row of each alert of a pipeline.BatchResult (alerts are emitted in scored-event order)."""
+    return [int(i) for i, ev in zip(result.index.tolist(), result.alert_event) if ev is not None]
+
+
+class LogDetectorCore:
+    """A DetectorCore for log rows: same interface (process, drop_partitions, state_of, ...), and
+    each alert it returns carries the log context (`annotate_alerts`)."""
+
+    def __init__(self, core: Any, spec: LogModelSpec) -> None:
+        self._core = core
+        self.spec = spec
+
+    def process(self, batch: EventBatch, row_alert_state: bool = False) -> Any:
+        res = self._core.process(batch, row_alert_state)
+        if isinstance(batch, LogEventBatch) and res.alerts:
+            annotate_alerts(self.spec, batch, res.alerts, alert_rows(res))
+        return res
+
+    def __getattr__(self, name: str) -> Any:  # everything else is the wrapped core's
+        return getattr(self._core, name)
+
+
+class LogDecoder:
+    """Kafka messages of raw log lines → (LogEventBatch, dead letters): the `Decoder` interface of
+    decode.py for a log model bundle. The line is the message value; the key is passed to the
+    parser (entity rule `kafka-key`); the Kafka timestamp stands in when a line has no time."""
+
+    def __init__(self, spec: LogModelSpec, max_message_bytes: int) -> None:
+        self.stage = LogStage(spec)
+        self.max_message_bytes = int(max_message_bytes)
+
+    def decode(self, messages: Sequence[Any]) -> tuple[LogEventBatch, list[Any]]:
+        from confluent_kafka import TIMESTAMP_NOT_AVAILABLE
+
+        from .decode import DeadLetter
+
+        dead: list[Any] = []
+        kept: list[Any] = []
+        for m in messages:
+            value = m.value()
+            if value is None or len(value) == 0:
+                dead.append(DeadLetter(m, "empty-value", "the message has no value"))
+            elif len(value) > self.max_message_bytes:
+                dead.append(DeadLetter(m, "oversize", f"{len(value)} bytes exceed max_message_bytes {self.max_message_bytes}"))
+            else:
+                kept.append(m)
+        times = []
+        for m in kept:
+            kind, ts = m.timestamp()
+            times.append(NO_TIME if kind == TIMESTAMP_NOT_AVAILABLE else int(ts))
+        batch, bad = self.stage.feed(
+            [m.value() for m in kept],
+            keys=[m.key() for m in kept],
+            transport_time_ms=times,
+            topic=[m.topic() for m in kept],
+            partition=[m.partition() for m in kept],
+            offset=[m.offset() for m in kept],
+        )
+        for i, reason in bad:
+            dead.append(DeadLetter(kept[i], "unparseable-log-line", reason))
+        return batch, dead
