@@ -101,6 +101,7 @@ class Detector:
         self.scorer = Scorer(self.bundle, provider=settings.model.provider, require_cuda=settings.model.require_cuda, max_batch=rt.max_batch)
         self.core = DetectorCore(self.bundle, self.scorer, settings.detection.to_core())
         self.decoder = Decoder(self.bundle.features, settings.input)
+        self._use_log_stage_if_log_bundle(settings)
         self.metrics = metrics if metrics is not None else Metrics()  # process_* (RSS, CPU, fds) included
         self.health = health if health is not None else Health(stall_after_s=max(30.0, 10 * rt.max_wait_ms / 1000))
         partitions = check_broker(settings, [*settings.kafka.topics, settings.kafka.alerts_topic, settings.kafka.dlq_topic])
@@ -136,6 +137,17 @@ class Detector:
         # Fault injection for the reliability suite: die by SIGKILL at the N-th checkpoint that
         # follows produced alerts, after they reached the broker and before the commit.
         self._kill_at = int(os.environ.get(FAULT_KILL_BEFORE_COMMIT, "0") or 0)
+
+    def _use_log_stage_if_log_bundle(self, settings: Settings) -> None:
+        """A log model bundle (issue 8): messages are raw log lines, turned into rows by the log
+        stage (logstage.py), and alerts carry the offending template and a sample line."""
+        from stream_detector.logbundle import is_log_bundle, load_log_spec
+        from stream_detector.logstage import LogDecoder, LogDetectorCore
+
+        if is_log_bundle(self.bundle):
+            spec = load_log_spec(self.bundle)
+            self.core = LogDetectorCore(self.core, spec)  # type: ignore[assignment]
+            self.decoder = LogDecoder(spec, settings.input.max_message_bytes)  # type: ignore[assignment]
 
     def stop(self) -> None:
         """Ask the loop to finish the current batch, deliver, commit and close (signal-safe)."""
