@@ -31,8 +31,8 @@ OPEN, UPDATE, RESOLVED = "open", "update", "resolved"
 
 @dataclass(frozen=True)
 class AlertParams:
-    resolve_after: int = 10  # consecutive normal scores that resolve an open alert
-    cooldown: int = 0  # scored events after a resolve during which a crossing opens nothing
+    resolve_after: int = 30  # consecutive normal scores that resolve an open alert (docs/quality.md)
+    cooldown: int = 60  # scored events after a resolve during which a crossing opens nothing (docs/quality.md)
     update_every: int = 0  # while open, emit `update` every N further anomalous scores (0: never)
     update_factor: float = 0.0  # while open, emit `update` when score >= factor x last reported (0: never)
     top_k: int = 3  # features listed in top_features

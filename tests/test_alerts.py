@@ -57,7 +57,7 @@ def test_cooldown_suppresses_a_new_open_right_after_resolve():
     # resolved at 2; events 3, 4, 5 are inside the cool-down; 6 opens a new alert
     assert events(out) == [(0, "open"), (2, "resolved"), (6, "open"), (9, "resolved")]
     # without a cool-down the crossing at 3 opens a second alert at once
-    assert events(run("X..XX.XX..", AlertParams(resolve_after=2))) == [(0, "open"), (2, "resolved"), (3, "open"), (9, "resolved")]
+    assert events(run("X..XX.XX..", AlertParams(resolve_after=2, cooldown=0))) == [(0, "open"), (2, "resolved"), (3, "open"), (9, "resolved")]
 
 
 def test_update_every_n_anomalous_scores():
