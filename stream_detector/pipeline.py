@@ -21,6 +21,7 @@ import numpy as np
 
 from .alerts import OPEN, RESOLVED, AlertParams, AlertState, Source, alert_event, make_alert_id
 from .bundle import Bundle
+from .device_windows import DeviceWindows
 from .events import EventBatch
 from .scorer import Scorer
 from .thresholds import Threshold, ThresholdParams, make_threshold, threshold_from_state
@@ -80,6 +81,7 @@ class DetectorCore:
         scorer: Scorer,
         settings: DetectionSettings | None = None,
         clock: Callable[[], float] = time.time,
+        device_windows: bool | None = None,
     ) -> None:
         settings = settings or DetectionSettings()
         settings.validate()
@@ -100,6 +102,15 @@ class DetectorCore:
         self._alerts: list[AlertState | None] = []
         self._features = list(bundle.features)
         self._initial_threshold = float(bundle.calibration.threshold)
+        # Device-resident windows (device_windows.py): None = on when the scorer runs on CUDA.
+        self._device_mode = device_windows
+        self.device = self._device_for(bundle, scorer)
+
+    def _device_for(self, bundle: Bundle, scorer: Scorer) -> DeviceWindows | None:
+        mode = self._device_mode
+        if mode or (mode is None and scorer.on_cuda):
+            return DeviceWindows(bundle, scorer)  # fills its ring from the host store at the first batch
+        return None
 
     # ------------------------------------------------------------------ the batch path
     def process(self, batch: EventBatch, row_alert_state: bool = False) -> BatchResult:
@@ -114,7 +125,9 @@ class DetectorCore:
             return _concat_results(parts)
 
         rows = self.bundle.normaliser.apply(batch.rows)
-        ing = self.store.ingest(batch.partition, batch.keys, rows, batch.event_time_ms)
+        if self.device is not None:
+            self.device.before_ingest(self.store)
+        ing = self.store.ingest(batch.partition, batch.keys, rows, batch.event_time_ms, gather=self.device is None)
         self._ensure_capacity()
         for s in ing.reset_slots.tolist():
             self._thresholds[s] = None
@@ -125,7 +138,10 @@ class DetectorCore:
                 a = self._alerts[s]
                 start_open[s] = a is not None and a.is_open
 
-        scores, errors = self.scorer.score(ing.windows)
+        if self.device is None:
+            scores, errors = self.scorer.score(ing.windows)
+        else:  # rows to the device ring, windows gathered and scored there (device_windows.py)
+            scores, errors = self.device.process(self.store, ing, rows)
         m = ing.due.size
         thresholds = np.empty(m, dtype=np.float32)
         anomalous = np.zeros(m, dtype=bool)
@@ -135,16 +151,32 @@ class DetectorCore:
         detected_at_ms = self._clock() * 1000.0
         params = self.settings.alerts
         model_version = self.bundle.model_version
-        due_slots = ing.slots[ing.due].tolist()
-        for j, (i, s, score) in enumerate(zip(ing.due.tolist(), due_slots, scores.tolist())):
-            thr = self._thresholds[s]
+        thr_by_slot, alert_by_slot = self._thresholds, self._alerts
+        thr_params, initial = self.settings.threshold, self._initial_threshold
+        due_list = ing.due.tolist()
+        thr_values = [0.0] * m
+        needs_alert_step: list[int] = []
+        stepping: set[int] = set()
+        # The hot loop: every scored event is judged (and learned from) by its entity's threshold;
+        # only events that are anomalous, or whose entity has an alert open or cooling down, go on
+        # through the alert lifecycle below (for the others `AlertState.step` changes nothing).
+        for j, (s, score) in enumerate(zip(ing.slots[ing.due].tolist(), scores.tolist())):
+            thr = thr_by_slot[s]
             if thr is None:
-                thr = self._thresholds[s] = make_threshold(self.settings.threshold, self._initial_threshold)
-            a = self._alerts[s]
+                thr = thr_by_slot[s] = make_threshold(thr_params, initial)
+            a = alert_by_slot[s]
             if a is None:
-                a = self._alerts[s] = AlertState()
+                a = alert_by_slot[s] = AlertState()
             t, anom = thr.observe(score)
-            thresholds[j] = t
+            thr_values[j] = t
+            if anom or s in stepping or a.alert_id is not None or a.cooldown_left:
+                needs_alert_step.append(j)
+                stepping.add(s)  # its later events in this batch follow its (possibly new) alert
+        thresholds[:] = thr_values
+        for j in needs_alert_step:
+            i, s = due_list[j], int(ing.slots[due_list[j]])
+            score, t, a = float(scores[j]), thr_values[j], alert_by_slot[s]
+            anom = not (score <= t)
             anomalous[j] = anom
             ev = a.step(score, anom, params)
             if ev is not None:
@@ -198,6 +230,7 @@ class DetectorCore:
         self._features = list(bundle.features)
         self._initial_threshold = float(bundle.calibration.threshold)
         self._thresholds = [None] * len(self._thresholds)
+        self.device = self._device_for(bundle, scorer)  # the new model's graphs; the ring is re-sent
 
     # ------------------------------------------------------------------ rebalance, changelog
     def drop_partitions(self, partitions: Iterable[int]) -> int:

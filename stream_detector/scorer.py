@@ -10,6 +10,7 @@ with `require_cuda` a session that is not on CUDA is refused with one sentence.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,15 @@ log = logging.getLogger(__name__)
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 PROVIDER_CHOICES = ("auto", "cpu", "cuda")
+
+
+def default_intra_op_threads() -> int:
+    """Cores available to this process minus one (for decoding and Kafka), at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
 
 
 class ScorerError(Exception):
@@ -48,10 +58,9 @@ class Scorer:
         self.requested = provider
         want_cuda = provider == "cuda" or require_cuda or (provider == "auto" and CUDA in ort.get_available_providers())
         providers: list[Any] = [(CUDA, {"device_id": device_id}), CPU] if want_cuda else [CPU]
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3  # a failed CUDA start is reported by us below, in one line
-        if intra_op_threads is not None:
-            opts.intra_op_num_threads = int(intra_op_threads)
+        self.device_id = int(device_id)
+        self.intra_op_threads = default_intra_op_threads() if intra_op_threads is None else int(intra_op_threads)
+        opts = self.session_options()
         try:
             self.session = ort.InferenceSession(str(bundle.model_path), sess_options=opts, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types
@@ -72,8 +81,25 @@ class Scorer:
             level = logging.WARNING if provider == "cuda" else logging.INFO
             log.log(level, "CUDA was requested (provider=%s) but is not active; scoring on %s", provider, self.provider)
         log.info("scorer: model %s on %s (max_batch %d)", bundle.model_version, self.provider, self.max_batch)
-        # TODO(perf issue): on CUDA, keep windows device-resident and bind them with io_binding;
-        # today both providers take host arrays through session.run.
+        # On CUDA the pipeline keeps windows device-resident (device_windows.py); this session
+        # then only serves `reconstruct` and host-gathered scoring (replay, benchmarks).
+
+    def session_options(self) -> Any:
+        """Options of every session of this scorer (device_windows.py builds two more with them).
+        Sequential execution (the model is a chain), all graph optimisations, and an intra-op
+        pool that leaves one core to decoding and Kafka: the service decodes the next batch on
+        the main thread while this session runs (bench/e2e.py measured both settings on 2 cores).
+        The pool's threads do not spin between runs: spinning steals that core from the decoder."""
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3  # a failed CUDA start is reported by us, in one line
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = self.intra_op_threads
+        opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return opts
 
     def reconstruct(self, windows: np.ndarray) -> np.ndarray:
         """Model output for normalised windows [n, W, F], in chunks of max_batch."""

@@ -45,6 +45,7 @@ class Ingested:
     windows: np.ndarray  # float32 [m, W, F]: the window ending at each due event, oldest row first
     reset_slots: np.ndarray  # int64: slots given to a new entity during this call (start their state fresh)
     evicted: int  # entities evicted during this call (idle or LRU)
+    counts: np.ndarray | None = None  # int64 [n]: the entity's event count after each event
 
 
 class WindowStore:
@@ -83,6 +84,11 @@ class WindowStore:
         self._clock_ms = NO_TIME  # highest event time seen: the clock idle eviction runs on
         self.evicted_idle = 0
         self.evicted_lru = 0
+        # Slots whose rows were replaced outside `ingest` (state import, renormalisation), for a
+        # device-resident copy to re-send; only recorded once `track_rewrites` is set.
+        self.track_rewrites = False
+        self.rewritten: set[int] = set()
+        self.rewritten_all = False
         self._grow(min(int(initial_capacity), self.max_entities))
 
     # ------------------------------------------------------------------ queries
@@ -115,9 +121,12 @@ class WindowStore:
         keys: Sequence[str],
         rows: np.ndarray,
         event_time_ms: np.ndarray | None = None,
+        gather: bool = True,
     ) -> Ingested:
         """Append normalised rows [n, F] (in event order) to their entities' windows and gather the
-        windows of the events due for scoring. A batch may hold several events of one entity."""
+        windows of the events due for scoring. A batch may hold several events of one entity.
+        With `gather=False` the windows are left out (`windows` is empty): a device-resident copy
+        of the rings gathers them itself from `slots`, `counts` and `due` (device_windows.py)."""
         n = len(keys)
         rows = np.asarray(rows, dtype=np.float32)
         if rows.shape != (n, self.n_features):
@@ -127,7 +136,7 @@ class WindowStore:
         self._seq += 1
         empty = np.zeros(0, dtype=np.int64)
         if n == 0:
-            return Ingested(empty, empty, np.zeros((0, self.window, self.n_features), np.float32), empty, 0)
+            return Ingested(empty, empty, np.zeros((0, self.window, self.n_features), np.float32), empty, 0, empty)
 
         known_times = times[times != NO_TIME]
         if known_times.size:
@@ -137,6 +146,8 @@ class WindowStore:
         self._last_seq[slots] = self._seq
 
         times_buf = np.empty(n, dtype=np.int64)
+        counts = np.empty(n, dtype=np.int64)
+        no_windows = np.zeros((0, self.window, self.n_features), np.float32)
         due_parts: list[np.ndarray] = []
         win_parts: list[np.ndarray] = []
         for idx in self._rounds(slots):
@@ -148,19 +159,33 @@ class WindowStore:
             np.maximum(self._last_time[s], times[idx], out=times_buf[: s.size])  # NO_TIME is int64 min: never wins
             self._last_time[s] = times_buf[: s.size]
             c = self._count[s]
+            counts[idx] = c
             due_mask = (c >= self.window) & (c % self.hop == 0)
             if due_mask.any():
                 ds = s[due_mask]
                 due_parts.append(idx[due_mask])
-                win_parts.append(self._gather(ds))
+                if gather:
+                    win_parts.append(self._gather(ds))
         if not due_parts:
-            return Ingested(slots, empty, np.zeros((0, self.window, self.n_features), np.float32), reset_slots, evicted)
+            return Ingested(slots, empty, no_windows, reset_slots, evicted, counts)
         due = np.concatenate(due_parts)
-        windows = np.concatenate(win_parts) if len(win_parts) > 1 else win_parts[0]
+        windows = no_windows
+        if gather:
+            windows = np.concatenate(win_parts) if len(win_parts) > 1 else win_parts[0]
         if len(due_parts) > 1:
             order = np.argsort(due, kind="stable")
-            due, windows = due[order], windows[order]
-        return Ingested(slots, due, windows, reset_slots, evicted)
+            due = due[order]
+            if gather:
+                windows = windows[order]
+        return Ingested(slots, due, windows, reset_slots, evicted, counts)
+
+    def windows_of(self, slots: np.ndarray) -> np.ndarray:
+        """The current windows of these slots, oldest row first: [len(slots), W, F] (a new array;
+        rows an entity has not seen yet are whatever the slot held, callers look at `count_of`)."""
+        return self._gather(np.asarray(slots, dtype=np.int64))
+
+    def counts_of(self, slots: np.ndarray) -> np.ndarray:
+        return self._count[np.asarray(slots, dtype=np.int64)].copy()
 
     def _gather(self, slots: np.ndarray) -> np.ndarray:
         """Windows of the given slots, oldest row first: [len(slots), W, F] (a new array)."""
@@ -307,6 +332,7 @@ class WindowStore:
         buf *= old.scale
         buf += old.center - new.center
         buf /= new.scale
+        self.rewritten_all = self.track_rewrites
 
     def export_state(self, partition: int, key: str) -> dict[str, Any] | None:
         """The entity's window state (JSON-ready with orjson's numpy option), or None if untracked."""
@@ -338,4 +364,6 @@ class WindowStore:
         self._count[slot] = count
         last = state.get("last_time_ms")
         self._last_time[slot] = NO_TIME if last is None else int(last)
+        if self.track_rewrites:
+            self.rewritten.add(slot)
         return slot
