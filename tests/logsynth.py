@@ -69,7 +69,7 @@ def make_log(seed: int, n_normal: int, anomalies: dict[str, int] | None = None, 
     return [line for _, _, line in events], labels
 
 
-def train_tiny_bundle(out_dir, seed: int = 0, n_normal: int = 120, context: int = 8, epochs: int = 4):
+def train_tiny_bundle(out_dir, seed: int = 0, n_normal: int = 120, context: int = 8, epochs: int = 4, lr: float = 5e-3):
     """Fit a tiny log model (CPU, one thread) on a normal-only synthetic log; returns the bundle path."""
     import torch
 
@@ -81,6 +81,6 @@ def train_tiny_bundle(out_dir, seed: int = 0, n_normal: int = 120, context: int 
     data.write_text("\n".join(lines) + "\n")
     fit_log(LogFitSettings(
         data=data, out=out_dir / "bundle", context=context, d_model=16, n_heads=2, n_layers=1, ff_dim=32, dropout=0.0,
-        epochs=epochs, batch_size=64, lr=5e-3, seed=seed, threads=1, session_timeout_s=600.0, threshold_margin=1.5,
+        epochs=epochs, batch_size=32, lr=lr, patience=50, seed=seed, threads=1, session_timeout_s=600.0, threshold_margin=1.5,
     ))
     return out_dir / "bundle"

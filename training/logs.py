@@ -16,7 +16,8 @@ template in an unusual place, or a session that ends too early.
 
 Calibration is per session, because an entity is flagged when any of its events alerts: the
 suggested threshold is the `threshold_quantile` quantile of the held-out sessions' largest event
-score (their end rows included) times `threshold_margin`.
+score (their end rows included) times `threshold_margin`, and at least `threshold_floor` nats (an
+event the model gives 1 % or more never alerts, however regular the training data was).
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ class LogFitSettings(BaseModel):
     val_fraction: float = Field(0.2, gt=0, lt=1)
     threshold_quantile: float = Field(1.0, gt=0, le=1)
     threshold_margin: float = Field(1.0, gt=0)
+    # an event at least this likely (e^-floor; 4.6 nats = 1 %) never alerts, however regular the training data
+    threshold_floor: float = Field(4.6, ge=0)
     seed: int = 0
     threads: int = Field(0, ge=0)
     opset: int = Field(18, ge=17)
@@ -221,13 +224,14 @@ def _lm_loss(model, rows, n_out: int, pad_id: int):
 
 
 def _training_rows(keys: list[str], kind: np.ndarray, context: int) -> np.ndarray:
-    """Rows that cover every session with few overlaps: the loss is taken at every position of a
-    row, so a session's last row (and, in long sessions, every context//2-th row) is enough."""
+    """Rows that cover every session with few overlaps. The loss is taken at every position of a
+    row, and the model is invariant to left padding, so a session's last row covers everything up
+    to it while the session fits the context; once it is longer, every row is taken (a full row's
+    positions count from its first slot, so each offset into a long session is its own case)."""
     n = len(keys)
     pick = np.zeros(n, dtype=bool)
     last_of: dict[str, int] = {}
     pos: dict[str, int] = {}
-    stride = max(1, context // 2)
     for i, (k, kd) in enumerate(zip(keys, kind.tolist())):
         if kd == START:
             if k in last_of:
@@ -236,7 +240,7 @@ def _training_rows(keys: list[str], kind: np.ndarray, context: int) -> np.ndarra
             continue
         pos[k] = pos.get(k, 0) + 1
         last_of[k] = i
-        if pos[k] % stride == 0:
+        if pos[k] >= context - 1:  # the row holds `context` tokens: no padding, no start token
             pick[i] = True
     for i in last_of.values():
         pick[i] = True
@@ -344,7 +348,7 @@ def fit_log(s: LogFitSettings, command_line: str | None = None) -> LogFitResult:
     qs = {str(q): float(np.quantile(scores, q)) for q in (0.9, 0.99, 0.999, 0.9999)}
     qs["1.0"] = float(scores.max())
     qs.update({f"session_{q}": float(np.quantile(session_max, q)) for q in (0.5, 0.9, 0.99, 1.0)})
-    calibration = Calibration(qs, max(threshold, 1e-6), int(scores.size))
+    calibration = Calibration(qs, max(threshold, s.threshold_floor, 1e-6), int(scores.size))
 
     sha = hashlib.sha256(onnx_bytes).hexdigest()
     model_version = s.model_version or f"logseq-{sha[:12]}"

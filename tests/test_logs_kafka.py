@@ -1,0 +1,95 @@
+"""The log path on the real broker: raw HDFS-style lines produced to a topic as a log shipper would
+(value = the line, no key), `Detector.run` with a log model bundle → alerts for the anomalous
+blocks (each naming the offending template and a sample line), and unparseable lines on the
+dead-letter topic with their reason; offsets committed.
+
+Model: a tiny sequence model trained on 120 normal synthetic blocks (tests/logsynth.py). Stated
+bounds: every block with a line of a kind never seen in training ("unknown") is alerted at that
+line; at most 1 normal block of 40 is alerted.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import orjson
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from logsynth import make_log, train_tiny_bundle
+from stream_detector.config import load_settings
+from stream_detector.service import Detector
+
+pytestmark = pytest.mark.kafka
+
+GARBAGE = [b"this is not a log line", b"\xff\xfe\xfd not utf-8", b"081109 203615 148 INFO dfs.DataNode: a line that names no block"]
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    return train_tiny_bundle(tmp_path_factory.mktemp("logs_kafka"), epochs=40, lr=1e-2)
+
+
+def _read_all(bootstrap, topic):
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{uuid.uuid4().hex[:8]}", "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    meta = c.list_topics(topic, timeout=10).topics[topic]
+    tps = [TopicPartition(topic, p, 0) for p in meta.partitions]
+    want = sum(c.get_watermark_offsets(tp, timeout=10)[1] for tp in tps)
+    c.assign(tps)
+    out = []
+    for _ in range(60):
+        if len(out) >= want:
+            break
+        out += [m for m in c.consume(1000, timeout=0.5) if m.error() is None]
+    c.close()
+    assert len(out) == want
+    return out
+
+
+def test_service_alerts_on_anomalous_blocks_and_dead_letters_unparseable_lines(kafka_bootstrap, make_topic, tiny_bundle):
+    lines, kinds = make_log(21, 40, {"unknown": 3}, spacing=20)
+    values = [x.encode() for x in lines]
+    for j, g in enumerate(GARBAGE):  # sprinkled through the stream
+        values.insert(50 + 100 * j, g)
+    topic, alerts, dlq = make_topic(2), make_topic(1), make_topic(1)
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    p = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True, "linger.ms": 5})
+    for v in values:
+        p.produce(topic, value=v, partition=0)  # one partition keeps the shipper's line order
+    assert p.flush(30) == 0
+
+    settings = load_settings(None, {
+        "kafka": {"bootstrap_servers": kafka_bootstrap, "group_id": group, "topics": [topic], "alerts_topic": alerts, "dlq_topic": dlq},
+        "input": {"max_message_bytes": 4096},
+        "model": {"bundle": str(tiny_bundle), "provider": "cpu"},
+        "detection": {"warmup": 1000, "history": 1000},
+        "runtime": {"max_batch": 200, "max_wait_ms": 50, "commit_interval_s": 0.5},
+    })
+    det = Detector(settings)
+    stats = det.run(max_messages=len(values), timeout=60)
+    assert stats.consumed == len(values)
+    assert stats.dead_letters == len(GARBAGE)
+
+    dead = _read_all(kafka_bootstrap, dlq)
+    assert sorted(m.value() for m in dead) == sorted(GARBAGE)
+    reasons = {dict(m.headers() or {}).get("dlq.reason") for m in dead}
+    assert reasons == {b"unparseable-log-line"}, reasons
+
+    opens = [a for a in (orjson.loads(m.value()) for m in _read_all(kafka_bootstrap, alerts)) if a["state"] == "open"]
+    by_block = {}
+    for a in opens:
+        by_block.setdefault(a["key"], a)
+    unknown = {b for b, k in kinds.items() if k == "unknown"}
+    assert unknown <= set(by_block), f"missed: {unknown - set(by_block)}"
+    for b in unknown:
+        a = by_block[b]
+        assert a["log"]["template"] == "<unknown template>"
+        assert "writeBlock" in a["log"]["line"] and b in a["log"]["line"]
+        assert a["source"]["topic"] == topic and a["model_version"].startswith("logseq-")
+    false = set(by_block) - unknown
+    assert len(false) <= 1, f"normal blocks alerted: {false}"
+
+    c = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": group, "enable.auto.commit": False})
+    committed = c.committed([TopicPartition(topic, 0)], timeout=10)
+    c.close()
+    assert committed[0].offset == len(values)
