@@ -678,10 +678,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--input", type=Path, default=None, help="the replayed data file, to plot the top features' signal (optional)")
     p.add_argument("--format", default="auto", help="format of --input: auto, csv, parquet, jsonl, smd (default auto)")
     p.add_argument("--no-plots", action="store_true", help="write metrics.json only")
+    p.add_argument("--sessions", action="store_true", help="logs: --scores is `replay --format log`'s entities.csv and --labels an entity,label CSV; report session-level precision/recall/F1 and time-to-detect (logeval.py)")
+    p.add_argument("--start-after-ms", type=int, default=None, help="with --sessions: evaluate only entities whose first line is after this epoch-ms time (e.g. the end of the training period)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "sessions", False):
+        from .logeval import run_sessions_cli
+
+        return run_sessions_cli(args)
     try:
         settings = EvaluationSettings(args.tolerance, args.vus_max_buffer, args.vus_thresholds)
         ev, series = evaluate_files(args.scores, args.labels, settings)

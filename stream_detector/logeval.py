@@ -113,3 +113,26 @@ def format_session_summary(m: dict[str, Any]) -> str:
         t = m["time_to_detect_s"]
         s += f"; time to detect median {t['median']} s, p90 {t['p90']} s ({t['at_first_line']} at their first line)"
     return s
+
+
+def run_sessions_cli(args: Any) -> int:
+    """`stream-detector evaluate --sessions` (called by evaluate.run)."""
+    import sys
+
+    import orjson
+
+    try:
+        m = session_metrics(read_entities(args.scores), read_entity_labels(args.labels), args.start_after_ms)
+        out_dir = args.out or args.scores.parent
+        out_dir.mkdir(parents=True, exist_ok=True)
+        m["entities_file"], m["labels"] = str(args.scores), str(args.labels)
+        (out_dir / "session_metrics.json").write_bytes(orjson.dumps(m, option=orjson.OPT_INDENT_2))
+    except LogEvalError as e:
+        print(f"stream-detector evaluate: {e}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError, KeyError) as e:
+        print(f"stream-detector evaluate: cannot read the entity decisions or labels ({e}).", file=sys.stderr)
+        return 2
+    print(format_session_summary(m))
+    print(f"wrote {out_dir / 'session_metrics.json'}")
+    return 0

@@ -157,3 +157,19 @@ def test_session_metrics_by_hand():
     assert m["average_precision"] == round((1 + 2 / 3 + 3 / 5) / 3, 4)
     only_late = session_metrics(dec, labels, start_after_ms=2500)
     assert only_late["entities"] == 2 and (only_late["tp"], only_late["fp"]) == (1, 1)
+
+
+def test_evaluate_sessions_cli(tmp_path, capsys):
+    from stream_detector.cli import main
+
+    ent = tmp_path / "entities.csv"
+    ent.write_text("key,first_ms,last_ms,lines,alerted,first_alert_ms,first_alert_template,max_score\n"
+                   'a,0,5,3,1,2000,"<unknown template>",9\nb,0,5,3,0,,"",1\nc,0,5,3,1,0,"x",8\n')
+    labels = tmp_path / "labels.csv"
+    labels.write_text("BlockId,Label\na,Anomaly\nb,Anomaly\nc,Normal\n")
+    assert main(["evaluate", "--sessions", "--scores", str(ent), "--labels", str(labels)]) == 0
+    m = orjson.loads((tmp_path / "session_metrics.json").read_bytes())
+    assert (m["tp"], m["fp"], m["fn"]) == (1, 1, 1) and m["time_to_detect_s"]["median"] == 2.0
+    labels.write_text("BlockId,Label\na,Anomaly\n")  # b and c have no label
+    assert main(["evaluate", "--sessions", "--scores", str(ent), "--labels", str(labels)]) == 2
+    assert "2 evaluated entities have no label" in capsys.readouterr().err
