@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from perfkit import REFERENCE_BUNDLE, StageClock, cpu_delta, input_settings, rss_bytes, simulated_messages, thread_cpu
+from perfkit import REFERENCE_BUNDLE, StageClock, cpu_delta, input_settings, prepare_cuda, rss_bytes, simulated_messages, thread_cpu
 
 from stream_detector.bundle import load_bundle
 from stream_detector.decode import Decoder
@@ -119,6 +119,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, help="write the JSON result here")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    env = prepare_cuda() if args.provider in ("auto", "cuda") else {}
 
     bundle = load_bundle(args.bundle)
     t = time.perf_counter()
@@ -144,7 +145,7 @@ def main() -> int:
         c = r["cpu_s_per_1000_events"]
         print(f"{r['hop']:>4} {str(r['device_windows']):>7} {r['provider']:>22} {r['ingest_events_per_s']:>12} {r['scored_windows_per_s']:>13} "
               f"{c['decode'] * 1e3:>7.1f} {c['window_update'] * 1e3:>7.1f} {c['inference'] * 1e3:>7.1f} {c['threshold_alerts'] * 1e3:>7.1f}")
-    result = {"bench": "inprocess", "model": bundle.model_version, "window": bundle.window, "features": bundle.n_features,
+    result = {"bench": "inprocess", "env": env, "model": bundle.model_version, "window": bundle.window, "features": bundle.n_features,
               "entities": args.entities, "ticks": args.ticks, "rows": rows}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

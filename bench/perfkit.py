@@ -195,3 +195,35 @@ def rss_bytes() -> int:
     except OSError:
         pass
     return 0
+
+
+def prepare_cuda() -> dict[str, Any]:
+    """Load the CUDA libraries onnxruntime-gpu links against before any session is created:
+    `import torch` (its wheels carry cuBLAS/cuDNN) and, where this onnxruntime has it,
+    `onnxruntime.preload_dlls()`. Returns what was found, for the result files."""
+    import platform
+
+    info: dict[str, Any] = {"python": platform.python_version()}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_cuda"] = bool(torch.cuda.is_available())
+        if info["torch_cuda"]:
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except Exception as e:  # no torch: onnxruntime must find the CUDA libraries by itself
+        info["torch"] = f"not usable: {type(e).__name__}: {e}"
+    try:
+        import onnxruntime as ort
+
+        info["onnxruntime"] = ort.__version__
+        info["onnxruntime_file"] = str(Path(ort.__file__).parent)
+        if hasattr(ort, "preload_dlls"):
+            try:
+                ort.preload_dlls()
+            except Exception as e:
+                info["preload_dlls"] = f"failed: {e}"
+        info["available_providers"] = ort.get_available_providers()
+    except Exception as e:
+        info["onnxruntime"] = f"not usable: {type(e).__name__}: {e}"
+    return info
