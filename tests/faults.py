@@ -24,10 +24,15 @@ REPO = Path(__file__).resolve().parent.parent
 BROKER_SH = REPO / "deploy" / "kafka" / "broker.sh"
 
 
-def wait_until(cond: Callable[[], bool], timeout: float, what: str, every: float = 0.1) -> float:
-    """Poll `cond` until true; returns the seconds it took. AssertionError naming `what` on timeout."""
+def wait_until(cond: Callable[[], bool], timeout: float, what: str, every: float = 0.1, alive: Iterable["Service"] = ()) -> float:
+    """Poll `cond` until true; returns the seconds it took. AssertionError naming `what` on timeout,
+    or at once (with its log) if one of the `alive` services exited meanwhile."""
     t0 = time.monotonic()
+    alive = list(alive)
     while not cond():
+        for s in alive:
+            if not s.alive():
+                raise AssertionError(f"the service exited ({s.proc.returncode}) while waiting for {what}: {s.log()[-2500:]}")
         if time.monotonic() - t0 > timeout:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(every)
@@ -38,7 +43,7 @@ def produce(bootstrap: str, topic: str, items: Iterable[tuple[bytes | None, byte
     """Produce (key, value) items (idempotent producer, large messages allowed); `rate` events/s
     paces them (a live stream). Returns the number produced, all acknowledged."""
     p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5, "message.max.bytes": 10_000_000,
-                  "message.timeout.ms": 300_000})
+                  "message.timeout.ms": 300_000, "log_level": 2})
     errors: list[str] = []
 
     def on_delivery(err: Any, msg: Any) -> None:
@@ -89,8 +94,14 @@ def read_topic(bootstrap: str, topic: str, read_committed: bool = True, settle_s
                 else:
                     eof.add(m.partition())
             if len(eof) == len(meta.partitions) and time.monotonic() - quiet_since >= settle_s:
-                return out
-        raise AssertionError(f"reading {topic} did not reach its end within 120 s")
+                # read_committed stops at the last stable offset: while a killed producer's
+                # transaction is open (until the broker aborts it) there is more to wait for
+                pos = {tp.partition: tp.offset for tp in c.position([TopicPartition(topic, p) for p in meta.partitions])}
+                ends = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in meta.partitions}
+                if all(pos[p] >= ends[p] or ends[p] == 0 for p in meta.partitions):
+                    return out
+                eof.clear()
+        raise AssertionError(f"reading {topic} did not reach its end within 120 s (an open transaction?)")
     finally:
         c.close()
 
@@ -101,12 +112,32 @@ def alerts_of(msgs: list[Any]) -> list[dict[str, Any]]:
 
 def committed_total(bootstrap: str, group: str, topic: str, partitions: int) -> int:
     """Sum of the group's committed offsets (what a restart would skip). Waits for stable offsets."""
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "isolation.level": "read_committed"})
+    from confluent_kafka import KafkaException
+
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "isolation.level": "read_committed", "log_level": 0})
     try:
         got = c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=30)
         return sum(max(tp.offset, 0) for tp in got)
+    except KafkaException:  # e.g. the coordinator is still loading after a broker restart: ask again
+        return -1
     finally:
         c.close()
+
+
+class Progress:
+    """The group's committed total, from one long-lived probe consumer (never joins the group), so
+    a test can react within milliseconds of a commit."""
+
+    def __init__(self, bootstrap: str, group: str, topic: str, partitions: int) -> None:
+        # read_uncommitted: the broker answers at once instead of waiting for an open transaction's offsets
+        self._c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "isolation.level": "read_uncommitted"})
+        self._tps = [TopicPartition(topic, p) for p in range(partitions)]
+
+    def __call__(self) -> int:
+        return sum(max(tp.offset, 0) for tp in self._c.committed(self._tps, timeout=30))
+
+    def close(self) -> None:
+        self._c.close()
 
 
 def create_topics(bootstrap: str, specs: dict[str, tuple[int, dict[str, str]]]) -> None:
