@@ -77,6 +77,7 @@ class LogFitSettings(BaseModel):
     threshold_margin: float = Field(1.0, gt=0)
     # an event at least this likely (e^-floor; 4.6 nats = 1 %) never alerts, however regular the training data
     threshold_floor: float = Field(4.6, ge=0)
+    unknown_template_nats: float = Field(30.0, gt=0)  # score of a line no learned template matches
     seed: int = 0
     threads: int = Field(0, ge=0)
     opset: int = Field(18, ge=17)
@@ -207,6 +208,10 @@ def build_model(spec: LogModelSpec, s: LogFitSettings):
             target = tok[:, -1:]
             valid = (target < self.n_out).float()  # start / padding tokens are not predicted: NLL 0
             nll = -torch.gather(logp, 1, torch.clamp(target, max=self.n_out - 1)) * valid
+            # An unknown template never occurred in training: its surprise is not something the
+            # softmax can estimate, so it is set to a fixed, large value (the issue's "explicit
+            # unknown-template token"); learned templates keep their model NLL.
+            nll = torch.where(target == 0, torch.full_like(nll, s.unknown_template_nats), nll)
             return nll.unsqueeze(-1) * self.slot
 
     return LogSequenceModel()
@@ -356,7 +361,7 @@ def fit_log(s: LogFitSettings, command_line: str | None = None) -> LogFitResult:
     K = spec.context
     arch = {
         "kind": "log_sequence_transformer", "context": K, "tokens": spec.n_tokens, "d_model": s.d_model,
-        "n_heads": s.n_heads, "n_layers": s.n_layers, "ff_dim": s.ff_dim,
+        "n_heads": s.n_heads, "n_layers": s.n_layers, "ff_dim": s.ff_dim, "unknown_template_nats": s.unknown_template_nats,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     training_meta = {
