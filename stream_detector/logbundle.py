@@ -17,6 +17,17 @@ starts with a start row (never scored as an event of its own: its NLL is 0), so 
 event of a session is scored too; a session that ended by inactivity gets an end row, so a block
 that stops early (missing events) is scored when its session times out.
 
+Input rows (layout `template-counts/1`, the count-vector option): W = 2 rows of F = V + 1 features
+(`count_feature_names`): the entity's cumulative count of each template id over its session so
+far (raw counts; the model takes log1p and standardises inside its graph), then `row:kind`, the
+row's kind code (logstage: 0 line, 1 session start, 3 idle check). A row per (line, entity), a
+start row (all counts 0) before each session's first event, and an idle-check row when an entity
+has been inactive for `features.idle_check_s` (the counts of an entity at rest, judged once per
+pause); no end rows: sessions are keyed by entity with a long `session_timeout_s` that only evicts
+state. The model's output at [-1, :V] is each template's share of the reconstruction error,
+already divided by the calibration scale of the row's kind (`ScoringRule(positions=(-1,),
+reduction="model_error")`), so one threshold serves line and idle-check rows.
+
 `load_log_spec(bundle)` rebuilds everything and refuses a bundle whose parser, template set or
 layout this version cannot read, or whose template set is not the one the model was trained with,
 with one `BundleError` sentence.
@@ -35,8 +46,11 @@ from .logparse import LogConfigError, LogParserConfig
 from .templates import TEMPLATE_SET_VERSION, TemplateConfigError, TemplateSet
 
 LOGS_SECTION = "logs"
-LAYOUT = "template-context/1"
+LAYOUT = "template-context/1"  # sequence model: the last K tokens and gaps
+COUNTS_LAYOUT = "template-counts/1"  # count-vector model: cumulative template counts of the session
+LAYOUTS = (LAYOUT, COUNTS_LAYOUT)
 TEMPLATES_FILE = "templates.json"
+IDLE_TOKEN = -1  # the token of an idle-check row (count layout)
 WINDOW = 2  # previous row + the event's own row; the row carries the context
 
 
@@ -45,6 +59,11 @@ def feature_names(context: int) -> list[str]:
     tokens = [f"template@t-{context - 1 - i}" if i < context - 1 else "template@t" for i in range(context)]
     gaps = [f"gap@t-{context - 1 - i}" if i < context - 1 else "gap@t" for i in range(context)]
     return tokens + gaps
+
+
+def count_feature_names(vocab_size: int) -> list[str]:
+    """Feature names of a count row: count:unknown, count:1 .. count:V-1, then row:kind."""
+    return ["count:unknown"] + [f"count:{i}" for i in range(1, vocab_size)] + ["row:kind"]
 
 
 def gap_feature(gap_s: float) -> float:
@@ -57,7 +76,8 @@ class LogModelSpec:
     parser: LogParserConfig
     features: LogFeatureConfig
     templates: TemplateSet
-    context: int  # K: tokens per input row
+    context: int  # K: tokens per input row (sequence layout; 0 for the count layout)
+    layout: str = LAYOUT
 
     @property
     def vocab_size(self) -> int:  # learned templates + unknown
@@ -82,13 +102,22 @@ class LogModelSpec:
 
     @property
     def n_features(self) -> int:
-        return 2 * self.context
+        return len(self.feature_names())
+
+    @property
+    def counts(self) -> bool:
+        return self.layout == COUNTS_LAYOUT
+
+    def feature_names(self) -> list[str]:
+        return count_feature_names(self.vocab_size) if self.counts else feature_names(self.context)
 
     @property
     def end_template_ids(self) -> frozenset[int]:
         return end_template_ids(self.features, self.templates.templates())
 
     def token_text(self, token: int) -> str:
+        if token == IDLE_TOKEN:
+            return "<idle check>"
         if token == self.end_id:
             return "<session end>"
         if token == self.bos_id:
@@ -101,7 +130,7 @@ class LogModelSpec:
         """(bundle.json extra section, extra files) for write_bundle."""
         data = self.templates.to_bytes()
         section = {
-            "layout": LAYOUT,
+            "layout": self.layout,
             "context": self.context,
             "parser": self.parser.to_json(),
             "features": self.features.model_dump(mode="json"),
@@ -124,8 +153,9 @@ def load_log_spec(bundle: Bundle) -> LogModelSpec:
     where = f"model bundle {bundle.path}"
     if not isinstance(sec, dict):
         raise BundleError(f"{where} is not a log model (its bundle.json has no '{LOGS_SECTION}' section).")
-    if sec.get("layout") != LAYOUT:
-        raise BundleError(f"{where} has log input layout {sec.get('layout')!r}; this stream-detector reads {LAYOUT!r}.")
+    layout = sec.get("layout")
+    if layout not in LAYOUTS:
+        raise BundleError(f"{where} has log input layout {layout!r}; this stream-detector reads {' or '.join(map(repr, LAYOUTS))}.")
     try:
         parser = LogParserConfig.from_json(sec["parser"])
         features = LogFeatureConfig(**sec["features"])
@@ -150,9 +180,10 @@ def load_log_spec(bundle: Bundle) -> LogModelSpec:
         raise BundleError(f"{where}: {e}") from None
     if templates.fingerprint != fingerprint:
         raise BundleError(f"{path} is not the template set the model was trained with (its fingerprint differs from bundle.json's).")
-    spec = LogModelSpec(parser, features, templates, context)
-    if bundle.window != WINDOW or tuple(bundle.features) != tuple(feature_names(context)):
-        raise BundleError(f"{where}'s window and features do not follow the log layout {LAYOUT} with context {context}.")
+    spec = LogModelSpec(parser, features, templates, context, layout)
+    if bundle.window != WINDOW or tuple(bundle.features) != tuple(spec.feature_names()):
+        what = f"{spec.vocab_size} template ids" if spec.counts else f"context {context}"
+        raise BundleError(f"{where}'s window and features do not follow the log layout {layout} with {what}.")
     if sec.get("vocab_size") != spec.vocab_size:
         raise BundleError(f"{where} was trained for {sec.get('vocab_size')!r} template ids but its template set has {spec.vocab_size}.")
     try:

@@ -44,6 +44,10 @@ class LogFeatureConfig(BaseModel):
     bucket_s: float | None = None  # None: no count vectors per time bucket
     max_entities: int = 100_000
     max_session_events: int = 4096
+    # Seconds of inactivity after which an entity's state so far is judged once ("idle check"),
+    # without ending its session (count-vector layout; None: no idle checks). Must be shorter
+    # than session_timeout_s.
+    idle_check_s: float | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "LogFeatureConfig":
@@ -51,6 +55,8 @@ class LogFeatureConfig(BaseModel):
             raise ValueError("session_timeout_s must be positive")
         if self.bucket_s is not None and not self.bucket_s > 0:
             raise ValueError("bucket_s must be positive")
+        if self.idle_check_s is not None and not 0 < self.idle_check_s < self.session_timeout_s:
+            raise ValueError("idle_check_s must be positive and shorter than session_timeout_s")
         if self.max_entities < 1 or self.max_session_events < 1:
             raise ValueError("max_entities and max_session_events must be at least 1")
         return self

@@ -14,6 +14,14 @@ Besides one row per (line, entity), the stage adds two kinds of rows:
   scores how likely the session was to end there, which is how a block that stops early (missing
   events) is caught. Sessions still open when the input ends (`flush`) are incomplete: no end row.
 
+With a count-vector bundle (layout `template-counts/1`) a row carries the session's cumulative
+template counts instead, and there are no end rows: the session is the entity's whole life (a
+long `session_timeout_s` only evicts state), so a pause (HDFS: hours between a block's write and
+its deletion) never starts a "new" session that looks abnormal. Instead, an entity inactive for
+`idle_check_s` gets one idle-check row: its counts at rest are judged once per pause (a block
+whose write stopped half way is caught there), and an entity still inside that pause when the
+input ends is never judged for what has not happened yet.
+
 Time is event time: the line's timestamp, else the transport's (Kafka) timestamp. Timeouts are
 noticed at the entity's next event, or by the stage's clock (the highest event time seen) at the
 end of every batch. Lines that cannot be parsed are returned as (index, reason) for the dead-letter
@@ -29,24 +37,26 @@ from typing import Any, Sequence
 import numpy as np
 
 from .events import NO_TIME, EventBatch
-from .logbundle import LogModelSpec, gap_feature
+from collections import OrderedDict
+
+from .logbundle import IDLE_TOKEN, LogModelSpec, gap_feature
 from .logfeatures import LogFeaturizer, Session
 from .logparse import LineParser, LogLineError
 
 log = logging.getLogger(__name__)
 
-LINE, START, END = 0, 1, 2  # row kinds
-ROW_KINDS = ("line", "session-start", "session-end")
+LINE, START, END, IDLE = 0, 1, 2, 3  # row kinds (also the `row:kind` feature of a count row)
+ROW_KINDS = ("line", "session-start", "session-end", "idle-check")
 
 
 @dataclass(frozen=True)
 class LogEventBatch(EventBatch):
     """An EventBatch plus, per row, what it stands for (for alerts and per-entity decisions)."""
 
-    kind: np.ndarray  # int8 [n]: LINE, START or END
-    token: np.ndarray  # int32 [n]: the row's newest token (template id, or the start/end token)
+    kind: np.ndarray  # int8 [n]: LINE, START, END or IDLE
+    token: np.ndarray  # int32 [n]: the row's newest token (template id, the start/end token, IDLE_TOKEN)
     line: list[str]  # [n]: the raw line (END: the session's last line)
-    line_index: np.ndarray  # int64 [n]: index of the input line in the fed sequence (-1 for END rows made by expire)
+    line_index: np.ndarray  # int64 [n]: index of the input line in the fed sequence (-1 for END/IDLE rows)
 
 
 @dataclass(frozen=True)
@@ -56,15 +66,16 @@ class SessionRecord:
     end_ms: int
     events: int
     reason: str  # logfeatures.SessionEnd
-    complete: bool  # ended by timeout or end template (an end row was scored)
+    complete: bool  # ended by timeout or end template (sequence layout: an end row was scored)
 
 
 class _Context:
-    __slots__ = ("tokens", "gaps", "source", "line", "time_ms")
+    __slots__ = ("tokens", "gaps", "counts", "source", "line", "time_ms")
 
-    def __init__(self) -> None:
+    def __init__(self, vocab_size: int = 0) -> None:
         self.tokens: list[int] = []
         self.gaps: list[float] = []
+        self.counts = np.zeros(vocab_size, dtype=np.float32) if vocab_size else None
         self.source: tuple[str, int, int] = ("", 0, 0)
         self.line = ""
         self.time_ms = 0
@@ -82,6 +93,12 @@ class LogStage:
         self._timeout_ms = int(round(spec.features.session_timeout_s * 1000))
         self._end_gap = gap_feature(spec.features.session_timeout_s)
         self.clock_ms = NO_TIME  # highest event time seen
+        self._counts = spec.counts
+        idle = spec.features.idle_check_s
+        self._idle_ms = None if idle is None else int(round(idle * 1000))
+        # entity -> time of its last event, least recently active first; an entity leaves it when
+        # its idle check is made (or its session closes) and comes back with its next event
+        self._pending_idle: OrderedDict[str, int] = OrderedDict()
         self.record_sessions = record_sessions
         self.sessions: list[SessionRecord] = []
         self.lines_parsed = 0
@@ -133,6 +150,7 @@ class LogStage:
             if t > self.clock_ms:
                 self.clock_ms = t
         if expire and self.clock_ms != NO_TIME:
+            self._idle_checks(out, self.clock_ms)
             self._closed(out, self.featurizer.expire(self.clock_ms).sessions)
         return out.build(), dead
 
@@ -141,7 +159,27 @@ class LogStage:
         self._closed(_RowBuilder(self.spec), self.featurizer.close_all().sessions)
 
     # ------------------------------------------------------------------ internals
+    def _idle_checks(self, out: "_RowBuilder", now_ms: int) -> None:
+        """One idle-check row for each entity inactive for longer than idle_check_s by `now_ms`."""
+        pending, idle = self._pending_idle, self._idle_ms
+        while pending:
+            entity, last = next(iter(pending.items()))
+            if now_ms - last <= idle:
+                break
+            del pending[entity]
+            self._idle_row(out, entity, last)
+
+    def _idle_row(self, out: "_RowBuilder", entity: str, last_ms: int) -> None:
+        ctx = self._ctx.get(entity)
+        if ctx is not None:
+            out.add(entity, ctx, IDLE, IDLE_TOKEN, last_ms + self._idle_ms, ctx.source, ctx.line, -1)
+
     def _event(self, out: "_RowBuilder", entity: str, t: int, tid: int, src: tuple[str, int, int], text: str, i: int) -> None:
+        if self._idle_ms is not None:
+            last = self._pending_idle.get(entity)
+            if last is not None and t - last > self._idle_ms:  # its pause ended before the clock noticed it
+                del self._pending_idle[entity]
+                self._idle_row(out, entity, last)
         fb = self.featurizer.add_batch((entity,), (t,), (tid,))
         before = [s for s in fb.sessions if not (s.entity == entity and s.reason in ("end-template", "max-length"))]
         after = [s for s in fb.sessions if s.entity == entity and s.reason in ("end-template", "max-length")]
@@ -149,22 +187,30 @@ class LogStage:
             self._closed(out, before)
         ctx = self._ctx.get(entity)
         if fb.position[0] == 0 or ctx is None:  # a new session: the start row first
-            ctx = self._ctx[entity] = _Context()
-            ctx.tokens.append(self.spec.bos_id)
-            ctx.gaps.append(0.0)
+            ctx = self._ctx[entity] = _Context(self.spec.vocab_size if self._counts else 0)
+            if not self._counts:
+                ctx.tokens.append(self.spec.bos_id)
+                ctx.gaps.append(0.0)
             out.add(entity, ctx, START, self.spec.bos_id, t, src, text, i)
-        ctx.tokens.append(tid)
-        ctx.gaps.append(gap_feature(float(fb.gap_s[0])))
+        if self._counts:
+            ctx.counts[tid] += 1.0
+        else:
+            ctx.tokens.append(tid)
+            ctx.gaps.append(gap_feature(float(fb.gap_s[0])))
         ctx.source, ctx.line, ctx.time_ms = src, text, t
         out.add(entity, ctx, LINE, tid, t, src, text, i)
+        if self._idle_ms is not None:
+            self._pending_idle[entity] = t
+            self._pending_idle.move_to_end(entity)
         if after:
             self._closed(out, after, end_gap=0.0)
 
     def _closed(self, out: "_RowBuilder", sessions: list[Session], end_gap: float | None = None) -> None:
         for s in sessions:
             ctx = self._ctx.pop(s.entity, None)
+            self._pending_idle.pop(s.entity, None)
             complete = s.reason in ("timeout", "end-template")
-            if complete and ctx is not None:
+            if complete and ctx is not None and not self._counts:
                 ctx.tokens.append(self.spec.end_id)
                 ctx.gaps.append(self._end_gap if end_gap is None else end_gap)
                 t_end = ctx.time_ms + (self._timeout_ms if s.reason == "timeout" else 0)
@@ -178,6 +224,8 @@ class _RowBuilder:
 
     def __init__(self, spec: LogModelSpec) -> None:
         self.k = spec.context
+        self.counts = spec.counts
+        self.width = spec.n_features
         self.pad = float(spec.pad_id)
         self.rows: list[np.ndarray] = []
         self.keys: list[str] = []
@@ -191,6 +239,12 @@ class _RowBuilder:
         self.line_index: list[int] = []
 
     def add(self, entity: str, ctx: _Context, kind: int, token: int, t: int, src: tuple[str, int, int], line: str, i: int) -> None:
+        if self.counts:
+            row = np.empty(self.width, dtype=np.float32)
+            row[:-1] = ctx.counts
+            row[-1] = kind
+            self._append(row, entity, kind, token, t, src, line, i)
+            return
         k = self.k
         if len(ctx.tokens) > k:  # keep only what the model sees
             del ctx.tokens[:-k]
@@ -200,6 +254,9 @@ class _RowBuilder:
         row[: k - m] = self.pad
         row[k - m : k] = ctx.tokens
         row[2 * k - m :] = ctx.gaps
+        self._append(row, entity, kind, token, t, src, line, i)
+
+    def _append(self, row: np.ndarray, entity: str, kind: int, token: int, t: int, src: tuple[str, int, int], line: str, i: int) -> None:
         self.rows.append(row)
         self.keys.append(entity)
         self.kind.append(kind)
@@ -213,7 +270,7 @@ class _RowBuilder:
 
     def build(self) -> LogEventBatch:
         n = len(self.keys)
-        rows = np.stack(self.rows) if n else np.zeros((0, 2 * self.k), dtype=np.float32)
+        rows = np.stack(self.rows) if n else np.zeros((0, self.width), dtype=np.float32)
         return LogEventBatch(
             keys=self.keys,
             rows=rows,

@@ -69,8 +69,11 @@ def make_log(seed: int, n_normal: int, anomalies: dict[str, int] | None = None, 
     return [line for _, _, line in events], labels
 
 
-def train_tiny_bundle(out_dir, seed: int = 0, n_normal: int = 120, context: int = 8, epochs: int = 4, lr: float = 5e-3):
-    """Fit a tiny log model (CPU, one thread) on a normal-only synthetic log; returns the bundle path."""
+def train_tiny_bundle(out_dir, seed: int = 0, n_normal: int = 120, context: int = 8, epochs: int = 4, lr: float = 5e-3,
+                      log_model: str = "sequence", idle_check_s: float = 300.0):
+    """Fit a tiny log model (CPU, one thread) on a normal-only synthetic log; returns the bundle path.
+    `log_model="sequence"`: the Transformer (session timeout 600 s); `"counts"`: the count-vector
+    model (fit's defaults, idle checks after `idle_check_s`)."""
     import torch
 
     from training.logs import LogFitSettings, fit_log
@@ -79,8 +82,11 @@ def train_tiny_bundle(out_dir, seed: int = 0, n_normal: int = 120, context: int 
     lines, _ = make_log(seed, n_normal)
     data = out_dir / "train.log"
     data.write_text("\n".join(lines) + "\n")
-    fit_log(LogFitSettings(
-        data=data, out=out_dir / "bundle", context=context, d_model=16, n_heads=2, n_layers=1, ff_dim=32, dropout=0.0,
-        epochs=epochs, batch_size=32, lr=lr, patience=50, seed=seed, threads=1, session_timeout_s=600.0, threshold_margin=1.5,
-    ))
+    if log_model == "counts":
+        fit_log(LogFitSettings(data=data, out=out_dir / "bundle", log_model="counts", idle_check_s=idle_check_s, seed=seed, threads=1))
+    else:
+        fit_log(LogFitSettings(
+            data=data, out=out_dir / "bundle", log_model="sequence", context=context, d_model=16, n_heads=2, n_layers=1, ff_dim=32,
+            dropout=0.0, epochs=epochs, batch_size=32, lr=lr, patience=50, seed=seed, threads=1, session_timeout_s=600.0, threshold_margin=1.5,
+        ))
     return out_dir / "bundle"

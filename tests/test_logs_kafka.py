@@ -3,7 +3,8 @@
 blocks (each naming the offending template and a sample line), and unparseable lines on the
 dead-letter topic with their reason; offsets committed.
 
-Model: a tiny sequence model trained on 120 normal synthetic blocks (tests/logsynth.py). Stated
+Model: the default log model (template-count vectors) trained on 120 normal synthetic blocks
+(tests/logsynth.py). Stated
 bounds: every block with a line of a kind never seen in training ("unknown") is alerted at that
 line; at most 1 normal block of 40 is alerted.
 """
@@ -27,7 +28,7 @@ GARBAGE = [b"this is not a log line", b"\xff\xfe\xfd not utf-8", b"081109 203615
 
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory):
-    return train_tiny_bundle(tmp_path_factory.mktemp("logs_kafka"), epochs=40, lr=1e-2)
+    return train_tiny_bundle(tmp_path_factory.mktemp("logs_kafka"), log_model="counts")
 
 
 def _read_all(bootstrap, topic):
@@ -85,7 +86,8 @@ def test_service_alerts_on_anomalous_blocks_and_dead_letters_unparseable_lines(k
         a = by_block[b]
         assert a["log"]["template"] == "<unknown template>"
         assert "writeBlock" in a["log"]["line"] and b in a["log"]["line"]
-        assert a["source"]["topic"] == topic and a["model_version"].startswith("logseq-")
+        assert a["source"]["topic"] == topic and a["model_version"].startswith("logcounts-")
+        assert a["top_features"][0]["name"] == "count:unknown"
     false = set(by_block) - unknown
     assert len(false) <= 1, f"normal blocks alerted: {false}"
 

@@ -1,4 +1,9 @@
-"""`stream-detector-train fit --format log`: raw log lines → template set + sequence model → bundle.
+"""`stream-detector-train fit --format log`: raw log lines → template set + log model → bundle.
+
+Two models (`log_model`): `counts` (the default; training/logcounts.py: cumulative template-count
+vectors per entity, PCA reconstruction per row kind, idle checks; layout `template-counts/1`) and
+`sequence` (below; layout `template-context/1`). The default was chosen by measurement on the
+HDFS benchmark (docs/quality.md, Logs).
 
 Steps: read the lines; drop the entities a label file marks anomalous (or keep only a list of
 normal ones); mine templates with drain3 on the kept lines (`TemplateMiner`), freeze them; run the
@@ -34,10 +39,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from stream_detector.bundle import Calibration, Normaliser, ScoringRule, load_bundle, write_bundle
-from stream_detector.logbundle import WINDOW, LogModelSpec, feature_names
+from stream_detector.logbundle import COUNTS_LAYOUT, LAYOUT, WINDOW, LogModelSpec, feature_names
 from stream_detector.logfeatures import LogFeatureConfigError, make_feature_config
 from stream_detector.logparse import LineParser, LogConfigError, LogLineError, make_config
 from stream_detector.logstage import START, LogStage
@@ -60,7 +67,15 @@ class LogFitSettings(BaseModel):
     labels: Path | None = None  # label file (entity,label; anomalous ones excluded) or a list of normal entities
     log_format: str = "hdfs"  # logparse preset
     entity_regex: str = r"blk_-?\d+"
-    session_timeout_s: float = Field(3600.0, gt=0)
+    log_model: Literal["counts", "sequence"] = "counts"
+    # None: 86,400 s for counts (the session is the entity's life; this only evicts), 3,600 s for sequence
+    session_timeout_s: float | None = Field(None, gt=0)
+    idle_check_s: float | None = Field(600.0, gt=0)  # counts: judge an entity at rest after this much inactivity
+    count_variance: float = Field(0.99, gt=0, le=1)  # counts: variance kept by the principal subspace
+    count_scale_floor: float = Field(0.2, gt=0)  # counts: floor of a feature's std of log1p(count)
+    count_min_scale: float = Field(1.0, gt=0)  # counts: smallest calibration scale (residual sum of squares scoring 1.0)
+    # counts: a score below this never alerts (when the held-out entities all score ~0, as on very regular data)
+    count_threshold_floor: float = Field(0.5, ge=0)
     context: int = Field(32, ge=2)
     d_model: int = Field(64, ge=4)
     n_heads: int = Field(4, ge=1)
@@ -258,9 +273,11 @@ def fit_log(s: LogFitSettings, command_line: str | None = None) -> LogFitResult:
     from training.export import check_parity, export_onnx, ort_session
 
     t0 = time.perf_counter()
+    counts = s.log_model == "counts"
+    timeout = s.session_timeout_s or (86_400.0 if counts else 3_600.0)
     try:
         parser_cfg = make_config(format=s.log_format, entity_regex=s.entity_regex)
-        feature_cfg = make_feature_config(session_timeout_s=s.session_timeout_s)
+        feature_cfg = make_feature_config(session_timeout_s=timeout, idle_check_s=s.idle_check_s if counts else None)
         template_cfg = make_template_config()
     except (LogConfigError, LogFeatureConfigError, TemplateConfigError) as e:
         raise LogTrainingError(str(e)) from None
@@ -275,7 +292,7 @@ def fit_log(s: LogFitSettings, command_line: str | None = None) -> LogFitResult:
     for p in parsed:
         miner.learn(p.message)
     templates = miner.freeze()
-    spec = LogModelSpec(parser_cfg, feature_cfg, templates, s.context)
+    spec = LogModelSpec(parser_cfg, feature_cfg, templates, 0 if counts else s.context, COUNTS_LAYOUT if counts else LAYOUT)
     log.info("%s: %d lines, %d used for training (%d unparseable), %d templates", s.data, len(lines), len(kept), unusable, templates.vocab_size - 1)
 
     stage = LogStage(spec)
@@ -295,6 +312,8 @@ def fit_log(s: LogFitSettings, command_line: str | None = None) -> LogFitResult:
     train_idx = np.flatnonzero(use & ~is_val)
     val_idx = np.flatnonzero(use & is_val)
     val_all = np.flatnonzero(is_val & (batch.kind != START))  # every scored row of the held-out sessions
+    if counts:
+        return _fit_counts(s, spec, batch, is_val, val_all, lines, kept, unusable, len(order), n_val, command_line, t0)
 
     torch.manual_seed(s.seed)
     rng = np.random.default_rng(s.seed)
@@ -384,6 +403,61 @@ def fit_log(s: LogFitSettings, command_line: str | None = None) -> LogFitResult:
     return LogFitResult(Path(s.out), model_version, templates.vocab_size - 1, int(train_idx.size), int(val_idx.size), best, calibration.threshold, parity, time.perf_counter() - t0)
 
 
+def _fit_counts(s: LogFitSettings, spec: LogModelSpec, batch: Any, is_val: np.ndarray, val_all: np.ndarray, lines: list, kept: list,
+                unusable: int, n_entities: int, n_val: int, command_line: str | None, t0: float) -> LogFitResult:
+    from training.export import ort_session
+    from training.logcounts import count_model_onnx, entity_max, fit_count_branches, reference_errors
+
+    rows = batch.rows
+    try:
+        line, idle, info = fit_count_branches(rows, batch.kind, batch.keys, is_val, s.count_variance, s.count_scale_floor, s.count_min_scale)
+    except ValueError as e:
+        raise LogTrainingError(str(e)) from None
+    onnx_bytes = count_model_onnx(line, idle, spec.vocab_size)
+    sess = ort_session(onnx_bytes)
+    scores = np.zeros(val_all.size, dtype=np.float32)
+    parity = 0.0
+    for i in range(0, val_all.size, 4096):
+        part = val_all[i : i + 4096]
+        x = np.ascontiguousarray(np.stack([rows[part], rows[part]], axis=1))
+        r = sess.run(None, {"x": x})[0]
+        parity = max(parity, float(np.abs(r[:, -1, :] - reference_errors(rows[part], line, idle)).max(initial=0.0)))
+        scores[i : i + part.size] = LOG_SCORING.scores(x, r)[0]
+    if parity > s.parity_tolerance:
+        raise LogTrainingError(f"the count model's ONNX graph differs from its numpy reference by {parity:.3g} (tolerance {s.parity_tolerance}).")
+    session_max = entity_max([batch.keys[i] for i in val_all.tolist()], scores) if val_all.size else np.zeros(1)
+    threshold = float(np.quantile(session_max, s.threshold_quantile)) * s.threshold_margin
+    qs = {str(q): float(np.quantile(scores, q)) for q in (0.9, 0.99, 0.999, 0.9999)} if scores.size else {}
+    qs["1.0"] = float(scores.max(initial=0.0))
+    qs.update({f"session_{q}": float(np.quantile(session_max, q)) for q in (0.5, 0.9, 0.99, 1.0)})
+    calibration = Calibration(qs, max(threshold, s.count_threshold_floor, 1e-6), int(scores.size))
+
+    sha = hashlib.sha256(onnx_bytes).hexdigest()
+    model_version = s.model_version or f"logcounts-{sha[:12]}"
+    extra, extra_files = spec.to_extra()
+    arch = {"kind": "log_template_counts_pca", "templates": spec.vocab_size, "variance": s.count_variance,
+            "scale_floor": s.count_scale_floor, "min_scale": s.count_min_scale, "branches": info}
+    n_train = int(((batch.kind != START) & ~is_val).sum())
+    training_meta = {
+        "data_source": str(s.data.resolve()), "data_format": "log", "model": "counts", "lines": len(lines), "lines_used": len(kept),
+        "lines_unparseable": unusable, "labels": None if s.labels is None else str(s.labels), "entities": n_entities,
+        "validation_entities": n_val, "train_rows": n_train, "val_rows": int(val_all.size), "seed": s.seed,
+        "parity_max_abs_diff": parity, "settings": s.model_dump(mode="json"),
+        "command_line": command_line or "python API: training.logs.fit_log()",
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    f = spec.n_features
+    identity = Normaliser(np.zeros(f, np.float32), np.ones(f, np.float32), 1e-3)  # counts reach the graph as they are
+    write_bundle(
+        s.out, onnx_bytes, model_version=model_version, features=spec.feature_names(), window=WINDOW, normaliser=identity,
+        scoring=LOG_SCORING, calibration=calibration, model=arch, training=training_meta, extra=extra, extra_files=extra_files,
+    )
+    from stream_detector.logbundle import load_log_spec
+
+    load_log_spec(load_bundle(s.out))  # the service's own checks, on what was written
+    return LogFitResult(Path(s.out), model_version, spec.vocab_size - 1, n_train, int(val_all.size), 0.0, calibration.threshold, parity, time.perf_counter() - t0)
+
+
 # ---------------------------------------------------------------------- command line (fit --format log)
 _FROM_FIT_FLAGS = ("data", "out", "d_model", "n_heads", "n_layers", "ff_dim", "dropout", "epochs", "patience", "batch_size", "lr",
                    "weight_decay", "val_fraction", "threshold_quantile", "seed", "threads", "opset", "model_version")
@@ -394,7 +468,9 @@ def add_log_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--labels", type=Path, default=None, help="with --format log: label file (entity,label; anomalous entities are left out) or a list of normal entities, one per line")
     g.add_argument("--log-format", default=None, help="with --format log: line format preset: hdfs, syslog-rfc3164, syslog-rfc5424, jsonl (default hdfs)")
     g.add_argument("--entity-regex", default=None, help=r"with --format log: regex naming the entity in a message (default blk_-?\d+)")
-    g.add_argument("--session-timeout", type=float, default=None, help="with --format log: seconds of inactivity that end an entity's session (default 3600)")
+    g.add_argument("--log-model", choices=("counts", "sequence"), default=None, help="with --format log: counts (template-count vectors, PCA per row kind; default) or sequence (causal Transformer over template ids)")
+    g.add_argument("--session-timeout", type=float, default=None, help="with --format log: seconds of inactivity that end an entity's session (default 86400 for counts, 3600 for sequence)")
+    g.add_argument("--idle-check", type=float, default=None, help="with --log-model counts: seconds of inactivity after which an entity's counts at rest are judged (default 600)")
     g.add_argument("--context", type=int, default=None, help="with --format log: tokens the sequence model sees (default 32)")
     g.add_argument("--threshold-margin", type=float, default=None, help="with --format log: factor on the calibrated session threshold (default 1.0)")
 
@@ -406,7 +482,8 @@ def log_settings_from_args(args: argparse.Namespace) -> LogFitSettings:
         if v is not None:
             values[name] = v
     for name, flag in (("labels", "labels"), ("log_format", "log_format"), ("entity_regex", "entity_regex"),
-                       ("session_timeout_s", "session_timeout"), ("context", "context"), ("threshold_margin", "threshold_margin")):
+                       ("session_timeout_s", "session_timeout"), ("context", "context"), ("threshold_margin", "threshold_margin"),
+                       ("log_model", "log_model"), ("idle_check_s", "idle_check")):
         v = getattr(args, flag, None)
         if v is not None:
             values[name] = v
