@@ -4,12 +4,19 @@ Protocol (the issue's): training = the Normal blocks whose first line falls in t
 log's time span (all their lines; templates are mined on those lines only); the whole log is then
 replayed in time order as one stream through the log stage and the scoring core (`replay --format
 log`'s code path); evaluated = the blocks whose first line comes after the training period. A block
-is flagged if it had an alert. Baselines, same split and same template set:
+is flagged if it had an alert. Models: the count-vector model (`fit --format log`'s default,
+`--log-model counts`) and the sequence Transformer (`--log-model sequence`), each with its own
+bundle, and their combination (a block is flagged when either model's score exceeds its own
+calibrated threshold: the max of the two scores divided by their thresholds). Tuning set: the
+training period's held-out blocks (the validation entities of `fit`, the newest 20 % of the
+training blocks) plus the anomalous blocks that start in the training period; its figures are
+printed next to the evaluated ones, and only they may guide settings. Baselines, same split and same
+template set:
 - "unknown template seen": a block is flagged when one of its lines matches no learned template;
 - PCA on per-block template-count vectors (loglizer style: tf-idf weighting, centring, k components
   for 95 % of the variance, SPE above the Q-statistic at alpha = 0.001).
 
-    .venv/bin/python bench/quality_logs.py [--data ../shared/data] [--work /tmp/quality_logs] [--markdown]
+    .venv/bin/python bench/quality_logs.py [--data ../shared/data] [--work /tmp/quality_logs] [--reuse-model] [--markdown]
 
 Prints the table (and with --markdown the rows for docs/quality.md) and writes WORK/results.json.
 """
@@ -74,21 +81,48 @@ def pca_baseline(Xtr: np.ndarray, Xte: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return spe > q, spe, k
 
 
+def train(a: argparse.Namespace, train_file: Path, out: Path, log_model: str) -> None:
+    from training.logs import LogFitSettings, fit_log
+
+    extra = {"session_timeout_s": a.session_timeout} if a.session_timeout else {}
+    if log_model == "counts":
+        extra["idle_check_s"] = a.idle_check
+    else:
+        extra.update(context=a.context, epochs=a.epochs)
+    r = fit_log(LogFitSettings(data=train_file, out=out, log_model=log_model, threads=a.threads, seed=a.seed, threshold_margin=a.threshold_margin, **extra))
+    print(f"trained {log_model}: {r.templates} templates, {r.train_rows} training rows, threshold {r.threshold:.3f}, {r.seconds:.0f} s")
+
+
+def block_scores(scores_csv: Path, kinds: tuple[str, ...]) -> dict[str, float]:
+    """Largest score/threshold per block over the rows of the given kinds."""
+    best: dict[str, float] = {}
+    with open(scores_csv, newline="") as f:
+        for r in csv.DictReader(f):
+            if r["kind"] in kinds and r["score"]:
+                v = float(r["score"]) / float(r["threshold"])
+                if v > best.get(r["key"], 0.0):
+                    best[r["key"]] = v
+    return best
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     ap.add_argument("--work", type=Path, default=Path("/tmp/quality_logs"))
     ap.add_argument("--train-fraction", type=float, default=0.3)
-    ap.add_argument("--session-timeout", type=float, default=3600.0)
+    ap.add_argument("--session-timeout", type=float, default=None, help="default: fit's (86,400 s counts, 3,600 s sequence)")
+    ap.add_argument("--idle-check", type=float, default=600.0)
     ap.add_argument("--context", type=int, default=32)
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--threshold-margin", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--reuse-model", action="store_true", help="skip training when WORK/bundle exists")
+    ap.add_argument("--models", default="counts,sequence", help="comma-separated: counts, sequence")
+    ap.add_argument("--reuse-model", action="store_true", help="skip training when WORK/bundle-<model> exists")
     ap.add_argument("--markdown", action="store_true")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
+    models = [m.strip() for m in a.models.split(",") if m.strip()]
 
     lines, labels = load_hdfs(a.data)
     parser = LineParser(make_config(format="hdfs"))
@@ -101,6 +135,11 @@ def main() -> int:
             first.setdefault(e, p.timestamp_ms)
     train_blocks = {b for b, f in first.items() if f <= cut and not labels[b]}
     test_blocks = [b for b, f in first.items() if f > cut]
+    # the tuning set: fit's validation entities (newest 20 % of the training blocks by first line, the
+    # same rule as training/logs.py) and the anomalous blocks of the training period
+    by_first = sorted(train_blocks, key=lambda b: first[b])
+    val_blocks = by_first[len(by_first) - max(1, int(round(len(by_first) * 0.2))):]
+    tune_blocks = val_blocks + [b for b, f in first.items() if f <= cut and labels[b]]
     order = np.argsort(t, kind="stable")  # the stream, in time order
     stream = a.work / "hdfs_stream.log"
     stream.write_bytes(b"\n".join(lines[i] for i in order.tolist()) + b"\n")
@@ -108,27 +147,49 @@ def main() -> int:
     train_file.write_bytes(b"\n".join(lines[i] for i in order.tolist() if parsed[i].entities[0] in train_blocks) + b"\n")
     print(f"{len(lines)} lines, {len(first)} blocks; training: {len(train_blocks)} normal blocks starting in the first "
           f"{a.train_fraction:.0%} of the time span; evaluated: {len(test_blocks)} blocks starting after "
-          f"({sum(labels[b] for b in test_blocks)} anomalous)")
+          f"({sum(labels[b] for b in test_blocks)} anomalous); tuning set: {len(val_blocks)} held-out training blocks + "
+          f"{len(tune_blocks) - len(val_blocks)} anomalous blocks of the training period")
+    y_test = np.array([labels[b] for b in test_blocks])
+    y_tune = np.array([labels[b] for b in tune_blocks])
 
-    bundle_dir = a.work / "bundle"
-    if not (a.reuse_model and bundle_dir.is_dir()):
-        from training.logs import LogFitSettings, fit_log
+    def both(flag_of) -> tuple[dict, dict]:
+        return prf(np.array([flag_of(b) for b in test_blocks]), y_test), prf(np.array([flag_of(b) for b in tune_blocks]), y_tune)
 
-        r = fit_log(LogFitSettings(data=train_file, out=bundle_dir, session_timeout_s=a.session_timeout, context=a.context,
-                                   epochs=a.epochs, threads=a.threads, seed=a.seed, threshold_margin=a.threshold_margin))
-        print(f"trained: {r.templates} templates, {r.train_rows} training rows, val loss {r.best_val_loss:.4f}, "
-              f"threshold {r.threshold:.3f}, {r.seconds:.0f} s")
-    bundle = load_bundle(bundle_dir)
-    spec = load_log_spec(bundle)
     settings = DetectionSettings(idle_timeout_ms=None, threshold=ThresholdParams(warmup=1000, history=1000), alerts=AlertParams())
-    scorer = Scorer(bundle, provider="cpu", intra_op_threads=a.threads)
-    out = a.work / "replay"
-    s = replay_log(bundle, spec, scorer, settings, stream, out)
-    print(f"replay: {s.lines} lines, {s.rows} rows, {s.scored} scored, {s.lines_per_s:,.0f} lines/s end to end "
-          f"(log stage {s.stage_seconds:.1f} s of {s.seconds:.1f} s)")
-    dec = read_entities(out / "entities.csv")
-    model_m = session_metrics(dec, labels, start_after_ms=cut)
-    print("model:", format_session_summary(model_m))
+    rows: list[tuple[str, dict, dict]] = []
+    results: dict = {"split": {"cut_ms": cut, "train_blocks": len(train_blocks), "test_blocks": len(test_blocks),
+                               "test_anomalous": int(y_test.sum()), "tune_blocks": len(tune_blocks), "tune_anomalous": int(y_tune.sum())}}
+    per_model: dict[str, dict[str, float]] = {}
+    spec = None
+    for m in models:
+        bundle_dir = a.work / f"bundle-{m}"
+        if not (a.reuse_model and bundle_dir.is_dir()):
+            train(a, train_file, bundle_dir, m)
+        bundle = load_bundle(bundle_dir)
+        spec = load_log_spec(bundle)
+        scorer = Scorer(bundle, provider="cpu", intra_op_threads=a.threads)
+        out = a.work / f"replay-{m}"
+        s = replay_log(bundle, spec, scorer, settings, stream, out)
+        print(f"replay {m}: {s.lines} lines, {s.rows} rows, {s.scored} scored, {s.lines_per_s:,.0f} lines/s end to end "
+              f"(log stage {s.stage_seconds:.1f} s of {s.seconds:.1f} s)")
+        dec = read_entities(out / "entities.csv")
+        mm = session_metrics(dec, labels, start_after_ms=cut)
+        print(f"{m}:", format_session_summary(mm))
+        alerted = {k for k, al in zip(dec.keys, dec.alerted.tolist()) if al}
+        test_m, tune_m = both(lambda b: b in alerted)
+        assert (test_m["tp"], test_m["fp"]) == (mm["tp"], mm["fp"])
+        if m == "counts":
+            name = f"count vectors (cumulative per block, PCA per row kind, idle check {a.idle_check:g} s), streamed"
+        else:
+            name = "Transformer on template sequences (per-event NLL + session end), streamed"
+        rows.append((name, test_m, tune_m))
+        results[m] = {**mm, "tune": tune_m, "replay_lines_per_s": s.lines_per_s, "bundle": str(bundle_dir), "threshold": bundle.calibration.threshold}
+        per_model[m] = block_scores(out / "scores.csv", ("line",) if m == "sequence" else ("line", "idle-check"))
+        if m == "sequence":
+            rows.append(("same sequence scores, line rows only (no session-end rows)", *both(lambda b: per_model["sequence"].get(b, 0.0) > 1.0)))
+    if "counts" in per_model and "sequence" in per_model:
+        pc, ps = per_model["counts"], per_model["sequence"]
+        rows.append(("counts + sequence line rows: max of score / own threshold", *both(lambda b: max(pc.get(b, 0.0), ps.get(b, 0.0)) > 1.0)))
 
     # Baselines on the same split and template set: per-block template counts of the whole log.
     ts = spec.templates
@@ -137,37 +198,27 @@ def main() -> int:
     fz = LogFeaturizer(V, make_feature_config(session_timeout_s=1e12, max_session_events=10**7, max_entities=10**7))
     fz.add_batch([parsed[i].entities[0] for i in order.tolist()], t[order], ids[order])
     counts = {x.entity: x.counts(V).astype(np.float64) for x in fz.close_all().sessions}
-    Xtr = np.stack([counts[b] for b in sorted(train_blocks)])
-    Xte = np.stack([counts[b] for b in test_blocks])
-    yte = np.array([labels[b] for b in test_blocks])
-    unk = prf(Xte[:, 0] > 0, yte)
-    pca_flag, _, k = pca_baseline(Xtr, Xte)
-    pca = prf(pca_flag, yte)
-    # The same scores without the session-end rows, at the same calibrated threshold (diagnosis).
-    line_max: dict[str, float] = {}
-    with open(out / "scores.csv", newline="") as f:
-        for r in csv.DictReader(f):
-            if r["kind"] == "line":
-                line_max[r["key"]] = max(line_max.get(r["key"], 0.0), float(r["score"]))
-    thr = bundle.calibration.threshold
-    lines_only = prf(np.array([line_max.get(b, 0.0) > thr for b in test_blocks]), np.array([labels[b] for b in test_blocks]))
-    rows = [
-        ("Transformer on template sequences (per-event NLL + session end), streamed", model_m),
-        ("same scores, line rows only (no session-end rows), same threshold", lines_only),
-        ("unknown template seen", unk),
-        (f"PCA on per-block count vectors (tf-idf, k={k}, SPE > Q_0.001)", pca),
-    ]
-    print(f"\n{'detector':76s}  P      R      F1")
-    for name, m in rows:
-        print(f"{name:76s}  {m['precision']:.3f}  {m['recall']:.3f}  {m['f1']:.3f}   (tp {m['tp']}, fp {m['fp']}, fn {m['fn']})")
-    results = {"split": {"cut_ms": cut, "train_blocks": len(train_blocks), "test_blocks": len(test_blocks), "test_anomalous": int(yte.sum())},
-               "model": model_m, "model_lines_only": lines_only, "unknown_template": unk, "pca": pca, "replay_lines_per_s": s.lines_per_s,
-               "bundle": str(bundle_dir), "threshold": bundle.calibration.threshold, "created": time.strftime("%Y-%m-%d %H:%M")}
+    rows.append(("unknown template seen", *both(lambda b: counts[b][0] > 0)))
+    fit_blocks = sorted(train_blocks - set(val_blocks))  # fitted without the tuning set's normal blocks, like the models
+    _, _, k = pca_baseline(np.stack([counts[b] for b in fit_blocks]), np.zeros((1, V)))
+    pca_flag = {}
+    for group in (test_blocks, tune_blocks):
+        f, _, _ = pca_baseline(np.stack([counts[b] for b in fit_blocks]), np.stack([counts[b] for b in group]))
+        pca_flag.update(zip(group, f.tolist()))
+    rows.append((f"PCA on per-block count vectors (tf-idf, k={k}, SPE > Q_0.001), whole block at once", *both(lambda b: pca_flag[b])))
+
+    print(f"\n{'detector':100s}  evaluated P / R / F1 (tp fp fn)      tuning set F1")
+    for name, m, tm in rows:
+        print(f"{name:100s}  {m['precision']:.3f} {m['recall']:.3f} {m['f1']:.3f} ({m['tp']} {m['fp']} {m['fn']})   {tm['f1']:.3f}")
+    results["rows"] = [{"detector": n, "evaluated": m, "tuning_set": tm} for n, m, tm in rows]
+    results["created"] = time.strftime("%Y-%m-%d %H:%M")
     (a.work / "results.json").write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
     if a.markdown:
-        print("\n| detector (block level, held-out blocks) | precision | recall | F1 |\n|---|---|---|---|")
-        for name, m in rows:
-            print(f"| {name} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} |")
+        sp = results["split"]
+        print(f"\n| detector (block level) | precision | recall | F1 | tuning set F1 ({sp['tune_blocks']} blocks, {sp['tune_anomalous']} anomalous) |")
+        print("|---|---|---|---|---|")
+        for name, m, tm in rows:
+            print(f"| {name} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {tm['f1']:.3f} |")
     return 0
 
 
