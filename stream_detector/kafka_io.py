@@ -368,7 +368,11 @@ class KafkaSink:
         tps = [TopicPartition(t, p, o) for (t, p), o in sorted(offsets.items())]
         deadline = None if timeout is None else time.monotonic() + timeout
         if tps:
-            self._retrying(lambda: self._producer.send_offsets_to_transaction(tps, group_metadata, self._timeout), "adding offsets to the transaction", deadline)
+            # Not retried: librdkafka 2.16 can block forever in a repeated send_offsets_to_transaction
+            # once the group coordinator went away (librdkafka issue #5456, timeout ignored). A failure
+            # aborts instead; the caller rewinds and redoes the batch, so nothing is lost.
+            self._retrying(lambda: self._producer.send_offsets_to_transaction(tps, group_metadata, self._timeout),
+                           "adding offsets to the transaction", deadline, retry=False)
         self._retrying(lambda: self._producer.commit_transaction(self._timeout), "committing the transaction", deadline)
         self._in_txn = False
 
@@ -378,7 +382,7 @@ class KafkaSink:
             self._in_txn = False
         self._first_error = None
 
-    def _retrying(self, call: Callable[[], Any], what: str, deadline: float | None) -> None:
+    def _retrying(self, call: Callable[[], Any], what: str, deadline: float | None, retry: bool = True) -> None:
         while True:
             try:
                 call()
@@ -389,6 +393,10 @@ class KafkaSink:
                     raise KafkaIOError(f"{what} failed fatally: {err.str()} (another instance with this transactional.id may have taken over).") from None
                 if err.txn_requires_abort():
                     log.warning("%s failed (%s): aborting the transaction", what, err.str())
+                    self.abort_transaction()
+                    raise TransactionAborted(f"{what} failed: {err.str()}.") from None
+                if err.retriable() and not retry:
+                    log.warning("%s failed (%s): aborting the transaction to redo it", what, err.str())
                     self.abort_transaction()
                     raise TransactionAborted(f"{what} failed: {err.str()}.") from None
                 if not err.retriable() or (deadline is not None and time.monotonic() >= deadline):
@@ -404,12 +412,12 @@ class KafkaSink:
             raise KafkaIOError(f"{what} failed: {err.str()}.") from None
 
     def close(self, timeout: float) -> None:
-        if self._in_txn:  # an unfinished transaction (error path): abort it rather than leave it open
-            try:
+        try:
+            if self._in_txn:  # an unfinished transaction (error path): abort it rather than leave it open
                 self._producer.abort_transaction(timeout)
-            except KafkaException:
-                pass
-        self._producer.flush(timeout)
+            self._producer.flush(timeout)
+        except KafkaException as e:  # closing after a fatal error: the error was already reported
+            log.warning("closing the producer: %s", e.args[0].str())
 
 
 def check_broker(settings: Settings, topics: Sequence[str], timeout: float | None = None) -> dict[str, int]:
