@@ -135,12 +135,14 @@ def replay_log(
 
 def log_detection_settings(base: DetectionSettings, spec: LogModelSpec) -> DetectionSettings:
     """Detection settings for log rows: the window store must keep an entity at least as long as a
-    session can stay open (or its end row would find an empty window and go unscored)."""
-    need = int(spec.features.session_timeout_s * 1000) * 2
+    session can stay open (or its end row, or with the count layout the line after an eviction, would
+    find an empty window and go unscored)."""
+    need = int(spec.features.session_timeout_s * 1000) * (1 if spec.counts else 2)
     idle = base.idle_timeout_ms
     if idle is not None and idle < need:
         raise ValueError(
-            f"idle_timeout_ms ({idle}) must be at least twice the log session timeout ({need // 2} ms), or session ends go unscored."
+            f"idle_timeout_ms ({idle}) must be at least {'' if spec.counts else 'twice '}the log session timeout "
+            f"({int(spec.features.session_timeout_s * 1000)} ms), or rows of long sessions go unscored."
         )
     return base
 

@@ -455,7 +455,7 @@ def _fit_counts(s: LogFitSettings, spec: LogModelSpec, batch: Any, is_val: np.nd
     from stream_detector.logbundle import load_log_spec
 
     load_log_spec(load_bundle(s.out))  # the service's own checks, on what was written
-    return LogFitResult(Path(s.out), model_version, spec.vocab_size - 1, n_train, int(val_all.size), 0.0, calibration.threshold, parity, time.perf_counter() - t0)
+    return LogFitResult(Path(s.out), model_version, spec.vocab_size - 1, n_train, int(val_all.size), math.nan, calibration.threshold, parity, time.perf_counter() - t0)
 
 
 # ---------------------------------------------------------------------- command line (fit --format log)
@@ -513,7 +513,8 @@ def handle_log_fit(args: argparse.Namespace, command_line: str) -> int:
         return 1
     print(
         f"wrote {res.bundle_dir} (model_version {res.model_version}): {res.templates} templates, {res.train_rows} training / "
-        f"{res.val_rows} validation rows, best validation loss {res.best_val_loss:.4g}, ONNX parity {res.parity_max_abs_diff:.3g}, "
+        f"{res.val_rows} validation rows, {'' if math.isnan(res.best_val_loss) else f'best validation loss {res.best_val_loss:.4g}, '}"
+        f"ONNX parity {res.parity_max_abs_diff:.3g}, "
         f"session threshold {res.threshold:.4g}, {res.seconds:.1f} s"
     )
     return 0
