@@ -73,6 +73,7 @@ class MemoScorer:
         self._scorer = scorer
         self.bundle = scorer.bundle
         self.provider = scorer.provider
+        self.on_cuda = False  # CPU provider: DetectorCore keeps windows on the host and calls score()
         self._memo: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
 
     def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -91,12 +92,13 @@ def train_bundle(variant: str, train_file: Path, work: Path, args: argparse.Name
         params = dict(
             variant=variant, window=args.window, d_model=args.d_model, n_heads=args.n_heads, n_layers=args.n_layers,
             ff_dim=2 * args.d_model, epochs=args.epochs, max_windows_per_epoch=args.max_windows_per_epoch,
-            patience=args.patience, seed=args.seed, threads=args.threads, stride=1,
+            patience=args.patience, seed=args.seed, threads=args.threads, stride=1, scale_floor=args.scale_floor,
+            mask_steps=args.mask_steps if variant == "masked" else 1,
         )
     elif variant == "pca":
-        params = dict(kind="pca", pca_variance=args.pca_variance)
+        params = dict(kind="pca", pca_variance=args.pca_variance, scale_floor=args.scale_floor)
     else:
-        params = dict(kind="zscore", window=args.zscore_window, zscore_floor=args.zscore_floor)
+        params = dict(kind="zscore", window=args.zscore_window, zscore_floor=args.zscore_floor, scale_floor=args.scale_floor)
     tag = hashlib.sha256(json.dumps([variant, str(train_file), params], sort_keys=True).encode()).hexdigest()[:10]
     out = work / "bundles" / f"{train_file.stem}-{variant}-{tag}"
     if (out / "bundle.json").is_file():
@@ -319,6 +321,9 @@ def write_report(
 
 def main(argv: list[str] | None = None) -> int:
     d_thr, d_alert = ThresholdParams(), AlertParams()
+    from training.settings import FitSettings
+
+    d_fit = {k: f.default for k, f in FitSettings.model_fields.items()}
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data", help="folder holding smd/")
     p.add_argument("--out", type=Path, default=REPO / "docs", help="where quality.md and quality/ plots go")
@@ -328,13 +333,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tune", action="store_true", help="run the threshold sweep on the development machines first and print it")
     p.add_argument("--no-report", action="store_true", help="print the table only; do not write quality.md and plots")
     # Transformer
-    p.add_argument("--window", type=int, default=64)
-    p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--n-heads", type=int, default=4)
-    p.add_argument("--n-layers", type=int, default=2)
+    p.add_argument("--window", type=int, default=d_fit["window"])
+    p.add_argument("--d-model", type=int, default=d_fit["d_model"])
+    p.add_argument("--n-heads", type=int, default=d_fit["n_heads"])
+    p.add_argument("--n-layers", type=int, default=d_fit["n_layers"])
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--max-windows-per-epoch", type=int, default=4096)
     p.add_argument("--patience", type=int, default=3)
+    p.add_argument("--mask-steps", type=int, default=d_fit["mask_steps"], help="rows masked and scored by `masked`")
+    p.add_argument("--scale-floor", type=float, default=d_fit["scale_floor"], help="normaliser scale floor (every variant)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime threads")
     # baselines
