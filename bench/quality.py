@@ -93,12 +93,14 @@ def train_bundle(variant: str, train_file: Path, work: Path, args: argparse.Name
             variant=variant, window=args.window, d_model=args.d_model, n_heads=args.n_heads, n_layers=args.n_layers,
             ff_dim=2 * args.d_model, epochs=args.epochs, max_windows_per_epoch=args.max_windows_per_epoch,
             patience=args.patience, seed=args.seed, threads=args.threads, stride=1, scale_floor=args.scale_floor,
+            scale_floor_range=args.scale_floor_range,
             mask_steps=args.mask_steps if variant == "masked" else 1,
         )
     elif variant == "pca":
-        params = dict(kind="pca", pca_variance=args.pca_variance, scale_floor=args.scale_floor)
+        params = dict(kind="pca", pca_variance=args.pca_variance, scale_floor=args.scale_floor, scale_floor_range=args.scale_floor_range)
     else:
-        params = dict(kind="zscore", window=args.zscore_window, zscore_floor=args.zscore_floor, scale_floor=args.scale_floor)
+        params = dict(kind="zscore", window=args.zscore_window, zscore_floor=args.zscore_floor, scale_floor=args.scale_floor,
+                      scale_floor_range=args.scale_floor_range)
     tag = hashlib.sha256(json.dumps([variant, str(train_file), params], sort_keys=True).encode()).hexdigest()[:10]
     out = work / "bundles" / f"{train_file.stem}-{variant}-{tag}"
     if (out / "bundle.json").is_file():
@@ -123,11 +125,11 @@ def train_bundle(variant: str, train_file: Path, work: Path, args: argparse.Name
 def detection_settings(args: argparse.Namespace, **over: Any) -> DetectionSettings:
     p = {
         "method": args.threshold, "quantile": args.quantile, "multiplier": args.multiplier, "history": args.history,
-        "warmup": args.warmup, "resolve_after": args.resolve_after, "cooldown": args.cooldown, **over,
+        "warmup": args.warmup, "risk": args.risk, "resolve_after": args.resolve_after, "cooldown": args.cooldown, **over,
     }
     return DetectionSettings(
         hop=1,
-        threshold=ThresholdParams(method=p["method"], quantile=p["quantile"], multiplier=p["multiplier"], history=p["history"], warmup=p["warmup"]),
+        threshold=ThresholdParams(method=p["method"], quantile=p["quantile"], multiplier=p["multiplier"], history=p["history"], warmup=p["warmup"], risk=p["risk"]),
         alerts=AlertParams(resolve_after=p["resolve_after"], cooldown=p["cooldown"]),
     )
 
@@ -341,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-windows-per-epoch", type=int, default=4096)
     p.add_argument("--patience", type=int, default=3)
     p.add_argument("--mask-steps", type=int, default=d_fit["mask_steps"], help="rows masked and scored by `masked`")
-    p.add_argument("--scale-floor", type=float, default=d_fit["scale_floor"], help="normaliser scale floor (every variant)")
+    p.add_argument("--scale-floor", type=float, default=d_fit["scale_floor"], help="normaliser scale floor, absolute (every variant)")
+    p.add_argument("--scale-floor-range", type=float, default=d_fit["scale_floor_range"],
+                   help="normaliser scale floor as a fraction of each feature's training range (every variant)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime threads")
     # baselines
@@ -353,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quantile", type=float, default=d_thr.quantile)
     p.add_argument("--multiplier", type=float, default=d_thr.multiplier)
     p.add_argument("--history", type=int, default=d_thr.history)
+    p.add_argument("--risk", type=float, default=d_thr.risk, help="SPOT tail probability")
     p.add_argument("--warmup", type=int, default=d_thr.warmup)
     p.add_argument("--resolve-after", type=int, default=d_alert.resolve_after)
     p.add_argument("--cooldown", type=int, default=d_alert.cooldown)

@@ -48,10 +48,15 @@ class Normaliser:
     scale_floor: float
 
     @classmethod
-    def fit(cls, rows: np.ndarray, scale_floor: float = 1e-3) -> "Normaliser":
+    def fit(cls, rows: np.ndarray, scale_floor: float = 1e-3, range_fraction: float = 0.0) -> "Normaliser":
+        """Mean and std per feature; the std is floored at `scale_floor` and at `range_fraction` x the
+        feature's range (max - min) in `rows`: a feature that barely moves in training (but spikes
+        now and then) otherwise gets a tiny scale, and any later change dominates every score."""
         rows = np.asarray(rows, dtype=np.float64)
         center = rows.mean(axis=0)
         scale = np.maximum(rows.std(axis=0), scale_floor)
+        if range_fraction > 0:
+            scale = np.maximum(scale, range_fraction * (rows.max(axis=0) - rows.min(axis=0)))
         return cls(center.astype(np.float32), scale.astype(np.float32), float(scale_floor))
 
     def apply(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

@@ -56,6 +56,7 @@ class BaselineSettings(BaseModel):
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="last fraction of each entity held out for calibration")
     gap_factor: float = Field(3.0, gt=1.0, description="a time step longer than this x the median step is a gap")
     scale_floor: float = Field(1e-3, gt=0.0, description="smallest normaliser scale (constant features)")
+    scale_floor_range: float = Field(0.03, ge=0.0, lt=1.0, description="also floor each scale at this fraction of the feature's training range (as fit does); 0: off")
     pca_variance: float = Field(0.9, gt=0.0, le=1.0, description="pca: fraction of the training variance the kept components explain")
     zscore_floor: float = Field(0.1, gt=0.0, description="zscore: smallest standard deviation, in normalised units")
     threshold_quantile: float = Field(0.999, gt=0.0, lt=1.0, description="validation score quantile used as the suggested threshold")
@@ -156,7 +157,7 @@ def fit_baseline(s: BaselineSettings, command_line: str | None = None) -> Path:
     plan = plan_windows(table, window, s.val_fraction, s.gap_factor)
     if plan.val_starts.size == 0:
         raise WindowingError(f"{table.source} leaves no validation window of {window} rows to calibrate on; use more rows.")
-    normaliser = Normaliser.fit(plan.data[plan.train_rows], s.scale_floor)
+    normaliser = Normaliser.fit(plan.data[plan.train_rows], s.scale_floor, s.scale_floor_range)
     data = normaliser.apply(plan.data)
     f = len(table.features)
     if s.kind == "pca":

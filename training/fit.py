@@ -60,7 +60,7 @@ def fit(settings: FitSettings, command_line: str | None = None) -> FitResult:
     _check_output(Path(s.out))  # fail before training, not after it
     table = read_table(s.data, s.format, s.features, s.key_field, s.timestamp_field, s.nan_policy)
     plan = plan_windows(table, s.window, s.val_fraction, s.gap_factor, s.stride)
-    normaliser = Normaliser.fit(plan.data[plan.train_rows], s.scale_floor)
+    normaliser = Normaliser.fit(plan.data[plan.train_rows], s.scale_floor, s.scale_floor_range)
     data = normaliser.apply(plan.data)
     n_entities = len(set(table.keys))
     log.info(

@@ -35,6 +35,7 @@ class FitSettings(BaseModel):
     gap_factor: float = Field(3.0, gt=1.0, description="a time step longer than this x the median step is a gap windows never cross")
     stride: int = Field(1, ge=1, description="step between training window starts")
     scale_floor: float = Field(1e-3, gt=0.0, description="smallest normaliser scale (constant features)")
+    scale_floor_range: float = Field(0.03, ge=0.0, lt=1.0, description="also floor each feature's normaliser scale at this fraction of its training range (max - min), so a feature nearly constant in training cannot dominate scores later (docs/quality.md); 0: off")
     # model
     variant: Literal["plain", "masked"] = Field("masked", description="'masked' predicts the newest mask_steps rows from context; 'plain' reconstructs all rows")
     mask_steps: int = Field(1, ge=1, description="rows masked and scored by the 'masked' variant")
