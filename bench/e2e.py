@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from perfkit import REFERENCE_BUNDLE, REPO, StageClock, cpu_delta, rss_bytes, standalone_ort, start_broker, thread_cpu
+from perfkit import REFERENCE_BUNDLE, REPO, StageClock, ThreadCpuSampler, rss_bytes, standalone_ort, start_broker
 
 from stream_detector.bundle import load_bundle, write_bundle
 from stream_detector.config import InputSettings, load_settings
@@ -69,7 +69,8 @@ def create_topics(bootstrap: str, topics: dict[str, int]) -> None:
     from confluent_kafka.admin import NewTopic
 
     a = admin(bootstrap)  # keep the client alive until the futures resolve
-    for f in a.create_topics([NewTopic(t, n, 1) for t, n in topics.items()]).values():
+    # the simulated events carry simulated (old) timestamps: keep the broker's time retention off them
+    for f in a.create_topics([NewTopic(t, n, 1, config={"retention.ms": "-1"}) for t, n in topics.items()]).values():
         f.result(timeout=60)
 
 
@@ -181,12 +182,15 @@ def instrumented_run(settings: Any, max_messages: int | None = None, timeout: fl
         clock.wrap(det.core.device, "score", "inference")
     else:
         clock.wrap(det.scorer, "score", "inference")
-    peak = {"entities": 0, "rss": 0, "batches": 0}
+    peak: dict[str, Any] = {"entities": 0, "rss": 0, "batches": 0, "first_scored": None, "last": None}
     process = det.core.process
 
     def process_and_sample(batch: Any, *a: Any, **kw: Any) -> Any:
         r = process(batch, *a, **kw)
         peak["batches"] += 1
+        peak["last"] = time.monotonic()
+        if peak["first_scored"] is None and r.n_scored:
+            peak["first_scored"] = time.monotonic()
         if peak["batches"] % 16 == 1:  # /proc read, cheap but not free
             peak["entities"] = max(peak["entities"], len(det.core.store))
             peak["rss"] = max(peak["rss"], rss_bytes())
@@ -194,7 +198,7 @@ def instrumented_run(settings: Any, max_messages: int | None = None, timeout: fl
 
     det.core.process = process_and_sample  # type: ignore[method-assign]
     clock.wrap(det.core, "process", "core")
-    before = thread_cpu()
+    sampler = ThreadCpuSampler()  # the loop, inference and librdkafka threads end with the run
     c0 = time.process_time()
     box: dict[str, Any] = {}
     loop = threading.Thread(target=lambda: box.update(stats=det.run(max_messages=max_messages, timeout=timeout)), name="sd-loop")
@@ -208,7 +212,7 @@ def instrumented_run(settings: Any, max_messages: int | None = None, timeout: fl
         raise RuntimeError("the detector loop failed (see the log above)")
     stats = box["stats"]
     cpu_total = time.process_time() - c0
-    per_thread = cpu_delta(before, thread_cpu())
+    per_thread = sampler.stop()
     loop_tids = clock.threads.get("decode", set())
     inference_tids = clock.threads.get("core", set())
     rdk = sum(c for tid, (name, c) in per_thread.items() if name.startswith("rdk:"))
@@ -236,6 +240,9 @@ def instrumented_run(settings: Any, max_messages: int | None = None, timeout: fl
         "ingest_us_per_event_excl_inference": round((clock.cpu["decode"] + clock.cpu["window"] + thr_alerts + kafka_loop) / events * 1e6, 2),
         "ingest_us_per_event_excl_inference_and_kafka": round((clock.cpu["decode"] + clock.cpu["window"] + thr_alerts) / events * 1e6, 2),
         "seconds": round(busy, 2),
+        # scoring phase: from the first batch with a scored window to the last batch (the first W
+        # events of every entity only fill windows)
+        "scoring_seconds": round(peak["last"] - peak["first_scored"], 2) if peak["first_scored"] and peak["last"] else None,
         "entities_tracked": entities,
         "rss_growth_mb": round(rss / 2**20, 1),
         "rss_mb_per_10k_entities": round(rss / 2**20 / entities * 10_000, 1) if entities else None,
@@ -388,9 +395,11 @@ def run_fleet(args: argparse.Namespace, bootstrap: str, bundle_path: Path, entit
         n = total if hop > 1 or large else min(total, entities * (bundle.window + args.hop1_extra))  # hop 1 is ORT-bound: fewer ticks
         stats, profile = instrumented_run(settings, max_messages=n, timeout=3600)
         busy = profile["seconds"]
+        scoring_s = profile["scoring_seconds"] or busy
+        scored_rate = stats.scored / scoring_s if hop == 1 else stats.scored / busy  # hop 1: over its scoring phase
         row = {"hop": hop, "events": stats.consumed, "scored": stats.scored,
-               "ingest_events_per_s": round(stats.consumed / busy), "scored_windows_per_s": round(stats.scored / busy),
-               "scored_vs_standalone_ort": round(stats.scored / busy / ort_rate, 3),
+               "ingest_events_per_s": round(stats.consumed / busy), "scored_windows_per_s": round(scored_rate),
+               "scored_vs_standalone_ort": round(scored_rate / ort_rate, 3),
                "alerts": sum(stats.alerts.values()), "dead_letters": stats.dead_letters,
                "changelog_records": stats.changelog_records, "changelog_mb": round(stats.changelog_bytes / 2**20, 1),
                "backpressure_s": round(stats.backpressure_s, 2), **profile}
@@ -440,6 +449,33 @@ def print_tables(result: dict[str, Any]) -> None:
                   f"hop {lat['hop']}, max_wait_ms {lat['max_wait_ms']}, {lat['achieved_events_per_s']} achieved): {lat['latency_ms']}")
 
 
+def markdown(result: dict[str, Any]) -> str:
+    """The tables of docs/performance.md, from a result file."""
+    out = ["| entities | hop | ingest events/s | scored windows/s | ORT alone windows/s | scored / ORT | decode | window update | inference | threshold+alerts | Kafka I/O + loop | ingest path µs/event (excl. inference) | RSS growth MB |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for f in result["fleets"]:
+        for r in f["service"]:
+            c = r["cpu_s_per_1000_events"]
+            out.append(f"| {f['entities']:,} | {r['hop']} | {r['ingest_events_per_s']:,} | {r['scored_windows_per_s']:,} | "
+                       f"{f['standalone_ort']['windows_per_s']:,} | {r['scored_vs_standalone_ort']} | {c['decode'] * 1e3:.2f} | "
+                       f"{c['window_update'] * 1e3:.2f} | {c['inference'] * 1e3:.2f} | {c['threshold_alerts'] * 1e3:.2f} | "
+                       f"{c['kafka_io_and_loop'] * 1e3:.2f} | {r['ingest_us_per_event_excl_inference']} | {r['rss_growth_mb']} |")
+    out += ["", "| entities | consume + decode alone, events/s (msgspec / orjson) | decoders µs/event (msgspec / orjson) | mean message bytes |",
+            "|---:|---:|---:|---:|"]
+    for f in result["fleets"]:
+        cd, dd = f["consume_decode_events_per_s"], f["decoders_us_per_event"]
+        out.append(f"| {f['entities']:,} | {cd['msgspec_typed']:,} / {cd['orjson']:,} | {dd.get('msgspec_typed')} / {dd['orjson']} | {f['message_bytes_mean']} |")
+    lat = [(f["entities"], x) for f in result["fleets"] for x in f.get("latency", [])]
+    if lat:
+        out += ["", "| entities | hop | offered events/s (of max) | max_wait_ms | alerts | p50 ms | p95 ms | p99 ms | max ms |",
+                "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for e, x in lat:
+            m = x["latency_ms"]
+            out.append(f"| {e:,} | {x['hop']} | {x['offered_events_per_s']:,} ({x['fraction_of_max']:.0%}) | {x['max_wait_ms']} | {x['alerts']:,} | "
+                       f"{m.get('p50')} | {m.get('p95')} | {m.get('p99')} | {m.get('max')} |")
+    return "\n".join(out)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bootstrap", help="Kafka bootstrap servers (default: start the local broker)")
@@ -459,7 +495,11 @@ def main() -> int:
     p.add_argument("--max-wait-ms", type=int, default=100, help="runtime.max_wait_ms of the throughput runs (the service default: 100)")
     p.add_argument("--latency-max-wait-ms", default="100,20", help="runtime.max_wait_ms values of the latency runs")
     p.add_argument("--out", type=Path, help="write the JSON result here")
+    p.add_argument("--render", type=Path, help="only print the markdown tables of an existing result file")
     args = p.parse_args()
+    if args.render:
+        print(markdown(json.loads(args.render.read_text())))
+        return 0
     args.hops = [int(h) for h in args.hops.split(",")]
     args.hops_large = [int(h) for h in args.hops_large.split(",")]
     args.latency_fractions = [float(x) for x in args.latency_fractions.split(",")]

@@ -7,7 +7,8 @@
 # Needs only this repository plus numpy, orjson, onnx, onnxruntime-gpu (on PYTHONPATH) and, to
 # load the CUDA libraries, torch; no Kafka broker, no Java, no network, no pip. PYTHON defaults
 # to python3. Each step has its own time limit and a failing step does not stop the others;
-# together they take about 5 minutes on an H200:
+# together they take about 5 minutes on an H200 (SD_GPU_CHECK_ENTITIES / SD_GPU_CHECK_TICKS size
+# the pipeline step, default 4000 x 100):
 #   1. env       : Python, torch + GPU, onnxruntime version/location, the provider a session really
 #                  gets (import torch first so the CUDA libraries load)            -> env.json
 #   2. ort       : standalone windows/s at batch 256/1024/16384 — host copies, IO binding with
@@ -67,7 +68,7 @@ EOF
 step ort 150 "$PY" bench/gpu_ort.py --out "$OUT/ort.json" --batches 256,1024,16384 --seconds 3
 
 step pipeline 240 "$PY" bench/inprocess.py --provider cuda --device-windows both --hops 1 \
-    --entities 4000 --ticks 100 --max-batch 4096 --out "$OUT/pipeline.json"
+    --entities "${SD_GPU_CHECK_ENTITIES:-4000}" --ticks "${SD_GPU_CHECK_TICKS:-100}" --max-batch 4096 --out "$OUT/pipeline.json"
 
 step tests 150 "$PY" -c "import sys; import perfkit; perfkit.prepare_cuda(); import pytest; \
 sys.exit(pytest.main(['-m', 'gpu', '-q', '-rA', '-p', 'no:cacheprovider', 'tests/test_scorer.py', 'tests/test_device_windows.py']))"

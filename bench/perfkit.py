@@ -227,3 +227,28 @@ def prepare_cuda() -> dict[str, Any]:
     except Exception as e:
         info["onnxruntime"] = f"not usable: {type(e).__name__}: {e}"
     return info
+
+
+class ThreadCpuSampler:
+    """Per-thread CPU seconds over an interval, threads that exit during it included: /proc is
+    sampled every `period` seconds and each thread's last reading kept (a thread's CPU after its
+    last sample, at most `period` of it, is missed)."""
+
+    def __init__(self, period: float = 0.25) -> None:
+        self.period = period
+        self._before = thread_cpu()
+        self._last: dict[int, tuple[str, float]] = dict(self._before)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            self._last.update(thread_cpu())
+
+    def stop(self) -> dict[int, tuple[str, float]]:
+        self._stop.set()
+        self._thread.join()
+        self._last.update(thread_cpu())
+        me = self._thread.native_id
+        return {tid: v for tid, v in cpu_delta(self._before, self._last).items() if tid != me}
