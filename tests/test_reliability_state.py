@@ -123,3 +123,49 @@ def test_fences_skip_exactly_what_restored_state_holds():
     assert tracker.skipped == 2
     again = tracker.fence(EventBatch.build(["a"], np.zeros((1, 2)), None, "obs", 0, [108]))
     assert again.n == 1, "a fence is gone once the entity moved past it"
+
+
+def test_exactly_once_without_changelog_is_refused_in_one_sentence():
+    from stream_detector.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError, match="exactly_once needs the state changelog"):
+        load_settings(None, {"processing": {"guarantee": "exactly_once", "changelog": False}})
+    s = load_settings(None, {"kafka": {"group_id": "g"}, "processing": {"instance_id": "a"}})
+    assert s.processing.transactional_id_for("g") == "g-a" and s.processing.changelog_topic_for("g") == "g-changelog"
+
+
+@pytest.mark.kafka
+def test_changelog_topic_created_checked_and_refused(kafka_bootstrap, make_topic, tmp_path):
+    import subprocess
+    import sys
+    import uuid
+
+    from confluent_kafka.admin import AdminClient, ConfigResource
+
+    from stream_detector.changelog import ensure_changelog_topic
+    from stream_detector.config import load_settings
+
+    def settings(topic):
+        return load_settings(None, {"kafka": {"bootstrap_servers": kafka_bootstrap, "group_id": f"g-{uuid.uuid4().hex[:8]}"},
+                                    "processing": {"changelog_topic": topic}})
+
+    fresh = f"state-{uuid.uuid4().hex[:10]}"
+    assert ensure_changelog_topic(settings(fresh), 3) == fresh
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    meta = admin.list_topics(timeout=10).topics[fresh]
+    res = ConfigResource(ConfigResource.Type.TOPIC, fresh)
+    assert len(meta.partitions) == 3 and admin.describe_configs([res])[res].result(10)["cleanup.policy"].value == "compact"
+    admin.delete_topics([fresh])
+    small = make_topic(partitions=1, config={"cleanup.policy": "compact"})
+    with pytest.raises(ChangelogError, match="has 1 partitions, but the input has 3"):
+        ensure_changelog_topic(settings(small), 3)
+    plain = make_topic(partitions=3)
+    with pytest.raises(ChangelogError, match="must be compacted"):
+        ensure_changelog_topic(settings(plain), 3)
+    # the CLI: one sentence, exit 2, before consuming
+    topic, alerts, dlq = make_topic(partitions=3), make_topic(), make_topic()
+    bundle = make_bundle(tmp_path, ["a", "b"], 4, "mean", 1.0)
+    r = subprocess.run([sys.executable, "-m", "stream_detector.cli", "run", "--kafka.bootstrap-servers", kafka_bootstrap, "--kafka.topics", topic,
+                        "--kafka.alerts-topic", alerts, "--kafka.dlq-topic", dlq, "--model.bundle", str(bundle.path), "--model.provider", "cpu",
+                        "--processing.changelog-topic", plain], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "must be compacted" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
