@@ -528,7 +528,7 @@ def main() -> int:
     print_tables(result)
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
-        print(f"wrote {args.out.relative_to(REPO) if args.out.resolve().is_relative_to(REPO) else args.out}")
+        print(f"wrote {args.out}")
     shutil.rmtree(work, ignore_errors=True)
     return 0
 
