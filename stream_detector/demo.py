@@ -162,28 +162,33 @@ def main(argv: list[str] | None = None) -> int:
     tolerance = args.window + 10
     opens: list[tuple[dict[str, Any], Anomaly | None]] = []
     total = args.ticks * args.entities
+    alerts_file = open(work / "alerts.jsonl", "wb")  # every alert event as published, for a closer look
+
+    def on_alert(value: bytes) -> None:
+        alerts_file.write(value + b"\n")
+        a = orjson.loads(value)
+        if a["state"] != "open":
+            return
+        hit = match(a, sim.truth, cfg, tolerance)
+        opens.append((a, hit))
+        top = ", ".join(str(f.get("name")) for f in a.get("top_features", []))
+        what = f"injected {hit.kind} at event {hit.start} (+{tick_of(a, cfg) - hit.start})" if hit else "FALSE ALARM"
+        print(f"ALERT {a['key']} event {tick_of(a, cfg)} score {a['score']:.3g} > {a['threshold']:.3g} top [{top}]: {what}", flush=True)
+
     deadline = None
     while not failure:
         for m in reader.consume(100, timeout=0.5):
-            if m.error() is not None:
-                continue
-            a = orjson.loads(m.value())
-            if a["state"] != "open":
-                continue
-            hit = match(a, sim.truth, cfg, tolerance)
-            opens.append((a, hit))
-            top = ", ".join(str(f.get("name")) for f in a.get("top_features", []))
-            what = f"injected {hit.kind} at event {hit.start} (+{tick_of(a, cfg) - hit.start})" if hit else "FALSE ALARM"
-            print(f"ALERT {a['key']} event {tick_of(a, cfg)} score {a['score']:.3g} > {a['threshold']:.3g} top [{top}]: {what}", flush=True)
+            if m.error() is None:
+                on_alert(m.value())
         if done.is_set() and deadline is None:
             deadline = time.monotonic() + 30
         if done.is_set() and (detector.stats.consumed >= total or time.monotonic() > deadline):
             time.sleep(1.0)  # let the last alerts arrive
             for m in reader.consume(1000, timeout=1.0):
-                if m.error() is None and (a := orjson.loads(m.value()))["state"] == "open":
-                    hit = match(a, sim.truth, cfg, tolerance)
-                    opens.append((a, hit))
+                if m.error() is None:
+                    on_alert(m.value())
             break
+    alerts_file.close()
     detector.stop()
     service.join(timeout=30)
     reader.close()
@@ -205,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  false alerts: {false} (of {len(opens)} open alerts)")
     if delays:
         print(f"  median detection delay: {statistics.median(delays):g} events ({statistics.median(delays) * cfg.interval_ms / 1000:g} s of event time)")
-    print(f"  total demo time: {time.monotonic() - t_start:.0f} s; ground truth in {work / 'truth.jsonl'}")
+    print(f"  total demo time: {time.monotonic() - t_start:.0f} s; ground truth in {work / 'truth.jsonl'}, alert events in {work / 'alerts.jsonl'}")
     return 0
 
 
