@@ -1,6 +1,7 @@
 """`Scorer`: one ONNX Runtime session for the bundle's model, and micro-batched scoring.
 
-Provider choice: "cpu", "cuda", or "auto" (CUDA when this onnxruntime build offers it, else CPU).
+Provider choice: "cpu", "cuda", or "auto" (CUDA when this onnxruntime build offers it and the
+machine has an NVIDIA GPU, else CPU).
 Which provider is really active is read back from the session (`session.get_providers()`): the
 onnxruntime-gpu wheel lists CUDA in `get_available_providers()` even on a machine without CUDA
 libraries, and a session asked for CUDA there quietly runs on the CPU. That answer is logged, and
@@ -33,6 +34,12 @@ def default_intra_op_threads() -> int:
     return max(1, cores - 1)
 
 
+def nvidia_device_present() -> bool:
+    """Whether the kernel shows an NVIDIA GPU. `auto` asks for CUDA only then: on a machine without
+    one, onnxruntime-gpu would try, print a page of library errors, and fall back to the CPU."""
+    return os.path.exists("/proc/driver/nvidia/gpus") or os.path.exists("/dev/nvidia0")
+
+
 class ScorerError(Exception):
     """The scorer cannot run as configured; the message is one sentence for the operator."""
 
@@ -56,8 +63,13 @@ class Scorer:
         self.bundle = bundle
         self.max_batch = int(max_batch)
         self.requested = provider
-        want_cuda = provider == "cuda" or require_cuda or (provider == "auto" and CUDA in ort.get_available_providers())
+        want_cuda = provider == "cuda" or require_cuda or (
+            provider == "auto" and CUDA in ort.get_available_providers() and nvidia_device_present()
+        )
         providers: list[Any] = [(CUDA, {"device_id": device_id}), CPU] if want_cuda else [CPU]
+        # A CUDA provider that cannot start logs several lines through ORT's default logger (not
+        # the session's); the outcome is reported below in one line, so keep those quiet.
+        ort.set_default_logger_severity(3)
         self.device_id = int(device_id)
         self.intra_op_threads = default_intra_op_threads() if intra_op_threads is None else int(intra_op_threads)
         opts = self.session_options()

@@ -49,6 +49,17 @@ def test_auto_decides_from_the_session_not_the_available_list(tmp_path):
         assert s.provider == "CPUExecutionProvider" and not s.on_cuda
 
 
+def test_cuda_requested_without_a_gpu_reports_the_cpu_it_really_runs_on(tmp_path, caplog):
+    # asked for CUDA explicitly, the session falls back to the CPU; the scorer says so (warning)
+    if _gpu_present():
+        pytest.skip("this machine has a GPU")
+    b = make_bundle(tmp_path)
+    with caplog.at_level("WARNING", logger="stream_detector.scorer"):
+        s = Scorer(b, provider="cuda")
+    assert s.provider == s.session.get_providers()[0] == "CPUExecutionProvider" and not s.on_cuda
+    assert any("CUDA was requested (provider=cuda) but is not active" in r.getMessage() for r in caplog.records)
+
+
 def test_require_cuda_refused_without_a_gpu(tmp_path):
     if _gpu_present():
         pytest.skip("this machine has a GPU; the refusal is for CPU-only machines")
