@@ -32,9 +32,9 @@ class ThresholdParams:
     method: str = "quantile"  # "quantile" | "spot"
     warmup: int = 100  # normal scores seen before the entity's own statistics are used
     # rolling quantile
-    quantile: float = 0.999
+    quantile: float = 0.99  # quantile 0.99 x 4.0: docs/quality.md (SMD dev sweep, event recall >= 0.8 first)
     history: int = 1000
-    multiplier: float = 2.0
+    multiplier: float = 4.0
     # SPOT
     risk: float = 1e-4
     init_quantile: float = 0.98
