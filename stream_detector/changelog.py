@@ -1,9 +1,12 @@
 """Entity state that moves with its partition: a compacted changelog topic keyed by entity.
 
-Each record holds one entity's complete detection state (`DetectorCore.state_of`: window rows,
-threshold, alert lifecycle) plus the input offsets it reflects (`applied`: {topic: offset of the
-last event of this entity applied}). Record partition = the input partition number, record key =
-the entity key; a tombstone (value None) marks an entity that is no longer tracked (evicted).
+An entity's detection state (`DetectorCore.state_of`: window rows, threshold, alert lifecycle) is
+kept as several records (layout below): a small meta record keyed by the entity, which also holds
+the input offsets the state reflects (`applied`: {topic: offset of the last event of this entity
+applied}), one record per window ring slot and one per chunk of the rolling-quantile history, so a
+checkpoint writes what is new since the previous one: a cost per new event, not per window.
+Record partition = the input partition number; tombstones (value None) remove an entity that is
+no longer tracked (evicted).
 
 Written at every checkpoint for the entities that changed since the previous one (`StateTracker`),
 inside the Kafka transaction in exactly-once mode, before the offset commit in at-least-once mode.
@@ -16,7 +19,7 @@ entity at or below its applied offset are skipped (they are already in its state
 were acknowledged before the changelog was written), so the state after re-processing is the state
 the entity would have had without the crash.
 
-Encoding (measured in docs/reliability.md): 4-byte magic, a little-endian uint32 header length, an
+Meta encoding (measured in docs/reliability.md): 4-byte magic, a little-endian uint32 header length, an
 orjson header in which every numpy array is replaced by a reference, then the arrays' raw bytes.
 float64 arrays whose values are all float32-exact (scores are float32) are stored as float32 and
 widened again on decoding, so a round trip is bit-exact.
@@ -27,7 +30,7 @@ from __future__ import annotations
 import logging
 import struct
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import orjson
@@ -107,6 +110,57 @@ def decode_state(value: bytes) -> tuple[dict[str, Any], dict[str, int]]:
     return walk(doc["state"]), {str(t): int(o) for t, o in doc["applied"].items()}
 
 
+# ---- record layout: one entity = a meta record + window rows by ring slot + history chunks ------
+#
+# Keys (record partition = input partition number):
+#   ENTITY            meta: `encode_state` of the entity's state without the window rows, the
+#                     rolling-quantile history and the alert lifecycle (count, last time, threshold
+#                     scalars, model version) + `applied`; written whenever the entity changed
+#   ENTITY \0 a       the alert lifecycle (orjson; `null` = none), written only when it changed
+#   ENTITY \0 w SLOT  one window row: int64 absolute position (0 = the entity's first event) +
+#                     F float32; SLOT = position mod W, so compaction keeps the newest row per
+#                     ring slot and the last W positions are always there
+#   ENTITY \0 h SLOT  a chunk of the rolling-quantile history: int64 chunk number q, int64 index of
+#                     its first entry, uint8 width (4/8), the entries; entry i of the entity's
+#                     learned scores lives in chunk q = i // HISTORY_CHUNK at SLOT = q mod K
+# So a checkpoint writes the rows and history entries added since the previous one (a touched
+# history chunk is rewritten whole, at most HISTORY_CHUNK entries), not W x F per changed entity.
+# Per entity the parts are written before its meta: a restore trusts the meta's count and checks
+# every row's position and every chunk's number, and an entity whose parts do not match (a process
+# killed in the middle of writing that one entity, at-least-once mode) starts cold with a warning.
+
+HISTORY_CHUNK = 32
+_SEP = "\x00"
+_ROW = struct.Struct("<q")
+_CHUNK = struct.Struct("<qqB")
+
+
+def _part_key(key: str, kind: str, slot: int) -> str:
+    return f"{key}{_SEP}{kind}{slot}"
+
+
+def _split_key(key: str) -> tuple[str, str | None, int]:
+    """(entity, part kind 'w'/'h' or None for the meta record, slot)."""
+    entity, sep, tail = key.rpartition(_SEP)
+    if sep and tail == "a":
+        return entity, "a", 0
+    if sep and len(tail) > 1 and tail[0] in "wh" and tail[1:].isdigit():
+        return entity, tail[0], int(tail[1:])
+    return key, None, 0
+
+
+def history_slots(history: int) -> int:
+    """Chunk slots per entity: enough that the chunks of the newest `history` entries never share one."""
+    return -(-int(history) // HISTORY_CHUNK) + 1
+
+
+def _encode_chunk(q: int, first: int, values: np.ndarray) -> bytes:
+    narrow = values.astype(np.float32)
+    if np.array_equal(narrow.astype(np.float64), values, equal_nan=True):
+        return _CHUNK.pack(q, first, 4) + narrow.tobytes()
+    return _CHUNK.pack(q, first, 8) + values.astype(np.float64).tobytes()
+
+
 # ---- what to write at a checkpoint ----------------------------------------------------------
 
 
@@ -117,14 +171,29 @@ class ChangelogRecord:
     value: bytes | None  # None = tombstone
 
 
-class StateTracker:
-    """Which entities changed since the last checkpoint, the input offsets their state reflects,
-    which entities have a live record (to tombstone them once evicted), and the fences of
-    restored entities (at-least-once re-processing). Main thread only."""
+@dataclass
+class _Written:
+    """What the changelog holds for a live entity, so the next checkpoint writes only what is new."""
 
-    def __init__(self) -> None:
-        self._dirty: dict[tuple[int, str], dict[str, int]] = {}  # entity -> {topic: last applied offset}
-        self._live: set[tuple[int, str]] = set()
+    count: int  # window count covered by the written rows
+    seen: int  # history entries covered by the written chunks
+    row_slots: int  # row keys that may exist (tombstoned when the entity goes)
+    chunk_slots: int
+    alert: bytes | None = None  # the alert record as last written (None: never)
+    valid: bool = True  # False: rewrite everything next time (model swap, restore)
+
+
+class StateTracker:
+    """Which entities changed since the last checkpoint (and how many events each got), the input
+    offsets their state reflects, what the changelog already holds of each live entity (to write
+    only new rows/history entries, and to tombstone every key once it is evicted), and the fences
+    of restored entities (at-least-once re-processing). Main thread only."""
+
+    def __init__(self, window: int, history: int = 1000) -> None:
+        self.window = int(window)
+        self.chunk_slots = history_slots(history)
+        self._dirty: dict[tuple[int, str], list] = {}  # entity -> [{topic: last applied offset}, events noted]
+        self._live: dict[tuple[int, str], _Written] = {}
         self._fences: dict[tuple[int, str], dict[str, int]] = {}
         self.skipped = 0  # events skipped by fences (already in the restored state)
 
@@ -138,30 +207,79 @@ class StateTracker:
         for p, k, t, o in zip(batch.partition.tolist(), batch.keys, batch.topic, batch.offset.tolist()):
             d = dirty.get((p, k))
             if d is None:
-                dirty[(p, k)] = {t: o}
+                dirty[(p, k)] = [{t: o}, 1]
             else:
-                d[t] = o
+                d[0][t] = o
+                d[1] += 1
+
+    def invalidate(self) -> None:
+        """Every live entity is written whole at its next change (after a model swap: thresholds
+        restart and rows may be renormalised, so earlier records no longer match)."""
+        for w in self._live.values():
+            w.valid = False
 
     def snapshot(self, core: Any, owned: Iterable[int]) -> list[ChangelogRecord]:
-        """Records for every entity changed since the last call (its state now) and tombstones for
-        entities with a live record that the core no longer tracks. Call with the core idle."""
+        """Records for every entity changed since the last call (new rows, touched history chunks,
+        then its meta record) and tombstones for every key of entities the core no longer tracks.
+        Call with the core idle."""
         owned = set(owned)
-        tracked = set(core.entities())
         out: list[ChangelogRecord] = []
-        for (p, k), applied in self._dirty.items():
+        for (p, k), (applied, noted) in self._dirty.items():
             if p not in owned:
                 continue
-            state = core.state_of(p, k) if (p, k) in tracked else None
+            state = core.state_of(p, k)
             if state is not None:
-                out.append(ChangelogRecord(p, k, encode_state(state, applied)))
-                self._live.add((p, k))
-        gone = [e for e in self._live if e not in tracked]
-        for p, k in gone:
-            if p in owned:
-                out.append(ChangelogRecord(p, k, None))
-            self._live.discard((p, k))
+                self._write(out, p, k, state, applied, noted)
+        tracked = set(core.entities())
+        for e in [e for e in self._live if e not in tracked]:
+            w = self._live.pop(e)
+            if e[0] in owned:
+                self._tombstones(out, e[0], e[1], w)
         self._dirty.clear()
         return out
+
+    def _write(self, out: list[ChangelogRecord], p: int, k: str, state: dict[str, Any], applied: dict[str, int], noted: int) -> None:
+        W = self.window
+        win = state["window"]
+        count, rows = int(win["count"]), win["rows"]
+        prev = self._live.get((p, k))
+        # Incremental only when the count moved by exactly the events noted: otherwise the entity was
+        # evicted and came back (a new life), or a core feeds it other rows (log stage): write it whole.
+        same_life = prev is not None and prev.valid and count == prev.count + noted
+        new = min(count - prev.count, rows.shape[0]) if same_life else rows.shape[0]
+        for i in range(rows.shape[0] - new, rows.shape[0]):
+            pos = count - rows.shape[0] + i
+            out.append(ChangelogRecord(p, _part_key(k, "w", pos % W), _ROW.pack(pos) + rows[i].tobytes()))
+        meta = dict(state)
+        meta["window"] = {x: v for x, v in win.items() if x != "rows"}
+        thr = state.get("threshold")
+        seen = prev.seen if prev is not None else 0
+        chunks_hi = prev.chunk_slots if prev is not None else 0
+        if isinstance(thr, dict) and isinstance(thr.get("history"), np.ndarray) and "seen" in thr:
+            hist = np.asarray(thr["history"], dtype=np.float64)
+            seen_now, n = int(thr["seen"]), int(hist.size)
+            first = seen_now - n  # absolute index of hist[0]
+            lo = max(first, seen if (same_life and seen <= seen_now) else first)
+            if lo < seen_now:
+                for q in range(lo // HISTORY_CHUNK, (seen_now - 1) // HISTORY_CHUNK + 1):
+                    a, b = max(q * HISTORY_CHUNK, first), min((q + 1) * HISTORY_CHUNK, seen_now)
+                    slot = q % self.chunk_slots
+                    out.append(ChangelogRecord(p, _part_key(k, "h", slot), _encode_chunk(q, a, hist[a - first : b - first])))
+                    chunks_hi = max(chunks_hi, slot + 1)
+            meta["threshold"] = {**{x: v for x, v in thr.items() if x != "history"}, "history_len": n}
+            seen = seen_now
+        alert = orjson.dumps(meta.pop("alert", None), option=orjson.OPT_SERIALIZE_NUMPY)
+        if not (same_life and prev is not None and prev.alert == alert):
+            out.append(ChangelogRecord(p, k + _SEP + "a", alert))
+        out.append(ChangelogRecord(p, k, encode_state(meta, applied)))
+        rows_hi = max(prev.row_slots if prev is not None else 0, min(count, W))
+        self._live[(p, k)] = _Written(count, seen, rows_hi, chunks_hi, alert)
+
+    def _tombstones(self, out: list[ChangelogRecord], p: int, k: str, w: _Written) -> None:
+        out.append(ChangelogRecord(p, k, None))  # the meta first: without it the parts are never restored
+        out.append(ChangelogRecord(p, k + _SEP + "a", None))
+        out.extend(ChangelogRecord(p, _part_key(k, "w", s), None) for s in range(w.row_slots))
+        out.extend(ChangelogRecord(p, _part_key(k, "h", s), None) for s in range(w.chunk_slots))
 
     def discard_pending(self, partitions: Iterable[int] | None = None) -> None:
         """Forget unwritten changes (of these partitions, or all): after an abort or a loss."""
@@ -175,13 +293,17 @@ class StateTracker:
     def forget_partitions(self, partitions: Iterable[int]) -> None:
         drop = set(partitions)
         self.discard_pending(drop)
-        self._live = {e for e in self._live if e[0] not in drop}
+        self._live = {e: w for e, w in self._live.items() if e[0] not in drop}
         self._fences = {e: f for e, f in self._fences.items() if e[0] not in drop}
 
-    def restored(self, partition: int, key: str, applied: dict[str, int], committed: dict[str, int]) -> None:
+    def restored(self, partition: int, key: str, applied: dict[str, int], committed: dict[str, int],
+                 state: dict[str, Any] | None = None) -> None:
         """An entity's state was installed from the changelog; fence the events it already holds
-        beyond the committed input offsets ({topic: next offset to read} of this partition)."""
-        self._live.add((partition, key))
+        beyond the committed input offsets ({topic: next offset to read} of this partition). The
+        next write of the entity is whole (earlier lives may have left other keys: all are
+        tombstoned when it goes)."""
+        count = int(state["window"]["count"]) if state is not None else 0
+        self._live[(partition, key)] = _Written(count, 0, self.window, self.chunk_slots, valid=False)
         ahead = {t: o for t, o in applied.items() if o >= committed.get(t, 0)}
         if ahead:
             self._fences[(partition, key)] = ahead
@@ -210,6 +332,98 @@ class StateTracker:
             [batch.keys[i] for i in idx], batch.rows[idx], batch.event_time_ms[idx],
             [batch.topic[i] for i in idx], batch.partition[idx], batch.offset[idx],
         )
+
+
+# ---- reading records back into entity states ------------------------------------------------
+
+
+class StateAssembler:
+    """Collects one changelog partition's records in offset order (the newest record per key wins,
+    as compaction keeps it) and rebuilds each entity's state: the meta record, the rows at the last
+    min(count, W) positions, the history entries [seen - history_len, seen)."""
+
+    def __init__(self, window: int) -> None:
+        self.window = int(window)
+        self._meta: dict[str, bytes | None] = {}
+        self._rows: dict[str, dict[int, bytes | None]] = {}
+        self._chunks: dict[str, dict[int, bytes | None]] = {}
+        self._alerts: dict[str, bytes | None] = {}
+        self.records = 0
+
+    def add(self, key: str, value: bytes | None) -> None:
+        self.records += 1
+        entity, kind, slot = _split_key(key)
+        if kind is None:
+            self._meta[entity] = value
+        elif kind == "a":
+            self._alerts[entity] = value
+        else:
+            (self._rows if kind == "w" else self._chunks).setdefault(entity, {})[slot] = value
+
+    def __len__(self) -> int:
+        return sum(v is not None for v in self._meta.values())
+
+    def states(self) -> Iterator[tuple[str, dict[str, Any] | None, dict[str, int], str | None]]:
+        """(entity, state, applied, None) per live entity, or (entity, None, {}, why) when its
+        records do not make up a state."""
+        for entity, value in self._meta.items():
+            if value is None:
+                continue
+            try:
+                state, applied = decode_state(value)
+                self._assemble(entity, state)
+            except (ChangelogError, ValueError, KeyError, TypeError) as e:
+                yield entity, None, {}, str(e)
+                continue
+            yield entity, state, applied, None
+
+    def _assemble(self, entity: str, state: dict[str, Any]) -> None:
+        if "alert" not in state:
+            a = self._alerts.get(entity)
+            if a is None:
+                raise ChangelogError("its alert record is missing")
+            state["alert"] = orjson.loads(a)
+        win = state["window"]
+        if "rows" not in win:  # (a whole-state record of the earlier layout carries its rows itself)
+            count = int(win["count"])
+            rows = self._rows.get(entity, {})
+            W = self.window
+            k = min(count, W)
+            out = None
+            for pos in range(count - k, count):
+                v = rows.get(pos % W)
+                if v is None:
+                    raise ChangelogError(f"window row {pos} is missing")
+                (stored,) = _ROW.unpack_from(v)
+                if stored != pos:
+                    raise ChangelogError(f"window row {pos} was found at position {stored} (written partly)")
+                row = np.frombuffer(v, dtype=np.float32, offset=_ROW.size)
+                if out is None:
+                    out = np.empty((k, row.size), dtype=np.float32)
+                out[pos - (count - k)] = row
+            win["rows"] = out if out is not None else np.zeros((0, 0), dtype=np.float32)
+        thr = state.get("threshold")
+        if isinstance(thr, dict) and "history_len" in thr:
+            n, seen = int(thr.pop("history_len")), int(thr["seen"])
+            chunks = {}
+            for v in self._chunks.get(entity, {}).values():
+                if v is not None:
+                    q, first, width = _CHUNK.unpack_from(v)
+                    chunks[q] = (first, np.frombuffer(v, dtype=np.float32 if width == 4 else np.float64, offset=_CHUNK.size))
+            hist = np.empty(n, dtype=np.float64)
+            i = seen - n
+            while i < seen:
+                q = i // HISTORY_CHUNK
+                got = chunks.get(q)
+                if got is None or got[0] > i:
+                    raise ChangelogError(f"threshold history entry {i} is missing")
+                first, vals = got
+                stop = min((q + 1) * HISTORY_CHUNK, seen)
+                if first + vals.size < stop:
+                    raise ChangelogError(f"threshold history chunk {q} is shorter than expected (written partly)")
+                hist[i - (seen - n) : stop - (seen - n)] = vals[i - first : stop - first]
+                i = stop
+            thr["history"] = hist
 
 
 # ---- the topic and reading it back ------------------------------------------------------------
@@ -254,12 +468,13 @@ def ensure_changelog_topic(settings: Any, partitions: int) -> str:
 class Restorer:
     """Reads changelog partitions from the beginning up to their end (the last stable offset:
     records of open or aborted transactions are never seen) with its own consumer, a bounded chunk
-    per `step`, keeping only the newest value per entity. Main thread only."""
+    per `step`, assembling entity states as records arrive (`StateAssembler`). Main thread only."""
 
-    def __init__(self, settings: Any, topic: str) -> None:
+    def __init__(self, settings: Any, topic: str, window: int) -> None:
         from confluent_kafka import Consumer
 
         self.topic = topic
+        self.window = int(window)
         conf = {
             "bootstrap.servers": settings.kafka.bootstrap_servers,
             **settings.kafka.client_settings(),
@@ -271,7 +486,7 @@ class Restorer:
             "queued.max.messages.kbytes": 16_384,
         }
         self._consumer = Consumer(conf)
-        self._latest: dict[int, dict[str, bytes | None]] = {}
+        self._latest: dict[int, StateAssembler] = {}
         self.records_read = 0
 
     @property
@@ -287,7 +502,7 @@ class Restorer:
         new = sorted({int(p) for p in partitions} - set(self._latest))
         if new:
             for p in new:
-                self._latest[p] = {}
+                self._latest[p] = StateAssembler(self.window)
             self._consumer.incremental_assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in new])
 
     def cancel(self, partitions: Iterable[int]) -> None:
@@ -299,14 +514,14 @@ class Restorer:
         if gone:
             self._consumer.incremental_unassign([TopicPartition(self.topic, p) for p in gone])
 
-    def step(self, max_records: int, timeout: float = 0.0) -> dict[int, dict[str, bytes | None]]:
-        """Read up to `max_records`; returns {partition: {key: newest value or None}} for the
-        partitions that reached their end in this step."""
+    def step(self, max_records: int, timeout: float = 0.0) -> dict[int, StateAssembler]:
+        """Read up to `max_records`; returns {partition: its records assembled} for the partitions
+        that reached their end in this step."""
         from confluent_kafka import KafkaError, TopicPartition
 
         if not self._latest:
             return {}
-        done: dict[int, dict[str, bytes | None]] = {}
+        done: dict[int, StateAssembler] = {}
         for m in self._consumer.consume(max_records, timeout):
             p = m.partition()
             latest = self._latest.get(p)
@@ -323,7 +538,7 @@ class Restorer:
                 continue
             key = m.key()
             if key is not None:
-                latest[key.decode("utf-8")] = m.value()
+                latest.add(key.decode("utf-8"), m.value())
                 self.records_read += 1
         if done:
             self._consumer.incremental_unassign([TopicPartition(self.topic, p) for p in done])

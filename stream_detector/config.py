@@ -142,7 +142,7 @@ class DetectionSettingsSection(_Section):
 
 class RuntimeSettings(_Section):
     max_batch: int = Field(1024, ge=1, description="most messages per consumed batch")
-    max_wait_ms: int = Field(100, ge=0, description="longest wait for a batch to fill")
+    max_wait_ms: int = Field(20, ge=0, description="longest wait for a batch to fill (a batch closes when full or this old; latency)")
     commit_interval_s: float = Field(5.0, gt=0, description="interval between offset commits")
     shutdown_grace_s: float = Field(10.0, gt=0, description="time allowed on stop to finish, deliver, commit and close")
     max_inflight: int = Field(2, ge=1, le=2, description="batches in flight: 2 overlaps inference with decoding the next batch, 1 does not")

@@ -276,6 +276,28 @@ class TransactionAborted(KafkaIOError):
     """The transaction had to be aborted (an abortable error); rewind to the committed offsets and retry."""
 
 
+class DeliveryTicket:
+    """Counts one batch's alerts and dead letters until the broker acknowledged them all, so the
+    loop stores the batch's offsets as soon as that happened, without a flush (at-least-once)."""
+
+    __slots__ = ("pending", "failed", "_sink")
+
+    def __init__(self, sink: "KafkaSink") -> None:
+        self.pending = 0
+        self.failed = False
+        self._sink = sink
+
+    @property
+    def done(self) -> bool:
+        return self.pending == 0
+
+    def __call__(self, err: KafkaError | None, msg: Any) -> None:  # the delivery callback; never raises
+        self.pending -= 1
+        if err is not None:
+            self.failed = True
+        self._sink._on_delivery(err, msg)
+
+
 class KafkaSink:
     """One idempotent producer for alerts (keyed by entity), dead letters (original bytes) and state
     changelog records. With a `transactional_id` (exactly-once mode) everything produced between
@@ -315,25 +337,36 @@ class KafkaSink:
             log.warning("delivery to %s failed inside a transaction: %s", msg.topic(), err.str())
 
     def _produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]] | None,
-                 partition: int | None = None) -> None:
+                 partition: int | None = None, ticket: DeliveryTicket | None = None) -> None:
         if self.transactional and not self._in_txn:
             self._txn_call(self._producer.begin_transaction, "beginning a transaction")
             self._in_txn = True
         kwargs = {} if partition is None else {"partition": partition}
+        callback: Callable[[Any, Any], None] = self._on_delivery if ticket is None else ticket
         while True:
             try:
-                self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=self._on_delivery, **kwargs)
+                self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=callback, **kwargs)
+                if ticket is not None:
+                    ticket.pending += 1
                 break
             except BufferError:  # local queue full (bounded): serve delivery reports and retry
                 self._producer.poll(0.05)
         self._producer.poll(0)
 
-    def alert(self, key: str, payload: bytes) -> None:
-        self._produce(self._alerts_topic, key.encode("utf-8"), payload, None)
+    def ticket(self) -> DeliveryTicket:
+        return DeliveryTicket(self)
 
-    def dead_letter(self, d: DeadLetter) -> None:
+    def alert(self, key: str, payload: bytes, ticket: DeliveryTicket | None = None) -> None:
+        self._produce(self._alerts_topic, key.encode("utf-8"), payload, None, ticket=ticket)
+
+    def dead_letter(self, d: DeadLetter, ticket: DeliveryTicket | None = None) -> None:
         m = d.message
-        self._produce(self._dlq_topic, m.key(), m.value(), dead_letter_headers(d))
+        self._produce(self._dlq_topic, m.key(), m.value(), dead_letter_headers(d), ticket=ticket)
+
+    def poll(self, timeout: float = 0.0) -> None:
+        """Serve delivery reports (tickets count down); DeliveryError if a record failed."""
+        self._producer.poll(timeout)
+        self.raise_if_failed()
 
     def changelog(self, partition: int, key: str, value: bytes | None) -> None:
         self._produce(self._changelog_topic, key.encode("utf-8"), value, None, partition=partition)

@@ -1,19 +1,26 @@
 """`Detector`: the one loop of `stream-detector run` (STYLE.md "one owner, one loop").
 
-    consume(max_batch, max_wait) -> decode (valid events + dead letters)
-      -> wait for batch i-1's inference -> submit batch i to the inference thread
-      -> deliver batch i-1: produce its alerts and dead letters, flush (all acknowledged),
-         then store its offsets -> commit stored offsets every commit_interval_s
+    consume(up to max_batch, short slices) -> a forming batch, closed when full or max_wait_ms old
+      -> decode -> (inference thread idle) submit it to DetectorCore.process
+      -> as soon as a batch's inference finishes: submit the next one, then deliver the finished
+         one: produce its alerts and dead letters, serve delivery reports, and store its offsets
+         once the broker acknowledged them all (at-least-once; a `DeliveryTicket` per batch)
+      -> checkpoint every commit_interval_s: changelog + commit (exactly-once: the transaction)
 
 One worker thread runs `DetectorCore.process` (ONNX Runtime releases the GIL), so inference of
-batch i overlaps consuming and decoding batch i+1 and delivering batch i-1; the core is only ever
-touched by one thread at a time. `runtime.max_inflight = 1` turns the overlap off.
+one batch overlaps consuming and decoding the next; the core is only ever touched by one thread at
+a time. A batch's alerts leave when its inference ends, not after the next consume. Backpressure:
+at most `runtime.max_inflight` x `max_batch` events are held (in inference, decoded, forming);
+beyond that the loop stops consuming and waits for inference, leaving librdkafka's prefetch queue
+(bounded by `queued.max.messages.kbytes`) in place instead of pausing partitions, which would drop
+it. `runtime.max_inflight = 1` turns the overlap off.
 
 Offsets of a batch (every message in it, dead letters included) are stored only after all its
-alerts and dead letters were acknowledged, so a crash re-processes and never skips; a delivery
-failure stops the loop without storing. On revoke: finish the in-flight batch, deliver, store,
-commit, then drop those partitions' state; on lost: finish and deliver, store nothing, drop.
-`stop()` (signals) ends the loop after the current batch: deliver, commit, close.
+alerts and dead letters were acknowledged, in batch order, so a crash re-processes and never
+skips; a delivery failure stops the loop without storing. On revoke: finish the in-flight batch,
+deliver, store, commit, then drop those partitions' state; on lost: finish and deliver, store
+nothing, drop. `stop()` (signals) ends the loop: the batches already consumed are processed and
+delivered, then the final checkpoint commits, and the clients close.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import signal
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import ExitStack
@@ -37,12 +44,12 @@ import numpy as np
 import orjson
 
 from stream_detector.bundle import Bundle, BundleError
-from stream_detector.changelog import ChangelogError, Restorer, StateTracker, decode_state, ensure_changelog_topic
+from stream_detector.changelog import ChangelogError, Restorer, StateAssembler, StateTracker, ensure_changelog_topic
 from stream_detector.config import ConfigError, Settings, add_settings_arguments, settings_from_args
 from stream_detector.decode import DeadLetter, Decoder
 from stream_detector.events import NO_TIME, EventBatch
 from stream_detector.health import Health
-from stream_detector.kafka_io import KafkaIOError, KafkaSink, KafkaSource, TransactionAborted, check_broker
+from stream_detector.kafka_io import DeliveryTicket, KafkaIOError, KafkaSink, KafkaSource, TransactionAborted, check_broker
 from stream_detector.metrics import Metrics, MetricsServer
 from stream_detector.notify import SystemdNotifier
 from stream_detector.reload import LoadedModel, ModelReloader
@@ -50,6 +57,8 @@ from stream_detector.pipeline import BatchResult, DetectorCore
 from stream_detector.scorer import Scorer, ScorerError
 
 log = logging.getLogger(__name__)
+
+_SLICE_S = 0.005  # consume slice while inference runs: how soon a finished batch is noticed
 
 # Debug switch for the fault-injection suite (tests/test_reliability_*.py), not a setting.
 FAULT_KILL_BEFORE_COMMIT = "STREAM_DETECTOR_FAULT_KILL_BEFORE_COMMIT"
@@ -84,6 +93,7 @@ class _Work:
     by_topic: dict[str, int]
     batch: EventBatch | None  # the decoded events, until submitted
     future: Future | None = None  # DetectorCore.process(batch) on the inference thread
+    ticket: DeliveryTicket | None = None  # at-least-once: its alerts/dead letters until acknowledged
     started: float = 0.0
     oldest_event_ms: int | None = None  # for the event-lag gauge
 
@@ -108,7 +118,7 @@ class Detector:
         proc = settings.processing
         self.exactly_once = proc.guarantee == "exactly_once"
         self.changelog_topic = ensure_changelog_topic(settings, max(partitions[t] for t in settings.kafka.topics)) if proc.changelog else None
-        self.tracker = StateTracker() if proc.changelog else None
+        self.tracker = StateTracker(self.bundle.window, settings.detection.history) if proc.changelog else None
         self.health.broker_reachable()
         self.health.model_loaded(self.bundle.model_version)
         self.metrics.set_model(self.bundle.model_version, self.scorer.provider, self.bundle.window, self.bundle.n_features)
@@ -127,7 +137,10 @@ class Detector:
         self._sink: KafkaSink | None = None
         self._restorer: Restorer | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._carry: list[Any] = []  # messages consumed while backpressure paused the partitions
+        self._forming: list[Any] = []  # messages of the next batch, not yet decoded
+        self._forming_since = 0.0  # when the loop started waiting for the forming batch
+        self._ready: deque[_Work] = deque()  # decoded, waiting for the inference thread
+        self._unstored: deque[_Work] = deque()  # at-least-once: delivered, offsets stored once acknowledged
         self._txn_positions: dict[tuple[str, int], int] = {}  # exactly-once: offsets of the open transaction
         self._restoring: set[tuple[str, int]] = set()  # paused until their partition's state is restored
         self._slipped: dict[tuple[str, int], int] = {}  # first offset fetched (and dropped) while restoring
@@ -167,7 +180,7 @@ class Detector:
             self._sink = sink = KafkaSink(self.settings, transactional_id=txn_id)
             stack.callback(sink.close, rt.shutdown_grace_s)
             if self.changelog_topic is not None:
-                self._restorer = Restorer(self.settings, self.changelog_topic)
+                self._restorer = Restorer(self.settings, self.changelog_topic, self.bundle.window)
                 stack.callback(self._restorer.close)
             self._source = source = KafkaSource(self.settings, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost)
             stack.callback(source.close)
@@ -194,6 +207,7 @@ class Detector:
                 self.health.stopping()
                 self.notifier.stopping(f"draining: finishing the batch, delivering, committing (grace {rt.shutdown_grace_s:g} s)")
                 try:
+                    self._process_rest()
                     self._checkpoint()
                 except TransactionAborted as e:  # nothing of the open transaction is visible; a restart redoes it
                     log.warning("the final transaction was aborted (%s); its input is re-processed on restart", e)
@@ -210,39 +224,123 @@ class Detector:
         assert source is not None
         if self._rewind_needed:
             self._rewind("partitions were lost")
+        self._advance()
+        pending = self._pending
+        if pending is not None and self._held() >= rt.max_inflight * rt.max_batch:
+            # Backpressure: hold what was consumed, let inference catch up; the prefetch stays.
+            t = time.monotonic()
+            if pending.future is not None:
+                try:
+                    pending.future.result(timeout=0.05)
+                except FutureTimeout:
+                    pass
+            self.stats.backpressure_s += time.monotonic() - t
+            self._advance()
+            return
+        want = rt.max_batch - len(self._forming)
+        if max_messages is not None:
+            want = min(want, max_messages - self.stats.consumed)
+        if want <= 0:
+            if pending is not None and pending.future is not None:
+                try:
+                    pending.future.result(timeout=0.005)
+                except FutureTimeout:
+                    pass
+            return
+        now = time.monotonic()
+        if not self._forming:
+            self._forming_since = now
+        left = max(0.0, self._forming_since + rt.max_wait_ms / 1000 - now)
+        busy = pending is not None or bool(self._ready)
         restoring = self._restorer is not None and self._restorer.busy
-        n = rt.max_batch if max_messages is None else min(rt.max_batch, max_messages - self.stats.consumed)
-        carry, self._carry = self._carry, []
-        wait = min(rt.max_wait_ms / 1000, 0.01) if restoring else rt.max_wait_ms / 1000
-        msgs = carry + (source.consume(n - len(carry), wait) if len(carry) < n else [])
+        # While inference runs, consume in short slices so its end is noticed (and its alerts sent) soon.
+        wait = min(left, _SLICE_S) if busy or restoring else left
+        msgs = source.consume(want, wait)
+        if self._rewind_needed:
+            return  # lost partitions (exactly-once): everything consumed is discarded by the rewind
         if msgs and self.stats.first_message_s is None:
             self.stats.first_message_s = time.monotonic() - t0
         msgs = self._owned(msgs)
-        work = self._decode(msgs) if msgs else None
-        pending = self._pending
-        if pending is not None and pending.future is not None and not pending.future.done():
-            self._backpressure(pending.future)
-            if work is not None and source.rebalanced:  # the callbacks ran meanwhile
-                source.rebalanced = False
-                work = _restrict(work, source.assignment - self._restoring)
-        previous, self._pending = self._pending, None
-        result = previous.future.result() if previous and previous.future else None
+        if msgs:
+            self._forming.extend(msgs)
+            self.stats.consumed += len(msgs)
+        self._advance()
+
+    def _held(self) -> int:
+        """Events held by the loop: in inference, decoded and waiting, forming."""
+        n = len(self._forming) + sum(w.n_messages for w in self._ready)
+        return n + (self._pending.n_messages if self._pending is not None else 0)
+
+    def _advance(self) -> None:
+        """Move batches along without blocking: close the forming batch when it is full or old
+        enough; when inference is idle, submit the next batch and deliver the finished one; store
+        the offsets of batches whose records were acknowledged."""
+        rt = self.settings.runtime
+        sink = self._sink
+        forming_due = self._forming and (len(self._forming) >= rt.max_batch
+                                         or time.monotonic() >= self._forming_since + rt.max_wait_ms / 1000)
+        done = self._pending
+        if done is not None and done.future is not None and not done.future.done():
+            if forming_due and not self._ready and rt.max_inflight > 1:
+                self._ready.append(self._decode(self._take_forming()))  # decode now; submitted when inference is free
+            if sink is not None:
+                sink.poll(0)
+            self._store_acked()
+            return
+        self._pending = None
+        result = done.future.result() if done is not None and done.future is not None else None
         self._between_batches()  # the inference thread is idle here
-        if work is not None:
-            self._submit(work)
-        if previous is not None:
-            self._deliver(previous, result)
+        if self._ready:
+            self._submit(self._ready.popleft())
+        elif forming_due:
+            self._submit(self._decode(self._take_forming()))
+        if done is not None:
+            self._deliver(done, result)
+        elif sink is not None:
+            sink.poll(0)
+        self._store_acked()
         if rt.max_inflight == 1 and self._pending is not None:
             self._drain()
 
+    def _take_forming(self) -> list[Any]:
+        msgs, self._forming = self._forming, []
+        return msgs
+
+    def _process_rest(self) -> None:
+        """At the end of a run: process and deliver every batch already consumed."""
+        if self._forming:
+            self._ready.append(self._decode(self._take_forming()))
+        self._drain()
+        while self._ready:
+            self._between_batches()
+            self._submit(self._ready.popleft())
+            self._drain()
+
+    def _store_acked(self) -> None:
+        """At-least-once: store the offsets of delivered batches, oldest first, once every record
+        of theirs was acknowledged (a later batch never overtakes an earlier one)."""
+        source, unstored = self._source, self._unstored
+        while unstored and unstored[0].ticket is not None and unstored[0].ticket.done:
+            work = unstored.popleft()
+            if work.ticket is not None and work.ticket.failed:
+                assert self._sink is not None
+                self._sink.raise_if_failed()  # the first failure, in one sentence
+                raise KafkaIOError("a record of a batch was not acknowledged; its offsets are not stored.")
+            if source is not None:
+                source.store(work.positions)
+
     def _owned(self, msgs: list[Any]) -> list[Any]:
         """Drop messages of partitions we no longer own, or whose state is still being restored
-        (remembering where to seek back to for the latter)."""
+        (remembering where to seek back to for the latter). After a rebalance, the batches held
+        but not yet submitted lose the messages of partitions that went away too."""
         source = self._source
         assert source is not None
         if source.rebalanced:
             source.rebalanced = False
             msgs = [m for m in msgs if (m.topic(), m.partition()) in source.assignment]
+            self._forming = [m for m in self._forming if (m.topic(), m.partition()) in source.assignment]
+            allowed = source.assignment - self._restoring
+            self._ready = deque(_restrict(w, allowed) for w in self._ready)
         if self._restoring and msgs:
             kept = []
             for m in msgs:
@@ -254,27 +352,6 @@ class Detector:
             msgs = kept
         return msgs
 
-    def _backpressure(self, future: Future) -> None:
-        """Bound in-flight batches: while inference of the previous batch runs and the next one is
-        decoded, pause every partition and keep polling (heartbeats, rebalance callbacks) until it
-        finishes; anything still returned is carried into the next batch."""
-        try:
-            future.result(timeout=0.05)  # the common case: nearly done
-            return
-        except FutureTimeout:
-            pass
-        source = self._source
-        assert source is not None
-        t = time.monotonic()
-        paused = set(source.assignment) - self._restoring
-        source.pause(paused)
-        try:
-            while not future.done():
-                self._carry.extend(source.consume(self.settings.runtime.max_batch, 0.05))
-        finally:
-            source.resume((set(source.assignment) & paused) - self._restoring)
-            self.stats.backpressure_s += time.monotonic() - t
-
     def _decode(self, msgs: list[Any]) -> _Work:
         positions: dict[tuple[str, int], int] = {}
         by_topic: Counter = Counter()
@@ -282,7 +359,6 @@ class Detector:
             positions[(m.topic(), m.partition())] = m.offset() + 1
             by_topic[m.topic()] += 1
         batch, dead = self.decoder.decode(msgs)
-        self.stats.consumed += len(msgs)
         self.stats.decoded += batch.n
         self.stats.dead_letters += len(dead)
         times = batch.event_time_ms[batch.event_time_ms != NO_TIME]
@@ -309,24 +385,27 @@ class Detector:
         sink, source = self._sink, self._source
         assert sink is not None and source is not None
         inference_s = time.monotonic() - work.started
+        ticket = None if self.exactly_once else sink.ticket()
         for d in work.dead:
             log.warning("dead letter %s[%d]@%d: %s (%s)", d.message.topic(), d.message.partition(), d.message.offset(), d.reason, d.detail)
-            sink.dead_letter(d)
+            sink.dead_letter(d, ticket)
         alerts = result.alerts if result is not None else []
         for a in alerts:
-            sink.alert(a["key"], orjson.dumps(a, option=orjson.OPT_SERIALIZE_NUMPY))
+            sink.alert(a["key"], orjson.dumps(a, option=orjson.OPT_SERIALIZE_NUMPY), ticket)
         self._alerts_since_checkpoint += len(alerts)
         positions = work.positions if not exclude else {tp: o for tp, o in work.positions.items() if tp not in exclude}
         if self.exactly_once:
             # Delivered and committed together with the offsets at the next checkpoint.
             self._txn_positions.update({tp: o for tp, o in positions.items() if tp in source.assignment})
         else:
+            # Offsets are stored by _store_acked once the broker acknowledged every record of the batch.
+            work.positions, work.ticket = positions, ticket
+            self._unstored.append(work)
             try:
-                sink.flush(self.settings.runtime.shutdown_grace_s if self._stop.is_set() else None)
+                sink.poll(0)
             except KafkaIOError:
                 self.metrics.delivery_failed()
                 raise
-            source.store(positions)
         # bookkeeping (in exactly-once mode the transaction may still abort; the counts are then redone)
         published_ms = int(time.time() * 1000)
         for a in alerts:
@@ -380,6 +459,7 @@ class Detector:
         else:
             try:
                 sink.flush(grace)
+                self._store_acked()
             except KafkaIOError:
                 self.metrics.delivery_failed()
                 raise
@@ -411,7 +491,7 @@ class Detector:
             work.future.result()  # the core must be idle before its state is replaced
         sink.abort_transaction()
         self._txn_positions.clear()
-        self._carry = []
+        self._forming, self._ready = [], deque()  # read again after the seek
         tps = set(source.assignment)
         numbers = {p for _, p in tps}
         self.core.drop_partitions(sorted(numbers))
@@ -434,7 +514,7 @@ class Detector:
         for partition, latest in restorer.step(self.settings.processing.restore_chunk, 0.05).items():
             self._install(partition, latest)
 
-    def _install(self, partition: int, latest: dict[str, bytes | None]) -> None:
+    def _install(self, partition: int, latest: StateAssembler) -> None:
         """Put a restored partition's entities into the core (idle), fence them, resume the partition."""
         source = self._source
         assert source is not None and self.tracker is not None
@@ -443,18 +523,17 @@ class Detector:
         committed = source.committed_offsets(tps)
         by_topic = {topic: off for (topic, _), off in committed.items() if off >= 0}
         restored = cold = 0
-        for key, value in latest.items():
-            if value is None:
-                continue
+        for key, state, applied, why in latest.states():
             try:
-                state, applied = decode_state(value)
+                if state is None:
+                    raise ChangelogError(why or "unusable record")
                 self.core.restore(partition, key, state)
             except (ChangelogError, ValueError, KeyError) as e:
                 cold += 1
                 if cold == 1:
                     log.warning("changelog state of %s in partition %d is not usable (%s); such entities start cold", key, partition, e)
                 continue
-            self.tracker.restored(partition, key, applied, by_topic)
+            self.tracker.restored(partition, key, applied, by_topic, state)
             restored += 1
         self._restoring -= tps
         for tp in tps:
@@ -518,6 +597,8 @@ class Detector:
     def _swap_model(self, loaded: LoadedModel) -> None:
         old = self.bundle.model_version
         self.core.swap_model(loaded.bundle, loaded.scorer)
+        if self.tracker is not None:
+            self.tracker.invalidate()  # thresholds restarted, rows may be renormalised: next writes are whole
         self.bundle, self.scorer = loaded.bundle, loaded.scorer
         self.health.model_loaded(loaded.bundle.model_version)
         self.metrics.set_model(loaded.bundle.model_version, loaded.scorer.provider, loaded.bundle.window, loaded.bundle.n_features)
@@ -543,6 +624,8 @@ class Detector:
                 self._rewind_needed = True
             else:
                 self._drain(exclude=lost)  # alerts still go out (deterministic ids); offsets of lost partitions do not
+                for w in self._unstored:
+                    w.positions = {tp: o for tp, o in w.positions.items() if tp not in lost}
         finally:
             self._drop(lost)
 

@@ -20,7 +20,7 @@ client = { "security.protocol" = "SASL_SSL", "sasl.password" = "hunter2" }
 
 [runtime]
 max_batch = 10
-max_wait_ms = 20
+max_wait_ms = 35
 """
 
 
@@ -39,7 +39,7 @@ def test_precedence_file_env_flags(toml_file, monkeypatch):
     s = load_settings(toml_file, {"kafka": {"group_id": "from-flag"}})
     assert s.kafka.group_id == "from-flag"  # flag beats env beats file
     assert s.runtime.max_batch == 30  # env beats file
-    assert s.runtime.max_wait_ms == 20  # file beats default
+    assert s.runtime.max_wait_ms == 35  # file beats default
     assert s.kafka.topics == ["a", "b"]
     assert s.runtime.commit_interval_s == 5.0  # default
     assert s.kafka.client["security.protocol"] == "SASL_SSL"  # passed through unchanged

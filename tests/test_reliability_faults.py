@@ -414,7 +414,7 @@ F, W, CAP, N, B = 8, 8, int(sys.argv[2]), int(sys.argv[3]), 4096
 feats = [f"sensor_{i:02d}" for i in range(F)]
 bundle = make_bundle(sys.argv[1], feats, W, "mean", 1e9)
 core = DetectorCore(bundle, Scorer(bundle, provider="cpu"), DetectionSettings(max_entities=CAP))
-dec, tracker = Decoder(feats, InputSettings(timestamp_field="ts")), StateTracker()
+dec, tracker = Decoder(feats, InputSettings(timestamp_field="ts")), StateTracker(W)
 
 class Msg:
     __slots__ = ("_k", "_v", "_o")
