@@ -283,6 +283,7 @@ def write_report(
         f"Wall time {wall_s / 60:.1f} min on this machine. Transformer: W={args.window}, d_model={args.d_model}, "
         f"{args.n_layers} layers, {args.n_heads} heads, {args.epochs} epochs x {args.max_windows_per_epoch} windows, seed {args.seed}. "
         f"Baselines: pca (W=2, {args.pca_variance:.0%} variance), zscore (W={args.zscore_window}, floor {args.zscore_floor}). "
+        f"Normaliser (every variant): std floored at {args.scale_floor:g} and at {args.scale_floor_range:g} x the feature's training range. "
         f"Threshold: {settings.threshold.method}, quantile {settings.threshold.quantile}, multiplier {settings.threshold.multiplier}, "
         f"history {settings.threshold.history}, warm-up {settings.threshold.warmup}; alerts resolve after "
         f"{settings.alerts.resolve_after}, cool-down {settings.alerts.cooldown}. Evaluation: tolerance {args.tolerance} rows, "
