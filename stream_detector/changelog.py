@@ -117,21 +117,24 @@ def decode_state(value: bytes) -> tuple[dict[str, Any], dict[str, int]]:
 #                     rolling-quantile history and the alert lifecycle (count, last time, threshold
 #                     scalars, model version) + `applied`; written whenever the entity changed
 #   ENTITY \0 a       the alert lifecycle (orjson; `null` = none), written only when it changed
-#   ENTITY \0 w SLOT  one window row: int64 absolute position (0 = the entity's first event) +
-#                     F float32; SLOT = position mod W, so compaction keeps the newest row per
-#                     ring slot and the last W positions are always there
+#   ENTITY \0 w SLOT  a chunk of window rows: int64 chunk number q, int64 absolute position of its
+#                     first row (0 = the entity's first event), uint16 F, the rows (float32); the
+#                     row at position i lives in chunk q = i // ROW_CHUNK at SLOT = q mod
+#                     (ceil(W / ROW_CHUNK) + 1), so compaction keeps every chunk the window needs
 #   ENTITY \0 h SLOT  a chunk of the rolling-quantile history: int64 chunk number q, int64 index of
 #                     its first entry, uint8 width (4/8), the entries; entry i of the entity's
 #                     learned scores lives in chunk q = i // HISTORY_CHUNK at SLOT = q mod K
 # So a checkpoint writes the rows and history entries added since the previous one (a touched
-# history chunk is rewritten whole, at most HISTORY_CHUNK entries), not W x F per changed entity.
+# chunk is rewritten whole with its current content: at most ROW_CHUNK - 1 rows or HISTORY_CHUNK
+# - 1 entries more), not W x F per changed entity.
 # Per entity the parts are written before its meta: a restore trusts the meta's count and checks
 # every row's position and every chunk's number, and an entity whose parts do not match (a process
 # killed in the middle of writing that one entity, at-least-once mode) starts cold with a warning.
 
+ROW_CHUNK = 4  # window rows per record: fewer records for busy entities, at most 3 rows rewritten
 HISTORY_CHUNK = 32
 _SEP = "\x00"
-_ROW = struct.Struct("<q")
+_ROWS = struct.Struct("<qqH")
 _CHUNK = struct.Struct("<qqB")
 
 
@@ -191,6 +194,7 @@ class StateTracker:
 
     def __init__(self, window: int, history: int = 1000) -> None:
         self.window = int(window)
+        self.row_slots = -(-self.window // ROW_CHUNK) + 1
         self.chunk_slots = history_slots(history)
         self._dirty: dict[tuple[int, str], list] = {}  # entity -> [{topic: last applied offset}, events noted]
         self._live: dict[tuple[int, str], _Written] = {}
@@ -239,7 +243,6 @@ class StateTracker:
         return out
 
     def _write(self, out: list[ChangelogRecord], p: int, k: str, state: dict[str, Any], applied: dict[str, int], noted: int) -> None:
-        W = self.window
         win = state["window"]
         count, rows = int(win["count"]), win["rows"]
         prev = self._live.get((p, k))
@@ -247,9 +250,14 @@ class StateTracker:
         # evicted and came back (a new life), or a core feeds it other rows (log stage): write it whole.
         same_life = prev is not None and prev.valid and count == prev.count + noted
         new = min(count - prev.count, rows.shape[0]) if same_life else rows.shape[0]
-        for i in range(rows.shape[0] - new, rows.shape[0]):
-            pos = count - rows.shape[0] + i
-            out.append(ChangelogRecord(p, _part_key(k, "w", pos % W), _ROW.pack(pos) + rows[i].tobytes()))
+        oldest = count - rows.shape[0]  # position of rows[0]
+        rows_hi = prev.row_slots if prev is not None else 0
+        if new > 0:
+            for q in range((count - new) // ROW_CHUNK, (count - 1) // ROW_CHUNK + 1):
+                a, b = max(q * ROW_CHUNK, oldest), min((q + 1) * ROW_CHUNK, count)
+                slot = q % self.row_slots
+                out.append(ChangelogRecord(p, _part_key(k, "w", slot), _ROWS.pack(q, a, rows.shape[1]) + rows[a - oldest : b - oldest].tobytes()))
+                rows_hi = max(rows_hi, slot + 1)
         meta = dict(state)
         meta["window"] = {x: v for x, v in win.items() if x != "rows"}
         thr = state.get("threshold")
@@ -272,7 +280,6 @@ class StateTracker:
         if not (same_life and prev is not None and prev.alert == alert):
             out.append(ChangelogRecord(p, k + _SEP + "a", alert))
         out.append(ChangelogRecord(p, k, encode_state(meta, applied)))
-        rows_hi = max(prev.row_slots if prev is not None else 0, min(count, W))
         self._live[(p, k)] = _Written(count, seen, rows_hi, chunks_hi, alert)
 
     def _tombstones(self, out: list[ChangelogRecord], p: int, k: str, w: _Written) -> None:
@@ -303,7 +310,7 @@ class StateTracker:
         next write of the entity is whole (earlier lives may have left other keys: all are
         tombstoned when it goes)."""
         count = int(state["window"]["count"]) if state is not None else 0
-        self._live[(partition, key)] = _Written(count, 0, self.window, self.chunk_slots, valid=False)
+        self._live[(partition, key)] = _Written(count, 0, self.row_slots, self.chunk_slots, valid=False)
         ahead = {t: o for t, o in applied.items() if o >= committed.get(t, 0)}
         if ahead:
             self._fences[(partition, key)] = ahead
@@ -386,21 +393,27 @@ class StateAssembler:
         win = state["window"]
         if "rows" not in win:  # (a whole-state record of the earlier layout carries its rows itself)
             count = int(win["count"])
-            rows = self._rows.get(entity, {})
-            W = self.window
-            k = min(count, W)
+            chunks = {}
+            for v in self._rows.get(entity, {}).values():
+                if v is not None:
+                    q, first, f = _ROWS.unpack_from(v)
+                    chunks[q] = (first, np.frombuffer(v, dtype=np.float32, offset=_ROWS.size).reshape(-1, f))
+            k = min(count, self.window)
             out = None
-            for pos in range(count - k, count):
-                v = rows.get(pos % W)
-                if v is None:
-                    raise ChangelogError(f"window row {pos} is missing")
-                (stored,) = _ROW.unpack_from(v)
-                if stored != pos:
-                    raise ChangelogError(f"window row {pos} was found at position {stored} (written partly)")
-                row = np.frombuffer(v, dtype=np.float32, offset=_ROW.size)
+            i = count - k
+            while i < count:
+                q = i // ROW_CHUNK
+                got = chunks.get(q)
+                if got is None or got[0] > i:
+                    raise ChangelogError(f"window row {i} is missing")
+                first, vals = got
+                stop = min((q + 1) * ROW_CHUNK, count)
+                if first + vals.shape[0] < stop:
+                    raise ChangelogError(f"window rows {i}-{stop - 1} are not all there (written partly)")
                 if out is None:
-                    out = np.empty((k, row.size), dtype=np.float32)
-                out[pos - (count - k)] = row
+                    out = np.empty((k, vals.shape[1]), dtype=np.float32)
+                out[i - (count - k) : stop - (count - k)] = vals[i - first : stop - first]
+                i = stop
             win["rows"] = out if out is not None else np.zeros((0, 0), dtype=np.float32)
         thr = state.get("threshold")
         if isinstance(thr, dict) and "history_len" in thr:
