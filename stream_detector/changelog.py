@@ -459,13 +459,16 @@ def ensure_changelog_topic(settings: Any, partitions: int) -> str:
             try:
                 fut[topic].result(timeout=timeout)
                 log.info("created the state changelog topic %s (%d partitions, compacted)", topic, partitions)
+                return topic
             except KafkaException as e:
-                if e.args[0].code() != 36:  # TOPIC_ALREADY_EXISTS: another member was quicker
+                if e.args[0].code() != 36:
                     raise ChangelogError(
                         f"the state changelog topic {topic} does not exist and could not be created ({e.args[0].str()});"
                         f" create it compacted with {partitions} partitions, or set processing.changelog = false."
                     ) from None
-            return topic
+            # TOPIC_ALREADY_EXISTS: another member was quicker, or the metadata we read was stale
+            # (a topic created a moment ago); check the one that exists like any other.
+            meta = admin.list_topics(topic=topic, timeout=timeout)
         have = len(meta.topics[topic].partitions)
         if have < partitions:
             raise ChangelogError(f"the state changelog topic {topic} has {have} partitions, but the input has {partitions}; it needs at least as many.")
