@@ -2,7 +2,7 @@
 compared with a fault-free "golden" run over the same input, each bounded in time.
 
 Input: a simulated fleet (200 entities x 500 ticks = 100,000 events, 8 sensors, injected spikes and
-level shifts) streamed live (5,000 events/s) into a fresh 6-partition topic per scenario, so the
+level shifts) streamed live (2,500 events/s) into a fresh 6-partition topic per scenario, so the
 faults land mid-stream; the golden run reads the same topic afterwards (same offsets, so the same
 alert ids). Scored by the test bundle factory's "mean" model (window 8).
 Alerts are compared by `event_id` (alert_id + state + triggering event) and by `alert_id`.
@@ -73,7 +73,7 @@ class Env:
         delete_topics(self.bootstrap, [self.alerts, self.dlq, self.changelog])
 
 
-RATE = 5000.0  # events/s of the live stream: 100k events take 20 s, so faults land mid-stream
+RATE = 2500.0  # events/s of the live stream: 100k events take 40 s, so faults land mid-stream even when restarts are slow (a loaded CI machine)
 
 
 @pytest.fixture(scope="module")
