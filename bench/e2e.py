@@ -402,6 +402,7 @@ def run_fleet(args: argparse.Namespace, bootstrap: str, bundle_path: Path, entit
                "scored_vs_standalone_ort": round(scored_rate / ort_rate, 3),
                "alerts": sum(stats.alerts.values()), "dead_letters": stats.dead_letters,
                "changelog_records": stats.changelog_records, "changelog_mb": round(stats.changelog_bytes / 2**20, 1),
+               "changelog_bytes_per_event": round(stats.changelog_bytes / max(1, stats.consumed)),
                "backpressure_s": round(stats.backpressure_s, 2), **profile}
         rows.append(row)
         print(f"[{entities} entities] hop {hop}: {row['ingest_events_per_s']} events/s, {row['scored_windows_per_s']} windows/s "
@@ -451,15 +452,16 @@ def print_tables(result: dict[str, Any]) -> None:
 
 def markdown(result: dict[str, Any]) -> str:
     """The tables of docs/performance.md, from a result file."""
-    out = ["| entities | hop | ingest events/s | scored windows/s | ORT alone windows/s | scored / ORT | decode | window update | inference | threshold+alerts | Kafka I/O + loop | ingest path µs/event (excl. inference) | RSS growth MB |",
-           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    out = ["| entities | hop | ingest events/s | scored windows/s | ORT alone windows/s | scored / ORT | decode | window update | inference | threshold+alerts | Kafka I/O + loop | ingest path µs/event (excl. inference) | RSS growth MB | changelog bytes/event (records) |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for f in result["fleets"]:
         for r in f["service"]:
             c = r["cpu_s_per_1000_events"]
             out.append(f"| {f['entities']:,} | {r['hop']} | {r['ingest_events_per_s']:,} | {r['scored_windows_per_s']:,} | "
                        f"{f['standalone_ort']['windows_per_s']:,} | {r['scored_vs_standalone_ort']} | {c['decode'] * 1e3:.2f} | "
                        f"{c['window_update'] * 1e3:.2f} | {c['inference'] * 1e3:.2f} | {c['threshold_alerts'] * 1e3:.2f} | "
-                       f"{c['kafka_io_and_loop'] * 1e3:.2f} | {r['ingest_us_per_event_excl_inference']} | {r['rss_growth_mb']} |")
+                       f"{c['kafka_io_and_loop'] * 1e3:.2f} | {r['ingest_us_per_event_excl_inference']} | {r['rss_growth_mb']} | "
+                       f"{r.get('changelog_bytes_per_event', round(r['changelog_mb'] * 2**20 / max(1, r['events'])))} ({r['changelog_records']:,}) |")
     out += ["", "| entities | consume + decode alone, events/s (msgspec / orjson) | decoders µs/event (msgspec / orjson) | mean message bytes |",
             "|---:|---:|---:|---:|"]
     for f in result["fleets"]:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import struct
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import orjson
@@ -134,6 +134,7 @@ def decode_state(value: bytes) -> tuple[dict[str, Any], dict[str, int]]:
 ROW_CHUNK = 4  # window rows per record: fewer records for busy entities, at most 3 rows rewritten
 HISTORY_CHUNK = 32
 _SEP = "\x00"
+_NULL = b"null"
 _ROWS = struct.Struct("<qqH")
 _CHUNK = struct.Struct("<qqB")
 
@@ -167,14 +168,14 @@ def _encode_chunk(q: int, first: int, values: np.ndarray) -> bytes:
 # ---- what to write at a checkpoint ----------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ChangelogRecord:
     partition: int
     key: str
     value: bytes | None  # None = tombstone
 
 
-@dataclass
+@dataclass(slots=True)
 class _Written:
     """What the changelog holds for a live entity, so the next checkpoint writes only what is new."""
 
@@ -182,8 +183,17 @@ class _Written:
     seen: int  # history entries covered by the written chunks
     row_slots: int  # row keys that may exist (tombstoned when the entity goes)
     chunk_slots: int
-    alert: bytes | None = None  # the alert record as last written (None: never)
+    alert: bytes = b"null"  # the alert record as last written (none written = no alert)
     valid: bool = True  # False: rewrite everything next time (model swap, restore)
+
+
+class _Emitter:
+    """`append` that hands each record on instead of collecting it (snapshot with `emit`)."""
+
+    __slots__ = ("append",)
+
+    def __init__(self, emit: Callable[[ChangelogRecord], None]) -> None:
+        self.append = emit
 
 
 class StateTracker:
@@ -222,12 +232,13 @@ class StateTracker:
         for w in self._live.values():
             w.valid = False
 
-    def snapshot(self, core: Any, owned: Iterable[int]) -> list[ChangelogRecord]:
+    def snapshot(self, core: Any, owned: Iterable[int], emit: Callable[[ChangelogRecord], None] | None = None) -> list[ChangelogRecord]:
         """Records for every entity changed since the last call (new rows, touched history chunks,
         then its meta record) and tombstones for every key of entities the core no longer tracks.
+        With `emit`, each record is handed to it as it is made (nothing is collected; returns []).
         Call with the core idle."""
         owned = set(owned)
-        out: list[ChangelogRecord] = []
+        out: Any = [] if emit is None else _Emitter(emit)
         for (p, k), (applied, noted) in self._dirty.items():
             if p not in owned:
                 continue
@@ -240,7 +251,7 @@ class StateTracker:
             if e[0] in owned:
                 self._tombstones(out, e[0], e[1], w)
         self._dirty.clear()
-        return out
+        return out if emit is None else []
 
     def _write(self, out: list[ChangelogRecord], p: int, k: str, state: dict[str, Any], applied: dict[str, int], noted: int) -> None:
         win = state["window"]
@@ -277,14 +288,17 @@ class StateTracker:
             meta["threshold"] = {**{x: v for x, v in thr.items() if x != "history"}, "history_len": n}
             seen = seen_now
         alert = orjson.dumps(meta.pop("alert", None), option=orjson.OPT_SERIALIZE_NUMPY)
-        if not (same_life and prev is not None and prev.alert == alert):
+        if alert != (prev.alert if prev is not None else b"null"):  # what the topic holds (no record = no alert)
             out.append(ChangelogRecord(p, k + _SEP + "a", alert))
         out.append(ChangelogRecord(p, k, encode_state(meta, applied)))
-        self._live[(p, k)] = _Written(count, seen, rows_hi, chunks_hi, alert)
+        # orjson's small outputs keep a ~4 KB buffer: keep a shared constant or an exact-size copy
+        kept = _NULL if alert == _NULL else bytes(memoryview(alert))
+        self._live[(p, k)] = _Written(count, seen, rows_hi, chunks_hi, kept)
 
     def _tombstones(self, out: list[ChangelogRecord], p: int, k: str, w: _Written) -> None:
         out.append(ChangelogRecord(p, k, None))  # the meta first: without it the parts are never restored
-        out.append(ChangelogRecord(p, k + _SEP + "a", None))
+        if w.alert != b"null":
+            out.append(ChangelogRecord(p, k + _SEP + "a", None))
         out.extend(ChangelogRecord(p, _part_key(k, "w", s), None) for s in range(w.row_slots))
         out.extend(ChangelogRecord(p, _part_key(k, "h", s), None) for s in range(w.chunk_slots))
 
@@ -310,7 +324,8 @@ class StateTracker:
         next write of the entity is whole (earlier lives may have left other keys: all are
         tombstoned when it goes)."""
         count = int(state["window"]["count"]) if state is not None else 0
-        self._live[(partition, key)] = _Written(count, 0, self.row_slots, self.chunk_slots, valid=False)
+        # alert b"?": what the topic holds for it is not known here, so the next write includes it
+        self._live[(partition, key)] = _Written(count, 0, self.row_slots, self.chunk_slots, b"?", valid=False)
         ahead = {t: o for t, o in applied.items() if o >= committed.get(t, 0)}
         if ahead:
             self._fences[(partition, key)] = ahead
@@ -387,9 +402,7 @@ class StateAssembler:
     def _assemble(self, entity: str, state: dict[str, Any]) -> None:
         if "alert" not in state:
             a = self._alerts.get(entity)
-            if a is None:
-                raise ChangelogError("its alert record is missing")
-            state["alert"] = orjson.loads(a)
+            state["alert"] = None if a is None else orjson.loads(a)
         win = state["window"]
         if "rows" not in win:  # (a whole-state record of the earlier layout carries its rows itself)
             count = int(win["count"])

@@ -44,7 +44,7 @@ import numpy as np
 import orjson
 
 from stream_detector.bundle import Bundle, BundleError
-from stream_detector.changelog import ChangelogError, Restorer, StateAssembler, StateTracker, ensure_changelog_topic
+from stream_detector.changelog import ChangelogError, ChangelogRecord, Restorer, StateAssembler, StateTracker, ensure_changelog_topic
 from stream_detector.config import ConfigError, Settings, add_settings_arguments, settings_from_args
 from stream_detector.decode import DeadLetter, Decoder
 from stream_detector.events import NO_TIME, EventBatch
@@ -439,10 +439,7 @@ class Detector:
         self._drain()
         if self.tracker is not None:
             owned = {p for (_, p) in source.assignment - self._restoring}
-            for r in self.tracker.snapshot(self.core, owned):
-                sink.changelog(r.partition, r.key, r.value)
-                self.stats.changelog_records += 1
-                self.stats.changelog_bytes += len(r.value) if r.value is not None else 0
+            self.tracker.snapshot(self.core, owned, emit=self._write_changelog)  # produced as made, never collected
         grace = self.settings.runtime.shutdown_grace_s if self._stop.is_set() else None
         self._fault_point(sink)
         if self.exactly_once:
@@ -467,6 +464,12 @@ class Detector:
         if ok:
             self.stats.commits += 1
             self.metrics.committed()
+
+    def _write_changelog(self, r: ChangelogRecord) -> None:
+        assert self._sink is not None
+        self._sink.changelog(r.partition, r.key, r.value)
+        self.stats.changelog_records += 1
+        self.stats.changelog_bytes += len(r.value) if r.value is not None else 0
 
     def _fault_point(self, sink: KafkaSink) -> None:
         if not self._kill_at or not self._alerts_since_checkpoint:
