@@ -276,3 +276,37 @@ def test_changelog_topic_created_checked_and_refused(kafka_bootstrap, make_topic
                         "--kafka.alerts-topic", alerts, "--kafka.dlq-topic", dlq, "--model.bundle", str(bundle.path), "--model.provider", "cpu",
                         "--processing.changelog-topic", plain], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "must be compacted" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_restored_entity_rewrites_its_alert_record_when_it_changes(setup):
+    """The changelog holds an open alert for an entity; another member restores it, the alert ends
+    (state None): the next checkpoint must say so, or a later restore would reopen the old alert."""
+    sim, bundle = setup
+    tracker, log_ = StateTracker(W, history=200), {}
+    core = _core(bundle)
+    b = list(_batches(sim))[0]
+    tracker.note_batch(b)
+    core.process(b)
+    _compact(log_, tracker.snapshot(core, owned=range(4)))
+    p, key = core.entities()[0]
+    log_[(p, key + "\x00a")] = orjson.dumps({"stale": "open alert"})  # as an earlier owner left it
+    moved, tracker2 = _core(bundle), StateTracker(W, history=200)
+    asm = StateAssembler(W)
+    for (q, k), v in log_.items():
+        if q == p and k.split("\x00")[0] == key:
+            asm.add(k, v)
+    (_, state, applied, _), = [x for x in asm.states() if x[0] == key]
+    assert state["alert"] == {"stale": "open alert"}
+    state["alert"] = None  # install without it (the alert ended), as if processed further
+    moved.restore(p, key, state)
+    tracker2.restored(p, key, applied, {"obs": 0}, state)
+    tracker2.note_batch(EventBatch.build([key], np.zeros((1, F)), None, "obs", p, [10**6]))  # marked changed
+    recs = {r.key: r.value for r in tracker2.snapshot(moved, owned=[p])}
+    assert recs[key + "\x00a"] == b"null"
+    _compact(log_, [r for r in tracker2.snapshot(moved, owned=[p])])
+    log_.update({(p, k): v for k, v in recs.items()})
+    again = StateAssembler(W)
+    for (q, k), v in log_.items():
+        if q == p and k.split("\x00")[0] == key:
+            again.add(k, v)
+    assert [x[1]["alert"] for x in again.states() if x[0] == key] == [None]
