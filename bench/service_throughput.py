@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 import orjson
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,39 +35,10 @@ sys.path.insert(0, str(REPO))
 
 from stream_detector.bundle import load_bundle  # noqa: E402
 from stream_detector.config import load_settings  # noqa: E402
-from stream_detector.scorer import Scorer  # noqa: E402
 from stream_detector.service import Detector  # noqa: E402
-from stream_detector.simulate import SimConfig, Simulator, produce, write_file  # noqa: E402
+from stream_detector.simulate import SimConfig, Simulator, produce  # noqa: E402
 
-
-def start_broker() -> str:
-    r = subprocess.run(["bash", str(REPO / "deploy/kafka/broker.sh"), "start"], capture_output=True, text=True, timeout=900)
-    if r.returncode != 0:
-        sys.exit(f"bench: could not start the local broker: {r.stderr.strip()}")
-    return [ln for ln in r.stdout.splitlines() if ln.startswith("bootstrap=")][-1].split("=", 1)[1]
-
-
-def reference_bundle(work: Path, features: int, window: int) -> Path:
-    data = work / "normal.csv"
-    write_file(Simulator(SimConfig(entities=40, features=features, seed=5), 400), data)
-    out = work / "bundle"
-    cmd = [sys.executable, "-m", "training.cli", "--log-level", "WARNING", "fit", "--data", str(data), "--out", str(out),
-           "--window", str(window), "--d-model", "64", "--n-layers", "2", "--epochs", "1", "--max-windows-per-epoch", "2048",
-           "--threads", "2", "--no-progress"]
-    subprocess.run(cmd, check=True, timeout=1800)
-    return out
-
-
-def standalone(bundle_path: Path, provider: str, batch: int, seconds: float) -> tuple[float, str]:
-    bundle = load_bundle(bundle_path)
-    scorer = Scorer(bundle, provider=provider, max_batch=batch)
-    x = np.random.default_rng(0).normal(size=(batch, bundle.window, bundle.n_features)).astype(np.float32)
-    scorer.score(x)  # warm-up
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        scorer.score(x)
-        n += batch
-    return n / (time.perf_counter() - t0), scorer.provider
+from perfkit import reference_bundle, standalone_ort, start_broker  # noqa: E402  (bench/ is on sys.path)
 
 
 def main() -> int:
@@ -105,7 +74,7 @@ def main() -> int:
     total = produce(sim, bootstrap, topic, rate=0)
     print(f"pre-loaded {total} events into {topic} in {time.perf_counter() - t0:.1f} s", flush=True)
 
-    ort_rate, provider = standalone(bundle_path, args.provider, args.max_batch, args.standalone_seconds)
+    ort_rate, provider, _ = standalone_ort(bundle_path, args.provider, args.max_batch, args.standalone_seconds)
     rows = []
     for hop in [int(h) for h in args.hops.split(",")]:
         settings = load_settings(None, {
