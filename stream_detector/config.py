@@ -147,6 +147,10 @@ class RuntimeSettings(_Section):
     shutdown_grace_s: float = Field(10.0, gt=0, description="time allowed on stop to finish, deliver, commit and close")
     max_inflight: int = Field(2, ge=1, le=2, description="batches in flight: 2 overlaps inference with decoding the next batch, 1 does not")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="serve Prometheus metrics on this port (unset = off)")
+    stall_exit_s: float = Field(
+        90.0, ge=0,
+        description="exit 1 (supervisor restarts from committed offsets) when the main loop has not ticked this long; 0 = off",
+    )
 
 
 class ProcessingSettings(_Section):

@@ -50,6 +50,11 @@ class Health:
         with self._lock:
             self._last_tick = self._clock()
 
+    def since_tick(self) -> float:
+        """Seconds since the loop last ticked (0 before its first tick)."""
+        with self._lock:
+            return 0.0 if self._last_tick is None else self._clock() - self._last_tick
+
     def assigned(self, partitions: Iterable[tuple[str, int]]) -> None:
         with self._lock:
             self._partitions.update(partitions)

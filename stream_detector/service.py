@@ -187,6 +187,8 @@ class Detector:
             self._executor = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="sd-inference"))
             if rt.metrics_port is not None:
                 stack.enter_context(MetricsServer(self.metrics, self.health, port=rt.metrics_port))
+            if rt.stall_exit_s > 0:
+                threading.Thread(target=self._stall_guard, args=(rt.stall_exit_s,), name="sd-stall-guard", daemon=True).start()
             try:
                 while not self._stop.is_set():
                     now = time.monotonic()
@@ -575,6 +577,19 @@ class Detector:
             self.notifier.ready(status)
         else:
             self.notifier.status(status)
+
+    def _stall_guard(self, limit_s: float) -> None:
+        """A loop that stops ticking (e.g. librdkafka blocking in a call far past its timeout after
+        a broker outage) would hold its partitions forever: exit 1 in one sentence instead, so the
+        supervisor restarts the member and it resumes from its committed offsets. systemd's
+        watchdog does the same from outside; this covers supervisors without one. Not while
+        draining on stop (bounded by the grace period)."""
+        while not self._stop.wait(1.0):
+            stalled = self.health.since_tick()
+            if stalled > limit_s:
+                print(f"run: the main loop has not ticked for {stalled:.0f} s (runtime.stall_exit_s = {limit_s:g}); "
+                      "exiting so that the supervisor restarts this member from its committed offsets.", file=sys.stderr, flush=True)
+                os._exit(1)
 
     def _ops_tick(self, running_s: float) -> None:
         self.notifier.watchdog()

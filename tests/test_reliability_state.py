@@ -310,3 +310,44 @@ def test_restored_entity_rewrites_its_alert_record_when_it_changes(setup):
         if q == p and k.split("\x00")[0] == key:
             again.add(k, v)
     assert [x[1]["alert"] for x in again.states() if x[0] == key] == [None]
+
+
+
+def test_a_stalled_loop_ends_the_process_in_one_sentence():
+    """A main loop that stops ticking (librdkafka can block in a call far past its timeout after a
+    broker outage) exits 1 with one sentence, so the supervisor restarts it from committed offsets."""
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import threading\n"
+        "from stream_detector.health import Health\n"
+        "from stream_detector.service import Detector\n"
+        "d = Detector.__new__(Detector)\n"
+        "d.health, d._stop = Health(), threading.Event()\n"
+        "d.health.tick()\n"
+        "d._stall_guard(0.5)\n"
+        "print('not reached')\n"
+    )
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and time.monotonic() - t0 < 20
+    assert "not reached" not in r.stdout
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("run: the main loop has not ticked for"), r.stderr
+    # a loop that keeps ticking, or one told to stop, is left alone
+    code_ok = (
+        "import threading, time\n"
+        "from stream_detector.health import Health\n"
+        "from stream_detector.service import Detector\n"
+        "d = Detector.__new__(Detector)\n"
+        "d.health, d._stop = Health(), threading.Event()\n"
+        "g = threading.Thread(target=d._stall_guard, args=(0.5,)); g.start()\n"
+        "for _ in range(30):\n"
+        "    d.health.tick(); time.sleep(0.1)\n"
+        "d._stop.set(); g.join(5)\n"
+        "print('alive')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code_ok], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "alive", r.stderr
