@@ -187,8 +187,10 @@ class Detector:
             self._executor = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="sd-inference"))
             if rt.metrics_port is not None:
                 stack.enter_context(MetricsServer(self.metrics, self.health, port=rt.metrics_port))
+            loop_done = threading.Event()  # ends the stall guard with this run (tests run the loop in-process)
+            stack.callback(loop_done.set)
             if rt.stall_exit_s > 0:
-                threading.Thread(target=self._stall_guard, args=(rt.stall_exit_s,), name="sd-stall-guard", daemon=True).start()
+                threading.Thread(target=self._stall_guard, args=(rt.stall_exit_s, loop_done), name="sd-stall-guard", daemon=True).start()
             try:
                 while not self._stop.is_set():
                     now = time.monotonic()
@@ -578,13 +580,15 @@ class Detector:
         else:
             self.notifier.status(status)
 
-    def _stall_guard(self, limit_s: float) -> None:
+    def _stall_guard(self, limit_s: float, loop_done: threading.Event) -> None:
         """A loop that stops ticking (e.g. librdkafka blocking in a call far past its timeout after
         a broker outage) would hold its partitions forever: exit 1 in one sentence instead, so the
         supervisor restarts the member and it resumes from its committed offsets. systemd's
-        watchdog does the same from outside; this covers supervisors without one. Not while
-        draining on stop (bounded by the grace period)."""
-        while not self._stop.wait(1.0):
+        watchdog does the same from outside; this covers supervisors without one. Ends with the
+        run, and is off while draining on stop (bounded by the grace period)."""
+        while not loop_done.wait(1.0):
+            if self._stop.is_set():
+                return
             stalled = self.health.since_tick()
             if stalled > limit_s:
                 print(f"run: the main loop has not ticked for {stalled:.0f} s (runtime.stall_exit_s = {limit_s:g}); "

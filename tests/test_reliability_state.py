@@ -327,7 +327,7 @@ def test_a_stalled_loop_ends_the_process_in_one_sentence():
         "d = Detector.__new__(Detector)\n"
         "d.health, d._stop = Health(), threading.Event()\n"
         "d.health.tick()\n"
-        "d._stall_guard(0.5)\n"
+        "d._stall_guard(0.5, threading.Event())\n"
         "print('not reached')\n"
     )
     t0 = time.monotonic()
@@ -343,10 +343,13 @@ def test_a_stalled_loop_ends_the_process_in_one_sentence():
         "from stream_detector.service import Detector\n"
         "d = Detector.__new__(Detector)\n"
         "d.health, d._stop = Health(), threading.Event()\n"
-        "g = threading.Thread(target=d._stall_guard, args=(0.5,)); g.start()\n"
+        "done = threading.Event()\n"
+        "g = threading.Thread(target=d._stall_guard, args=(0.5, done)); g.start()\n"
         "for _ in range(30):\n"
         "    d.health.tick(); time.sleep(0.1)\n"
-        "d._stop.set(); g.join(5)\n"
+        "done.set(); g.join(5)\n"
+        "assert not g.is_alive()\n"
+        "time.sleep(2)\n"
         "print('alive')\n"
     )
     r = subprocess.run([sys.executable, "-c", code_ok], capture_output=True, text=True, timeout=60)
