@@ -61,6 +61,26 @@ def make_topic(kafka_bootstrap: str):
                 pass
 
 
+def read_to_end(bootstrap: str, topic: str) -> list:
+    """Every message of `topic` up to its current end offsets (a fresh reader from offset 0);
+    asserts that all of them arrived."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{uuid.uuid4().hex[:8]}", "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    meta = c.list_topics(topic, timeout=10).topics[topic]
+    tps = [TopicPartition(topic, p, 0) for p in meta.partitions]
+    want = sum(c.get_watermark_offsets(tp, timeout=10)[1] for tp in tps)
+    c.assign(tps)
+    out: list = []
+    for _ in range(60):
+        if len(out) >= want:
+            break
+        out += [m for m in c.consume(1000, timeout=0.5) if m.error() is None]
+    c.close()
+    assert len(out) == want
+    return out
+
+
 @pytest.fixture
 def rng(request) -> np.random.Generator:
     """A seeded generator; the seed is printed so a failure can be replayed (SD_TEST_SEED=...)."""

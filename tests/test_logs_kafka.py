@@ -17,6 +17,7 @@ import orjson
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from conftest import read_to_end
 from logsynth import make_log, train_tiny_bundle
 from stream_detector.config import load_settings
 from stream_detector.service import Detector
@@ -29,22 +30,6 @@ GARBAGE = [b"this is not a log line", b"\xff\xfe\xfd not utf-8", b"081109 203615
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory):
     return train_tiny_bundle(tmp_path_factory.mktemp("logs_kafka"), log_model="counts")
-
-
-def _read_all(bootstrap, topic):
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{uuid.uuid4().hex[:8]}", "auto.offset.reset": "earliest", "enable.auto.commit": False})
-    meta = c.list_topics(topic, timeout=10).topics[topic]
-    tps = [TopicPartition(topic, p, 0) for p in meta.partitions]
-    want = sum(c.get_watermark_offsets(tp, timeout=10)[1] for tp in tps)
-    c.assign(tps)
-    out = []
-    for _ in range(60):
-        if len(out) >= want:
-            break
-        out += [m for m in c.consume(1000, timeout=0.5) if m.error() is None]
-    c.close()
-    assert len(out) == want
-    return out
 
 
 def test_service_alerts_on_anomalous_blocks_and_dead_letters_unparseable_lines(kafka_bootstrap, make_topic, tiny_bundle):
@@ -71,12 +56,12 @@ def test_service_alerts_on_anomalous_blocks_and_dead_letters_unparseable_lines(k
     assert stats.consumed == len(values)
     assert stats.dead_letters == len(GARBAGE)
 
-    dead = _read_all(kafka_bootstrap, dlq)
+    dead = read_to_end(kafka_bootstrap, dlq)
     assert sorted(m.value() for m in dead) == sorted(GARBAGE)
     reasons = {dict(m.headers() or {}).get("dlq.reason") for m in dead}
     assert reasons == {b"unparseable-log-line"}, reasons
 
-    opens = [a for a in (orjson.loads(m.value()) for m in _read_all(kafka_bootstrap, alerts)) if a["state"] == "open"]
+    opens = [a for a in (orjson.loads(m.value()) for m in read_to_end(kafka_bootstrap, alerts)) if a["state"] == "open"]
     by_block = {}
     for a in opens:
         by_block.setdefault(a["key"], a)

@@ -20,6 +20,7 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from bundle_factory import make_bundle
+from conftest import read_to_end
 from stream_detector.config import load_settings
 from stream_detector.events import EventBatch
 from stream_detector.pipeline import DetectionSettings, DetectorCore
@@ -77,22 +78,6 @@ def _produce(bootstrap, topic, items):
             p.poll(0)
     assert p.flush(30) == 0
     return where
-
-
-def _read_all(bootstrap, topic):
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{uuid.uuid4().hex[:8]}", "auto.offset.reset": "earliest", "enable.auto.commit": False})
-    meta = c.list_topics(topic, timeout=10).topics[topic]
-    tps = [TopicPartition(topic, p, 0) for p in meta.partitions]
-    ends = {tp.partition: c.get_watermark_offsets(tp, timeout=10)[1] for tp in tps}
-    c.assign(tps)
-    out, want = [], sum(ends.values())
-    for _ in range(50):
-        if len(out) >= want:
-            break
-        out += [m for m in c.consume(1000, timeout=0.5) if m.error() is None]
-    c.close()
-    assert len(out) == want
-    return out
 
 
 def _opens(msgs):
@@ -155,7 +140,7 @@ def test_service_end_to_end(kafka_bootstrap, make_topic, tmp_path, rng):
     ends = {p: probe.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in range(PARTITIONS)}
     probe.close()
     assert committed == ends, "every consumed offset is committed after delivery"
-    opens_a = _opens(_read_all(kafka_bootstrap, alerts_a))
+    opens_a = _opens(read_to_end(kafka_bootstrap, alerts_a))
 
     # Phase 2: the rest plus bad messages; a restarted instance on the same group picks up after the commit.
     good_row = dict(zip(sim.features, [1.0] * F), ts=1)
@@ -169,14 +154,14 @@ def test_service_end_to_end(kafka_bootstrap, make_topic, tmp_path, rng):
     stats_b = Detector(_settings(kafka_bootstrap, topic, group, alerts_a, dlq, bundle)).run(max_messages=len(rest) + len(bad_items), timeout=60)
     assert stats_b.consumed == len(rest) + len(bad_items), "the restart resumes exactly after the committed offsets"
     assert stats_b.dead_letters == len(bad_items)
-    opens_ab = _opens(_read_all(kafka_bootstrap, alerts_a))
+    opens_ab = _opens(read_to_end(kafka_bootstrap, alerts_a))
     ids_a = {a["alert_id"] for a in opens_a}
     opens_b = [a for a in opens_ab if a["alert_id"] not in ids_a]
     assert len(opens_ab) == len(opens_a) + len(opens_b), "the restarted service re-alerted something already alerted"
     assert all(_tick(a) >= SPLIT for a in opens_b)
 
     # Dead letters: original bytes, reason and source position in headers.
-    dead = _read_all(kafka_bootstrap, dlq)
+    dead = read_to_end(kafka_bootstrap, dlq)
     assert len(dead) == len(bad_items)
     by_offset = {(int(dict(m.headers())["dlq.partition"]), int(dict(m.headers())["dlq.offset"])): m for m in dead}
     expected_reasons = [*bad.keys(), "missing-key"]
@@ -189,7 +174,7 @@ def test_service_end_to_end(kafka_bootstrap, make_topic, tmp_path, rng):
     # A fresh group over the whole topic (no restart) reproduces phase 1's alert ids exactly.
     stats_c = Detector(_settings(kafka_bootstrap, topic, f"{group}-c", alerts_c, dlq, bundle)).run(max_messages=len(events) + len(bad_items), timeout=60)
     assert stats_c.consumed == len(events) + len(bad_items)
-    opens_c = _opens(_read_all(kafka_bootstrap, alerts_c))
+    opens_c = _opens(read_to_end(kafka_bootstrap, alerts_c))
     assert ids_a <= {a["alert_id"] for a in opens_c}, "alert ids are deterministic: same input, same ids"
 
     # Detection quality of the uninterrupted run: every strong anomaly exactly one open, quickly.
