@@ -52,6 +52,7 @@ from perfkit import REFERENCE_BUNDLE, REPO, StageClock, ThreadCpuSampler, rss_by
 from stream_detector.bundle import load_bundle, write_bundle
 from stream_detector.config import InputSettings, load_settings
 from stream_detector.decode import Decoder
+from stream_detector.kafka_io import CONSUMER_DEFAULTS
 from stream_detector.service import Detector
 from stream_detector.simulate import SimConfig, Simulator, encode_event, produce
 
@@ -90,7 +91,7 @@ def consume_all(bootstrap: str, topic: str, total: int, extra: dict[str, Any] | 
     from confluent_kafka import Consumer
 
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-read-{uuid.uuid4().hex[:6]}", "auto.offset.reset": "earliest",
-                  "enable.auto.commit": False, "queued.max.messages.kbytes": 32768, "fetch.max.bytes": 20_971_520, **(extra or {})})
+                  "enable.auto.commit": False, **CONSUMER_DEFAULTS, **(extra or {})})
     c.subscribe([topic])
     kept: list[Any] = []
     n, t0 = 0, None
@@ -113,7 +114,7 @@ def consume_decode_rate(bootstrap: str, topic: str, total: int, features: list[s
 
     decoder = Decoder(features, InputSettings(timestamp_field="ts"), typed=typed)
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-dec-{uuid.uuid4().hex[:6]}", "auto.offset.reset": "earliest",
-                  "enable.auto.commit": False, "queued.max.messages.kbytes": 32768, "fetch.max.bytes": 20_971_520})
+                  "enable.auto.commit": False, **CONSUMER_DEFAULTS})
     c.subscribe([topic])
     n, t0 = 0, None
     deadline = time.monotonic() + 600

@@ -513,6 +513,7 @@ class Restorer:
             "enable.partition.eof": True,
             "isolation.level": "read_committed",
             "queued.max.messages.kbytes": 16_384,
+            "fetch.queue.backoff.ms": 5,  # a restore reads whole partitions: see kafka_io.CONSUMER_DEFAULTS
         }
         self._consumer = Consumer(conf)
         self._latest: dict[int, StateAssembler] = {}

@@ -9,8 +9,12 @@ applied with a handful of numpy operations, not per-event Python lists of rows:
   entity (round 0 = every entity's first event in the batch, round 1 = the second ones, ...), so
   inside a round all slots are distinct and one vectorised write + gather handles it, and the
   window gathered for an event is exactly the window ending at that event;
-- an event is *due* for scoring when its window is full and the entity's event count is a
-  multiple of the scoring hop.
+- an event is *due* for scoring when its window is full and the entity's event count is
+  congruent to the entity's *hop phase* modulo the scoring hop. The phase comes from a stable hash
+  of the key (`hop_phase`), so a fleet that reports in lockstep is scored spread evenly over the
+  hop instead of all at once every hop-th tick (which queued a whole fleet's inference behind one
+  event and set the latency; docs/performance.md), and the same key is scored at the same events
+  in every process and replay.
 
 Memory is bounded by `max_entities`: entities not seen for `idle_timeout_ms` (by event time) are
 evicted at each batch, and when the cap is still hit, the least recently seen entities are
@@ -21,6 +25,7 @@ slots listed in `Ingested.reset_slots`.
 from __future__ import annotations
 
 import logging
+import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
@@ -46,6 +51,12 @@ class Ingested:
     reset_slots: np.ndarray  # int64: slots given to a new entity during this call (start their state fresh)
     evicted: int  # entities evicted during this call (idle or LRU)
     counts: np.ndarray | None = None  # int64 [n]: the entity's event count after each event
+
+
+def hop_phase(key: str, hop: int) -> int:
+    """The event count (mod `hop`) at which this entity is scored: crc32 of the key, so it is the
+    same in every process, restart and replay (Python's hash() is salted per process)."""
+    return zlib.crc32(key.encode("utf-8", "surrogatepass")) % hop if hop > 1 else 0
 
 
 class WindowStore:
@@ -78,6 +89,7 @@ class WindowStore:
         self._buf = np.zeros((0, self.window, self.n_features), dtype=np.float32)
         self._pos = np.zeros(0, dtype=np.int64)  # next write position in the ring
         self._count = np.zeros(0, dtype=np.int64)  # events since the entity was first seen
+        self._phase = np.zeros(0, dtype=np.int64)  # hop_phase(key): due when count % hop == phase
         self._last_time = np.zeros(0, dtype=np.int64)  # event time of the latest event (NO_TIME if unknown)
         self._last_seq = np.zeros(0, dtype=np.int64)  # ingest call that last touched the slot (LRU clock)
         self._seq = 0
@@ -160,7 +172,9 @@ class WindowStore:
             self._last_time[s] = times_buf[: s.size]
             c = self._count[s]
             counts[idx] = c
-            due_mask = (c >= self.window) & (c % self.hop == 0)
+            due_mask = c >= self.window
+            if self.hop > 1:
+                due_mask &= c % self.hop == self._phase[s]
             if due_mask.any():
                 ds = s[due_mask]
                 due_parts.append(idx[due_mask])
@@ -252,6 +266,7 @@ class WindowStore:
         self._keys[slot] = entity
         self._pos[slot] = 0
         self._count[slot] = 0
+        self._phase[slot] = hop_phase(entity[1], self.hop)
         self._last_time[slot] = NO_TIME
         self._last_seq[slot] = self._seq
 
@@ -307,6 +322,7 @@ class WindowStore:
         self._buf = grow(self._buf, 0)
         self._pos = grow(self._pos, 0)
         self._count = grow(self._count, 0)
+        self._phase = grow(self._phase, 0)
         self._last_time = grow(self._last_time, NO_TIME)
         self._last_seq = grow(self._last_seq, 0)
         self._keys.extend([None] * extra)

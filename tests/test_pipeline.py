@@ -13,6 +13,7 @@ from stream_detector.events import EventBatch
 from stream_detector.pipeline import DetectionSettings, DetectorCore
 from stream_detector.scorer import Scorer
 from stream_detector.thresholds import ThresholdParams
+from stream_detector.windows import hop_phase
 
 F, W = 4, 8
 SETTINGS = DetectionSettings(threshold=ThresholdParams(warmup=50, history=300), alerts=AlertParams(resolve_after=5))
@@ -96,11 +97,17 @@ def test_hop_scores_every_kth_event(tmp_path, rng):
     per_entity = {}
     for i in scored:
         per_entity.setdefault(keys[i], []).append(keys[: i + 1].count(keys[i]))
-    assert all(counts == list(range(8, 101, 4)) for counts in per_entity.values()), per_entity
+    # each entity at every 4th of its events once its window (8) is full, at its own phase
+    assert {k: counts[0] for k, counts in per_entity.items()} == {k: 8 + (hop_phase(k, 4) - 8) % 4 for k in per_entity}
+    assert all(np.diff(counts).tolist() == [4] * (len(counts) - 1) and counts[-1] > 96 for counts in per_entity.values())
+    assert len({hop_phase(k, 4) for k in per_entity}) > 1, "the test keys should not share one phase"
 
 
 def test_row_alert_state_matches_a_per_row_walk(tmp_path, rng):
-    keys, rows, times, parts = stream(rng, spikes=((2, 100), (5, 200)))
+    # spikes on events that are scored: entity e's step t is its event t + 1, scored when that
+    # count is congruent to its hop phase
+    spikes = tuple((e, t + (hop_phase(f"dev-{e}", 3) - t - 1) % 3) for e, t in ((2, 100), (5, 200)))
+    keys, rows, times, parts = stream(rng, spikes=spikes)
     settings = DetectionSettings(hop=3, threshold=SETTINGS.threshold, alerts=AlertParams(resolve_after=4))
     res = run(new_core(tmp_path, settings), keys, rows, times, parts, [50, 333], row_state=True)
     got = np.concatenate([r.open_after for _, r in res])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from stream_detector.events import NO_TIME
-from stream_detector.windows import WindowStore
+from stream_detector.windows import WindowStore, hop_phase
 
 
 class NaiveWindows:
@@ -25,7 +25,7 @@ class NaiveWindows:
         self.rows.setdefault(e, deque(maxlen=self.window)).append(row.copy())
         self.count[e] = self.count.get(e, 0) + 1
         c = self.count[e]
-        if c >= self.window and c % self.hop == 0:
+        if c >= self.window and c % self.hop == hop_phase(key, self.hop):
             return np.stack(self.rows[e])
         return None
 
