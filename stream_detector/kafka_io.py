@@ -195,12 +195,18 @@ class KafkaSource:
         if tps:
             self._consumer.store_offsets(offsets=tps)
 
-    def commit(self) -> bool:
-        """Commit the stored offsets synchronously (a no-op when nothing new was stored). A broker
-        that is away (coordinator unavailable, timeout) is not fatal: the offsets stay stored and
-        the next commit carries them; returns False then. KafkaIOError on anything else."""
+    def commit(self, positions: dict[tuple[str, int], int] | None = None) -> bool:
+        """Commit the stored offsets (or these next-offsets per partition) synchronously; a no-op
+        when there is nothing new. A broker that is away (coordinator unavailable, timeout) is not
+        fatal: the offsets stay stored and the next commit carries them; returns False then.
+        KafkaIOError on anything else."""
+        if positions is not None and not positions:
+            return True
         try:
-            self._consumer.commit(asynchronous=False)
+            if positions is None:
+                self._consumer.commit(asynchronous=False)
+            else:
+                self._consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in positions.items()], asynchronous=False)
         except KafkaException as e:
             err = e.args[0]
             if err.code() == KafkaError._NO_OFFSET:
@@ -373,8 +379,8 @@ class KafkaSink:
         self._producer.poll(timeout)
         self.raise_if_failed()
 
-    def changelog(self, partition: int, key: str, value: bytes | None) -> None:
-        self._produce(self._changelog_topic, key.encode("utf-8"), value, None, partition=partition)
+    def changelog(self, partition: int, key: str, value: bytes | None, ticket: DeliveryTicket | None = None) -> None:
+        self._produce(self._changelog_topic, key.encode("utf-8"), value, None, partition=partition, ticket=ticket)
 
     def raise_if_failed(self) -> None:
         if self._first_error is not None:

@@ -5,7 +5,9 @@
       -> as soon as a batch's inference finishes: submit the next one, then deliver the finished
          one: produce its alerts and dead letters, serve delivery reports, and store its offsets
          once the broker acknowledged them all (at-least-once; a `DeliveryTicket` per batch)
-      -> checkpoint every commit_interval_s: changelog + commit (exactly-once: the transaction)
+      -> checkpoint every commit_interval_s: changelog + commit (exactly-once: the transaction;
+         at-least-once: the changelog is written in slices between batches, then the offsets
+         of the batches submitted before it began are committed, so the loop never stalls)
 
 One worker thread runs `DetectorCore.process` (ONNX Runtime releases the GIL), so inference of
 one batch overlaps consuming and decoding the next; the core is only ever touched by one thread at
@@ -59,6 +61,7 @@ from stream_detector.scorer import Scorer, ScorerError
 log = logging.getLogger(__name__)
 
 _SLICE_S = 0.005  # consume slice while inference runs: how soon a finished batch is noticed
+_CHECKPOINT_SLICE_S = 0.005  # changelog writing per pause between batches (sliced checkpoints)
 
 # Debug switch for the fault-injection suite (tests/test_reliability_*.py), not a setting.
 FAULT_KILL_BEFORE_COMMIT = "STREAM_DETECTOR_FAULT_KILL_BEFORE_COMMIT"
@@ -96,6 +99,19 @@ class _Work:
     ticket: DeliveryTicket | None = None  # at-least-once: its alerts/dead letters until acknowledged
     started: float = 0.0
     oldest_event_ms: int | None = None  # for the event-lag gauge
+    seq: int = 0  # submit order (1, 2, ...)
+
+
+@dataclass
+class _SlicedCheckpoint:
+    """At-least-once, with a changelog: a periodic checkpoint whose state records are written in
+    slices between batches (`StateTracker.begin/write_some`). Its offsets are committed once every
+    record is written and acknowledged and every batch submitted before it began was stored."""
+
+    positions: dict[tuple[str, int], int]  # next offset per partition as of `begin`
+    seq: int  # the last batch submitted before `begin`
+    ticket: DeliveryTicket  # its changelog records
+    written: bool = False
 
 
 class Detector:
@@ -141,6 +157,10 @@ class Detector:
         self._forming_since = 0.0  # when the loop started waiting for the forming batch
         self._ready: deque[_Work] = deque()  # decoded, waiting for the inference thread
         self._unstored: deque[_Work] = deque()  # at-least-once: delivered, offsets stored once acknowledged
+        self._submitted_seq = 0  # the last batch submitted ...
+        self._stored_seq = 0  # ... and the last one whose offsets were stored
+        self._submitted_positions: dict[tuple[str, int], int] = {}  # next offset per partition, submitted batches
+        self._sliced: _SlicedCheckpoint | None = None  # at-least-once checkpoint in progress
         self._txn_positions: dict[tuple[str, int], int] = {}  # exactly-once: offsets of the open transaction
         self._restoring: set[tuple[str, int]] = set()  # paused until their partition's state is restored
         self._slipped: dict[tuple[str, int], int] = {}  # first offset fetched (and dropped) while restoring
@@ -204,7 +224,7 @@ class Detector:
                     try:
                         self._iteration(max_messages, t0)
                         if time.monotonic() >= next_commit:
-                            self._checkpoint()
+                            self._periodic_checkpoint()
                             next_commit = time.monotonic() + rt.commit_interval_s
                     except TransactionAborted as e:
                         self._rewind(str(e))
@@ -290,6 +310,7 @@ class Detector:
             if sink is not None:
                 sink.poll(0)
             self._store_acked()
+            self._commit_sliced_if_done()
             return
         self._pending = None
         result = done.future.result() if done is not None and done.future is not None else None
@@ -303,6 +324,7 @@ class Detector:
         elif sink is not None:
             sink.poll(0)
         self._store_acked()
+        self._commit_sliced_if_done()
         if rt.max_inflight == 1 and self._pending is not None:
             self._drain()
 
@@ -332,6 +354,7 @@ class Detector:
                 raise KafkaIOError("a record of a batch was not acknowledged; its offsets are not stored.")
             if source is not None:
                 source.store(work.positions)
+            self._stored_seq = work.seq
 
     def _owned(self, msgs: list[Any]) -> list[Any]:
         """Drop messages of partitions we no longer own, or whose state is still being restored
@@ -371,6 +394,9 @@ class Detector:
     def _submit(self, work: _Work) -> None:
         batch, work.batch = work.batch, None
         work.started = time.monotonic()
+        self._submitted_seq += 1
+        work.seq = self._submitted_seq
+        self._submitted_positions.update(work.positions)
         if batch is not None and self.tracker is not None:
             batch = self.tracker.fence(batch)  # at-least-once replay: skip what restored state already holds
             self.tracker.note_batch(batch)
@@ -444,6 +470,7 @@ class Detector:
         if self.tracker is not None:
             owned = {p for (_, p) in source.assignment - self._restoring}
             self.tracker.snapshot(self.core, owned, emit=self._write_changelog)  # produced as made, never collected
+        self._sliced = None  # its records are written by now and its offsets are among those committed below
         grace = self.settings.runtime.shutdown_grace_s if self._stop.is_set() else None
         self._fault_point(sink)
         if self.exactly_once:
@@ -469,9 +496,44 @@ class Detector:
             self.stats.commits += 1
             self.metrics.committed()
 
-    def _write_changelog(self, r: ChangelogRecord) -> None:
+    def _periodic_checkpoint(self) -> None:
+        """At-least-once with a changelog: begin a sliced checkpoint (none is begun while the
+        previous one is still in progress). Otherwise: the whole checkpoint now."""
+        if self.exactly_once or self.tracker is None or self._sink is None:
+            self._checkpoint()
+            return
+        if self._sliced is None:
+            self._sliced = _SlicedCheckpoint({}, -1, self._sink.ticket())  # begun when the core is idle
+
+    def _write_slice(self) -> None:
+        """Between batches (the core idle): begin the sliced checkpoint, then write its records for
+        at most `_CHECKPOINT_SLICE_S` per call."""
+        ck, source, tracker = self._sliced, self._source, self.tracker
+        if ck is None or ck.written or source is None or tracker is None:
+            return
+        emit = lambda r: self._write_changelog(r, ck.ticket)  # noqa: E731
+        if ck.seq < 0:  # begin: every batch submitted so far has been processed
+            ck.positions, ck.seq = dict(self._submitted_positions), self._submitted_seq
+            tracker.begin(self.core, {p for (_, p) in source.assignment - self._restoring}, emit)
+        ck.written = tracker.write_some(self.core, emit, budget_s=_CHECKPOINT_SLICE_S)
+
+    def _commit_sliced_if_done(self) -> None:
+        ck, source, sink = self._sliced, self._source, self._sink
+        if ck is None or not ck.written or not ck.ticket.done or self._stored_seq < ck.seq or source is None or sink is None:
+            return
+        self._sliced = None
+        if ck.ticket.failed:
+            sink.raise_if_failed()
+            raise KafkaIOError("a state changelog record was not acknowledged; offsets are not committed.")
+        self._fault_point(sink)
+        positions = {tp: o for tp, o in ck.positions.items() if tp in source.assignment and tp not in self._restoring}
+        if source.commit(positions):
+            self.stats.commits += 1
+            self.metrics.committed()
+
+    def _write_changelog(self, r: ChangelogRecord, ticket: DeliveryTicket | None = None) -> None:
         assert self._sink is not None
-        self._sink.changelog(r.partition, r.key, r.value)
+        self._sink.changelog(r.partition, r.key, r.value, ticket)
         self.stats.changelog_records += 1
         self.stats.changelog_bytes += len(r.value) if r.value is not None else 0
 
@@ -604,6 +666,7 @@ class Detector:
         """Restore changelog state, swap in a reloaded model, refresh state metrics; only here is
         the core not in use."""
         self._restore_step()
+        self._write_slice()
         loaded = self.reloader.poll()
         if loaded is not None:
             self._swap_model(loaded)
@@ -664,6 +727,9 @@ class Detector:
         for tp in gone:
             self._slipped.pop(tp, None)
             self._txn_positions.pop(tp, None)
+            self._submitted_positions.pop(tp, None)  # if it comes back, its offsets are another owner's
+            if self._sliced is not None:
+                self._sliced.positions.pop(tp, None)
         self.health.revoked(gone)
         self.metrics.drop_partitions(gone)
         log.info("dropped state of %d entities on %d partition(s)", dropped, len(gone))
