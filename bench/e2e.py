@@ -20,7 +20,9 @@ entity, 4 partitions):
 5. (first fleet size) latency: a producer offers 50% of the largest ingest rate measured in 4.
    at a fixed rate, every event stamped with its wall-clock produce time; the model's threshold
    is set so low that every scored event is anomalous and, with `alerts.update_every=1`, emits
-   an alert; a consumer on the alerts topic records delivery time - produce time per alert.
+   an alert; a consumer on the alerts topic records delivery time - produce time per alert;
+6. (`--soak-seconds`) the same latency set-up for a long run with `--soak-entities`: latency over
+   the whole run and RSS every 10 s (slope after the windows filled).
 
 Model: `--bundle`, default bench/reference_bundle (DESIGN.md's reference architecture: F=38,
 W=64, d_model=64, 2 layers). Broker: `--bootstrap`, or the local one (deploy/kafka/broker.sh).
@@ -169,9 +171,10 @@ def service_settings(bootstrap: str, run: str, name: str, topic: str, bundle: Pa
 
 
 def instrumented_run(settings: Any, max_messages: int | None = None, timeout: float | None = None,
-                     when_assigned: Any = None) -> tuple[Any, dict[str, Any]]:
+                     when_assigned: Any = None, rss_every_s: float | None = None) -> tuple[Any, dict[str, Any]]:
     """`Detector(settings).run(...)` with CPU accounting per stage (see the module doc). The loop
-    runs on a thread of its own; `when_assigned()` is called once it owns partitions."""
+    runs on a thread of its own; `when_assigned()` is called once it owns partitions. With
+    `rss_every_s`, profile["rss_series"] holds [seconds, RSS MB, tracked entities] samples."""
     rss0 = rss_bytes()
     det = Detector(settings)
     clock = StageClock()
@@ -208,6 +211,12 @@ def instrumented_run(settings: Any, max_messages: int | None = None, timeout: fl
         while loop.is_alive() and not (det._source is not None and det._source.assignment):
             time.sleep(0.01)
         when_assigned()
+    series: list[list[float]] = []
+    if rss_every_s:
+        t_start = time.monotonic()
+        while loop.is_alive():
+            series.append([round(time.monotonic() - t_start, 1), round(rss_bytes() / 2**20, 1), len(det.core.store)])
+            loop.join(rss_every_s)
     loop.join()
     if "stats" not in box:
         raise RuntimeError("the detector loop failed (see the log above)")
@@ -251,6 +260,8 @@ def instrumented_run(settings: Any, max_messages: int | None = None, timeout: fl
         "device_windows": det.core.device is not None,
         "intra_op_threads": det.scorer.intra_op_threads,
     }
+    if rss_every_s:
+        profile["rss_series"] = series
     return stats, profile
 
 
@@ -329,7 +340,7 @@ def latency_helper(bootstrap: str, topic: str, alerts_topic: str, entities: int,
 
 
 def measure_latency(bootstrap: str, run: str, bundle: Path, entities: int, rate: float, seconds: float, max_batch: int,
-                    hop: int, partitions: int, work: Path) -> dict[str, Any]:
+                    hop: int, partitions: int, work: Path, rss_every_s: float | None = None) -> dict[str, Any]:
     import multiprocessing
 
     topic, alerts_topic = f"bench-{run}-lat", f"bench-{run}-lat-alerts"
@@ -341,7 +352,7 @@ def measure_latency(bootstrap: str, run: str, bundle: Path, entities: int, rate:
     out_path = work / "latency.json"
     helper = multiprocessing.get_context("spawn").Process(
         target=latency_helper, args=(bootstrap, topic, alerts_topic, entities, b.n_features, rate, seconds, str(out_path)))
-    stats, profile = instrumented_run(settings, timeout=seconds + 20, when_assigned=helper.start)
+    stats, profile = instrumented_run(settings, timeout=seconds + 20, when_assigned=helper.start, rss_every_s=rss_every_s)
     helper.join(60)
     delete_topics(bootstrap, [topic, alerts_topic, f"bench-{run}-dlq", f"bench-{run}-latency-changelog"])
     res = orjson.loads(out_path.read_bytes()) if out_path.exists() else {"produced": 0, "achieved_rate": 0, "latencies": []}
@@ -352,6 +363,27 @@ def measure_latency(bootstrap: str, run: str, bundle: Path, entities: int, rate:
             "consumed": stats.consumed, "alerts": int(lat.size),
             "latency_ms": {**pct, "max": round(float(warm.max()), 1) if warm.size else None, "samples": int(warm.size)},
             "profile": profile}
+
+
+def soak(args: argparse.Namespace, bootstrap: str, best_rate: float, hop: int, work: Path) -> dict[str, Any]:
+    """A long run at a fixed share of the measured maximum (`--soak-*`): latency over the whole run
+    and RSS every 10 s, to see whether memory stays flat once every window is full."""
+    rate = args.soak_fraction * best_rate
+    print(f"[soak] {args.soak_entities} entities at {rate:.0f} events/s ({args.soak_fraction:.0%} of {best_rate:.0f}) "
+          f"for {args.soak_seconds:g} s", flush=True)
+    lat = measure_latency(bootstrap, f"{uuid.uuid4().hex[:6]}soak", latency_bundle(args.bundle, work), args.soak_entities, rate,
+                          args.soak_seconds, args.max_batch, hop, args.partitions, work, rss_every_s=10.0)
+    series = lat["profile"].pop("rss_series")
+    settle = args.soak_settle_s  # windows filling, thresholds warming up
+    late = np.array([x for x in series if x[0] >= settle]) if series else np.zeros((0, 3))
+    rss = {"series": series, "settle_s": settle}
+    if late.shape[0] >= 3:
+        slope = float(np.polyfit(late[:, 0] / 60.0, late[:, 1], 1)[0])
+        rss.update({"mb_after_settle": float(late[0, 1]), "mb_at_end": float(late[-1, 1]), "mb_max": float(late[:, 1].max()),
+                    "slope_mb_per_min_after_settle": round(slope, 2), "entities": int(late[-1, 2])})
+    print(f"[soak] latency {lat['latency_ms']}; RSS {({k: v for k, v in rss.items() if k != 'series'})}", flush=True)
+    return {"entities": args.soak_entities, "seconds": args.soak_seconds, "hop": hop, "fraction_of_max": args.soak_fraction,
+            **lat, "rss": rss}
 
 
 # ---------------------------------------------------------------------------------- one fleet size
@@ -449,6 +481,10 @@ def print_tables(result: dict[str, Any]) -> None:
         for lat in f.get("latency", []):
             print(f"{f['entities']} entities: latency at {lat['offered_events_per_s']} events/s offered ({lat['fraction_of_max']:.0%} of max, "
                   f"hop {lat['hop']}, max_wait_ms {lat['max_wait_ms']}, {lat['achieved_events_per_s']} achieved): {lat['latency_ms']}")
+    if result.get("soak"):
+        sk = result["soak"]
+        print(f"soak: {sk['entities']} entities, {sk['seconds']:g} s at {sk['offered_events_per_s']} events/s: latency {sk['latency_ms']}; "
+              f"RSS {({k: v for k, v in sk['rss'].items() if k != 'series'})}")
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -476,6 +512,15 @@ def markdown(result: dict[str, Any]) -> str:
             m = x["latency_ms"]
             out.append(f"| {e:,} | {x['hop']} | {x['offered_events_per_s']:,} ({x['fraction_of_max']:.0%}) | {x['max_wait_ms']} | {x['alerts']:,} | "
                        f"{m.get('p50')} | {m.get('p95')} | {m.get('p99')} | {m.get('max')} |")
+    sk = result.get("soak")
+    if sk:
+        m, r = sk["latency_ms"], sk["rss"]
+        out += ["", "| soak: entities | seconds | offered events/s (of max) | consumed | alerts | p50 / p99 / max ms | RSS MB after "
+                f"{r['settle_s']:g} s / at end / max | RSS slope after {r['settle_s']:g} s, MB/min | RSS growth per 10k entities, MB |",
+                "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+                f"| {sk['entities']:,} | {sk['seconds']:g} | {sk['offered_events_per_s']:,} ({sk['fraction_of_max']:.0%}) | {sk['consumed']:,} | "
+                f"{sk['alerts']:,} | {m.get('p50')} / {m.get('p99')} / {m.get('max')} | {r.get('mb_after_settle')} / {r.get('mb_at_end')} / "
+                f"{r.get('mb_max')} | {r.get('slope_mb_per_min_after_settle')} | {sk['profile'].get('rss_mb_per_10k_entities')} |"]
     return "\n".join(out)
 
 
@@ -497,6 +542,11 @@ def main() -> int:
     p.add_argument("--latency-fractions", default="0.5,0.25", help="offered load as fractions of the largest measured ingest rate")
     p.add_argument("--max-wait-ms", type=int, default=20, help="runtime.max_wait_ms of the throughput runs (the service default: 20)")
     p.add_argument("--latency-max-wait-ms", default="100,20", help="runtime.max_wait_ms values of the latency runs")
+    p.add_argument("--soak-seconds", type=float, default=0.0, help="after the fleets: a run this long at --soak-fraction of the "
+                   "first fleet's best ingest rate, latency and RSS over time (600 in docs/performance.md; 0: skip)")
+    p.add_argument("--soak-entities", type=int, default=10_000)
+    p.add_argument("--soak-fraction", type=float, default=0.5)
+    p.add_argument("--soak-settle-s", type=float, default=120.0, help="RSS slope from this many seconds into the soak on")
     p.add_argument("--out", type=Path, help="write the JSON result here")
     p.add_argument("--render", type=Path, help="only print the markdown tables of an existing result file")
     args = p.parse_args()
@@ -527,6 +577,9 @@ def main() -> int:
         if args.out:  # partial results survive an interrupted long run
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(result, indent=1))
+    if args.soak_seconds > 0:
+        best = max(result["fleets"][0]["service"], key=lambda r: r["ingest_events_per_s"])
+        result["soak"] = soak(args, bootstrap, best["ingest_events_per_s"], best["hop"], work)
     result["machine"]["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     print_tables(result)
     if args.out:
