@@ -104,13 +104,17 @@ class _Work:
 
 @dataclass
 class _SlicedCheckpoint:
-    """At-least-once, with a changelog: a periodic checkpoint whose state records are written in
-    slices between batches (`StateTracker.begin/write_some`). Its offsets are committed once every
-    record is written and acknowledged and every batch submitted before it began was stored."""
+    """At-least-once, with a changelog: a periodic checkpoint whose state records are made in
+    slices between batches (`StateTracker.begin/write_some`). A record made after batch n was
+    processed is held until batch n's alerts were acknowledged: restored state fences the events it
+    holds (changelog.py), so it must never hold an event whose alert could still be lost. Its
+    offsets are committed once every record is produced and acknowledged and every batch submitted
+    before it began was stored."""
 
     positions: dict[tuple[str, int], int]  # next offset per partition as of `begin`
     seq: int  # the last batch submitted before `begin`
     ticket: DeliveryTicket  # its changelog records
+    held: deque = field(default_factory=deque)  # (last batch its state includes, record), oldest first
     written: bool = False
 
 
@@ -467,11 +471,15 @@ class Detector:
         if sink is None or source is None:
             return
         self._drain()
+        grace = self.settings.runtime.shutdown_grace_s if self._stop.is_set() else None
         if self.tracker is not None:
+            if not self.exactly_once:
+                # every alert acknowledged before the state that fences its event is written
+                self._flush_and_store(sink, grace)
+                self._release_held(self._submitted_seq)
             owned = {p for (_, p) in source.assignment - self._restoring}
             self.tracker.snapshot(self.core, owned, emit=self._write_changelog)  # produced as made, never collected
         self._sliced = None  # its records are written by now and its offsets are among those committed below
-        grace = self.settings.runtime.shutdown_grace_s if self._stop.is_set() else None
         self._fault_point(sink)
         if self.exactly_once:
             positions, self._txn_positions = self._txn_positions, {}
@@ -485,12 +493,7 @@ class Detector:
                 raise
             ok = True
         else:
-            try:
-                sink.flush(grace)
-                self._store_acked()
-            except KafkaIOError:
-                self.metrics.delivery_failed()
-                raise
+            self._flush_and_store(sink, grace)
             ok = source.commit()
         if ok:
             self.stats.commits += 1
@@ -511,15 +514,26 @@ class Detector:
         ck, source, tracker = self._sliced, self._source, self.tracker
         if ck is None or ck.written or source is None or tracker is None:
             return
-        emit = lambda r: self._write_changelog(r, ck.ticket)  # noqa: E731
-        if ck.seq < 0:  # begin: every batch submitted so far has been processed
-            ck.positions, ck.seq = dict(self._submitted_positions), self._submitted_seq
+        seq, held = self._submitted_seq, ck.held  # every batch submitted so far has been processed
+        emit = lambda r: held.append((seq, r))  # noqa: E731
+        if ck.seq < 0:  # begin
+            ck.positions, ck.seq = dict(self._submitted_positions), seq
             tracker.begin(self.core, {p for (_, p) in source.assignment - self._restoring}, emit)
         ck.written = tracker.write_some(self.core, emit, budget_s=_CHECKPOINT_SLICE_S)
 
+    def _release_held(self, upto_seq: int) -> None:
+        """Produce the held changelog records whose state includes no batch after `upto_seq`."""
+        ck = self._sliced
+        if ck is None:
+            return
+        while ck.held and ck.held[0][0] <= upto_seq:
+            self._write_changelog(ck.held.popleft()[1], ck.ticket)
+
     def _commit_sliced_if_done(self) -> None:
+        self._release_held(self._stored_seq)
         ck, source, sink = self._sliced, self._source, self._sink
-        if ck is None or not ck.written or not ck.ticket.done or self._stored_seq < ck.seq or source is None or sink is None:
+        if (ck is None or not ck.written or ck.held or not ck.ticket.done or self._stored_seq < ck.seq
+                or source is None or sink is None):
             return
         self._sliced = None
         if ck.ticket.failed:
@@ -530,6 +544,14 @@ class Detector:
         if source.commit(positions):
             self.stats.commits += 1
             self.metrics.committed()
+
+    def _flush_and_store(self, sink: KafkaSink, grace: float | None) -> None:
+        try:
+            sink.flush(grace)
+            self._store_acked()
+        except KafkaIOError:
+            self.metrics.delivery_failed()
+            raise
 
     def _write_changelog(self, r: ChangelogRecord, ticket: DeliveryTicket | None = None) -> None:
         assert self._sink is not None
@@ -728,8 +750,12 @@ class Detector:
             self._slipped.pop(tp, None)
             self._txn_positions.pop(tp, None)
             self._submitted_positions.pop(tp, None)  # if it comes back, its offsets are another owner's
-            if self._sliced is not None:
+        if self._sliced is not None:  # never write a partition's state once it may have another owner
+            for tp in gone:
                 self._sliced.positions.pop(tp, None)
+            held = self._sliced.held
+            gone_numbers = set(numbers)
+            self._sliced.held = deque((q, r) for q, r in held if r.partition not in gone_numbers)
         self.health.revoked(gone)
         self.metrics.drop_partitions(gone)
         log.info("dropped state of %d entities on %d partition(s)", dropped, len(gone))
