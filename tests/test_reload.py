@@ -267,14 +267,14 @@ def test_service_reload_under_load_loses_nothing(tmp_path, kafka_bootstrap, make
     feeder.join()
     runner.join(120)
     stats = runner_result["stats"]
-    assert stats.consumed == n and stats.dead_letters == 0
-    assert stats.scored == n_entities * (steps - W + 1)  # each event with a full window, once
+    assert stats.consumed == n and stats.dead_letters == 0, stats
+    assert stats.scored == n_entities * (steps - W + 1), stats  # each event with a full window, once
     assert detector.bundle.model_version == "v2"
     assert detector.metrics.registry.get_sample_value("stream_detector_model_reloads_total", {"result": "ok"}) == 1
 
     check = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": settings.kafka.group_id})
     committed = check.committed([TopicPartition(topic, p) for p in range(2)], timeout=10)
-    assert sum(tp.offset for tp in committed) == n
+    assert sum(tp.offset for tp in committed) == n, (committed, stats)
     check.close()
     reader = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": f"r-{uuid.uuid4().hex[:8]}", "auto.offset.reset": "earliest"})
     reader.subscribe([alerts_topic])
