@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from perfkit import REFERENCE_BUNDLE, REPO, StageClock, ThreadCpuSampler, rss_bytes, standalone_ort, start_broker
+from perfkit import REFERENCE_BUNDLE, REPO, StageClock, ThreadCpuSampler, rss_bytes, settled_rss_bytes, standalone_ort, start_broker
 
 from stream_detector.bundle import load_bundle, write_bundle
 from stream_detector.config import InputSettings, load_settings
@@ -175,7 +175,7 @@ def instrumented_run(settings: Any, max_messages: int | None = None, timeout: fl
     """`Detector(settings).run(...)` with CPU accounting per stage (see the module doc). The loop
     runs on a thread of its own; `when_assigned()` is called once it owns partitions. With
     `rss_every_s`, profile["rss_series"] holds [seconds, RSS MB, tracked entities] samples."""
-    rss0 = rss_bytes()
+    rss0 = settled_rss_bytes()
     det = Detector(settings)
     clock = StageClock()
     clock.wrap(det.decoder, "decode", "decode")
@@ -215,7 +215,8 @@ def instrumented_run(settings: Any, max_messages: int | None = None, timeout: fl
     if rss_every_s:
         t_start = time.monotonic()
         while loop.is_alive():
-            series.append([round(time.monotonic() - t_start, 1), round(rss_bytes() / 2**20, 1), len(det.core.store)])
+            rss = settled_rss_bytes() if not series else rss_bytes()  # the first: the detector built, nothing consumed
+            series.append([round(time.monotonic() - t_start, 1), round(rss / 2**20, 1), len(det.core.store)])
             loop.join(rss_every_s)
     loop.join()
     if "stats" not in box:
@@ -382,7 +383,7 @@ def soak(args: argparse.Namespace, bootstrap: str, best_rate: float, hop: int, w
         rss.update({"mb_at_start": float(series[0][1]), "mb_at_end": float(late[-1, 1]),
                     "second_half_mb_min": float(late[:, 1].min()), "second_half_mb_max": float(late[:, 1].max()),
                     "second_half_slope_mb_per_min": round(slope, 2), "entities": int(late[-1, 2]),
-                    "growth_mb_per_10k_entities": round((late[-1, 1] - series[0][1]) / max(1, late[-1, 2]) * 10_000, 1)})
+                    "growth_mb_per_10k_entities": round(float(late[-1, 1] - series[0][1]) / max(1, late[-1, 2]) * 10_000, 1)})
     print(f"[soak] latency {lat['latency_ms']}; RSS {({k: v for k, v in rss.items() if k != 'series'})}", flush=True)
     return {"entities": args.soak_entities, "seconds": args.soak_seconds, "hop": hop, "fraction_of_max": args.soak_fraction,
             **lat, "rss": rss}

@@ -187,6 +187,20 @@ def cpu_delta(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, 
     return {tid: (name, cpu - before.get(tid, (name, 0.0))[1]) for tid, (name, cpu) in after.items()}
 
 
+def settled_rss_bytes() -> int:
+    """RSS after a full garbage collection and glibc's malloc_trim: memory an earlier run freed
+    is given back first, so that runs in one process do not inherit each other's footprint."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+    return rss_bytes()
+
+
 def rss_bytes() -> int:
     try:
         for line in Path(f"/proc/{os.getpid()}/status").read_text().splitlines():
