@@ -157,3 +157,15 @@ def test_bad_arguments_are_refused():
     store = WindowStore(4, 2)
     with pytest.raises(ValueError, match="shape"):
         store.ingest([0], ["a"], np.zeros((1, 3), np.float32))
+
+
+def test_a_fleet_reporting_in_lockstep_is_scored_evenly_over_the_hop():
+    """Every entity sends one event per tick: with a hop of 16 each is scored once per 16 ticks, at
+    its own phase, so every tick scores about 1/16 of the fleet (not the whole fleet every 16th)."""
+    n, hop = 1600, 16
+    store = WindowStore(4, 1, max_entities=n, hop=hop)
+    keys = [f"host-{i}" for i in range(n)]
+    due = [store.ingest(np.zeros(n, dtype=np.int64), keys, np.zeros((n, 1), np.float32)).due.size for _ in range(48)]
+    steady = due[16:]  # counts 17..48: every window full
+    assert sum(steady) == n * len(steady) // hop
+    assert max(steady) <= 2 * n / hop and min(steady) >= n / hop / 2, steady
