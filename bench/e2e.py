@@ -54,7 +54,10 @@ from perfkit import REFERENCE_BUNDLE, REPO, StageClock, ThreadCpuSampler, rss_by
 from stream_detector.bundle import load_bundle, write_bundle
 from stream_detector.config import InputSettings, load_settings
 from stream_detector.decode import Decoder
-from stream_detector.kafka_io import CONSUMER_DEFAULTS
+try:
+    from stream_detector.kafka_io import CONSUMER_DEFAULTS
+except ImportError:  # the code of an older commit, measured by bench/latency_probe.py --code (only its latency path runs)
+    CONSUMER_DEFAULTS = {}
 from stream_detector.service import Detector
 from stream_detector.simulate import SimConfig, Simulator, encode_event, produce
 

@@ -13,6 +13,10 @@ from the broker) comes from the same run.
 
     .venv/bin/python bench/latency_probe.py --rate 30000 --seconds 30 --out /tmp/probe.json
 
+    # the service code of another commit under the same harness and load:
+    git worktree add /tmp/sd-old COMMIT
+    .venv/bin/python bench/latency_probe.py --code /tmp/sd-old --rate 30000 --seconds 30
+
 It patches private methods of `Detector` (a measuring tool, not an interface); prints a table and
 writes JSON; it does not pass or fail.
 """
@@ -31,10 +35,9 @@ from typing import Any
 
 import numpy as np
 
-import e2e
-from perfkit import REFERENCE_BUNDLE, start_broker
-
-from stream_detector import service
+REPO = Path(__file__).resolve().parent.parent
+e2e: Any = None  # bench/e2e.py and the service module, imported in main() once --code is on sys.path
+service: Any = None
 
 _T: dict[int, float] = {}  # id(work) -> wall time (ms) when its batch was decoded
 _ROWS: list[tuple[float, float, float, float]] = []  # per alert: (to decode, queued, process + deliver, wall ms)
@@ -122,7 +125,7 @@ def summarise(end_to_end: dict[str, Any], window_ms: float) -> dict[str, Any]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bootstrap", help="Kafka bootstrap servers (default: start the local broker)")
-    p.add_argument("--bundle", type=Path, default=REFERENCE_BUNDLE)
+    p.add_argument("--bundle", type=Path, default=REPO / "bench" / "reference_bundle")
     p.add_argument("--rate", type=float, required=True, help="offered events/s")
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--entities", type=int, default=1000)
@@ -133,16 +136,38 @@ def main() -> int:
     p.add_argument("--provider", default="cpu", choices=["auto", "cpu", "cuda"])
     p.add_argument("--checkpoint-window-ms", type=float, default=500.0,
                    help="an alert counts as near a checkpoint when produced this soon after one began")
+    p.add_argument("--code", type=Path, help="a checkout (e.g. a git worktree of another commit) whose stream_detector "
+                   "package is measured instead of this one's; the harness stays this one's")
+    p.add_argument("--settings", default="{}", help="JSON overrides by section, e.g. '{\"runtime\": {\"commit_interval_s\": 30}}'")
+    p.add_argument("--gc-freeze-after-s", type=float, help="experiment: gc.freeze() this many seconds into the run")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
+    global e2e, service
+    if args.code:
+        sys.path.append(str(REPO))  # perfkit puts the repository first unless it is on the path already
+        sys.path.insert(0, str(args.code.resolve()))
+    import e2e as bench_e2e
+    from stream_detector import service as service_module
+
+    e2e, service = bench_e2e, service_module
+    print(f"measuring {Path(service.__file__).resolve().parent}", file=sys.stderr)
     e2e.PROVIDER, e2e.MAX_WAIT_MS = args.provider, args.max_wait_ms
+    overrides = json.loads(args.settings)
+    if overrides:
+        settings_for = e2e.service_settings
+        e2e.service_settings = lambda *a, **sections: settings_for(
+            *a, **{**sections, **{k: {**sections.get(k, {}), **v} for k, v in overrides.items()}})
     _instrument()
-    bootstrap = args.bootstrap or start_broker()
+    if args.gc_freeze_after_s is not None:
+        import threading
+
+        threading.Timer(args.gc_freeze_after_s, gc.freeze).start()
+    bootstrap = args.bootstrap or e2e.start_broker()
     work = Path(tempfile.mkdtemp(prefix="sd-probe-"))
     lat = e2e.measure_latency(bootstrap, f"{uuid.uuid4().hex[:6]}probe", e2e.latency_bundle(args.bundle, work), args.entities, args.rate,
                               args.seconds, args.max_batch, args.hop, args.partitions, work)
     lat.pop("profile", None)
-    result = {"command": " ".join(sys.argv), "rate": args.rate, "entities": args.entities, "hop": args.hop,
+    result = {"command": " ".join(sys.argv), "code": str(Path(service.__file__).resolve().parent.parent), "rate": args.rate, "entities": args.entities, "hop": args.hop,
               "max_wait_ms": args.max_wait_ms, **summarise(lat, args.checkpoint_window_ms)}
     print(json.dumps(result, indent=1))
     if args.out:
