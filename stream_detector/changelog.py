@@ -247,7 +247,7 @@ class StateTracker:
 
     def begin(self, core: Any, owned: Iterable[int], emit: Callable[[ChangelogRecord], None]) -> None:
         """Start a checkpoint written in slices by `write_some` between batches, so that the loop
-        never stalls for a whole snapshot (~0.1 ms per changed entity). The entities changed so far
+        never stalls for a whole snapshot (a fixed Python cost per changed entity). The entities changed so far
         are written later, each with its state *then*, which may be newer than at `begin`:
         at-least-once commits the input offsets of `begin`, and the state being ahead of them is
         what `applied` + fences already handle. Tombstones for untracked entities go out now. Call
@@ -280,7 +280,6 @@ class StateTracker:
         writing, dirty = self._writing, self._dirty
         out = _Emitter(emit)
         deadline = None if budget_s is None else time.perf_counter() + budget_s
-        n = 0
         while writing:
             e, (applied, noted) = writing.popitem()
             later = dirty.pop(e, None)
@@ -290,7 +289,6 @@ class StateTracker:
             state = core.state_of(*e)
             if state is not None:
                 self._write(out, e[0], e[1], state, applied, noted)  # type: ignore[arg-type]
-            n += 1
             if deadline is not None and time.perf_counter() >= deadline:
                 break
         return not writing

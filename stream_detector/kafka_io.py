@@ -46,8 +46,8 @@ _PRODUCER_DEFAULTS = {
 # still returned (KIP-74), up to receive.message.max.bytes. librdkafka (2.x) waits
 # fetch.queue.backoff.ms (default 1,000) before fetching again for a partition whose prefetch queue
 # was full: with a bounded queue and a fast reader that wait, not the broker or decoding, set the
-# ingest rate (measured here: consume + decode 35k events/s at 1,000 ms, 87-91k at 5 ms;
-# docs/performance.md). The user's kafka.consumer settings override these.
+# ingest rate (bench/e2e.py's consume + decode alone: 31k events/s at 1,000 ms, 147k at 5 ms;
+# docs/performance.md "Phase 3"). The user's kafka.consumer settings override these.
 CONSUMER_DEFAULTS = {"queued.max.messages.kbytes": 32_768, "fetch.max.bytes": 20_971_520, "receive.message.max.bytes": 31_457_280,
                      "fetch.queue.backoff.ms": 5}
 
