@@ -166,6 +166,25 @@ def _encode_chunk(q: int, first: int, values: np.ndarray) -> bytes:
     return _CHUNK.pack(q, first, 8) + values.astype(np.float64).tobytes()
 
 
+def _join_chunks(chunks: dict[int, tuple[int, np.ndarray]], start: int, stop: int, size: int, out: np.ndarray, item: str) -> np.ndarray:
+    """Entries [start, stop) of a sequence stored in chunks of `size` ({chunk index: (absolute index
+    of its first entry, entries)}) copied into `out`; ChangelogError naming the first missing or
+    partly written entry."""
+    i = start
+    while i < stop:
+        q = i // size
+        got = chunks.get(q)
+        if got is None or got[0] > i:
+            raise ChangelogError(f"{item} {i} is missing")
+        first, vals = got
+        end = min((q + 1) * size, stop)
+        if first + len(vals) < end:
+            raise ChangelogError(f"{item}s {i}-{end - 1} are not all there (written partly)")
+        out[i - start : end - start] = vals[i - first : end - first]
+        i = end
+    return out
+
+
 # ---- what to write at a checkpoint ----------------------------------------------------------
 
 
@@ -459,22 +478,11 @@ class StateAssembler:
                     q, first, f = _ROWS.unpack_from(v)
                     chunks[q] = (first, np.frombuffer(v, dtype=np.float32, offset=_ROWS.size).reshape(-1, f))
             k = min(count, self.window)
-            out = None
-            i = count - k
-            while i < count:
-                q = i // ROW_CHUNK
-                got = chunks.get(q)
-                if got is None or got[0] > i:
-                    raise ChangelogError(f"window row {i} is missing")
-                first, vals = got
-                stop = min((q + 1) * ROW_CHUNK, count)
-                if first + vals.shape[0] < stop:
-                    raise ChangelogError(f"window rows {i}-{stop - 1} are not all there (written partly)")
-                if out is None:
-                    out = np.empty((k, vals.shape[1]), dtype=np.float32)
-                out[i - (count - k) : stop - (count - k)] = vals[i - first : stop - first]
-                i = stop
-            win["rows"] = out if out is not None else np.zeros((0, 0), dtype=np.float32)
+            if k == 0:
+                win["rows"] = np.zeros((0, 0), dtype=np.float32)
+            else:
+                width = next(iter(chunks.values()))[1].shape[1] if chunks else 0
+                win["rows"] = _join_chunks(chunks, count - k, count, ROW_CHUNK, np.empty((k, width), dtype=np.float32), "window row")
         thr = state.get("threshold")
         if isinstance(thr, dict) and "history_len" in thr:
             n, seen = int(thr.pop("history_len")), int(thr["seen"])
@@ -483,20 +491,7 @@ class StateAssembler:
                 if v is not None:
                     q, first, width = _CHUNK.unpack_from(v)
                     chunks[q] = (first, np.frombuffer(v, dtype=np.float32 if width == 4 else np.float64, offset=_CHUNK.size))
-            hist = np.empty(n, dtype=np.float64)
-            i = seen - n
-            while i < seen:
-                q = i // HISTORY_CHUNK
-                got = chunks.get(q)
-                if got is None or got[0] > i:
-                    raise ChangelogError(f"threshold history entry {i} is missing")
-                first, vals = got
-                stop = min((q + 1) * HISTORY_CHUNK, seen)
-                if first + vals.size < stop:
-                    raise ChangelogError(f"threshold history chunk {q} is shorter than expected (written partly)")
-                hist[i - (seen - n) : stop - (seen - n)] = vals[i - first : stop - first]
-                i = stop
-            thr["history"] = hist
+            thr["history"] = _join_chunks(chunks, seen - n, seen, HISTORY_CHUNK, np.empty(n, dtype=np.float64), "threshold history entry")
 
 
 # ---- the topic and reading it back ------------------------------------------------------------
