@@ -544,6 +544,8 @@ class Restorer:
     def __init__(self, settings: Any, topic: str, window: int) -> None:
         from confluent_kafka import Consumer
 
+        from stream_detector.kafka_io import CONSUMER_DEFAULTS
+
         self.topic = topic
         self.window = int(window)
         conf = {
@@ -555,7 +557,8 @@ class Restorer:
             "enable.partition.eof": True,
             "isolation.level": "read_committed",
             "queued.max.messages.kbytes": 16_384,
-            "fetch.queue.backoff.ms": 5,  # a restore reads whole partitions: see kafka_io.CONSUMER_DEFAULTS
+            # a restore reads whole partitions: the service consumer's fetch backoff (kafka_io.py)
+            "fetch.queue.backoff.ms": CONSUMER_DEFAULTS["fetch.queue.backoff.ms"],
         }
         self._consumer = Consumer(conf)
         self._latest: dict[int, StateAssembler] = {}
