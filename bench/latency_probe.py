@@ -96,13 +96,19 @@ def summarise(end_to_end: dict[str, Any], window_ms: float) -> dict[str, Any]:
         return {name: {"p50": round(float(np.percentile(rows[sel, i], 50)), 1), "mean": round(float(rows[sel, i].mean()), 1)}
                 for i, name in enumerate(parts)}
 
-    def near_checkpoint(wall: np.ndarray) -> float:
+    def since_checkpoint(wall: np.ndarray) -> np.ndarray:
+        """ms since the latest checkpoint began (inf before the first)."""
         if not _CHECKPOINTS:
-            return 0.0
+            return np.full(wall.shape, np.inf)
         begins = np.array(_CHECKPOINTS)
         idx = np.searchsorted(begins, wall) - 1
-        since = np.where(idx >= 0, wall - begins[np.maximum(idx, 0)], np.inf)
-        return round(float((since <= window_ms).mean()), 3)
+        return np.where(idx >= 0, wall - begins[np.maximum(idx, 0)], np.inf)
+
+    def near_checkpoint(wall: np.ndarray) -> float:
+        return round(float((since_checkpoint(wall) <= window_ms).mean()), 3)
+
+    slow_since = since_checkpoint(rows[slow, 3])
+    slow_since = slow_since[np.isfinite(slow_since)]
 
     gcs = np.array(_GC) if _GC else np.zeros((0, 3))
     t0, t1 = rows[0, 3], rows[-1, 3]
@@ -115,6 +121,8 @@ def summarise(end_to_end: dict[str, Any], window_ms: float) -> dict[str, Any]:
         "slowest_1pct": stats(slow),
         "share_within_ms_after_checkpoint_begin": {"window_ms": window_ms, "all": near_checkpoint(rows[:, 3]),
                                                    "slowest_1pct": near_checkpoint(rows[slow, 3])},
+        "slowest_1pct_ms_since_checkpoint_begin": {f"p{q}": round(float(np.percentile(slow_since, q)), 1) for q in (10, 50, 90)}
+        if slow_since.size else {},
         "checkpoints_begun": len(_CHECKPOINTS),
         "gc": {"collections": int(during.shape[0]), "gen2": int((during[:, 0] == 2).sum()) if during.size else 0,
                "max_pause_ms": round(float(during[:, 1].max()), 1) if during.size else 0.0,

@@ -292,14 +292,18 @@ class StateTracker:
         for r in tombstones:
             emit(r)
 
-    def write_some(self, core: Any, emit: Callable[[ChangelogRecord], None], budget_s: float | None) -> bool:
-        """Write entities of the checkpoint begun, until `budget_s` seconds passed (None: all of
-        them); True once none is left. An entity that changed again since `begin` is written with
-        its current state, covering those changes too. Call with the core idle."""
+    def write_some(self, core: Any, emit: Callable[[ChangelogRecord], None], budget_s: float | None,
+                   max_entities: int | None = None) -> bool:
+        """Write entities of the checkpoint begun, until `budget_s` seconds passed (None: no time
+        limit) or `max_entities` were written (None: no count limit); True once none is left. An
+        entity that changed again since `begin` is written with its current state, covering those
+        changes too. Call with the core idle."""
         writing, dirty = self._writing, self._dirty
         out = _Emitter(emit)
         deadline = None if budget_s is None else time.perf_counter() + budget_s
-        while writing:
+        left = len(writing) if max_entities is None else max(0, int(max_entities))
+        while writing and left > 0:
+            left -= 1
             e, (applied, noted) = writing.popitem()
             later = dirty.pop(e, None)
             if later is not None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib
 import logging
 import sys
@@ -25,6 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # a crash inside a native library (librdkafka, ONNX Runtime) then leaves every thread's stack
+    # on stderr (the journal) instead of a process that is silently gone
+    if not faulthandler.is_enabled():  # (pytest has its own)
+        faulthandler.enable()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

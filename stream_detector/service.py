@@ -6,8 +6,9 @@
          one: produce its alerts and dead letters, serve delivery reports, and store its offsets
          once the broker acknowledged them all (at-least-once; a `DeliveryTicket` per batch)
       -> checkpoint every commit_interval_s: changelog + commit (exactly-once: the transaction;
-         at-least-once: the changelog is written in slices between batches, then the offsets
-         of the batches submitted before it began are committed, so the loop never stalls)
+         at-least-once: the changelog is written in slices between batches, spread evenly over
+         half the interval, then the offsets of the batches submitted before it began are
+         committed, so the loop never stalls and the broker gets no burst)
 
 One worker thread runs `DetectorCore.process` (ONNX Runtime releases the GIL), so inference of
 one batch overlaps consuming and decoding the next; the core is only ever touched by one thread at
@@ -28,6 +29,7 @@ delivered, then the final checkpoint commits, and the clients close.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -62,6 +64,7 @@ log = logging.getLogger(__name__)
 
 _SLICE_S = 0.005  # consume slice while inference runs: how soon a finished batch is noticed
 _CHECKPOINT_SLICE_S = 0.005  # changelog writing per pause between batches (sliced checkpoints)
+_CHECKPOINT_SPREAD = 0.5  # a sliced checkpoint's entities are written evenly over this share of commit_interval_s
 
 # Debug switch for the fault-injection suite (tests/test_reliability_*.py), not a setting.
 FAULT_KILL_BEFORE_COMMIT = "STREAM_DETECTOR_FAULT_KILL_BEFORE_COMMIT"
@@ -114,8 +117,21 @@ class _SlicedCheckpoint:
     positions: dict[tuple[str, int], int]  # next offset per partition as of `begin`
     seq: int  # the last batch submitted before `begin`
     ticket: DeliveryTicket  # its changelog records
-    held: deque = field(default_factory=deque)  # (last batch its state includes, record), oldest first
+    held: deque = field(default_factory=deque)  # (last batch their state includes, records of one slice), oldest first
     written: bool = False
+    begun_at: float = 0.0  # time.monotonic() at `begin`
+    entities: int = 0  # entities to write, as of `begin`
+
+
+def paced_quota(entities: int, left: int, elapsed_s: float, spread_s: float) -> int:
+    """How many more of a checkpoint's `entities` may be written now, `elapsed_s` after it began,
+    `left` of them still unwritten, so that they go out evenly over `spread_s`: the records (and
+    the broker's work to store them) come as a steady trickle, not as a burst that delays the
+    batches behind it."""
+    if spread_s <= 0 or elapsed_s >= spread_s:
+        return left
+    due = -(-entities * elapsed_s // spread_s)  # ceil: the first call after begin writes at least one
+    return max(0, min(left, int(due) - (entities - left)))
 
 
 class Detector:
@@ -215,6 +231,12 @@ class Detector:
             stack.callback(loop_done.set)
             if rt.stall_exit_s > 0:
                 threading.Thread(target=self._stall_guard, args=(rt.stall_exit_s, loop_done), name="sd-stall-guard", daemon=True).start()
+            # What exists now (modules, clients, the model) lives as long as the loop: out of the
+            # collector's sight, a full collection walks only what the loop made since, instead of
+            # pausing it for tens of ms (docs/performance.md, "Phase 4").
+            gc.collect()
+            gc.freeze()
+            stack.callback(gc.unfreeze)  # a process that runs the loop again (tests) can collect it later
             try:
                 while not self._stop.is_set():
                     now = time.monotonic()
@@ -509,17 +531,24 @@ class Detector:
             self._sliced = _SlicedCheckpoint({}, -1, self._sink.ticket())  # begun when the core is idle
 
     def _write_slice(self) -> None:
-        """Between batches (the core idle): begin the sliced checkpoint, then write its records for
-        at most `_CHECKPOINT_SLICE_S` per call."""
+        """Between batches (the core idle): begin the sliced checkpoint, then write its entities
+        evenly over `_CHECKPOINT_SPREAD` of the commit interval, for at most `_CHECKPOINT_SLICE_S`
+        per call."""
         ck, source, tracker = self._sliced, self._source, self.tracker
         if ck is None or ck.written or source is None or tracker is None:
             return
-        seq, held = self._submitted_seq, ck.held  # every batch submitted so far has been processed
-        emit = lambda r: held.append((seq, r))  # noqa: E731
+        seq = self._submitted_seq  # every batch submitted so far has been processed
+        records: list[ChangelogRecord] = []  # held as one list per slice: few objects for the GC to track
+        now = time.monotonic()
         if ck.seq < 0:  # begin
             ck.positions, ck.seq = dict(self._submitted_positions), seq
-            tracker.begin(self.core, {p for (_, p) in source.assignment - self._restoring}, emit)
-        ck.written = tracker.write_some(self.core, emit, budget_s=_CHECKPOINT_SLICE_S)
+            tracker.begin(self.core, {p for (_, p) in source.assignment - self._restoring}, records.append)
+            ck.begun_at, ck.entities = now, tracker.writing
+        spread_s = self.settings.runtime.commit_interval_s * _CHECKPOINT_SPREAD
+        quota = paced_quota(ck.entities, tracker.writing, now - ck.begun_at, spread_s)
+        ck.written = tracker.write_some(self.core, records.append, budget_s=_CHECKPOINT_SLICE_S, max_entities=quota)
+        if records:
+            ck.held.append((seq, records))
 
     def _release_held(self, upto_seq: int) -> None:
         """Produce the held changelog records whose state includes no batch after `upto_seq`."""
@@ -527,7 +556,8 @@ class Detector:
         if ck is None:
             return
         while ck.held and ck.held[0][0] <= upto_seq:
-            self._write_changelog(ck.held.popleft()[1], ck.ticket)
+            for r in ck.held.popleft()[1]:
+                self._write_changelog(r, ck.ticket)
 
     def _commit_sliced_if_done(self) -> None:
         self._release_held(self._stored_seq)
@@ -753,9 +783,8 @@ class Detector:
         if self._sliced is not None:  # never write a partition's state once it may have another owner
             for tp in gone:
                 self._sliced.positions.pop(tp, None)
-            held = self._sliced.held
             gone_numbers = set(numbers)
-            self._sliced.held = deque((q, r) for q, r in held if r.partition not in gone_numbers)
+            self._sliced.held = deque((q, [r for r in records if r.partition not in gone_numbers]) for q, records in self._sliced.held)
         self.health.revoked(gone)
         self.metrics.drop_partitions(gone)
         log.info("dropped state of %d entities on %d partition(s)", dropped, len(gone))

@@ -363,7 +363,7 @@ def test_broker_outage_30s(tmp_path, guarantee):
         while committed_total(bs, env.group, topic, P) <= before:
             if not svc.alive():
                 log = svc.log()
-                assert guarantee == "exactly_once" and svc.proc.returncode == 1, log[-3000:]
+                assert guarantee == "exactly_once" and svc.proc.returncode == 1, f"exit status {svc.proc.returncode}: {log[-3000:]}"
                 assert "Traceback" not in log and "run: " in log, log[-3000:]
                 restarts += 1
                 svc = Service(env.args(topic, bundle.path, guarantee, extra=extra), tmp_path / f"outage-restart{restarts}.log")

@@ -14,6 +14,7 @@ from stream_detector.changelog import ChangelogError, StateAssembler, StateTrack
 from stream_detector.events import EventBatch
 from stream_detector.pipeline import DetectionSettings, DetectorCore
 from stream_detector.scorer import Scorer
+from stream_detector.service import paced_quota
 from stream_detector.simulate import SimConfig, Simulator
 from stream_detector.thresholds import ThresholdParams
 
@@ -220,6 +221,48 @@ def test_a_checkpoint_written_in_slices_survives_a_crash_at_its_commit(setup):
         assert got == {o: score for o, score in expected.items() if o in kept}
         compared += len(got)
     assert tracker2.skipped > 0 and compared > 100
+
+
+def test_a_sliced_checkpoint_writes_at_most_the_entities_asked_for(setup):
+    """`write_some(max_entities=n)` writes n changed entities (each: its parts, then its meta
+    record), however much time budget is left; the pacing of the service relies on it."""
+    sim, bundle = setup
+    core, tracker = _core(bundle), StateTracker(W, history=200)
+    for b in _batches(sim):
+        tracker.note_batch(b)
+        core.process(b)
+    recs = []
+    tracker.begin(core, range(4), recs.append)
+    total = tracker.writing
+    assert total == E
+    metas = lambda: sum(1 for r in recs if "\x00" not in r.key)  # noqa: E731
+    assert not tracker.write_some(core, recs.append, budget_s=None, max_entities=3)
+    assert metas() == 3 and tracker.writing == total - 3
+    assert not tracker.write_some(core, recs.append, budget_s=None, max_entities=0)
+    assert metas() == 3
+    assert tracker.write_some(core, recs.append, budget_s=None)
+    assert metas() == E and tracker.writing == 0
+
+
+def test_paced_quota_spreads_a_checkpoint_evenly_and_finishes_it_in_time():
+    """The service writes a sliced checkpoint's entities evenly over the spread: at any moment about
+    elapsed / spread of them are written, never more than are left, all of them once the spread is
+    over (also when the loop was too busy to write earlier)."""
+    entities, spread = 1000, 2.5
+    left, written_at = entities, []
+    for step in range(1, 60):  # a slice every 50 ms
+        t = step * 0.05
+        quota = paced_quota(entities, left, t, spread)
+        assert 0 <= quota <= left
+        left -= quota
+        written_at.append((t, entities - left))
+    assert left == 0
+    for t, written in written_at:
+        assert written == min(entities, -(-entities * t // spread))  # on schedule: ceil(entities * t / spread)
+    assert paced_quota(entities, entities, 0.0, spread) == 0  # nothing yet at the moment it begins
+    assert paced_quota(entities, entities, 0.001, spread) == 1  # then at least one
+    assert paced_quota(entities, 700, 10.0, spread) == 700  # late (a busy loop): the rest at once
+    assert paced_quota(entities, 700, 0.1, 0.0) == 700  # no spread: as fast as the time budget allows
 
 
 def test_an_entity_that_came_back_after_eviction_is_written_whole(setup):
