@@ -64,7 +64,6 @@ log = logging.getLogger(__name__)
 
 _SLICE_S = 0.005  # consume slice while inference runs: how soon a finished batch is noticed
 _CHECKPOINT_SLICE_S = 0.005  # changelog writing per pause between batches (sliced checkpoints)
-_GIL_SWITCH_INTERVAL_S = 0.001  # while the loop runs (docs/performance.md "Phase 4")
 _CHECKPOINT_SPREAD = 0.5  # a sliced checkpoint's entities are written evenly over this share of commit_interval_s
 
 # Debug switch for the fault-injection suite (tests/test_reliability_*.py), not a setting.
@@ -238,11 +237,6 @@ class Detector:
             gc.collect()
             gc.freeze()
             stack.callback(gc.unfreeze)  # a process that runs the loop again (tests) can collect it later
-            # The loop thread and the inference thread share the GIL, and a thread that wants it
-            # waits up to the switch interval (5 ms by default) for the other's Python code to let
-            # go: at 1 ms a finished consume or a finished batch does not sit behind the other.
-            stack.callback(sys.setswitchinterval, sys.getswitchinterval())
-            sys.setswitchinterval(_GIL_SWITCH_INTERVAL_S)
             try:
                 while not self._stop.is_set():
                     now = time.monotonic()
