@@ -347,14 +347,13 @@ class KafkaSink:
         elif self.transactional:  # the transaction turns abortable; commit_transaction reports it
             log.warning("delivery to %s failed inside a transaction: %s", msg.topic(), err.str())
 
-    def _begin_if_transactional(self) -> None:
+    def _produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]] | None,
+                 partition: int | None = None, ticket: DeliveryTicket | None = None, poll: bool = True) -> None:
+        """Produce one record, waiting for room in the bounded local queue; `poll`: serve delivery
+        reports right after (a caller producing many records at once polls once at the end)."""
         if self.transactional and not self._in_txn:
             self._txn_call(self._producer.begin_transaction, "beginning a transaction")
             self._in_txn = True
-
-    def _produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]] | None,
-                 partition: int | None = None, ticket: DeliveryTicket | None = None) -> None:
-        self._begin_if_transactional()
         kwargs = {} if partition is None else {"partition": partition}
         callback: Callable[[Any, Any], None] = self._on_delivery if ticket is None else ticket
         while True:
@@ -365,7 +364,8 @@ class KafkaSink:
                 break
             except BufferError:  # local queue full (bounded): serve delivery reports and retry
                 self._producer.poll(0.05)
-        self._producer.poll(0)
+        if poll:
+            self._producer.poll(0)
 
     def ticket(self) -> DeliveryTicket:
         return DeliveryTicket(self)
@@ -389,17 +389,9 @@ class KafkaSink:
         """Produce state records (`changelog.ChangelogRecord`: partition, key, value) counted by
         `ticket`, serving delivery reports once at the end rather than after each record (a sliced
         checkpoint makes thousands per second); returns the bytes produced."""
-        self._begin_if_transactional()
-        produce, topic, size = self._producer.produce, self._changelog_topic, 0
+        size = 0
         for r in records:
-            key = r.key.encode("utf-8")
-            while True:
-                try:
-                    produce(topic, value=r.value, key=key, partition=r.partition, on_delivery=ticket)
-                    break
-                except BufferError:  # local queue full (bounded): serve delivery reports and retry
-                    self._producer.poll(0.05)
-            ticket.pending += 1
+            self._produce(self._changelog_topic, r.key.encode("utf-8"), r.value, None, partition=r.partition, ticket=ticket, poll=False)
             size += len(r.value) if r.value is not None else 0
         self._producer.poll(0)
         return size
