@@ -77,6 +77,7 @@ def read_topic(bootstrap: str, topic: str, read_committed: bool = True, settle_s
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{uuid.uuid4().hex[:8]}", "auto.offset.reset": "earliest",
                   "enable.auto.commit": False, "enable.partition.eof": True,
                   "isolation.level": "read_committed" if read_committed else "read_uncommitted"})
+    ends_reader = Consumer({"bootstrap.servers": bootstrap, "group.id": f"ends-{uuid.uuid4().hex[:8]}", "isolation.level": "read_uncommitted"})
     try:
         meta = c.list_topics(topic, timeout=10).topics[topic]
         c.assign([TopicPartition(topic, p, 0) for p in meta.partitions])
@@ -95,15 +96,18 @@ def read_topic(bootstrap: str, topic: str, read_committed: bool = True, settle_s
                     eof.add(m.partition())
             if len(eof) == len(meta.partitions) and time.monotonic() - quiet_since >= settle_s:
                 # read_committed stops at the last stable offset: while a killed producer's
-                # transaction is open (until the broker aborts it) there is more to wait for
+                # transaction is open (until the broker aborts it) there is more to wait for. The
+                # end is the high watermark, asked of a read_uncommitted client: librdkafka
+                # answers a read_committed one with the last stable offset, where it already is.
                 pos = {tp.partition: tp.offset for tp in c.position([TopicPartition(topic, p) for p in meta.partitions])}
-                ends = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in meta.partitions}
+                ends = {p: ends_reader.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in meta.partitions}
                 if all(pos[p] >= ends[p] or ends[p] == 0 for p in meta.partitions):
                     return out
-                eof.clear()
+                quiet_since = time.monotonic()  # look again after another quiet spell
         raise AssertionError(f"reading {topic} did not reach its end within 120 s (an open transaction?)")
     finally:
         c.close()
+        ends_reader.close()
 
 
 def alerts_of(msgs: list[Any]) -> list[dict[str, Any]]:
