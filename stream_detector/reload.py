@@ -11,8 +11,8 @@ What happens on a trigger, on a background thread so the loop keeps scoring with
   2. it must be compatible with the running one: the same feature names in the same order and the
      same window length (the window store holds raw rows of exactly those columns; anything else
      needs a restart, and the refusal says so);
-  3. a new scorer is built with the running provider settings and warmed up on a small batch (the
-     first ONNX Runtime call allocates; its output must be finite);
+  3. a new scorer is built with the running provider settings and warmed up on full batches of
+     zeros (`Scorer.warm_up`: ONNX Runtime allocates on the first ones; the output must be finite);
   4. the loop's next `poll()` returns the `LoadedModel`; the loop swaps it in before its next batch.
 A failure at any step keeps the old model and logs one sentence saying why. Nothing is half-swapped:
 the running model is only replaced by a fully verified, warmed-up one.
@@ -29,14 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
 from .bundle import BUNDLE_FILE, MODEL_FILE, Bundle, BundleError, load_bundle
 
 log = logging.getLogger(__name__)
-
-WARMUP_BATCH = 8
-
 
 class ReloadError(Exception):
     """A new bundle that cannot replace the running one; one sentence for the operator."""
@@ -68,16 +63,6 @@ def check_compatible(current: Bundle, new: Bundle) -> None:
             f"the new bundle has window {new.window} but model {current.model_version} has {current.window}; "
             "a different window length needs a restart, not a reload."
         )
-
-
-def warm_up(scorer: Any, bundle: Bundle, batch: int = WARMUP_BATCH) -> None:
-    """One inference on normalised zeros; the scores must come back finite and of the right shape."""
-    x = np.zeros((batch, bundle.window, bundle.n_features), dtype=np.float32)
-    scores, errors = scorer.score(x)
-    if np.shape(scores) != (batch,) or np.shape(errors) != (batch, bundle.n_features):
-        raise ReloadError(f"the new model's warm-up returned scores of shape {np.shape(scores)}, expected ({batch},).")
-    if not (np.all(np.isfinite(scores)) and np.all(np.isfinite(errors))):
-        raise ReloadError("the new model's warm-up produced NaN or infinite scores.")
 
 
 def _signature(path: Path) -> tuple[Any, ...] | None:
@@ -190,9 +175,9 @@ class ModelReloader:
             check_compatible(old, new)
             try:
                 scorer = self._build_scorer(new)
+                scorer.warm_up()  # verified on real inference, and its first batches no slower than the rest
             except Exception as e:  # ScorerError and the like: one sentence from the scorer
                 raise ReloadError(str(e)) from None
-            warm_up(scorer, new)
         except (BundleError, ReloadError) as e:
             self.last_error = str(e)
             log.error("model reload (%s) failed, keeping model %s: %s", reason, old.model_version, e)

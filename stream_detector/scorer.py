@@ -113,6 +113,21 @@ class Scorer:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return opts
 
+    def warm_up(self, passes: int = 2) -> None:
+        """Score `passes` batches of max_batch windows of normalised zeros and check what comes
+        back. ONNX Runtime grows and first touches its memory on the first large batches (on 2
+        cores the reference model's first two batches of 1,000 windows take about twice as long
+        as the later ones): a service pays that before it consumes, not on its first events.
+        ScorerError when the scores are not finite or not of the expected shape."""
+        n, w, f = self.max_batch, self.bundle.window, self.bundle.n_features
+        x = np.zeros((n, w, f), dtype=np.float32)
+        for _ in range(passes):
+            scores, errors = self.score(x)
+            if np.shape(scores) != (n,) or np.shape(errors) != (n, f):
+                raise ScorerError(f"model {self.bundle.model_version} returned scores of shape {np.shape(scores)} for {n} windows.")
+            if not (np.all(np.isfinite(scores)) and np.all(np.isfinite(errors))):
+                raise ScorerError(f"model {self.bundle.model_version} produced NaN or infinite scores for windows of zeros.")
+
     def reconstruct(self, windows: np.ndarray) -> np.ndarray:
         """Model output for normalised windows [n, W, F], in chunks of max_batch."""
         windows = np.ascontiguousarray(windows, dtype=np.float32)

@@ -52,9 +52,9 @@ def model_bytes(window: int, n_features: int, kind: str = "mean", *, input_name:
     elif kind == "identity":
         nodes = [helper.make_node("Identity", [input_name], [output_name])]
         inits = []
-    elif kind == "zeros":
-        nodes = [helper.make_node("Mul", [input_name, "zero"], [output_name])]
-        inits = [helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])]
+    elif kind in ("zeros", "nan"):  # "nan": a broken model whose every output is NaN
+        nodes = [helper.make_node("Mul", [input_name, "c"], [output_name])]
+        inits = [helper.make_tensor("c", TensorProto.FLOAT, [], [0.0 if kind == "zeros" else float("nan")])]
     else:
         raise ValueError(f"unknown model kind {kind!r}")
     graph = helper.make_graph(nodes, f"test_{kind}", [x], [y], initializer=inits)

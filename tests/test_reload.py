@@ -131,6 +131,15 @@ def test_a_scorer_that_cannot_be_built_keeps_the_old_one(tmp_path):
     assert wait_for(r) is None and "CUDA" in r.last_error
 
 
+def test_a_model_that_scores_nan_keeps_the_old_one(tmp_path):
+    old = make_bundle(tmp_path, FEATURES, W, model_version="v1", name="live")
+    r = ModelReloader(old.path, old, build_scorer, watch=False)
+    make_bundle(tmp_path, FEATURES, W, kind="nan", model_version="v2", name="live")
+    r.request()
+    assert wait_for(r) is None and r.current.model_version == "v1"
+    assert "model v2 produced NaN or infinite scores" in r.last_error
+
+
 def test_watched_symlink_repointed_is_loaded_after_it_holds_still(tmp_path):
     v1 = make_bundle(tmp_path, FEATURES, W, model_version="v1", name="v1")
     make_bundle(tmp_path, FEATURES, W, kind="zeros", model_version="v2", name="v2")
