@@ -8,8 +8,11 @@ service's loop instrumented. For every alert, its latency inside the service is 
   loop noticing the end and producing);
 
 and the slowest 1% of alerts are compared with all of them, next to the loop's Python garbage
-collection pauses and the sliced checkpoints in progress. The end-to-end figure (alert read back
-from the broker) comes from the same run.
+collection pauses, the sliced checkpoints in progress and the synchronous offset commits. In the
+JSON (--out), `timeline` has the same per 250 ms of wall time from `timeline_start_utc`: a stall
+outside the service (every alert late at once, then a queue that drains) shows there as a step, to
+line up with the broker's log. The end-to-end figure (alert read back from the broker) comes from
+the same run.
 
     .venv/bin/python bench/latency_probe.py --rate 30000 --seconds 30 --out /tmp/probe.json
 
@@ -30,6 +33,7 @@ import sys
 import tempfile
 import time
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +48,7 @@ _ROWS: list[tuple[float, float, float, float]] = []  # per alert: (to decode, qu
 _GC: list[tuple[int, float, float]] = []  # (generation, pause ms, wall ms at its end)
 _CHECKPOINTS: list[float] = []  # wall ms when a sliced checkpoint began
 _gc_start = [0.0]
+_COMMITS: list[tuple[float, float]] = []  # (synchronous offset commit ms, wall ms at its end)
 
 
 def _instrument() -> None:
@@ -77,11 +82,44 @@ def _instrument() -> None:
         else:
             _GC.append((info["generation"], (time.perf_counter() - _gc_start[0]) * 1000.0, time.time() * 1000.0))
 
+    from stream_detector import kafka_io
+
+    commit = kafka_io.KafkaSource.commit
+
+    def timed_commit(self: Any, *a: Any, **kw: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return commit(self, *a, **kw)
+        finally:
+            _COMMITS.append(((time.perf_counter() - t) * 1000.0, time.time() * 1000.0))
+
+    kafka_io.KafkaSource.commit = timed_commit  # type: ignore[method-assign]
     service.Detector._decode = timed_decode  # type: ignore[method-assign]
     service.Detector._deliver = timed_deliver  # type: ignore[method-assign]
     if write_slice is not None:
         service.Detector._write_slice = timed_write_slice  # type: ignore[method-assign]
     gc.callbacks.append(on_gc)
+
+
+def timeline(rows: np.ndarray, total: np.ndarray, gcs: np.ndarray, step_ms: float = 250.0) -> list[dict[str, Any]]:
+    """Per `step_ms` of wall time (from the first counted alert): alerts produced, their median and
+    largest latency inside the service and largest wait before decode, the loop's GC pause time and
+    whether a checkpoint began, to tell a stall (everything late at once) from a queue that builds."""
+    t0 = rows[0, 3]
+    slot = ((rows[:, 3] - t0) // step_ms).astype(int)
+    out = []
+    for i in range(int(slot.max()) + 1):
+        sel = slot == i
+        lo, hi = t0 + i * step_ms, t0 + (i + 1) * step_ms
+        g = gcs[(gcs[:, 2] >= lo) & (gcs[:, 2] < hi)] if gcs.size else gcs
+        out.append({"t_ms": int(i * step_ms), "alerts": int(sel.sum()),
+                    "p50_ms": round(float(np.median(total[sel])), 1) if sel.any() else None,
+                    "max_ms": round(float(total[sel].max()), 1) if sel.any() else None,
+                    "max_to_decode_ms": round(float(rows[sel, 0].max()), 1) if sel.any() else None,
+                    "gc_pause_ms": round(float(g[:, 1].sum()), 1) if g.size else 0.0,
+                    "checkpoint_begun": any(lo <= c < hi for c in _CHECKPOINTS),
+                    "offset_commit_ms": round(sum(c[0] for c in _COMMITS if lo <= c[1] < hi), 1)})
+    return out
 
 
 def summarise(end_to_end: dict[str, Any], window_ms: float) -> dict[str, Any]:
@@ -124,6 +162,10 @@ def summarise(end_to_end: dict[str, Any], window_ms: float) -> dict[str, Any]:
         "slowest_1pct_ms_since_checkpoint_begin": {f"p{q}": round(float(np.percentile(slow_since, q)), 1) for q in (10, 50, 90)}
         if slow_since.size else {},
         "checkpoints_begun": len(_CHECKPOINTS),
+        "timeline_start_utc": datetime.fromtimestamp(rows[0, 3] / 1000.0, timezone.utc).isoformat(timespec="milliseconds"),
+        "timeline": timeline(rows, total, gcs),
+        "offset_commits_ms": {"count": len(_COMMITS), "max": round(max(c[0] for c in _COMMITS), 1) if _COMMITS else None,
+                              "each": [round(c[0], 1) for c in _COMMITS]},
         "gc": {"collections": int(during.shape[0]), "gen2": int((during[:, 0] == 2).sum()) if during.size else 0,
                "max_pause_ms": round(float(during[:, 1].max()), 1) if during.size else 0.0,
                "total_pause_ms": round(float(during[:, 1].sum()), 1) if during.size else 0.0},
@@ -177,7 +219,7 @@ def main() -> int:
     lat.pop("profile", None)
     result = {"command": " ".join(sys.argv), "code": str(Path(service.__file__).resolve().parent.parent), "rate": args.rate, "entities": args.entities, "hop": args.hop,
               "max_wait_ms": args.max_wait_ms, **summarise(lat, args.checkpoint_window_ms)}
-    print(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k != "timeline"}, indent=1))  # the timeline is in --out
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
     return 0

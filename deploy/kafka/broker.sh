@@ -21,6 +21,9 @@ Options (each also an environment variable):
   --cache-dir DIR SD_KAFKA_CACHE       jar cache (default ~/.cache/stream-detector/kafka-VERSION)
   --start-timeout SD_KAFKA_START_TIMEOUT seconds to wait for the port (default 90)
   --security MODE SD_KAFKA_SECURITY    plaintext (default) or sasl_ssl
+  --flush-interval-ms N SD_KAFKA_FLUSH_INTERVAL_MS  write each partition's new data to disk (fsync)
+                                       at least this often (default 1000; 0 = Kafka's default,
+                                       which leaves it to the OS until a segment rolls)
 Topic auto-creation is off in the generated config; create topics explicitly.
 
 --security sasl_ssl starts a separate broker (own port and data dir, so it never disturbs the
@@ -47,6 +50,7 @@ VERSION=${SD_KAFKA_VERSION:-4.1.1}
 DATA_DIR=${SD_KAFKA_DATA_DIR:-}
 CACHE=${SD_KAFKA_CACHE:-}
 START_TIMEOUT=${SD_KAFKA_START_TIMEOUT:-90}
+FLUSH_INTERVAL_MS=${SD_KAFKA_FLUSH_INTERVAL_MS:-1000}
 LOG4J_VERSION=2.24.3
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -57,6 +61,7 @@ while [ $# -gt 0 ]; do
     --cache-dir) CACHE=$2; shift 2 ;;
     --start-timeout) START_TIMEOUT=$2; shift 2 ;;
     --security) SECURITY=$2; shift 2 ;;
+    --flush-interval-ms) FLUSH_INTERVAL_MS=$2; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) usage >&2; die "unknown option '$1'." ;;
   esac
@@ -68,6 +73,7 @@ case "$SECURITY" in
   *) die "unknown security mode '$SECURITY'; use plaintext or sasl_ssl." ;;
 esac
 [[ "$PORT" =~ ^[0-9]+$ ]] || die "port '$PORT' is not a number."
+[[ "$FLUSH_INTERVAL_MS" =~ ^[0-9]+$ ]] || die "flush interval '$FLUSH_INTERVAL_MS' is not a whole number of milliseconds."
 CONTROLLER_PORT=$((PORT + 1))
 BASE=${XDG_CACHE_HOME:-$HOME/.cache}/stream-detector
 DATA_DIR=${DATA_DIR:-$BASE/kafka-data-$PORT}
@@ -215,6 +221,15 @@ scram_args() {
   done
 }
 
+# Kafka by default fsyncs a partition only when its segment rolls: at tens of MB/s a 256 MB segment
+# per partition, all partitions of an evenly loaded topic within a few ms of each other. On one
+# disk that is a gigabyte written at once, and the topic's appends stall for 1-2 s
+# (docs/performance.md, "Phase 5"). Flushing every second keeps each fsync small.
+flush_config() {
+  [ "$FLUSH_INTERVAL_MS" -gt 0 ] || return 0
+  printf 'log.flush.scheduler.interval.ms=%s\nlog.flush.interval.ms=%s\n' "$FLUSH_INTERVAL_MS" "$FLUSH_INTERVAL_MS"
+}
+
 write_config() {
   mkdir -p "$DATA_DIR/logs"
   cat > "$DATA_DIR/server.properties" <<PROPS
@@ -235,6 +250,7 @@ share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 log.retention.hours=24
 log.segment.bytes=268435456
+$(flush_config)
 message.max.bytes=10485760
 PROPS
   cat > "$DATA_DIR/log4j2.properties" <<L4J
@@ -264,7 +280,9 @@ start() {
   make_security
   write_config
   local cp="$CACHE/libs/*"
+  # GC log as Kafka's own scripts keep one: a broker pause shows up as latency in every client
   local java_opts=(-Xms256m -Xmx1g -XX:+UseG1GC -Djava.awt.headless=true
+                   "-Xlog:gc*:file=$DATA_DIR/gc.log:time,uptime,level,tags:filecount=4,filesize=20M"
                    -Dlog4j2.configurationFile="$DATA_DIR/log4j2.properties")
   if [ ! -f "$DATA_DIR/logs/meta.properties" ]; then
     local extra=()
