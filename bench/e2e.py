@@ -292,6 +292,7 @@ def latency_helper(bootstrap: str, topic: str, alerts_topic: str, entities: int,
     from confluent_kafka import Consumer, Producer
 
     latencies: list[float] = []
+    delivered: list[float] = []  # wall ms when each alert was read
     stop = threading.Event()
 
     def read_alerts() -> None:
@@ -307,6 +308,7 @@ def latency_helper(bootstrap: str, topic: str, alerts_topic: str, entities: int,
                     et = orjson.loads(m.value()).get("event_time")
                     if et:
                         latencies.append(now - datetime.fromisoformat(et.replace("Z", "+00:00")).timestamp() * 1000.0)
+                        delivered.append(now)
             if stop.is_set():  # drain for up to 5 s after the last event was offered
                 quiet_until = quiet_until or time.monotonic() + 5
                 if time.monotonic() > quiet_until:
@@ -340,7 +342,7 @@ def latency_helper(bootstrap: str, topic: str, alerts_topic: str, entities: int,
     achieved = produced / (time.monotonic() - t0)
     stop.set()
     reader.join()
-    Path(out_path).write_bytes(orjson.dumps({"produced": produced, "achieved_rate": achieved, "latencies": latencies}))
+    Path(out_path).write_bytes(orjson.dumps({"produced": produced, "achieved_rate": achieved, "latencies": latencies, "delivered": delivered}))
 
 
 def measure_latency(bootstrap: str, run: str, bundle: Path, entities: int, rate: float, seconds: float, max_batch: int,
@@ -363,9 +365,15 @@ def measure_latency(bootstrap: str, run: str, bundle: Path, entities: int, rate:
     lat = np.asarray(res["latencies"])
     warm = lat[lat.size // 10 :]  # the first 10% of alerts: the windows were filling and the group settling
     pct = {f"p{q}": round(float(np.percentile(warm, q)), 1) for q in (50, 95, 99)} if warm.size else {}
+    at = np.asarray(res.get("delivered", []))[lat.size // 10 :]
+    second = ((at - at[0]) // 1000).astype(int) if at.size == warm.size and warm.size else np.zeros(0, int)
+    # per second of the measured part: a stall (every alert late at once) tells itself from a slow service
+    timeline = [{"t_s": int(t), "alerts": int((second == t).sum()), "p50": round(float(np.median(warm[second == t])), 1),
+                 "max": round(float(warm[second == t].max()), 1)} for t in np.unique(second)]
     return {"offered_events_per_s": round(rate), "achieved_events_per_s": round(res["achieved_rate"]), "produced": res["produced"],
             "consumed": stats.consumed, "alerts": int(lat.size),
             "latency_ms": {**pct, "max": round(float(warm.max()), 1) if warm.size else None, "samples": int(warm.size)},
+            "latency_per_second": timeline,
             "profile": profile}
 
 

@@ -11,8 +11,8 @@ What happens on a trigger, on a background thread so the loop keeps scoring with
   2. it must be compatible with the running one: the same feature names in the same order and the
      same window length (the window store holds raw rows of exactly those columns; anything else
      needs a restart, and the refusal says so);
-  3. a new scorer is built with the running provider settings and warmed up on full batches of
-     zeros (`Scorer.warm_up`: ONNX Runtime allocates on the first ones; the output must be finite);
+  3. a new scorer is built with the running provider settings and warmed up on a small batch
+     (`Scorer.warm_up`: the first ONNX Runtime call sets up; the output must be finite);
   4. the loop's next `poll()` returns the `LoadedModel`; the loop swaps it in before its next batch.
 A failure at any step keeps the old model and logs one sentence saying why. Nothing is half-swapped:
 the running model is only replaced by a fully verified, warmed-up one.
@@ -175,7 +175,7 @@ class ModelReloader:
             check_compatible(old, new)
             try:
                 scorer = self._build_scorer(new)
-                scorer.warm_up()  # verified on real inference, and its first batches no slower than the rest
+                scorer.warm_up()  # verified on real inference before it replaces anything
             except Exception as e:  # ScorerError and the like: one sentence from the scorer
                 raise ReloadError(str(e)) from None
         except (BundleError, ReloadError) as e:

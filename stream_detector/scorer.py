@@ -113,20 +113,20 @@ class Scorer:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return opts
 
-    def warm_up(self, passes: int = 2) -> None:
-        """Score `passes` batches of max_batch windows of normalised zeros and check what comes
-        back. ONNX Runtime grows and first touches its memory on the first large batches (on 2
-        cores the reference model's first two batches of 1,000 windows take about twice as long
-        as the later ones): a service pays that before it consumes, not on its first events.
-        ScorerError when the scores are not finite or not of the expected shape."""
-        n, w, f = self.max_batch, self.bundle.window, self.bundle.n_features
-        x = np.zeros((n, w, f), dtype=np.float32)
-        for _ in range(passes):
-            scores, errors = self.score(x)
-            if np.shape(scores) != (n,) or np.shape(errors) != (n, f):
-                raise ScorerError(f"model {self.bundle.model_version} returned scores of shape {np.shape(scores)} for {n} windows.")
-            if not (np.all(np.isfinite(scores)) and np.all(np.isfinite(errors))):
-                raise ScorerError(f"model {self.bundle.model_version} produced NaN or infinite scores for windows of zeros.")
+    def warm_up(self, windows: int = 8) -> None:
+        """Score a small batch of normalised zeros and check what comes back, before a service
+        consumes with this scorer or a reload swaps it in: a model that returns NaN or the wrong
+        shape is refused in one sentence (ScorerError), and the session's first run (kernel and
+        buffer set-up) is not paid by the first events. Deliberately not a full max_batch: ONNX
+        Runtime would keep the activation memory of that batch size for the life of the process
+        (~0.94 GB for the reference model at 1,024 windows; bench/e2e.py's soak at hop 16 went from
+        ~0.3 to ~1.2 GB of RSS at start when it did)."""
+        n, f = max(1, min(int(windows), self.max_batch)), self.bundle.n_features
+        scores, errors = self.score(np.zeros((n, self.bundle.window, f), dtype=np.float32))
+        if np.shape(scores) != (n,) or np.shape(errors) != (n, f):
+            raise ScorerError(f"model {self.bundle.model_version} returned scores of shape {np.shape(scores)} for {n} windows.")
+        if not (np.all(np.isfinite(scores)) and np.all(np.isfinite(errors))):
+            raise ScorerError(f"model {self.bundle.model_version} produced NaN or infinite scores for windows of zeros.")
 
     def reconstruct(self, windows: np.ndarray) -> np.ndarray:
         """Model output for normalised windows [n, W, F], in chunks of max_batch."""

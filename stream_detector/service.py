@@ -145,7 +145,7 @@ class Detector:
         self.bundle: Bundle = load_model(settings)
         rt = settings.runtime
         self.scorer = Scorer(self.bundle, provider=settings.model.provider, require_cuda=settings.model.require_cuda, max_batch=rt.max_batch)
-        self.scorer.warm_up()
+        self.scorer.warm_up()  # a model that scores NaN is refused here, before anything is consumed
         self.core = DetectorCore(self.bundle, self.scorer, settings.detection.to_core())
         self.decoder = Decoder(self.bundle.features, settings.input)
         self._use_log_stage_if_log_bundle(settings)

@@ -24,7 +24,7 @@ def test_cpu_scores_follow_the_scoring_rule(tmp_path, rng):
     assert empty_s.shape == (0,) and empty_e.shape == (0, 4)
 
 
-def test_warm_up_scores_full_batches_and_refuses_a_model_that_returns_nan(tmp_path):
+def test_warm_up_passes_a_sound_model_and_refuses_one_that_returns_nan(tmp_path):
     s = Scorer(make_bundle(tmp_path, window=6), provider="cpu", max_batch=5, intra_op_threads=1)
     s.warm_up()
     broken = Scorer(make_bundle(tmp_path, window=6, kind="nan", name="nan"), provider="cpu", max_batch=5, intra_op_threads=1)
