@@ -478,8 +478,12 @@ class KafkaSink:
             log.warning("closing the producer: %s", e.args[0].str())
 
 
+NEW_TOPIC_GRACE_S = 5.0  # how long check_broker waits for a topic to appear in the metadata
+
+
 def check_broker(settings: Settings, topics: Sequence[str], timeout: float | None = None) -> dict[str, int]:
-    """Connect, list topics within a bounded time, and check `topics` exist. Returns
+    """Connect, list topics within a bounded time, and check `topics` exist (a topic created a
+    moment ago gets up to NEW_TOPIC_GRACE_S to appear in the broker's metadata). Returns
     {topic: partitions}; KafkaIOError with one sentence otherwise (unreachable broker included)."""
     from confluent_kafka.admin import AdminClient
 
@@ -507,6 +511,16 @@ def check_broker(settings: Settings, topics: Sequence[str], timeout: float | Non
         why = last_error[-1] if last_error else e.args[0].str()
         raise KafkaIOError(f"cannot reach the Kafka broker at {settings.kafka.bootstrap_servers} within {timeout:g} s ({why}).") from None
     missing = [t for t in topics if t not in meta.topics or meta.topics[t].error is not None]
+    # A topic created a moment ago (a deployment script, a broker just started) can be missing
+    # from this broker's metadata for a while yet: ask again for a few seconds before refusing.
+    deadline = time.monotonic() + min(timeout, NEW_TOPIC_GRACE_S)
+    while missing and time.monotonic() < deadline:
+        time.sleep(0.25)
+        try:
+            meta = admin.list_topics(timeout=max(0.1, deadline - time.monotonic()))
+        except KafkaException:
+            break
+        missing = [t for t in topics if t not in meta.topics or meta.topics[t].error is not None]
     if missing:
         raise KafkaIOError(f"topic(s) {', '.join(missing)} do not exist on {settings.kafka.bootstrap_servers}.")
     return {t: len(meta.topics[t].partitions) for t in topics}

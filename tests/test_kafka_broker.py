@@ -98,3 +98,32 @@ def test_broker_resume_after_committed_offsets(kafka_bootstrap, make_topic):
     assert all_values == set(range(N_MESSAGES))
     redelivered = set(seen_first) & set(seen_second)
     assert redelivered == {(m.partition(), m.offset()) for m in last_batch}
+
+
+def test_check_broker_waits_briefly_for_a_new_topic_then_refuses_a_missing_one(kafka_bootstrap):
+    """A topic created just after the service starts checking (as a deployment script might) is
+    found; one that never appears is refused in one sentence after the grace period."""
+    import threading
+    import time
+
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    from stream_detector.config import load_settings
+    from stream_detector.kafka_io import NEW_TOPIC_GRACE_S, KafkaIOError, check_broker
+
+    settings = load_settings(overrides={"kafka": {"bootstrap_servers": kafka_bootstrap, "timeout_s": 10}})
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    late = f"late-{uuid.uuid4().hex[:12]}"
+    creator = threading.Timer(1.0, lambda: admin.create_topics([NewTopic(late, num_partitions=3, replication_factor=1)]))
+    creator.start()
+    try:
+        assert check_broker(settings, [late]) == {late: 3}
+    finally:
+        creator.join()
+        admin.delete_topics([late], operation_timeout=30)[late].result(timeout=30)
+    absent = f"absent-{uuid.uuid4().hex[:12]}"
+    t0 = time.monotonic()
+    with pytest.raises(KafkaIOError) as e:
+        check_broker(settings, [absent])
+    assert str(e.value) == f"topic(s) {absent} do not exist on {kafka_bootstrap}."
+    assert time.monotonic() - t0 >= NEW_TOPIC_GRACE_S - 0.5, "refused without waiting for the topic to appear"
