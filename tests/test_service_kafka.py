@@ -215,12 +215,14 @@ def test_cli_run_sigterm_commits_and_exits(kafka_bootstrap, make_topic, tmp_path
     )
     assert bad_bundle.returncode == 2 and "nope" in bad_bundle.stderr and "Traceback" not in bad_bundle.stderr
     nan_bundle = make_bundle(tmp_path, sim.features, W, "nan", 50.0, name="nan")  # sound files, a model that scores NaN
-    nan_model = subprocess.run(
-        [sys.executable, "-m", "stream_detector.cli", "run", "--model.bundle", str(nan_bundle.path), "--model.provider", "cpu",
-         "--kafka.bootstrap-servers", kafka_bootstrap, "--kafka.topics", topic, "--kafka.alerts-topic", alerts, "--kafka.dlq-topic", dlq],
-        capture_output=True, text=True, timeout=60,
-    )
-    assert nan_model.returncode == 2 and "produced NaN or infinite scores" in nan_model.stderr and "Traceback" not in nan_model.stderr, nan_model.stderr
+    for command in ("check", "run"):
+        nan_model = subprocess.run(
+            [sys.executable, "-m", "stream_detector.cli", command, "--model.bundle", str(nan_bundle.path), "--model.provider", "cpu",
+             "--kafka.bootstrap-servers", kafka_bootstrap, "--kafka.topics", topic, "--kafka.alerts-topic", alerts, "--kafka.dlq-topic", dlq],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert nan_model.returncode == 2 and "produced NaN or infinite scores" in nan_model.stderr, (command, nan_model.stderr)
+        assert "Traceback" not in nan_model.stderr, nan_model.stderr
     cmd = [
         sys.executable, "-m", "stream_detector.cli", "run", "--kafka.bootstrap-servers", kafka_bootstrap, "--kafka.group-id", group,
         "--kafka.topics", topic, "--kafka.alerts-topic", alerts, "--kafka.dlq-topic", dlq, "--model.bundle", str(bundle.path),
