@@ -7,6 +7,7 @@ import argparse
 import faulthandler
 import importlib
 import logging
+import signal
 import sys
 
 # Modules that provide subcommands, in the order --help lists them.
@@ -30,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     # on stderr (the journal) instead of a process that is silently gone
     if not faulthandler.is_enabled():  # (pytest has its own)
         faulthandler.enable()
+    # `kill -USR1 PID`: every thread's stack on stderr, and the service goes on (a hung service
+    # says where it hangs without being killed)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -34,7 +34,12 @@ def wait_until(cond: Callable[[], bool], timeout: float, what: str, every: float
             if not s.alive():
                 raise AssertionError(f"the service exited ({s.proc.returncode}) while waiting for {what}: {s.log()[-2500:]}")
         if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+            stacks = ""
+            for s in alive:  # a service that is alive but stuck: its threads' stacks (SIGUSR1, cli.py) and log
+                s.proc.send_signal(signal.SIGUSR1)
+                time.sleep(1.0)
+                stacks += f"\n--- {s.log_path.name}:\n{s.log()[-6000:]}"
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}{stacks}")
         time.sleep(every)
     return time.monotonic() - t0
 
