@@ -33,7 +33,10 @@ def main(argv: list[str] | None = None) -> int:
         faulthandler.enable()
     # `kill -USR1 PID`: every thread's stack on stderr, and the service goes on (a hung service
     # says where it hangs without being killed)
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    try:
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    except (OSError, ValueError, AttributeError):  # stderr is not a file (main() called in-process, captured)
+        pass
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
