@@ -510,7 +510,10 @@ def check_broker(settings: Settings, topics: Sequence[str], timeout: float | Non
             ) from None
         why = last_error[-1] if last_error else e.args[0].str()
         raise KafkaIOError(f"cannot reach the Kafka broker at {settings.kafka.bootstrap_servers} within {timeout:g} s ({why}).") from None
-    missing = [t for t in topics if t not in meta.topics or meta.topics[t].error is not None]
+    def missing_from(meta: Any) -> list[str]:
+        return [t for t in topics if t not in meta.topics or meta.topics[t].error is not None]
+
+    missing = missing_from(meta)
     # A topic created a moment ago (a deployment script, a broker just started) can be missing
     # from this broker's metadata for a while yet: ask again for a few seconds before refusing.
     deadline = time.monotonic() + min(timeout, NEW_TOPIC_GRACE_S)
@@ -520,7 +523,7 @@ def check_broker(settings: Settings, topics: Sequence[str], timeout: float | Non
             meta = admin.list_topics(timeout=max(0.1, deadline - time.monotonic()))
         except KafkaException:
             break
-        missing = [t for t in topics if t not in meta.topics or meta.topics[t].error is not None]
+        missing = missing_from(meta)
     if missing:
         raise KafkaIOError(f"topic(s) {', '.join(missing)} do not exist on {settings.kafka.bootstrap_servers}.")
     return {t: len(meta.topics[t].partitions) for t in topics}

@@ -33,6 +33,7 @@ from .bundle import BUNDLE_FILE, MODEL_FILE, Bundle, BundleError, load_bundle
 
 log = logging.getLogger(__name__)
 
+
 class ReloadError(Exception):
     """A new bundle that cannot replace the running one; one sentence for the operator."""
 
