@@ -119,7 +119,7 @@ class Scorer:
         shape is refused in one sentence (ScorerError), and the session's first run (kernel and
         buffer set-up) is not paid by the first events. Deliberately not a full max_batch: ONNX
         Runtime would keep the activation memory of that batch size for the life of the process
-        (~0.94 GB for the reference model at 1,024 windows; bench/e2e.py's soak at hop 16 went from
+        (~0.8 GB for the reference model at 1,024 windows: bench/e2e.py's soak at hop 16 went from
         ~0.3 to ~1.2 GB of RSS at start when it did)."""
         n, f = max(1, min(int(windows), self.max_batch)), self.bundle.n_features
         scores, errors = self.score(np.zeros((n, self.bundle.window, f), dtype=np.float32))
