@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from perfkit import REFERENCE_BUNDLE, REPO, StageClock, ThreadCpuSampler, rss_bytes, settled_rss_bytes, standalone_ort, start_broker
+from perfkit import REFERENCE_BUNDLE, StageClock, ThreadCpuSampler, rss_bytes, settled_rss_bytes, standalone_ort, start_broker
 
 from stream_detector.bundle import load_bundle, write_bundle
 from stream_detector.config import InputSettings, load_settings

@@ -38,7 +38,7 @@ def run_checks(settings: Settings) -> CheckResult:
     from stream_detector.scorer import Scorer
 
     bundle = load_model(settings)
-    scorer = Scorer(bundle, provider=settings.model.provider, require_cuda=settings.model.require_cuda, max_batch=settings.runtime.max_batch)
+    scorer = Scorer.from_settings(bundle, settings)
     scorer.warm_up()  # what `run` does before consuming: a model that scores NaN fails the check too
     topics = [*settings.kafka.topics, settings.kafka.alerts_topic, settings.kafka.dlq_topic]
     partitions = check_broker(settings, topics)

@@ -23,7 +23,7 @@ import orjson
 
 from .bundle import Bundle
 from .logbundle import LogModelSpec
-from .logstage import END, LINE, ROW_KINDS, LogDetectorCore, LogStage
+from .logstage import LINE, ROW_KINDS, LogDetectorCore, LogStage
 from .pipeline import DetectionSettings, DetectorCore
 from .scorer import Scorer
 

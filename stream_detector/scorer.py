@@ -45,6 +45,13 @@ class ScorerError(Exception):
 
 
 class Scorer:
+    @classmethod
+    def from_settings(cls, bundle: Bundle, settings: Any) -> Scorer:
+        """The scorer the service runs (`run`, `check`, a model reload): provider and batch size
+        from the settings' `model` and `runtime` sections."""
+        model, runtime = settings.model, settings.runtime
+        return cls(bundle, provider=model.provider, require_cuda=model.require_cuda, max_batch=runtime.max_batch)
+
     def __init__(
         self,
         bundle: Bundle,

@@ -143,14 +143,13 @@ class Detector:
 
         self.settings = settings
         self.bundle: Bundle = load_model(settings)
-        rt = settings.runtime
-        self.scorer = Scorer(self.bundle, provider=settings.model.provider, require_cuda=settings.model.require_cuda, max_batch=rt.max_batch)
+        self.scorer = Scorer.from_settings(self.bundle, settings)
         self.scorer.warm_up()  # a model that scores NaN is refused here, before anything is consumed
         self.core = DetectorCore(self.bundle, self.scorer, settings.detection.to_core())
         self.decoder = Decoder(self.bundle.features, settings.input)
         self._use_log_stage_if_log_bundle(settings)
         self.metrics = metrics if metrics is not None else Metrics()  # process_* (RSS, CPU, fds) included
-        self.health = health if health is not None else Health(stall_after_s=max(30.0, 10 * rt.max_wait_ms / 1000))
+        self.health = health if health is not None else Health(stall_after_s=max(30.0, 10 * settings.runtime.max_wait_ms / 1000))
         partitions = check_broker(settings, [*settings.kafka.topics, settings.kafka.alerts_topic, settings.kafka.dlq_topic])
         proc = settings.processing
         self.exactly_once = proc.guarantee == "exactly_once"
@@ -684,8 +683,7 @@ class Detector:
 
     # ------------------------------------------------------------------ operations hooks
     def _build_scorer(self, bundle: Bundle) -> Scorer:
-        model, rt = self.settings.model, self.settings.runtime
-        return Scorer(bundle, provider=model.provider, require_cuda=model.require_cuda, max_batch=rt.max_batch)
+        return Scorer.from_settings(bundle, self.settings)
 
     def _notify_ready(self) -> None:
         """READY=1 after the first assignment (systemd Type=notify), then STATUS on every change."""

@@ -14,7 +14,6 @@ runs this suite that way and prints the table of docs/reliability.md).
 from __future__ import annotations
 
 import os
-import resource
 import subprocess
 import sys
 import threading

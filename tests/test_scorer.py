@@ -32,6 +32,17 @@ def test_warm_up_passes_a_sound_model_and_refuses_one_that_returns_nan(tmp_path)
         broken.warm_up()
 
 
+def test_the_service_scorer_takes_provider_and_batch_size_from_the_settings(tmp_path):
+    from stream_detector.config import Settings
+
+    b = make_bundle(tmp_path, window=6)
+    s = Scorer.from_settings(b, Settings(model={"provider": "cpu"}, runtime={"max_batch": 7}))
+    assert (s.requested, s.max_batch, s.provider) == ("cpu", 7, "CPUExecutionProvider")
+    if not _gpu_present():  # require_cuda reaches the scorer: refused on a CPU-only machine
+        with pytest.raises(ScorerError, match="CUDA execution provider was required"):
+            Scorer.from_settings(b, Settings(model={"require_cuda": True}))
+
+
 def test_spike_scores_high(tmp_path, rng):
     b = make_bundle(tmp_path, window=8)
     s = Scorer(b, provider="cpu")

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from stream_detector.simulate import KINDS, SimConfig, Simulator, read_truth, write_truth
 
