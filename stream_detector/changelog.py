@@ -575,6 +575,10 @@ class Restorer:
     def restoring(self, partition: int) -> bool:
         return partition in self._latest
 
+    def partitions(self) -> list[int]:
+        """The changelog partitions still being read."""
+        return sorted(self._latest)
+
     def start(self, partitions: Iterable[int]) -> None:
         from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 

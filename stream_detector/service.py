@@ -29,6 +29,7 @@ delivered, then the final checkpoint commits, and the clients close.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import gc
 import logging
 import os
@@ -185,6 +186,7 @@ class Detector:
         self._restoring: set[tuple[str, int]] = set()  # paused until their partition's state is restored
         self._slipped: dict[tuple[str, int], int] = {}  # first offset fetched (and dropped) while restoring
         self._rewind_needed = False
+        self._consumed_at = self._committed_at = 0.0  # time.monotonic() of the last message consumed / commit (describe)
         self._checkpoints_with_alerts = 0
         self._alerts_since_checkpoint = 0
         # Fault injection for the reliability suite: die by SIGKILL at the N-th checkpoint that
@@ -205,6 +207,44 @@ class Detector:
     def stop(self) -> None:
         """Ask the loop to finish the current batch, deliver, commit and close (signal-safe)."""
         self._stop.set()
+
+    def describe(self) -> str:
+        """The loop's state in one line (`kill -USR1`, next to the thread stacks): what it holds,
+        what it waits for, and where each partition stands, so that a service that runs but makes
+        no progress says why."""
+        now = time.monotonic()
+        source, pending, ck = self._source, self._pending, self._sliced
+        def ago(t: float) -> str:
+            return f"{now - t:.1f} s ago" if t else "never"
+
+        parts = [f"consumed={self.stats.consumed} (last {ago(self._consumed_at)}) scored={self.stats.scored} "
+                 f"commits={self.stats.commits} (last {ago(self._committed_at)}) batches={self.stats.batches}",
+                 f"forming={len(self._forming)} ready={len(self._ready)} held={self._held()}"]
+        if pending is not None:
+            running = pending.future is not None and not pending.future.done()
+            parts.append(f"in-flight batch {pending.seq}: {pending.n_messages} msgs, {now - pending.started:.1f} s, {'running' if running else 'finished'}")
+        parts.append(f"submitted={self._submitted_seq} stored={self._stored_seq}")
+        if self._unstored:
+            head = self._unstored[0]
+            parts.append(f"unstored={len(self._unstored)} (oldest batch {head.seq}: {head.ticket.pending if head.ticket else '-'} unacknowledged)")
+        if ck is not None:
+            parts.append(f"sliced checkpoint: after batch {ck.seq}, {now - ck.begun_at if ck.seq >= 0 else 0:.1f} s, "
+                         f"written={ck.written}, held slices={len(ck.held)}, unacknowledged={ck.ticket.pending}")
+        if self._txn_positions:
+            parts.append(f"open transaction over {len(self._txn_positions)} partition(s)")
+        if self._restoring:
+            parts.append(f"restoring (paused): {_fmt_tps(self._restoring)}; slipped: {_fmt_tps(self._slipped)}")
+        if self._restorer is not None and self._restorer.busy:
+            parts.append(f"changelog partitions still read: {self._restorer.partitions()}")
+        if source is not None:
+            try:
+                lag = source.lag()
+            except Exception as e:  # noqa: BLE001 - a diagnostic line must not fail the service
+                lag = {("?", -1): -1}
+                parts.append(f"lag unavailable: {e}")
+            parts.append(f"assigned={_fmt_tps(source.assignment)} lag={_fmt_tps(lag)}")
+        parts.append(f"loop last ticked {self.health.since_tick():.1f} s ago")
+        return "; ".join(parts)
 
     # ------------------------------------------------------------------ the loop
     def run(self, max_messages: int | None = None, timeout: float | None = None) -> RunStats:
@@ -314,6 +354,7 @@ class Detector:
         if msgs:
             self._forming.extend(msgs)
             self.stats.consumed += len(msgs)
+            self._consumed_at = time.monotonic()
         self._advance()
 
     def _held(self) -> int:
@@ -520,6 +561,7 @@ class Detector:
         if ok:
             self.stats.commits += 1
             self.metrics.committed()
+            self._committed_at = time.monotonic()
 
     def _periodic_checkpoint(self) -> None:
         """At-least-once with a changelog: begin a sliced checkpoint (none is begun while the
@@ -576,6 +618,7 @@ class Detector:
         if source.commit(positions):
             self.stats.commits += 1
             self.metrics.committed()
+            self._committed_at = time.monotonic()
 
     def _flush_and_store(self, sink: KafkaSink, grace: float | None) -> None:
         try:
@@ -805,6 +848,30 @@ def _restrict(work: _Work, allowed: set[tuple[str, int]]) -> _Work:
     return _Work(positions, dead, work.n_messages, work.by_topic, batch, oldest_event_ms=work.oldest_event_ms)
 
 
+def _fmt_tps(tps: Any) -> str:
+    """{(topic, partition): value} or a set of them, compactly: `topic[0]=12,topic[1]=7`."""
+    if isinstance(tps, dict):
+        return ",".join(f"{t}[{p}]={v}" for (t, p), v in sorted(tps.items())) or "-"
+    return ",".join(f"{t}[{p}]" for t, p in sorted(tps)) or "-"
+
+
+def _log_state_on_sigusr1(detector: Detector) -> None:
+    """`kill -USR1`: the loop's state in the log (run by the main thread between two steps of the
+    loop), after the thread stacks that the CLI's faulthandler writes at once (chained to it)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def log_state(signum: int, frame: Any) -> None:
+        log.warning("state: %s", detector.describe())
+
+    faulthandler.unregister(signal.SIGUSR1)  # the CLI's registration; re-made below, chained to this handler
+    signal.signal(signal.SIGUSR1, log_state)
+    try:
+        faulthandler.register(signal.SIGUSR1, all_threads=True, chain=True)
+    except (OSError, ValueError, AttributeError):  # stderr is not a file (main() in-process, captured): the state alone
+        pass
+
+
 def _iso_to_ms(value: Any) -> int | None:
     if not isinstance(value, str):
         return None
@@ -842,6 +909,7 @@ def handle(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     detector.reloader.install_sighup()  # SIGHUP: hot model reload (systemctl reload)
+    _log_state_on_sigusr1(detector)
     try:
         stats = detector.run()
     except KafkaIOError as e:

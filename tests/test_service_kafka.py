@@ -237,6 +237,9 @@ def test_cli_run_sigterm_commits_and_exits(kafka_bootstrap, make_topic, tmp_path
             if sum(max(tp.offset, 0) for tp in probe.committed(tps, timeout=5)) == 1000:
                 break
             time.sleep(0.3)
+        proc.send_signal(signal.SIGUSR1)  # a stuck service's diagnosis: thread stacks and the loop's state; it goes on
+        time.sleep(1.5)
+        assert proc.poll() is None, "SIGUSR1 must not stop the service"
         proc.send_signal(signal.SIGTERM)
         t0 = time.monotonic()
         _, err = proc.communicate(timeout=20)
@@ -246,5 +249,8 @@ def test_cli_run_sigterm_commits_and_exits(kafka_bootstrap, make_topic, tmp_path
     assert proc.returncode == 0, err[-2000:]
     assert time.monotonic() - t0 < 5 + 2, "shutdown took longer than the grace period"
     assert "SIGTERM" in err and "stopped: 1000 consumed" in err and "Traceback" not in err
+    state = next(line for line in err.splitlines() if "state: consumed=" in line)
+    assert "consumed=1000 (last " in state and f"assigned={topic}[0],{topic}[1] lag={topic}[0]=0,{topic}[1]=0" in state, state
+    assert "(most recent call first)" in err.split("state: consumed=")[0], "the thread stacks come first"
     assert sum(tp.offset for tp in probe.committed(tps, timeout=5)) == 1000
     probe.close()
