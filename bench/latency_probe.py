@@ -11,8 +11,11 @@ and the slowest 1% of alerts are compared with all of them, next to the loop's P
 collection pauses, the sliced checkpoints in progress and the synchronous offset commits. In the
 JSON (--out), `timeline` has the same per 250 ms of wall time from `timeline_start_utc`: a stall
 outside the service (every alert late at once, then a queue that drains) shows there as a step, to
-line up with the broker's log. The end-to-end figure (alert read back from the broker) comes from
-the same run.
+line up with the broker's log. CPU is sampled every 100 ms (`cpu_cores_mean`, and per 250 ms in
+the timeline): cores busy on the whole machine, in this process (the service; the sampler's own
+reads included) and in the broker's JVM; the rest is the load generator and alert reader (a
+process of their own) and anything else on the machine. The end-to-end figure (alert read back
+from the broker) comes from the same run.
 
     .venv/bin/python bench/latency_probe.py --rate 30000 --seconds 30 --out /tmp/probe.json
 
@@ -31,6 +34,7 @@ import gc
 import json
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from datetime import datetime, timezone
@@ -49,6 +53,49 @@ _GC: list[tuple[int, float, float]] = []  # (generation, pause ms, wall ms at it
 _CHECKPOINTS: list[float] = []  # wall ms when a sliced checkpoint began
 _gc_start = [0.0]
 _COMMITS: list[tuple[float, float]] = []  # (synchronous offset commit ms, wall ms at its end)
+_CPU: list[tuple[float, float, float, float]] = []  # per 100 ms: (wall ms at its end, cores busy: machine, this process, broker)
+
+
+def _broker_pid() -> int | None:
+    """The local Kafka broker's JVM (deploy/kafka/broker.sh), if it runs on this machine."""
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if b"kafka.Kafka" in (d / "cmdline").read_bytes():
+                    return int(d.name)
+            except OSError:
+                continue
+    return None
+
+
+def _sample_cpu(stop: Any, every_s: float = 0.1) -> None:
+    """Cores busy per `every_s` on the whole machine, in this process (the service, in-process) and
+    in the broker; the rest is the load generator, the alert reader and anything else."""
+    import os
+
+    hz = os.sysconf("SC_CLK_TCK")
+    broker = _broker_pid()
+
+    def machine() -> int:
+        v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+        return sum(v) - v[3] - v[4]  # all but idle and iowait
+
+    def proc(pid: int | None) -> int:
+        if pid is None:
+            return 0
+        try:
+            f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0
+        return int(f[11]) + int(f[12])  # utime + stime
+
+    me = os.getpid()
+    last = (time.monotonic(), machine(), proc(me), proc(broker))
+    while not stop.wait(every_s):
+        now = (time.monotonic(), machine(), proc(me), proc(broker))
+        dt = (now[0] - last[0]) * hz
+        _CPU.append((time.time() * 1000.0, (now[1] - last[1]) / dt, (now[2] - last[2]) / dt, (now[3] - last[3]) / dt))
+        last = now
 
 
 def _instrument() -> None:
@@ -112,7 +159,10 @@ def timeline(rows: np.ndarray, total: np.ndarray, gcs: np.ndarray, step_ms: floa
         sel = slot == i
         lo, hi = t0 + i * step_ms, t0 + (i + 1) * step_ms
         g = gcs[(gcs[:, 2] >= lo) & (gcs[:, 2] < hi)] if gcs.size else gcs
-        out.append({"t_ms": int(i * step_ms), "alerts": int(sel.sum()),
+        c = [x for x in _CPU if lo <= x[0] < hi]
+        cpu = {"cores_busy": round(float(np.mean([x[1] for x in c])), 2), "service_cores": round(float(np.mean([x[2] for x in c])), 2),
+               "broker_cores": round(float(np.mean([x[3] for x in c])), 2)} if c else {}
+        out.append({"t_ms": int(i * step_ms), "alerts": int(sel.sum()), **cpu,
                     "p50_ms": round(float(np.median(total[sel])), 1) if sel.any() else None,
                     "max_ms": round(float(total[sel].max()), 1) if sel.any() else None,
                     "max_to_decode_ms": round(float(rows[sel, 0].max()), 1) if sel.any() else None,
@@ -151,6 +201,11 @@ def summarise(end_to_end: dict[str, Any], window_ms: float) -> dict[str, Any]:
     gcs = np.array(_GC) if _GC else np.zeros((0, 3))
     t0, t1 = rows[0, 3], rows[-1, 3]
     during = gcs[(gcs[:, 2] >= t0) & (gcs[:, 2] <= t1)] if gcs.size else gcs
+    cpu = np.array([x for x in _CPU if t0 <= x[0] <= t1]) if _CPU else np.zeros((0, 4))
+    busy = {} if not cpu.size else {
+        "machine": round(float(cpu[:, 1].mean()), 2), "service": round(float(cpu[:, 2].mean()), 2),
+        "broker": round(float(cpu[:, 3].mean()), 2), "rest (load generator, alert reader, other)": round(float((cpu[:, 1] - cpu[:, 2] - cpu[:, 3]).mean()), 2),
+        "share_of_100ms_with_machine_above_1.9_cores": round(float((cpu[:, 1] > 1.9).mean()), 3)}
     return {
         "end_to_end": end_to_end,
         "alerts": int(rows.shape[0]),
@@ -162,6 +217,7 @@ def summarise(end_to_end: dict[str, Any], window_ms: float) -> dict[str, Any]:
         "slowest_1pct_ms_since_checkpoint_begin": {f"p{q}": round(float(np.percentile(slow_since, q)), 1) for q in (10, 50, 90)}
         if slow_since.size else {},
         "checkpoints_begun": len(_CHECKPOINTS),
+        "cpu_cores_mean": busy,
         "timeline_start_utc": datetime.fromtimestamp(rows[0, 3] / 1000.0, timezone.utc).isoformat(timespec="milliseconds"),
         "timeline": timeline(rows, total, gcs),
         "offset_commits_ms": {"count": len(_COMMITS), "max": round(max(c[0] for c in _COMMITS), 1) if _COMMITS else None,
@@ -209,13 +265,16 @@ def main() -> int:
             *a, **{**sections, **{k: {**sections.get(k, {}), **v} for k, v in overrides.items()}})
     _instrument()
     if args.gc_freeze_after_s is not None:
-        import threading
-
         threading.Timer(args.gc_freeze_after_s, gc.freeze).start()
     bootstrap = args.bootstrap or e2e.start_broker()
     work = Path(tempfile.mkdtemp(prefix="sd-probe-"))
-    lat = e2e.measure_latency(bootstrap, f"{uuid.uuid4().hex[:6]}probe", e2e.latency_bundle(args.bundle, work), args.entities, args.rate,
-                              args.seconds, args.max_batch, args.hop, args.partitions, work)
+    stop_sampling = threading.Event()
+    threading.Thread(target=_sample_cpu, args=(stop_sampling,), name="probe-cpu", daemon=True).start()
+    try:
+        lat = e2e.measure_latency(bootstrap, f"{uuid.uuid4().hex[:6]}probe", e2e.latency_bundle(args.bundle, work), args.entities, args.rate,
+                                  args.seconds, args.max_batch, args.hop, args.partitions, work)
+    finally:
+        stop_sampling.set()
     lat.pop("profile", None)
     result = {"command": " ".join(sys.argv), "code": str(Path(service.__file__).resolve().parent.parent), "rate": args.rate, "entities": args.entities, "hop": args.hop,
               "max_wait_ms": args.max_wait_ms, **summarise(lat, args.checkpoint_window_ms)}
