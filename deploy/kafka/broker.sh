@@ -24,6 +24,9 @@ Options (each also an environment variable):
   --flush-interval-ms N SD_KAFKA_FLUSH_INTERVAL_MS  write each partition's new data to disk (fsync)
                                        at least this often (default 1000; 0 = Kafka's default,
                                        which leaves it to the OS until a segment rolls)
+JVM (Kafka's own variables): KAFKA_HEAP_OPTS (default "-Xms2g -Xmx2g") and
+KAFKA_JVM_PERFORMANCE_OPTS (default "-XX:+UseG1GC -XX:MaxGCPauseMillis=20"); the GC log is
+DATA_DIR/gc.log.
 Topic auto-creation is off in the generated config; create topics explicitly.
 
 --security sasl_ssl starts a separate broker (own port and data dir, so it never disturbs the
@@ -280,8 +283,16 @@ start() {
   make_security
   write_config
   local cp="$CACHE/libs/*"
-  # GC log as Kafka's own scripts keep one: a broker pause shows up as latency in every client
-  local java_opts=(-Xms256m -Xmx1g -XX:+UseG1GC -Djava.awt.headless=true
+  # JVM settings through Kafka's own variables. The defaults: with -Xmx1g and G1's defaults this
+  # broker's old generation (~300 MB live) sat above G1's marking threshold, so under load it ran
+  # a concurrent cycle every ~11 s (pauses of 12-34 ms plus marking threads on the clients' cores),
+  # and those were the slowest seconds of the latency probe (docs/performance.md, "Phase 6"). A
+  # fixed 2 GB heap keeps it far below the threshold; the 20 ms pause goal is Kafka's own default.
+  # GC log as Kafka's own scripts keep one: a broker pause shows up as latency in every client.
+  local heap perf
+  read -r -a heap <<< "${KAFKA_HEAP_OPTS:--Xms2g -Xmx2g}"
+  read -r -a perf <<< "${KAFKA_JVM_PERFORMANCE_OPTS:--XX:+UseG1GC -XX:MaxGCPauseMillis=20}"
+  local java_opts=("${heap[@]}" "${perf[@]}" -Djava.awt.headless=true
                    "-Xlog:gc*:file=$DATA_DIR/gc.log:time,uptime,level,tags:filecount=4,filesize=20M"
                    -Dlog4j2.configurationFile="$DATA_DIR/log4j2.properties")
   if [ ! -f "$DATA_DIR/logs/meta.properties" ]; then
