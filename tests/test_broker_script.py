@@ -1,4 +1,4 @@
-"""deploy/kafka/broker.sh's error paths: each ends in one sentence and a non-zero exit."""
+"""deploy/kafka/broker.sh: its error paths end in one sentence and a non-zero exit; its JVM settings."""
 
 from __future__ import annotations
 
@@ -53,3 +53,32 @@ def test_unknown_option(tmp_path):
     result = _run(["start", "--bogus"], tmp_path)
     assert result.returncode != 0
     assert "unknown option '--bogus'" in result.stderr
+
+
+def test_jvm_settings_default_to_a_fixed_heap_and_follow_kafkas_variables(tmp_path):
+    """The broker's JVM gets a fixed 2 GB heap and a 20 ms pause goal unless KAFKA_HEAP_OPTS /
+    KAFKA_JVM_PERFORMANCE_OPTS say otherwise (docs/performance.md, "Phase 6"). A stand-in `java`
+    records its arguments and fails the storage format, which ends the start in one sentence."""
+    fake, cache = tmp_path / "bin", tmp_path / "cache"
+    fake.mkdir()
+    (cache / "libs").mkdir(parents=True)
+    (cache / ".complete").touch()
+    calls = tmp_path / "java-calls"
+    (fake / "java").write_text(
+        '#!/bin/sh\n'
+        'if [ "$1" = "-version" ]; then echo \'openjdk version "17.0.9" 2023-10-17\' >&2; exit 0; fi\n'
+        f'echo "$*" >> {calls}\nexit 1\n'
+    )
+    (fake / "java").chmod(0o755)
+    env = {"PATH": f"{fake}:{os.environ['PATH']}", "SD_KAFKA_CACHE": str(cache)}
+    base = {k: v for k, v in os.environ.items() if k not in ("KAFKA_HEAP_OPTS", "KAFKA_JVM_PERFORMANCE_OPTS")}
+    for extra, want, not_want in (
+        ({}, ["-Xms2g -Xmx2g -XX:+UseG1GC -XX:MaxGCPauseMillis=20"], []),
+        ({"KAFKA_HEAP_OPTS": "-Xms64m -Xmx128m", "KAFKA_JVM_PERFORMANCE_OPTS": "-XX:+UseSerialGC"}, ["-Xms64m -Xmx128m -XX:+UseSerialGC"], ["-Xmx2g", "G1"]),
+    ):
+        calls.unlink(missing_ok=True)
+        result = subprocess.run(["bash", str(BROKER_SH), "start", "--port", str(_free_port())], capture_output=True, text=True, timeout=120,
+                                env={**base, "SD_KAFKA_DATA_DIR": str(tmp_path / f"data{len(extra)}"), **env, **extra})
+        assert result.returncode == 1 and "formatting KRaft storage" in result.stderr, result.stderr
+        fmt = next(line for line in calls.read_text().splitlines() if "StorageTool format" in line)
+        assert all(w in fmt for w in want) and not any(n in fmt for n in not_want), fmt
