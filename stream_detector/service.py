@@ -214,6 +214,7 @@ class Detector:
         no progress says why."""
         now = time.monotonic()
         source, pending, ck = self._source, self._pending, self._sliced
+
         def ago(t: float) -> str:
             return f"{now - t:.1f} s ago" if t else "never"
 
@@ -238,11 +239,10 @@ class Detector:
             parts.append(f"changelog partitions still read: {self._restorer.partitions()}")
         if source is not None:
             try:
-                lag = source.lag()
+                lag = _fmt_tps(source.lag())
             except Exception as e:  # noqa: BLE001 - a diagnostic line must not fail the service
-                lag = {("?", -1): -1}
-                parts.append(f"lag unavailable: {e}")
-            parts.append(f"assigned={_fmt_tps(source.assignment)} lag={_fmt_tps(lag)}")
+                lag = f"unavailable ({e})"
+            parts.append(f"assigned={_fmt_tps(source.assignment)} lag={lag}")
         parts.append(f"loop last ticked {self.health.since_tick():.1f} s ago")
         return "; ".join(parts)
 
