@@ -559,9 +559,12 @@ class Detector:
             self._flush_and_store(sink, grace)
             ok = source.commit()
         if ok:
-            self.stats.commits += 1
-            self.metrics.committed()
-            self._committed_at = time.monotonic()
+            self._count_commit()
+
+    def _count_commit(self) -> None:
+        self.stats.commits += 1
+        self.metrics.committed()
+        self._committed_at = time.monotonic()
 
     def _periodic_checkpoint(self) -> None:
         """At-least-once with a changelog: begin a sliced checkpoint (none is begun while the
@@ -616,9 +619,7 @@ class Detector:
         self._fault_point(sink)
         positions = {tp: o for tp, o in ck.positions.items() if tp in source.assignment and tp not in self._restoring}
         if source.commit(positions):
-            self.stats.commits += 1
-            self.metrics.committed()
-            self._committed_at = time.monotonic()
+            self._count_commit()
 
     def _flush_and_store(self, sink: KafkaSink, grace: float | None) -> None:
         try:
