@@ -14,21 +14,13 @@ cd "$(dirname "$0")/.."
 RATE=${1:-33000}
 OUT=${2:-/tmp/sd-flush-ab}
 PAIRS=${3:-2}
-PY=${PYTHON:-.venv/bin/python}
 LOG=${XDG_CACHE_HOME:-$HOME/.cache}/stream-detector/kafka-data-19092/server.log  # broker.sh's default data dir
-mkdir -p "$OUT"
-was_running=0; bash deploy/kafka/broker.sh status >/dev/null 2>&1 && was_running=1
-probe() { "$PY" bench/latency_probe.py --bootstrap 127.0.0.1:19092 --rate "$RATE" "$@" >/dev/null 2>"$OUT/last.err" \
-          || { tail -5 "$OUT/last.err" >&2; exit 1; }; }
-for pair in $(seq 1 "$PAIRS"); do
-  for flush in 0 1000; do
-    bash deploy/kafka/broker.sh stop >/dev/null 2>&1 || true
-    bash deploy/kafka/broker.sh start --flush-interval-ms "$flush" >/dev/null
-    sleep 10  # a broker that has just opened its port may not yet serve new topics' metadata
-    probe --seconds 25
-    out="$OUT/flush${flush}-run${pair}.json"
-    probe --seconds 30 --out "$out"
-    "$PY" - "$out" "$flush" "$LOG" <<'PY'
+. bench/broker_ab.sh
+
+start_broker_as() { bash deploy/kafka/broker.sh start --flush-interval-ms "$1"; }
+
+report() {
+    "$PY" - "$1" "$2" "$LOG" <<'PY'
 import json, re, sys
 from datetime import datetime, timezone
 d = json.load(open(sys.argv[1]))
@@ -48,8 +40,6 @@ print(f"flush.interval.ms={sys.argv[2]:>4}  end-to-end p50 {lat['p50']} p95 {lat
       f" slowest 1%: {slow['to_decode_ms']['p50']} ms before decode; segment rolls at {[round(r / 1000, 1) for r in rolls]} s:"
       f" largest service latency within 2 s after one {worst_near} ms, elsewhere {worst_else} ms  ({sys.argv[1]})")
 PY
-  done
-done
-bash deploy/kafka/broker.sh stop >/dev/null 2>&1 || true
-[ "$was_running" = 1 ] && bash deploy/kafka/broker.sh start >/dev/null
-exit 0
+}
+
+ab_run "$RATE" "$OUT" "$PAIRS" flush 0 1000

@@ -12,25 +12,19 @@ cd "$(dirname "$0")/.."
 RATE=${1:-37700}
 OUT=${2:-/tmp/sd-gc-ab}
 PAIRS=${3:-2}
-PY=${PYTHON:-.venv/bin/python}
 DATA=${XDG_CACHE_HOME:-$HOME/.cache}/stream-detector/kafka-data-19092  # broker.sh's default data dir
-mkdir -p "$OUT"
-was_running=0; bash deploy/kafka/broker.sh status >/dev/null 2>&1 && was_running=1
-probe() { "$PY" bench/latency_probe.py --bootstrap 127.0.0.1:19092 --rate "$RATE" "$@" >/dev/null 2>"$OUT/last.err" \
-          || { tail -5 "$OUT/last.err" >&2; exit 1; }; }
-for pair in $(seq 1 "$PAIRS"); do
-  for cond in A B; do
-    bash deploy/kafka/broker.sh stop >/dev/null 2>&1 || true
-    if [ "$cond" = A ]; then
-      KAFKA_HEAP_OPTS="-Xms256m -Xmx1g" KAFKA_JVM_PERFORMANCE_OPTS="-XX:+UseG1GC" bash deploy/kafka/broker.sh start >/dev/null
-    else
-      env -u KAFKA_HEAP_OPTS -u KAFKA_JVM_PERFORMANCE_OPTS bash deploy/kafka/broker.sh start >/dev/null
-    fi
-    sleep 10  # a broker that has just opened its port may not yet serve new topics' metadata
-    probe --seconds 25
-    out="$OUT/jvm${cond}-run${pair}.json"
-    probe --seconds 30 --out "$out"
-    "$PY" - "$out" "$cond" "$DATA" <<'PY'
+. bench/broker_ab.sh
+
+start_broker_as() {
+  if [ "$1" = A ]; then
+    KAFKA_HEAP_OPTS="-Xms256m -Xmx1g" KAFKA_JVM_PERFORMANCE_OPTS="-XX:+UseG1GC" bash deploy/kafka/broker.sh start
+  else
+    env -u KAFKA_HEAP_OPTS -u KAFKA_JVM_PERFORMANCE_OPTS bash deploy/kafka/broker.sh start
+  fi
+}
+
+report() {
+    "$PY" - "$1" "$2" "$DATA" <<'PY'
 import glob, json, re, sys
 from datetime import datetime
 d = json.load(open(sys.argv[1]))
@@ -48,8 +42,6 @@ print(f"broker JVM {sys.argv[2]}  end-to-end p50 {lat['p50']} p95 {lat['p95']} p
       f" broker GC in the window: {len(pauses)} pauses, {conc} concurrent cycles, largest {max((p for _, p in pauses), default=0):.1f} ms,"
       f" total {sum(p for _, p in pauses):.0f} ms; cores busy: machine {cpu.get('machine')}, broker {cpu.get('broker')}  ({sys.argv[1]})")
 PY
-  done
-done
-bash deploy/kafka/broker.sh stop >/dev/null 2>&1 || true
-[ "$was_running" = 1 ] && bash deploy/kafka/broker.sh start >/dev/null
-exit 0
+}
+
+ab_run "$RATE" "$OUT" "$PAIRS" jvm A B
