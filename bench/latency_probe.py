@@ -73,27 +73,25 @@ def _sample_cpu(stop: Any, every_s: float = 0.1) -> None:
     in the broker; the rest is the load generator, the alert reader and anything else."""
     import os
 
-    hz = os.sysconf("SC_CLK_TCK")
+    from perfkit import CLOCK_TICKS, stat_cpu_s
+
     broker = _broker_pid()
 
-    def machine() -> int:
+    def machine() -> float:
         v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
-        return sum(v) - v[3] - v[4]  # all but idle and iowait
+        return (sum(v) - v[3] - v[4]) / CLOCK_TICKS  # all but idle and iowait, CPU seconds
 
-    def proc(pid: int | None) -> int:
-        if pid is None:
-            return 0
+    def proc(pid: int | None) -> float:
         try:
-            f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return stat_cpu_s(Path(f"/proc/{pid}/stat")) if pid is not None else 0.0
         except OSError:
-            return 0
-        return int(f[11]) + int(f[12])  # utime + stime
+            return 0.0
 
     me = os.getpid()
     last = (time.monotonic(), machine(), proc(me), proc(broker))
     while not stop.wait(every_s):
         now = (time.monotonic(), machine(), proc(me), proc(broker))
-        dt = (now[0] - last[0]) * hz
+        dt = now[0] - last[0]
         _CPU.append((time.time() * 1000.0, (now[1] - last[1]) / dt, (now[2] - last[2]) / dt, (now[3] - last[3]) / dt))
         last = now
 

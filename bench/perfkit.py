@@ -165,19 +165,25 @@ class StageClock:
         object.__setattr__(obj, attr, timed)  # frozen dataclasses (the normaliser) too
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100  # /proc's unit of CPU time
+
+
+def stat_cpu_s(stat_file: Path) -> float:
+    """User + system CPU seconds from a /proc/PID/stat or /proc/PID/task/TID/stat file."""
+    stat = stat_file.read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
 def thread_cpu() -> dict[int, tuple[str, float]]:
     """{native thread id: (thread name, CPU seconds)} of this process, from /proc (empty elsewhere)."""
     out: dict[int, tuple[str, float]] = {}
-    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     base = Path(f"/proc/{os.getpid()}/task")
     if not base.exists():
         return out
     for d in base.iterdir():
         try:
-            name = (d / "comm").read_text().strip()
-            stat = (d / "stat").read_text()
-            fields = stat[stat.rindex(")") + 2 :].split()
-            out[int(d.name)] = (name, (int(fields[11]) + int(fields[12])) / tick)
+            out[int(d.name)] = ((d / "comm").read_text().strip(), stat_cpu_s(d / "stat"))
         except (OSError, ValueError, IndexError):
             continue
     return out
