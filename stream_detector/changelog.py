@@ -420,10 +420,7 @@ class StateTracker:
             return batch
         idx = np.flatnonzero(keep)
         self.skipped += int(batch.n - idx.size)
-        return EventBatch(
-            [batch.keys[i] for i in idx], batch.rows[idx], batch.event_time_ms[idx],
-            [batch.topic[i] for i in idx], batch.partition[idx], batch.offset[idx],
-        )
+        return batch.take(idx)
 
 
 # ---- reading records back into entity states ------------------------------------------------

@@ -82,3 +82,15 @@ class EventBatch:
             self.partition[start:stop],
             self.offset[start:stop],
         )
+
+    def take(self, idx: np.ndarray) -> "EventBatch":
+        """The events at positions `idx` (int array), as a batch of the same kind: a subclass that
+        carries more columns (logstage.LogEventBatch) keeps them."""
+        return EventBatch(
+            [self.keys[i] for i in idx.tolist()],
+            self.rows[idx],
+            self.event_time_ms[idx],
+            [self.topic[i] for i in idx.tolist()],
+            self.partition[idx],
+            self.offset[idx],
+        )

@@ -95,6 +95,11 @@ class Session:
     reason: SessionEnd
     template_ids: np.ndarray  # int32 [n]
     gaps_s: np.ndarray  # float32 [n], 0 for the first event
+    earlier_events: int = 0  # events before the session was resumed (`resume`), not in template_ids
+
+    @property
+    def events(self) -> int:
+        return self.earlier_events + int(self.template_ids.size)
 
     def counts(self, vocab_size: int) -> np.ndarray:
         return np.bincount(self.template_ids, minlength=vocab_size).astype(np.int32)
@@ -109,11 +114,12 @@ class FeatureBatch:
 
 
 class _EntityState:
-    __slots__ = ("start_ms", "last_ms", "ids", "gaps", "bucket", "bucket_counts")
+    __slots__ = ("start_ms", "last_ms", "earlier", "ids", "gaps", "bucket", "bucket_counts")
 
-    def __init__(self, t_ms: int, vocab_size: int, with_buckets: bool):
+    def __init__(self, t_ms: int, vocab_size: int, with_buckets: bool, earlier: int = 0):
         self.start_ms = t_ms
         self.last_ms = t_ms
+        self.earlier = earlier  # events of a resumed session that came before it was resumed
         self.ids: list[int] = []
         self.gaps: list[float] = []
         self.bucket = -1
@@ -160,13 +166,13 @@ class LogFeaturizer:
                 st = state[entity] = _EntityState(t, self.vocab_size, bms is not None)
             else:
                 state.move_to_end(entity)
-                if st.ids:
+                if st.ids or st.earlier:
                     gap = t - st.last_ms
                     if gap < 0:
                         self.late_events += 1
                         gap = 0
                     out.gap_s[i] = gap / 1000.0
-            out.position[i] = len(st.ids)
+            out.position[i] = st.earlier + len(st.ids)
             st.gaps.append(float(out.gap_s[i]))
             st.ids.append(tid)
             st.last_ms = max(st.last_ms, t)
@@ -180,7 +186,7 @@ class LogFeaturizer:
                 st.bucket_counts[tid] += 1
             if tid in self.end_ids:
                 self._close(entity, "end-template", out)
-            elif len(st.ids) >= cfg.max_session_events:
+            elif st.earlier + len(st.ids) >= cfg.max_session_events:
                 self._close(entity, "max-length", out)
         return out
 
@@ -201,6 +207,25 @@ class LogFeaturizer:
                 self._emit_bucket(entity, st, out)
         return out
 
+    def resume(self, sessions: Iterable[tuple[str, int, int, int]]) -> None:
+        """Reinstate open sessions kept elsewhere, as (entity, start ms, last event ms, events so far):
+        state restored from a changelog after a partition moved. Their earlier template ids are not
+        kept, only their number (positions and max_session_events carry on); a resumed session's
+        current time bucket starts empty. An entity already tracked keeps its own session."""
+        state = self._state
+        for entity, start_ms, last_ms, events in sessions:
+            if entity not in state:
+                st = state[entity] = _EntityState(int(start_ms), self.vocab_size, self._bucket_ms is not None, earlier=int(events))
+                st.last_ms = int(last_ms)
+        # expiry and eviction walk from the front: least recently active first
+        self._state = OrderedDict(sorted(state.items(), key=lambda kv: kv[1].last_ms))
+
+    def forget(self, entities: Iterable[str]) -> None:
+        """Drop these entities' sessions without ending them (their partition moved to another
+        consumer, which carries them on)."""
+        for entity in entities:
+            self._state.pop(entity, None)
+
     def close_all(self) -> FeatureBatch:
         """End every open session (end of input, shutdown)."""
         out = FeatureBatch(np.zeros(0, np.float32), np.zeros(0, np.int32))
@@ -218,7 +243,8 @@ class LogFeaturizer:
         st = self._state.pop(entity)
         self._emit_bucket(entity, st, out)
         out.sessions.append(
-            Session(entity, st.start_ms, st.last_ms, reason, np.asarray(st.ids, dtype=np.int32), np.asarray(st.gaps, dtype=np.float32))
+            Session(entity, st.start_ms, st.last_ms, reason, np.asarray(st.ids, dtype=np.int32), np.asarray(st.gaps, dtype=np.float32),
+                    st.earlier)
         )
 
 

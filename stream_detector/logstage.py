@@ -31,7 +31,7 @@ path; they never reach the model.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -57,6 +57,11 @@ class LogEventBatch(EventBatch):
     token: np.ndarray  # int32 [n]: the row's newest token (template id, the start/end token, IDLE_TOKEN)
     line: list[str]  # [n]: the raw line (END: the session's last line)
     line_index: np.ndarray  # int64 [n]: index of the input line in the fed sequence (-1 for END/IDLE rows)
+
+    def take(self, idx: np.ndarray) -> "LogEventBatch":
+        b = EventBatch.take(self, idx)
+        return LogEventBatch(b.keys, b.rows, b.event_time_ms, b.topic, b.partition, b.offset, kind=self.kind[idx],
+                             token=self.token[idx], line=[self.line[i] for i in idx.tolist()], line_index=self.line_index[idx])
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,12 @@ class LogStage:
         self.sessions: list[SessionRecord] = []
         self.lines_parsed = 0
         self.unknown_lines = 0
+        # Sessions resumed from a changelog (`resume`): entity -> (topic, partition, offset) of the
+        # last line in the restored state, so a line read again after a crash is not counted twice;
+        # the featurizer takes the resumed sessions in one go before the next feed.
+        self._fences: dict[str, tuple[str, int, int]] = {}
+        self._resumed: list[tuple[str, int, int, int]] = []
+        self.fenced = 0  # (line, entity) events skipped by those fences
 
     # ------------------------------------------------------------------ public
     def feed(
@@ -117,6 +128,7 @@ class LogStage:
     ) -> tuple[LogEventBatch, list[tuple[int, str]]]:
         """Rows for a batch of raw lines (+ end rows of sessions that timed out by the stage's clock
         after the batch, when `expire`), and the lines that could not be used as (index, reason)."""
+        self._settle()
         n = len(lines)
         topics = [topic] * n if isinstance(topic, str) else list(topic)
         parts = np.full(n, int(partition), dtype=np.int64) if np.isscalar(partition) else np.asarray(partition, dtype=np.int64)
@@ -156,9 +168,59 @@ class LogStage:
 
     def flush(self) -> None:
         """End of input: close every open session as incomplete (no end row, nothing scored)."""
+        self._settle()
         self._closed(_RowBuilder(self.spec), self.featurizer.close_all().sessions)
 
+    def resume(self, entity: str, partition: int, saved: "SavedSession", last_row: np.ndarray | None) -> None:
+        """Carry on an entity's session from the state a checkpoint saved (`LogDetectorCore.state_of`),
+        after its partition moved here: the context its next row builds on comes from the last row
+        of its restored window (the count vector, or the last K tokens and gaps), the rest from
+        `saved`. No open session: its next line starts one, as it would have. An entity that
+        already has a session here (its lines also come through another partition) keeps it.
+        Either way, lines of this partition up to the saved one are not used again: at-least-once
+        reads them again after a crash, and the restored state holds them already."""
+        self._fences[entity] = (saved.topic, int(partition), saved.offset)
+        if not saved.open or entity in self._ctx:
+            return
+        ctx = _Context(self.spec.vocab_size if self._counts else 0)
+        if last_row is not None:
+            if self._counts:
+                ctx.counts[:] = last_row[:-1]
+            else:
+                k = self.spec.context
+                tokens = last_row[:k]
+                m = k - int(np.argmax(tokens != self.spec.pad_id)) if (tokens != self.spec.pad_id).any() else 0
+                ctx.tokens = [int(x) for x in tokens[k - m :]]
+                ctx.gaps = [float(x) for x in last_row[2 * k - m :]] if m else []
+        ctx.source = (saved.topic, int(partition), saved.offset)
+        ctx.line, ctx.time_ms = saved.line, saved.line_ms
+        self._ctx[entity] = ctx
+        self._resumed.append((entity, saved.start_ms, saved.line_ms, saved.events))
+        if self._idle_ms is not None and saved.idle_pending:
+            self._pending_idle[entity] = saved.line_ms
+
+    def drop_partitions(self, partitions: Sequence[int] | set[int]) -> int:
+        """Forget the sessions of entities whose last line came through these partitions (revoked:
+        their new owner resumes them from the changelog); returns how many."""
+        self._settle()
+        drop = set(int(p) for p in partitions)
+        gone = [e for e, c in self._ctx.items() if c.source[1] in drop]
+        for e in gone:
+            del self._ctx[e]
+            self._pending_idle.pop(e, None)
+            self._fences.pop(e, None)
+        self.featurizer.forget(gone)
+        return len(gone)
+
     # ------------------------------------------------------------------ internals
+    def _settle(self) -> None:
+        """Hand the sessions resumed since the last call to the featurizer, and keep the idle-check
+        queue in time order (it is walked from the front)."""
+        if self._resumed:
+            self.featurizer.resume(self._resumed)
+            self._resumed = []
+            self._pending_idle = OrderedDict(sorted(self._pending_idle.items(), key=lambda kv: kv[1]))
+
     def _idle_checks(self, out: "_RowBuilder", now_ms: int) -> None:
         """One idle-check row for each entity inactive for longer than idle_check_s by `now_ms`."""
         pending, idle = self._pending_idle, self._idle_ms
@@ -175,6 +237,12 @@ class LogStage:
             out.add(entity, ctx, IDLE, IDLE_TOKEN, last_ms + self._idle_ms, ctx.source, ctx.line, -1)
 
     def _event(self, out: "_RowBuilder", entity: str, t: int, tid: int, src: tuple[str, int, int], text: str, i: int) -> None:
+        fence = self._fences.get(entity)
+        if fence is not None and fence[0] == src[0] and fence[1] == src[1]:
+            if src[2] <= fence[2]:  # read again after a crash: the resumed session already holds it
+                self.fenced += 1
+                return
+            del self._fences[entity]
         if self._idle_ms is not None:
             last = self._pending_idle.get(entity)
             if last is not None and t - last > self._idle_ms:  # its pause ended before the clock noticed it
@@ -209,6 +277,7 @@ class LogStage:
         for s in sessions:
             ctx = self._ctx.pop(s.entity, None)
             self._pending_idle.pop(s.entity, None)
+            self._fences.pop(s.entity, None)
             complete = s.reason in ("timeout", "end-template")
             if complete and ctx is not None and not self._counts:
                 ctx.tokens.append(self.spec.end_id)
@@ -216,7 +285,7 @@ class LogStage:
                 t_end = ctx.time_ms + (self._timeout_ms if s.reason == "timeout" else 0)
                 out.add(s.entity, ctx, END, self.spec.end_id, t_end, ctx.source, ctx.line, -1)
             if self.record_sessions:
-                self.sessions.append(SessionRecord(s.entity, s.start_ms, s.end_ms, int(s.template_ids.size), s.reason, complete))
+                self.sessions.append(SessionRecord(s.entity, s.start_ms, s.end_ms, s.events, s.reason, complete))
 
 
 class _RowBuilder:
@@ -303,19 +372,103 @@ def alert_rows(result: Any) -> list[int]:
     return [int(i) for i, ev in zip(result.index.tolist(), result.alert_event) if ev is not None]
 
 
+@dataclass(slots=True)
+class SavedSession:
+    """What the log stage needs to carry on an entity's session elsewhere, besides its window
+    (`LogStage.resume`). Kept per (partition, entity) by `LogDetectorCore` as of the rows the core
+    has applied, which is what a checkpoint saves (the stage itself runs ahead of the core by the
+    batches decoded and not yet scored); saved in the entity's changelog state under "log"."""
+
+    start_ms: int  # the session's first event
+    events: int = 0  # lines of the session so far
+    line: str = ""  # its last line (the sample line of idle-check and session-end alerts)
+    line_ms: int = 0  # and that line's time
+    topic: str = ""  # and where it came from: lines up to it that are read again are not counted twice
+    offset: int = -1
+    idle_pending: bool = False  # no idle-check row since its last line
+    open: bool = True  # False after a session-end row: its next line starts a new session
+
+    @classmethod
+    def from_state(cls, saved: Any) -> "SavedSession":
+        """ValueError (one sentence) for a saved session that is incomplete or of the wrong types."""
+        fields = cls.__dataclass_fields__
+        if not isinstance(saved, dict) or set(saved) != set(fields):
+            raise ValueError("the saved log session does not have the expected fields.")
+        for name, f in fields.items():
+            want = {"int": int, "str": str, "bool": bool}[str(f.type)]
+            v = saved[name]
+            if not isinstance(v, want) or (want is int and isinstance(v, bool)):
+                raise ValueError(f"the saved log session's {name} is not a {want.__name__}.")
+        return cls(**saved)
+
+
 class LogDetectorCore:
     """A DetectorCore for log rows: same interface (process, drop_partitions, state_of, ...), and
-    each alert it returns carries the log context (`annotate_alerts`)."""
+    each alert it returns carries the log context (`annotate_alerts`).
 
-    def __init__(self, core: Any, spec: LogModelSpec) -> None:
+    With a `stage` (the service with a changelog), an entity's state also carries its log session
+    (`SavedSession`), so that a partition that moves to another consumer (or a restarted one)
+    carries its sessions on instead of starting them again from nothing: restoring an entity
+    resumes its session in the stage, and dropping partitions drops their sessions there too."""
+
+    def __init__(self, core: Any, spec: LogModelSpec, stage: LogStage | None = None) -> None:
         self._core = core
         self.spec = spec
+        self.stage = stage
+        self._sessions: dict[tuple[int, str], SavedSession] = {}
+        self._prune_at = 1024
 
     def process(self, batch: EventBatch, row_alert_state: bool = False) -> Any:
         res = self._core.process(batch, row_alert_state)
-        if isinstance(batch, LogEventBatch) and res.alerts:
-            annotate_alerts(self.spec, batch, res.alerts, alert_rows(res))
+        if isinstance(batch, LogEventBatch):
+            if res.alerts:
+                annotate_alerts(self.spec, batch, res.alerts, alert_rows(res))
+            if self.stage is not None:
+                self._note(batch)
         return res
+
+    def state_of(self, partition: int, key: str) -> dict[str, Any] | None:
+        state = self._core.state_of(partition, key)
+        saved = self._sessions.get((partition, key)) if state is not None else None
+        if saved is not None and saved.offset >= 0:
+            state["log"] = asdict(saved)
+        return state
+
+    def restore(self, partition: int, key: str, state: dict[str, Any]) -> None:
+        saved = None if state.get("log") is None else SavedSession.from_state(state["log"])  # checked before anything is installed
+        self._core.restore(partition, key, state)
+        if saved is not None and self.stage is not None:
+            self._sessions[(partition, key)] = saved
+            rows = state["window"]["rows"]
+            self.stage.resume(key, partition, saved, rows[-1] if len(rows) else None)
+
+    def drop_partitions(self, partitions: Any) -> int:
+        partitions = set(int(p) for p in partitions)
+        dropped = self._core.drop_partitions(partitions)
+        self._sessions = {e: s for e, s in self._sessions.items() if e[0] not in partitions}
+        if self.stage is not None:
+            self.stage.drop_partitions(partitions)
+        return dropped
+
+    def _note(self, batch: LogEventBatch) -> None:
+        """Each entity's session as of this batch (which the core has just applied)."""
+        sessions = self._sessions
+        for p, k, kind, t, topic, offset, line in zip(batch.partition.tolist(), batch.keys, batch.kind.tolist(),
+                                                      batch.event_time_ms.tolist(), batch.topic, batch.offset.tolist(), batch.line):
+            s = sessions.get((p, k))
+            if s is None or kind == START:
+                s = sessions[(p, k)] = SavedSession(t)
+            if kind == LINE:
+                s.events += 1
+                s.line, s.line_ms, s.topic, s.offset, s.idle_pending = line, t, topic, offset, True
+            elif kind == IDLE:
+                s.idle_pending = False
+            elif kind == END:
+                s.open = False
+        if len(sessions) > self._prune_at:  # entities the core evicted (idle, LRU) take theirs along
+            live = set(self._core.entities())
+            self._sessions = {e: s for e, s in sessions.items() if e in live}
+            self._prune_at = max(1024, 2 * len(self._sessions))
 
     def __getattr__(self, name: str) -> Any:  # everything else is the wrapped core's
         return getattr(self._core, name)

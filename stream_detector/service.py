@@ -148,6 +148,7 @@ class Detector:
         self.scorer.warm_up()  # a model that scores NaN is refused here, before anything is consumed
         self.core = DetectorCore(self.bundle, self.scorer, settings.detection.to_core())
         self.decoder = Decoder(self.bundle.features, settings.input)
+        self._fence_rows = True  # at-least-once replays: skip rows that restored state holds (changelog.py)
         self._use_log_stage_if_log_bundle(settings)
         self.metrics = metrics if metrics is not None else Metrics()  # process_* (RSS, CPU, fds) included
         self.health = health if health is not None else Health(stall_after_s=max(30.0, 10 * settings.runtime.max_wait_ms / 1000))
@@ -201,8 +202,14 @@ class Detector:
 
         if is_log_bundle(self.bundle):
             spec = load_log_spec(self.bundle)
-            self.core = LogDetectorCore(self.core, spec)  # type: ignore[assignment]
             self.decoder = LogDecoder(spec, settings.input.max_message_bytes)  # type: ignore[assignment]
+            # with a changelog, the entities' log sessions move with their partitions too
+            stage = self.decoder.stage if settings.processing.changelog else None  # type: ignore[attr-defined]
+            self.core = LogDetectorCore(self.core, spec, stage)  # type: ignore[assignment]
+            # The stage skips lines that restored sessions hold already, before it makes rows. An
+            # offset fence on rows would also drop new idle-check and session-end rows, which
+            # repeat the offset of the entity's last line.
+            self._fence_rows = False
 
     def stop(self) -> None:
         """Ask the loop to finish the current batch, deliver, commit and close (signal-safe)."""
@@ -700,7 +707,7 @@ class Detector:
                 if cold == 1:
                     log.warning("changelog state of %s in partition %d is not usable (%s); such entities start cold", key, partition, e)
                 continue
-            self.tracker.restored(partition, key, applied, by_topic, state)
+            self.tracker.restored(partition, key, applied if self._fence_rows else {}, by_topic, state)
             restored += 1
         self._restoring -= tps
         for tp in tps:
@@ -844,8 +851,7 @@ def _restrict(work: _Work, allowed: set[tuple[str, int]]) -> _Work:
     batch = work.batch
     if batch is not None and batch.n:
         idx = np.flatnonzero([(t, p) in allowed for t, p in zip(batch.topic, batch.partition.tolist())])
-        batch = EventBatch([batch.keys[i] for i in idx], batch.rows[idx], batch.event_time_ms[idx],
-                           [batch.topic[i] for i in idx], batch.partition[idx], batch.offset[idx])
+        batch = batch.take(idx)
     return _Work(positions, dead, work.n_messages, work.by_topic, batch, oldest_event_ms=work.oldest_event_ms)
 
 
