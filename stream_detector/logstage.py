@@ -164,6 +164,8 @@ class LogStage:
         if expire and self.clock_ms != NO_TIME:
             self._idle_checks(out, self.clock_ms)
             self._closed(out, self.featurizer.expire(self.clock_ms).sessions)
+        if self._fences and n:
+            self._passed_fences(topics, parts, offs)
         return out.build(), dead
 
     def flush(self) -> None:
@@ -220,6 +222,15 @@ class LogStage:
             self.featurizer.resume(self._resumed)
             self._resumed = []
             self._pending_idle = OrderedDict(sorted(self._pending_idle.items(), key=lambda kv: kv[1]))
+
+    def _passed_fences(self, topics: list[str], parts: np.ndarray, offs: np.ndarray) -> None:
+        """Forget the fences that this batch's lines went past: offsets only grow within a
+        partition, so no line they hold can come again (a rewind restores, and fences, anew)."""
+        newest: dict[tuple[str, int], int] = {}
+        for t, p, o in zip(topics, parts.tolist(), offs.tolist()):
+            if o > newest.get((t, p), -1):
+                newest[(t, p)] = o
+        self._fences = {e: f for e, f in self._fences.items() if f[2] >= newest.get((f[0], f[1]), -1)}
 
     def _idle_checks(self, out: "_RowBuilder", now_ms: int) -> None:
         """One idle-check row for each entity inactive for longer than idle_check_s by `now_ms`."""

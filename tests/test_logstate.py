@@ -108,6 +108,7 @@ def test_a_moved_partition_goes_on_with_the_rows_scores_and_alerts_it_would_have
     after = {k: v for k, v in after.items() if v}
     a, b = _run(bundle_path, log_lines, cut, replay_from=cut - 30)
     assert b.stage.fenced > 0  # the 30 lines read again were skipped, not counted twice
+    assert not b.stage._fences  # and once the stream went past them, the fences are gone
     moved_mid_life = [k for k in b.rows if k in a.rows]
     assert len(moved_mid_life) >= 3, moved_mid_life  # blocks with rows on both sides of the move
     assert dict(b.rows) == dict(after)
