@@ -17,11 +17,14 @@ import platform
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
+from stream_detector.logbundle import COUNTS_LAYOUT, LogModelSpec
 from stream_detector.logfeatures import LogFeaturizer, explode, make_feature_config
 from stream_detector.logparse import LineParser, make_config
+from stream_detector.logstage import LogDetectorCore, LogStage
 from stream_detector.templates import UNKNOWN_TEMPLATE_ID, TemplateMiner, TemplateSet, make_template_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -98,12 +101,31 @@ def main(argv: list[str] | None = None) -> int:
             fz.add_batch(ents[s : s + 4096], ev_t[s : s + 4096], ev_id[s : s + 4096])
         fz.close_all()
 
+    # The whole log stage with the default count layout (rows: cumulative counts, idle checks at
+    # 600 s), and the same plus what `run` does per row when the changelog is on: each entity's
+    # log session as of the rows applied (LogDetectorCore._note; every entity kept tracked).
+    spec = LogModelSpec(make_config(format="hdfs"), make_feature_config(session_timeout_s=86_400, idle_check_s=600), fresh(True), 0, COUNTS_LAYOUT)
+
+    def stage_rows(note_sessions: bool):
+        stage = LogStage(spec)
+        tracking = None
+        if note_sessions:
+            core = SimpleNamespace()  # stands in for the scoring core, which here evicts no entity
+            tracking = LogDetectorCore(core, spec, stage)
+            core.entities = lambda: list(tracking._sessions)
+        for s in range(0, n, 4096):
+            batch, _ = stage.feed(raw[s : s + 4096], offset=np.arange(s, min(n, s + 4096)))
+            if tracking is not None:
+                tracking._note(batch)
+
     rows = [
         ("parse (bytes → ParsedLine)", best_rate(n, parse_only, args.repeat)),
         ("match, cache on", best_rate(n, lambda: match_only(True), args.repeat)),
         ("match, cache off (drain3 match per line)", best_rate(n, lambda: match_only(False), args.repeat)),
         ("parse + match, cache on", best_rate(n, parse_and_match, args.repeat)),
         ("features (sessions + 600 s buckets)", best_rate(len(ents), featurize, args.repeat)),
+        ("log stage, count rows (parse → rows)", best_rate(n, lambda: stage_rows(False), args.repeat)),
+        ("log stage + session bookkeeping (changelog on)", best_rate(n, lambda: stage_rows(True), args.repeat)),
     ]
     print(f"HDFS sample: {n} lines from {len(parts)} parts; python {platform.python_version()}, {platform.machine()}, one thread")
     print(f"templates: mined {tset.vocab_size - 1} from the first {n_train} lines in {mine_s:.2f} s ({n_train / mine_s:,.0f} lines/s); "

@@ -84,6 +84,9 @@ def stream(kafka_bootstrap, tmp_path_factory):
     items = [(k.encode(), v) for k, _, v in sim.events()]
     topics: list[str] = []
     yield {"bundle": bundle.path, "tmp": tmp, "items": items, "topics": topics}
+    for probe in _probes.values():  # their consumers would outlive the broker and log its absence
+        probe.close()
+    _probes.clear()
     delete_topics(kafka_bootstrap, topics)
 
 
