@@ -1,15 +1,18 @@
 # Sourced by bench/broker_flush_ab.sh and bench/broker_gc_ab.sh: the same latency probe against the
 # local broker under each condition in turn, PAIRS rounds, alternated. Per condition: restart
 # deploy/kafka/broker.sh (`start_broker_as COND`, defined by the caller), warm it with a discarded
-# 25 s probe, then measure 30 s into OUT/PREFIX<COND>-run<N>.json and print one line
-# (`report JSON COND`, defined by the caller). Restarts the broker at the end only if it was
-# running before.
+# 25 s probe, then measure AB_SECONDS (default 30) into OUT/PREFIX<COND>-run<N>.json and print one
+# line (`report JSON COND`, defined by the caller). AB_PROBE_ARGS (a string of further probe
+# options, e.g. "--entities 10000") goes to both probes. Restarts the broker at the end only if it
+# was running before.
 #   ab_run RATE OUT PAIRS PREFIX COND...
 PY=${PYTHON:-.venv/bin/python}
+AB_SECONDS=${AB_SECONDS:-30}
+read -r -a _AB_ARGS <<< "${AB_PROBE_ARGS:-}"
 
 _ab_probe() {  # RATE OUT probe-args...
   local rate=$1 out=$2; shift 2
-  "$PY" bench/latency_probe.py --bootstrap 127.0.0.1:19092 --rate "$rate" "$@" >/dev/null 2>"$out/last.err" \
+  "$PY" bench/latency_probe.py --bootstrap 127.0.0.1:19092 --rate "$rate" ${_AB_ARGS[@]+"${_AB_ARGS[@]}"} "$@" >/dev/null 2>"$out/last.err" \
     || { tail -5 "$out/last.err" >&2; exit 1; }
 }
 
@@ -25,7 +28,7 @@ ab_run() {
       sleep 10  # a broker that has just opened its port may not yet serve new topics' metadata
       _ab_probe "$rate" "$out" --seconds 25
       json="$out/${prefix}${cond}-run${pair}.json"
-      _ab_probe "$rate" "$out" --seconds 30 --out "$json"
+      _ab_probe "$rate" "$out" --seconds "$AB_SECONDS" --out "$json"
       report "$json" "$cond"
     done
   done

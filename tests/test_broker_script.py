@@ -55,10 +55,10 @@ def test_unknown_option(tmp_path):
     assert "unknown option '--bogus'" in result.stderr
 
 
-def test_jvm_settings_default_to_a_fixed_heap_and_follow_kafkas_variables(tmp_path):
-    """The broker's JVM gets a fixed 2 GB heap and a 20 ms pause goal unless KAFKA_HEAP_OPTS /
-    KAFKA_JVM_PERFORMANCE_OPTS say otherwise (docs/performance.md, "Phase 6"). A stand-in `java`
-    records its arguments and fails the storage format, which ends the start in one sentence."""
+def _stand_in_java(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """A `java` that says it is 17, records its arguments and fails the storage format (which
+    ends a start in one sentence, after the broker's config was written), and a jar cache that
+    counts as provisioned: (environment, file of its calls)."""
     fake, cache = tmp_path / "bin", tmp_path / "cache"
     fake.mkdir()
     (cache / "libs").mkdir(parents=True)
@@ -70,7 +70,13 @@ def test_jvm_settings_default_to_a_fixed_heap_and_follow_kafkas_variables(tmp_pa
         f'echo "$*" >> {calls}\nexit 1\n'
     )
     (fake / "java").chmod(0o755)
-    env = {"PATH": f"{fake}:{os.environ['PATH']}", "SD_KAFKA_CACHE": str(cache)}
+    return {"PATH": f"{fake}:{os.environ['PATH']}", "SD_KAFKA_CACHE": str(cache)}, calls
+
+
+def test_jvm_settings_default_to_a_fixed_heap_and_follow_kafkas_variables(tmp_path):
+    """The broker's JVM gets a fixed 2 GB heap and a 20 ms pause goal unless KAFKA_HEAP_OPTS /
+    KAFKA_JVM_PERFORMANCE_OPTS say otherwise (docs/performance.md, "Phase 6")."""
+    env, calls = _stand_in_java(tmp_path)
     base = {k: v for k, v in os.environ.items() if k not in ("KAFKA_HEAP_OPTS", "KAFKA_JVM_PERFORMANCE_OPTS")}
     for extra, want, not_want in (
         ({}, ["-Xms2g -Xmx2g -XX:+UseG1GC -XX:MaxGCPauseMillis=20"], []),
@@ -82,3 +88,17 @@ def test_jvm_settings_default_to_a_fixed_heap_and_follow_kafkas_variables(tmp_pa
         assert result.returncode == 1 and "formatting KRaft storage" in result.stderr, result.stderr
         fmt = next(line for line in calls.read_text().splitlines() if "StorageTool format" in line)
         assert all(w in fmt for w in want) and not any(n in fmt for n in not_want), fmt
+
+
+def test_log_cleaner_cap_is_off_by_default_and_refuses_a_bad_value(tmp_path):
+    """--cleaner-io-bytes-per-s N writes Kafka's log.cleaner.io.max.bytes.per.second; without it
+    the broker's config has no cap; a value that is not a whole number ends in one sentence."""
+    env, _ = _stand_in_java(tmp_path)
+    for args, want in (([], None), (["--cleaner-io-bytes-per-s", "8388608"], "log.cleaner.io.max.bytes.per.second=8388608")):
+        data = tmp_path / f"data{len(args)}"
+        result = _run(["start", "--port", str(_free_port()), *args], tmp_path, {**env, "SD_KAFKA_DATA_DIR": str(data)})
+        assert result.returncode == 1 and "formatting KRaft storage" in result.stderr, result.stderr
+        props = (data / "server.properties").read_text()
+        assert (want in props) if want else ("log.cleaner.io" not in props), props
+    bad = _run(["start", "--cleaner-io-bytes-per-s", "8MB"], tmp_path, env)
+    assert bad.returncode == 1 and bad.stderr.strip() == "broker.sh: cleaner I/O cap '8MB' is not a whole number of bytes per second."

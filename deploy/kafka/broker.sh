@@ -24,6 +24,8 @@ Options (each also an environment variable):
   --flush-interval-ms N SD_KAFKA_FLUSH_INTERVAL_MS  write each partition's new data to disk (fsync)
                                        at least this often (default 1000; 0 = Kafka's default,
                                        which leaves it to the OS until a segment rolls)
+  --cleaner-io-bytes-per-s N SD_KAFKA_CLEANER_IO_BYTES_PER_S  cap the log cleaner's read+write rate
+                                       (compaction of the state changelog; default 0 = no cap)
 JVM (Kafka's own variables): KAFKA_HEAP_OPTS (default "-Xms2g -Xmx2g") and
 KAFKA_JVM_PERFORMANCE_OPTS (default "-XX:+UseG1GC -XX:MaxGCPauseMillis=20"); the GC log is
 DATA_DIR/gc.log.
@@ -54,6 +56,7 @@ DATA_DIR=${SD_KAFKA_DATA_DIR:-}
 CACHE=${SD_KAFKA_CACHE:-}
 START_TIMEOUT=${SD_KAFKA_START_TIMEOUT:-90}
 FLUSH_INTERVAL_MS=${SD_KAFKA_FLUSH_INTERVAL_MS:-1000}
+CLEANER_IO=${SD_KAFKA_CLEANER_IO_BYTES_PER_S:-0}
 LOG4J_VERSION=2.24.3
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -65,6 +68,7 @@ while [ $# -gt 0 ]; do
     --start-timeout) START_TIMEOUT=$2; shift 2 ;;
     --security) SECURITY=$2; shift 2 ;;
     --flush-interval-ms) FLUSH_INTERVAL_MS=$2; shift 2 ;;
+    --cleaner-io-bytes-per-s) CLEANER_IO=$2; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) usage >&2; die "unknown option '$1'." ;;
   esac
@@ -77,6 +81,7 @@ case "$SECURITY" in
 esac
 [[ "$PORT" =~ ^[0-9]+$ ]] || die "port '$PORT' is not a number."
 [[ "$FLUSH_INTERVAL_MS" =~ ^[0-9]+$ ]] || die "flush interval '$FLUSH_INTERVAL_MS' is not a whole number of milliseconds."
+[[ "$CLEANER_IO" =~ ^[0-9]+$ ]] || die "cleaner I/O cap '$CLEANER_IO' is not a whole number of bytes per second."
 CONTROLLER_PORT=$((PORT + 1))
 BASE=${XDG_CACHE_HOME:-$HOME/.cache}/stream-detector
 DATA_DIR=${DATA_DIR:-$BASE/kafka-data-$PORT}
@@ -233,6 +238,14 @@ flush_config() {
   printf 'log.flush.scheduler.interval.ms=%s\nlog.flush.interval.ms=%s\n' "$FLUSH_INTERVAL_MS" "$FLUSH_INTERVAL_MS"
 }
 
+# The log cleaner compacts the state changelog in bursts: when a partition's segment rolls it
+# rewrites the whole dirty part at once, on the cores the clients share (docs/performance.md,
+# "After phase 6"). A cap spreads that work over time.
+cleaner_config() {
+  [ "$CLEANER_IO" -gt 0 ] || return 0
+  echo "log.cleaner.io.max.bytes.per.second=$CLEANER_IO"
+}
+
 write_config() {
   mkdir -p "$DATA_DIR/logs"
   cat > "$DATA_DIR/server.properties" <<PROPS
@@ -254,6 +267,7 @@ share.coordinator.state.topic.min.isr=1
 log.retention.hours=24
 log.segment.bytes=268435456
 $(flush_config)
+$(cleaner_config)
 message.max.bytes=10485760
 PROPS
   cat > "$DATA_DIR/log4j2.properties" <<L4J
