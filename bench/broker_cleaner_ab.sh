@@ -3,7 +3,8 @@
 # alternated, long enough for the state changelog's first segments to fill and be compacted:
 #   bash bench/broker_cleaner_ab.sh [RATE events/s, default 19000] [OUT_DIR, default /tmp/sd-cleaner-ab]
 #                                   [PAIRS, default 2] [CAP bytes/s, default 8388608] [SECONDS, default 420]
-# A = broker.sh's defaults (no cap), B = --cleaner-io-bytes-per-s CAP. 10,000 entities (the e2e
+# A = no cap (Kafka's default, and broker.sh's before this comparison), B = a cap of CAP (broker.sh's
+# default since: 8 MiB/s). 10,000 entities (the e2e
 # soak's fleet; at 25% of its maximum the changelog's 256 MB segments roll about 6 minutes in).
 # Prints one line per measured run: end-to-end latency, 250 ms slots whose slowest alert took
 # over 150 ms, and the cleaner's passes in the window (from the broker's server.log); the probes'

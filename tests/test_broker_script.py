@@ -90,12 +90,15 @@ def test_jvm_settings_default_to_a_fixed_heap_and_follow_kafkas_variables(tmp_pa
         assert all(w in fmt for w in want) and not any(n in fmt for n in not_want), fmt
 
 
-def test_log_cleaner_cap_is_off_by_default_and_refuses_a_bad_value(tmp_path):
-    """--cleaner-io-bytes-per-s N writes Kafka's log.cleaner.io.max.bytes.per.second; without it
-    the broker's config has no cap; a value that is not a whole number ends in one sentence."""
+def test_log_cleaner_is_capped_by_default_and_refuses_a_bad_value(tmp_path):
+    """The broker's log cleaner is capped at 8 MiB/s (Kafka's log.cleaner.io.max.bytes.per.second;
+    docs/performance.md, "After phase 6"); --cleaner-io-bytes-per-s sets another cap, 0 none; a
+    value that is not a whole number ends in one sentence."""
     env, _ = _stand_in_java(tmp_path)
-    for args, want in (([], None), (["--cleaner-io-bytes-per-s", "8388608"], "log.cleaner.io.max.bytes.per.second=8388608")):
-        data = tmp_path / f"data{len(args)}"
+    env = {**env, "SD_KAFKA_CLEANER_IO_BYTES_PER_S": ""}  # (unset: the default)
+    for args, want in (([], "log.cleaner.io.max.bytes.per.second=8388608"), (["--cleaner-io-bytes-per-s", "1048576"], "log.cleaner.io.max.bytes.per.second=1048576"),
+                       (["--cleaner-io-bytes-per-s", "0"], None)):
+        data = tmp_path / f"data{len(args)}{args[-1] if args else ''}"
         result = _run(["start", "--port", str(_free_port()), *args], tmp_path, {**env, "SD_KAFKA_DATA_DIR": str(data)})
         assert result.returncode == 1 and "formatting KRaft storage" in result.stderr, result.stderr
         props = (data / "server.properties").read_text()
