@@ -255,9 +255,16 @@ def test_service_reload_under_load_loses_nothing(tmp_path, kafka_bootstrap, make
     rows = rng.normal(size=(steps, n_entities, F))
     rows[np.arange(20, steps, 20), :, 0] += 25.0  # every entity spikes every 20 steps
     producer = Producer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 2})
+    # The last third of the input comes only once the new model is in: every partition then has
+    # events after the swap, however the consumer's fetches fell between the partitions before it
+    # (a slow group join leaves a backlog, read a partition at a time).
+    swapped = threading.Event()
 
     def produce() -> None:
         for t in range(steps):
+            if t == 2 * steps // 3:
+                producer.flush(30)
+                swapped.wait(60)
             for e in range(n_entities):
                 producer.produce(topic, key=f"e{e}", value=json.dumps(dict(zip(FEATURES, rows[t, e].tolist()))).encode())
             producer.poll(0)
@@ -269,10 +276,21 @@ def test_service_reload_under_load_loses_nothing(tmp_path, kafka_bootstrap, make
     runner_result = {}
     runner = threading.Thread(target=lambda: runner_result.update(stats=detector.run(max_messages=n, timeout=90)))
     runner.start()
-    while detector.stats.consumed < n // 3:
-        time.sleep(0.01)
+    # the swap comes once both partitions have raised alerts with the first model
+    watcher = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": f"w-{uuid.uuid4().hex[:8]}", "auto.offset.reset": "earliest"})
+    watcher.subscribe([alerts_topic])
+    seen: set[int] = set()
+    deadline = time.monotonic() + 60
+    while seen != {0, 1} and time.monotonic() < deadline:
+        seen |= {json.loads(m.value())["source"]["partition"] for m in watcher.consume(100, 0.2) if m.error() is None}
+    watcher.close()
+    assert seen == {0, 1}, f"alerts of the first model came from partitions {seen} only"
     make_bundle(tmp_path, FEATURES, W, threshold=2.0, kind="zeros", model_version="v2", name="live")
     detector.reloader.request("SIGHUP")
+    deadline = time.monotonic() + 60
+    while detector.bundle.model_version != "v2" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    swapped.set()
     feeder.join()
     runner.join(120)
     stats = runner_result["stats"]
