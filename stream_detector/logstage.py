@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any, Sequence, get_type_hints
 
 import numpy as np
 
@@ -402,11 +402,10 @@ class SavedSession:
     @classmethod
     def from_state(cls, saved: Any) -> "SavedSession":
         """ValueError (one sentence) for a saved session that is incomplete or of the wrong types."""
-        fields = cls.__dataclass_fields__
-        if not isinstance(saved, dict) or set(saved) != set(fields):
+        types = get_type_hints(cls)  # field -> int, str or bool
+        if not isinstance(saved, dict) or set(saved) != set(types):
             raise ValueError("the saved log session does not have the expected fields.")
-        for name, f in fields.items():
-            want = {"int": int, "str": str, "bool": bool}[str(f.type)]
+        for name, want in types.items():
             v = saved[name]
             if not isinstance(v, want) or (want is int and isinstance(v, bool)):
                 raise ValueError(f"the saved log session's {name} is not a {want.__name__}.")
