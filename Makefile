@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(PY) -m stream_detector.demo $(DEMO_ARGS)
+	$(PY) deploy/demo.py $(DEMO_ARGS)
 
 broker-start:
 	bash deploy/kafka/broker.sh start

@@ -5,7 +5,7 @@ one run on a shared machine):
 
     .venv/bin/python bench/e2e.py --entities 1000,50000 --out docs/perf-results.json
 
-Per fleet size (entities x 38 features, contract-2 JSON from stream_detector.simulate, keys =
+Per fleet size (entities x 38 features, contract-2 JSON from stream_detector.offline.simulate, keys =
 entity, 4 partitions):
 1. pre-load a topic with `--ticks` events per entity (as fast as the producer goes);
 2. standalone confluent-kafka consume + decode of those messages (typed msgspec decoder and the
@@ -52,15 +52,15 @@ import orjson
 
 from perfkit import REFERENCE_BUNDLE, StageClock, ThreadCpuSampler, rss_bytes, settled_rss_bytes, standalone_ort, start_broker
 
-from stream_detector.bundle import load_bundle, write_bundle
-from stream_detector.config import InputSettings, load_settings
-from stream_detector.decode import Decoder
+from stream_detector.core.bundle import load_bundle, write_bundle
+from stream_detector.service.config import InputSettings, load_settings
+from stream_detector.service.decode import Decoder
 try:
-    from stream_detector.kafka_io import CONSUMER_DEFAULTS
+    from stream_detector.service.kafka_io import CONSUMER_DEFAULTS
 except ImportError:  # the code of an older commit, measured by bench/latency_probe.py --code (only its latency path runs)
     CONSUMER_DEFAULTS = {}
-from stream_detector.service import Detector
-from stream_detector.simulate import SimConfig, Simulator, encode_event, produce
+from stream_detector.service.loop import Detector
+from stream_detector.offline.simulate import SimConfig, Simulator, encode_event, produce
 
 log = logging.getLogger("bench.e2e")
 
@@ -279,7 +279,7 @@ def latency_bundle(src: Path, work: Path) -> Path:
     out = work / "latency-bundle"
     if out.exists():
         shutil.rmtree(out)
-    from stream_detector.bundle import Calibration
+    from stream_detector.core.bundle import Calibration
 
     write_bundle(out, b.model_path.read_bytes(), model_version=b.model_version + "-latency", features=list(b.features),
                  window=b.window, normaliser=b.normaliser, scoring=b.scoring,
@@ -592,7 +592,7 @@ def main() -> int:
     global PROVIDER, MAX_WAIT_MS
     PROVIDER, MAX_WAIT_MS = args.provider, args.max_wait_ms
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("stream_detector.windows").setLevel(logging.ERROR)
+    logging.getLogger("stream_detector.core.windows").setLevel(logging.ERROR)
 
     bootstrap = args.bootstrap or start_broker()
     bundle = load_bundle(args.bundle)

@@ -46,8 +46,8 @@ import json, sys
 from perfkit import prepare_cuda
 info = prepare_cuda()
 try:
-    from stream_detector.bundle import load_bundle
-    from stream_detector.scorer import Scorer
+    from stream_detector.core.bundle import load_bundle
+    from stream_detector.core.scorer import Scorer
     from perfkit import REFERENCE_BUNDLE
     s = Scorer(load_bundle(REFERENCE_BUNDLE), provider="cuda")
     info["session_providers"] = s.session.get_providers()

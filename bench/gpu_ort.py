@@ -4,7 +4,7 @@
   scorer fed host-gathered windows does);
 - `iobinding_device`: input already on the GPU (an `OrtValue` bound with IO binding), output left
   on the GPU: the model alone, DESIGN.md's "inputs already on the GPU" figure;
-- `device_windows`: the service's GPU path (stream_detector/device_windows.py): windows gathered
+- `device_windows`: the service's GPU path (stream_detector/core/device_windows.py): windows gathered
   on the GPU from the device ring by slot and position, the model, the scoring rule in the
   graph; only the slot/position indices go in and scores + per-feature errors come back.
 
@@ -52,10 +52,10 @@ def main() -> int:
 
     import onnxruntime as ort
 
-    from stream_detector.bundle import load_bundle
-    from stream_detector.device_windows import DeviceWindows
-    from stream_detector.scorer import Scorer
-    from stream_detector.windows import WindowStore
+    from stream_detector.core.bundle import load_bundle
+    from stream_detector.core.device_windows import DeviceWindows
+    from stream_detector.core.scorer import Scorer
+    from stream_detector.core.windows import WindowStore
 
     bundle = load_bundle(args.bundle)
     w, f = bundle.window, bundle.n_features

@@ -25,10 +25,10 @@ from typing import Any
 
 from perfkit import REFERENCE_BUNDLE, StageClock, cpu_delta, input_settings, prepare_cuda, rss_bytes, simulated_messages, thread_cpu
 
-from stream_detector.bundle import load_bundle
-from stream_detector.decode import Decoder
-from stream_detector.pipeline import DetectionSettings, DetectorCore
-from stream_detector.scorer import Scorer
+from stream_detector.core.bundle import load_bundle
+from stream_detector.service.decode import Decoder
+from stream_detector.core.pipeline import DetectionSettings, DetectorCore
+from stream_detector.core.scorer import Scorer
 
 
 def run_inprocess(bundle_path: Path, messages: list[Any], features: list[str], *, hop: int, provider: str, max_batch: int,

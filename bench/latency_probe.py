@@ -127,7 +127,7 @@ def _instrument() -> None:
         else:
             _GC.append((info["generation"], (time.perf_counter() - _gc_start[0]) * 1000.0, time.time() * 1000.0))
 
-    from stream_detector import kafka_io
+    from stream_detector.service.loop import kafka_io
 
     commit = kafka_io.KafkaSource.commit
 
@@ -251,7 +251,7 @@ def main() -> int:
         sys.path.append(str(REPO))  # perfkit puts the repository first unless it is on the path already
         sys.path.insert(0, str(args.code.resolve()))
     import e2e as bench_e2e
-    from stream_detector import service as service_module
+    from stream_detector.service.loop import loop as service_module
 
     e2e, service = bench_e2e, service_module
     print(f"measuring {Path(service.__file__).resolve().parent}", file=sys.stderr)

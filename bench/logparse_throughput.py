@@ -21,11 +21,12 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from stream_detector.logbundle import COUNTS_LAYOUT, LogModelSpec
-from stream_detector.logfeatures import LogFeaturizer, explode, make_feature_config
-from stream_detector.logparse import LineParser, make_config
-from stream_detector.logstage import LogDetectorCore, LogStage
-from stream_detector.templates import UNKNOWN_TEMPLATE_ID, TemplateMiner, TemplateSet, make_template_config
+from stream_detector.logs.spec import COUNTS_LAYOUT, LogModelSpec
+from stream_detector.logs.features import LogFeaturizer, explode, make_feature_config
+from stream_detector.logs.parse import LineParser, make_config
+from stream_detector.logs.core import LogDetectorCore
+from stream_detector.logs.stage import LogStage
+from stream_detector.logs.templates import UNKNOWN_TEMPLATE_ID, TemplateMiner, TemplateSet, make_template_config
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET_LINES_PER_S = 50_000

@@ -44,7 +44,7 @@ def reference_bundle(work: Path, features: int = 38, window: int = 64) -> Path:
     one short epoch on simulated normal data (throughput does not depend on how well it is trained)."""
     if features == 38 and window == 64 and (REFERENCE_BUNDLE / "bundle.json").exists():
         return REFERENCE_BUNDLE
-    from stream_detector.simulate import SimConfig, Simulator, write_file
+    from stream_detector.offline.simulate import SimConfig, Simulator, write_file
 
     data = work / "normal.csv"
     write_file(Simulator(SimConfig(entities=40, features=features, seed=5), 400), data)
@@ -59,8 +59,8 @@ def reference_bundle(work: Path, features: int = 38, window: int = 64) -> Path:
 def standalone_ort(bundle_path: Path, provider: str, batch: int, seconds: float, threads: int | None = None) -> tuple[float, str, float]:
     """(windows/s, active provider, process CPU seconds per 1,000 windows) of the bundle's model
     alone through `Scorer.score` (host arrays in, scores out) on random windows of `batch`."""
-    from stream_detector.bundle import load_bundle
-    from stream_detector.scorer import Scorer
+    from stream_detector.core.bundle import load_bundle
+    from stream_detector.core.scorer import Scorer
 
     bundle = load_bundle(bundle_path)
     scorer = Scorer(bundle, provider=provider, max_batch=batch, intra_op_threads=threads)
@@ -111,7 +111,7 @@ class FakeMessage:
 def simulated_messages(entities: int, ticks: int, features: int = 38, partitions: int = 4, seed: int = 11,
                        topic: str = "bench") -> tuple[list[FakeMessage], list[str]]:
     """Contract-2 JSON events of a simulated fleet (tick-major), as messages; plus the feature names."""
-    from stream_detector.simulate import SimConfig, Simulator
+    from stream_detector.offline.simulate import SimConfig, Simulator
 
     sim = Simulator(SimConfig(entities=entities, features=features, anomaly_rate=1.0, warmup=0, seed=seed), ticks)
     offsets = [0] * partitions
@@ -130,7 +130,7 @@ def hash_partition(key: str, partitions: int) -> int:
 def input_settings(timestamp_field: str | None = "ts", key_field: str | None = None) -> Any:
     """`config.InputSettings` when pydantic is installed, else an object with the same fields."""
     try:
-        from stream_detector.config import InputSettings
+        from stream_detector.service.config import InputSettings
 
         return InputSettings(timestamp_field=timestamp_field, key_field=key_field)
     except ImportError:

@@ -7,7 +7,7 @@ For every machine in DATA/smd and every variant — Transformer autoencoders (`m
 trained with `training.fit.fit`) and the baselines (`pca`, `zscore`, `training.baselines`) — the
 bundle is trained on `train/MACHINE.txt`, `test/MACHINE.txt` is fed through `replay_table` (the
 very `DetectorCore` the service runs: windows, ONNX Runtime, rolling thresholds, alerts) and
-`stream_detector.evaluate` scores the result against `test_label/`. Prints one table and writes
+`stream_detector.offline.evaluate` scores the result against `test_label/`. Prints one table and writes
 OUT/quality.md (the generated block between the markers; text around it is kept) with the table,
 the exact command and the plots (OUT/quality/VARIANT/MACHINE.png).
 
@@ -38,14 +38,14 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from stream_detector import evaluate as ev  # noqa: E402
-from stream_detector.alerts import AlertParams  # noqa: E402
-from stream_detector.bundle import load_bundle  # noqa: E402
-from stream_detector.datafiles import read_table  # noqa: E402
-from stream_detector.pipeline import DetectionSettings, DetectorCore  # noqa: E402
-from stream_detector.replay import replay_table  # noqa: E402
-from stream_detector.scorer import Scorer  # noqa: E402
-from stream_detector.thresholds import ThresholdParams  # noqa: E402
+from stream_detector.offline import evaluate as ev  # noqa: E402
+from stream_detector.core.alerts import AlertParams  # noqa: E402
+from stream_detector.core.bundle import load_bundle  # noqa: E402
+from stream_detector.offline.datafiles import read_table  # noqa: E402
+from stream_detector.core.pipeline import DetectionSettings, DetectorCore  # noqa: E402
+from stream_detector.offline.replay import replay_table  # noqa: E402
+from stream_detector.core.scorer import Scorer  # noqa: E402
+from stream_detector.core.thresholds import ThresholdParams  # noqa: E402
 
 log = logging.getLogger("bench.quality")
 

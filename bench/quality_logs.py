@@ -35,16 +35,16 @@ import orjson
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from stream_detector.alerts import AlertParams  # noqa: E402
-from stream_detector.bundle import load_bundle  # noqa: E402
-from stream_detector.logbundle import load_log_spec  # noqa: E402
-from stream_detector.logeval import format_session_summary, prf, read_entities, session_metrics  # noqa: E402
-from stream_detector.logfeatures import LogFeaturizer, make_feature_config  # noqa: E402
-from stream_detector.logparse import LineParser, make_config  # noqa: E402
-from stream_detector.logreplay import replay_log  # noqa: E402
-from stream_detector.pipeline import DetectionSettings  # noqa: E402
-from stream_detector.scorer import Scorer  # noqa: E402
-from stream_detector.thresholds import ThresholdParams  # noqa: E402
+from stream_detector.core.alerts import AlertParams  # noqa: E402
+from stream_detector.core.bundle import load_bundle  # noqa: E402
+from stream_detector.logs.spec import load_log_spec  # noqa: E402
+from stream_detector.offline.logeval import format_session_summary, prf, read_entities, session_metrics  # noqa: E402
+from stream_detector.logs.features import LogFeaturizer, make_feature_config  # noqa: E402
+from stream_detector.logs.parse import LineParser, make_config  # noqa: E402
+from stream_detector.offline.logreplay import replay_log  # noqa: E402
+from stream_detector.core.pipeline import DetectionSettings  # noqa: E402
+from stream_detector.core.scorer import Scorer  # noqa: E402
+from stream_detector.core.thresholds import ThresholdParams  # noqa: E402
 
 
 def load_hdfs(data: Path) -> tuple[list[bytes], dict[str, bool]]:

@@ -39,14 +39,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from stream_detector.bundle import Normaliser
+    from stream_detector.core.bundle import Normaliser
     from training.model import TransformerAutoencoder
     from training.trainer import train
 
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     if args.data.is_file():
-        from stream_detector.datafiles import read_table
+        from stream_detector.offline.datafiles import read_table
 
         values = read_table(args.data, "smd").values
         source = str(args.data)

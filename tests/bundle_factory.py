@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from stream_detector.bundle import (
+from stream_detector.core.bundle import (
     INPUT_NAME,
     OUTPUT_NAME,
     Bundle,

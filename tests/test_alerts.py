@@ -9,7 +9,7 @@ import numpy as np
 import orjson
 import pytest
 
-from stream_detector.alerts import (
+from stream_detector.core.alerts import (
     ALERT_SCHEMA,
     AlertParams,
     AlertState,
@@ -19,7 +19,7 @@ from stream_detector.alerts import (
     make_alert_id,
     top_features,
 )
-from stream_detector.events import NO_TIME
+from stream_detector.core.events import NO_TIME
 
 
 def run(pattern: str, params: AlertParams) -> list[str | None]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stream_detector.bundle import INPUT_NAME, OUTPUT_NAME, ScoringRule, load_bundle, open_cpu_session
+from stream_detector.core.bundle import INPUT_NAME, OUTPUT_NAME, ScoringRule, load_bundle, open_cpu_session
 from training import baselines
 from training.cli import main as train_main
 
@@ -69,10 +69,10 @@ def _write_csv(path, rows: np.ndarray) -> None:
 
 @pytest.mark.parametrize("kind, reduction, window", [("pca", "mean_squared_error", 2), ("zscore", "max_squared_error", 16)])
 def test_cli_writes_a_bundle_the_scoring_core_runs(tmp_path, rng, kind, reduction, window, capsys):
-    from stream_detector.events import EventBatch
-    from stream_detector.pipeline import DetectionSettings, DetectorCore
-    from stream_detector.scorer import Scorer
-    from stream_detector.thresholds import ThresholdParams
+    from stream_detector.core.events import EventBatch
+    from stream_detector.core.pipeline import DetectionSettings, DetectorCore
+    from stream_detector.core.scorer import Scorer
+    from stream_detector.core.thresholds import ThresholdParams
 
     train = _low_rank_rows(rng, 1500)
     _write_csv(tmp_path / "train.csv", train)

@@ -1,4 +1,4 @@
-"""stream_detector.bundle: round trip, and the loader's refusals (sha256, schema, W/F vs ONNX
+"""stream_detector.core.bundle: round trip, and the loader's refusals (sha256, schema, W/F vs ONNX
 shapes, names), each one sentence. Torch-free: models come from tests/bundle_factory.py."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from bundle_factory import make_bundle, model_bytes
-from stream_detector.bundle import (
+from stream_detector.core.bundle import (
     BundleError,
     Calibration,
     Normaliser,

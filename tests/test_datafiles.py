@@ -1,4 +1,4 @@
-"""stream_detector.datafiles: every format, key/timestamp handling, the missing-value policy, errors."""
+"""stream_detector.offline.datafiles: every format, key/timestamp handling, the missing-value policy, errors."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import orjson
 import pytest
 
-from stream_detector.datafiles import DataFileError, read_table
+from stream_detector.offline.datafiles import DataFileError, read_table
 
 
 def write_csv(path, header, rows):

@@ -11,10 +11,10 @@ import orjson
 import pytest
 
 from bundle_factory import make_bundle
-from stream_detector.bundle import ScoringRule
-from stream_detector.device_windows import DeviceWindows, _occurrence_rank
-from stream_detector.pipeline import DetectionSettings, DetectorCore
-from stream_detector.scorer import Scorer
+from stream_detector.core.bundle import ScoringRule
+from stream_detector.core.device_windows import DeviceWindows, _occurrence_rank
+from stream_detector.core.pipeline import DetectionSettings, DetectorCore
+from stream_detector.core.scorer import Scorer
 from test_pipeline import SETTINGS, W, flatten, run, stream
 
 F = 4

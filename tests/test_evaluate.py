@@ -9,7 +9,7 @@ import numpy as np
 import orjson
 import pytest
 
-from stream_detector import evaluate as ev
+from stream_detector.offline import evaluate as ev
 from stream_detector.cli import main
 
 

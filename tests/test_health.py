@@ -7,8 +7,8 @@ import urllib.request
 
 import pytest
 
-from stream_detector.health import Health
-from stream_detector.metrics import Metrics, MetricsServer
+from stream_detector.service.health import Health
+from stream_detector.service.metrics import Metrics, MetricsServer
 
 
 class Clock:

@@ -9,9 +9,9 @@ import orjson
 import pytest
 
 from logsynth import make_log, train_tiny_bundle
-from stream_detector.bundle import BundleError, load_bundle
-from stream_detector.logbundle import LOGS_SECTION, TEMPLATES_FILE, feature_names, load_log_spec
-from stream_detector.logparse import LOG_PARSER_VERSION
+from stream_detector.core.bundle import BundleError, load_bundle
+from stream_detector.logs.spec import LOGS_SECTION, TEMPLATES_FILE, feature_names, load_log_spec
+from stream_detector.logs.parse import LOG_PARSER_VERSION
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,12 @@ import orjson
 import pytest
 
 from logsynth import make_log, train_tiny_bundle
-from stream_detector.bundle import BundleError, load_bundle
-from stream_detector.logbundle import COUNTS_LAYOUT, IDLE_TOKEN, LOGS_SECTION, LogModelSpec, count_feature_names, load_log_spec
-from stream_detector.logfeatures import LogFeatureConfigError, make_feature_config
-from stream_detector.logparse import make_config
-from stream_detector.logstage import IDLE, LINE, START, LogStage
-from stream_detector.templates import TemplateMiner
+from stream_detector.core.bundle import BundleError, load_bundle
+from stream_detector.logs.spec import COUNTS_LAYOUT, IDLE_TOKEN, LOGS_SECTION, LogModelSpec, count_feature_names, load_log_spec
+from stream_detector.logs.features import LogFeatureConfigError, make_feature_config
+from stream_detector.logs.parse import make_config
+from stream_detector.logs.stage import IDLE, LINE, LogStage, START
+from stream_detector.logs.templates import TemplateMiner
 
 BLK = "blk_38865049064139660"
 RECV = "081109 {t} 148 INFO dfs.DataNode$DataXceiver: Receiving block " + BLK + " src: /10.250.19.102:54106 dest: /10.250.19.102:50010"
@@ -120,10 +120,10 @@ def test_bundle_loads_and_refuses_features_of_another_layout(counts_bundle, tmp_
 
 
 def test_replay_catches_unknown_at_the_line_and_truncated_at_the_idle_check(counts_bundle, tmp_path):
-    from stream_detector.logreplay import replay_log
-    from stream_detector.pipeline import DetectionSettings
-    from stream_detector.scorer import Scorer
-    from stream_detector.thresholds import ThresholdParams
+    from stream_detector.offline.logreplay import replay_log
+    from stream_detector.core.pipeline import DetectionSettings
+    from stream_detector.core.scorer import Scorer
+    from stream_detector.core.thresholds import ThresholdParams
 
     lines, kinds = make_log(11, 40, {"unknown": 4, "truncated": 4}, spacing=30)
     data = tmp_path / "stream.log"
@@ -142,7 +142,7 @@ def test_replay_catches_unknown_at_the_line_and_truncated_at_the_idle_check(coun
         assert a["top_features"][0]["name"] == "count:unknown"
     # a truncated block is judged once it has rested 300 s by the stream's clock; one whose pause
     # is still shorter when the input ends is not judged (nothing is known about it yet)
-    from stream_detector.logparse import LineParser
+    from stream_detector.logs.parse import LineParser
 
     parser = LineParser(spec.parser)
     last: dict[str, int] = {}

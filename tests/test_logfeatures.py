@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stream_detector.logfeatures import (
+from stream_detector.logs.features import (
     LogFeatureConfigError,
     LogFeaturizer,
     end_template_ids,

@@ -7,7 +7,7 @@ import calendar
 import orjson
 import pytest
 
-from stream_detector.logparse import (
+from stream_detector.logs.parse import (
     LineParser,
     LogConfigError,
     LogLineError,

@@ -19,8 +19,8 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from conftest import read_to_end
 from logsynth import make_log, train_tiny_bundle
-from stream_detector.config import load_settings
-from stream_detector.service import Detector
+from stream_detector.service.config import load_settings
+from stream_detector.service.loop import Detector
 
 pytestmark = pytest.mark.kafka
 

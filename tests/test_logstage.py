@@ -10,13 +10,13 @@ import orjson
 import pytest
 
 from logsynth import make_log, train_tiny_bundle
-from stream_detector.bundle import load_bundle
-from stream_detector.logbundle import LogModelSpec, load_log_spec
-from stream_detector.logeval import EntityDecisions, read_entities, read_entity_labels, session_metrics
-from stream_detector.logfeatures import make_feature_config
-from stream_detector.logparse import make_config
-from stream_detector.logstage import END, LINE, START, LogStage
-from stream_detector.templates import TemplateMiner
+from stream_detector.core.bundle import load_bundle
+from stream_detector.logs.spec import LogModelSpec, load_log_spec
+from stream_detector.offline.logeval import EntityDecisions, read_entities, read_entity_labels, session_metrics
+from stream_detector.logs.features import make_feature_config
+from stream_detector.logs.parse import make_config
+from stream_detector.logs.stage import END, LINE, LogStage, START
+from stream_detector.logs.templates import TemplateMiner
 
 L1 = "081109 203615 148 INFO dfs.DataNode$PacketResponder: PacketResponder 1 for block blk_38865049064139660 terminating"
 L2 = "081109 203807 222 INFO dfs.DataNode$PacketResponder: PacketResponder 0 for block blk_-6952295868487656571 terminating"
@@ -101,11 +101,11 @@ def tiny_bundle(tmp_path_factory):
 
 
 def test_replay_flags_anomalous_blocks_with_annotated_alerts(tiny_bundle, tmp_path):
-    from stream_detector.alerts import AlertParams
-    from stream_detector.logreplay import replay_log
-    from stream_detector.pipeline import DetectionSettings
-    from stream_detector.scorer import Scorer
-    from stream_detector.thresholds import ThresholdParams
+    from stream_detector.core.alerts import AlertParams
+    from stream_detector.offline.logreplay import replay_log
+    from stream_detector.core.pipeline import DetectionSettings
+    from stream_detector.core.scorer import Scorer
+    from stream_detector.core.thresholds import ThresholdParams
 
     lines, kinds = make_log(11, 40, {"unknown": 4, "truncated": 4}, spacing=30)
     lines.insert(5, "garbage that no parser reads")

@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 
 from logsynth import make_log, train_tiny_bundle
-from stream_detector.bundle import load_bundle
-from stream_detector.changelog import StateAssembler, StateTracker
-from stream_detector.logbundle import load_log_spec
-from stream_detector.logstage import IDLE, LogDetectorCore, LogStage, SavedSession
-from stream_detector.pipeline import DetectionSettings, DetectorCore
-from stream_detector.scorer import Scorer
-from stream_detector.thresholds import ThresholdParams
+from stream_detector.core.bundle import load_bundle
+from stream_detector.service.changelog import StateAssembler, StateTracker
+from stream_detector.logs.spec import load_log_spec
+from stream_detector.logs.core import LogDetectorCore
+from stream_detector.logs.stage import IDLE, LogStage, SavedSession
+from stream_detector.core.pipeline import DetectionSettings, DetectorCore
+from stream_detector.core.scorer import Scorer
+from stream_detector.core.thresholds import ThresholdParams
 
 TOPIC, PART, CHUNK = "logs", 3, 50
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from stream_detector.health import Health
-from stream_detector.metrics import Metrics, MetricsServer
+from stream_detector.service.health import Health
+from stream_detector.service.metrics import Metrics, MetricsServer
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "operations.md"
 

@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from stream_detector.notify import SystemdNotifier
+from stream_detector.service.notify import SystemdNotifier
 
 
 class FakeSystemd:
@@ -105,7 +105,7 @@ def test_without_systemd_everything_is_a_quiet_no_op():
 
 def test_vanished_socket_is_said_once_and_never_raises(tmp_path, caplog):
     n = SystemdNotifier({"NOTIFY_SOCKET": str(tmp_path / "gone.sock")})
-    with caplog.at_level("WARNING", logger="stream_detector.notify"):
+    with caplog.at_level("WARNING", logger="stream_detector.service.notify"):
         assert not n.ready()
         assert not n.stopping()
     warnings = [r for r in caplog.records if "notify socket" in r.getMessage()]
@@ -113,7 +113,7 @@ def test_vanished_socket_is_said_once_and_never_raises(tmp_path, caplog):
 
 
 def test_relative_socket_name_is_refused_with_a_warning(caplog):
-    with caplog.at_level("WARNING", logger="stream_detector.notify"):
+    with caplog.at_level("WARNING", logger="stream_detector.service.notify"):
         n = SystemdNotifier({"NOTIFY_SOCKET": "relative.sock"})
     assert not n.enabled
     assert "neither an absolute path" in caplog.text

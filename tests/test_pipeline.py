@@ -8,12 +8,12 @@ import orjson
 import pytest
 
 from bundle_factory import make_bundle
-from stream_detector.alerts import AlertParams
-from stream_detector.events import EventBatch
-from stream_detector.pipeline import DetectionSettings, DetectorCore
-from stream_detector.scorer import Scorer
-from stream_detector.thresholds import ThresholdParams
-from stream_detector.windows import hop_phase
+from stream_detector.core.alerts import AlertParams
+from stream_detector.core.events import EventBatch
+from stream_detector.core.pipeline import DetectionSettings, DetectorCore
+from stream_detector.core.scorer import Scorer
+from stream_detector.core.thresholds import ThresholdParams
+from stream_detector.core.windows import hop_phase
 
 F, W = 4, 8
 SETTINGS = DetectionSettings(threshold=ThresholdParams(warmup=50, history=300), alerts=AlertParams(resolve_after=5))

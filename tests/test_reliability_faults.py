@@ -30,11 +30,11 @@ from faults import (
     Progress, Row, SecondBroker, Service, alerts_of, committed_total, compare, create_topics, delete_topics, produce, read_topic,
     record, run_args, wait_until,
 )
-from stream_detector.events import EventBatch
-from stream_detector.pipeline import DetectionSettings, DetectorCore
-from stream_detector.scorer import Scorer
-from stream_detector.service import FAULT_KILL_BEFORE_COMMIT
-from stream_detector.simulate import SimConfig, Simulator
+from stream_detector.core.events import EventBatch
+from stream_detector.core.pipeline import DetectionSettings, DetectorCore
+from stream_detector.core.scorer import Scorer
+from stream_detector.service.loop import FAULT_KILL_BEFORE_COMMIT
+from stream_detector.offline.simulate import SimConfig, Simulator
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -406,11 +406,11 @@ import resource, sys, time
 import numpy as np, orjson
 sys.path.insert(0, "tests")
 from bundle_factory import make_bundle
-from stream_detector.changelog import StateTracker
-from stream_detector.config import InputSettings
-from stream_detector.decode import Decoder
-from stream_detector.pipeline import DetectionSettings, DetectorCore
-from stream_detector.scorer import Scorer
+from stream_detector.service.changelog import StateTracker
+from stream_detector.service.config import InputSettings
+from stream_detector.service.decode import Decoder
+from stream_detector.core.pipeline import DetectionSettings, DetectorCore
+from stream_detector.core.scorer import Scorer
 
 F, W, CAP, N, B = 8, 8, int(sys.argv[2]), int(sys.argv[3]), 4096
 feats = [f"sensor_{i:02d}" for i in range(F)]

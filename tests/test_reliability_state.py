@@ -10,13 +10,13 @@ import orjson
 import pytest
 
 from bundle_factory import make_bundle
-from stream_detector.changelog import ChangelogError, StateAssembler, StateTracker, decode_state, encode_state
-from stream_detector.events import EventBatch
-from stream_detector.pipeline import DetectionSettings, DetectorCore
-from stream_detector.scorer import Scorer
-from stream_detector.service import paced_quota
-from stream_detector.simulate import SimConfig, Simulator
-from stream_detector.thresholds import ThresholdParams
+from stream_detector.service.changelog import ChangelogError, StateAssembler, StateTracker, decode_state, encode_state
+from stream_detector.core.events import EventBatch
+from stream_detector.core.pipeline import DetectionSettings, DetectorCore
+from stream_detector.core.scorer import Scorer
+from stream_detector.service.loop import paced_quota
+from stream_detector.offline.simulate import SimConfig, Simulator
+from stream_detector.core.thresholds import ThresholdParams
 
 F, W, E, T = 6, 8, 12, 300
 
@@ -327,7 +327,7 @@ def test_fences_skip_exactly_what_restored_state_holds():
 
 
 def test_exactly_once_without_changelog_is_refused_in_one_sentence():
-    from stream_detector.config import ConfigError, load_settings
+    from stream_detector.service.config import ConfigError, load_settings
 
     with pytest.raises(ConfigError, match="exactly_once needs the state changelog"):
         load_settings(None, {"processing": {"guarantee": "exactly_once", "changelog": False}})
@@ -343,8 +343,8 @@ def test_changelog_topic_created_checked_and_refused(kafka_bootstrap, make_topic
 
     from confluent_kafka.admin import AdminClient, ConfigResource
 
-    from stream_detector.changelog import ensure_changelog_topic
-    from stream_detector.config import load_settings
+    from stream_detector.service.changelog import ensure_changelog_topic
+    from stream_detector.service.config import load_settings
 
     def settings(topic):
         return load_settings(None, {"kafka": {"bootstrap_servers": kafka_bootstrap, "group_id": f"g-{uuid.uuid4().hex[:8]}"},
@@ -416,8 +416,8 @@ def test_a_stalled_loop_ends_the_process_in_one_sentence():
 
     code = (
         "import threading\n"
-        "from stream_detector.health import Health\n"
-        "from stream_detector.service import Detector\n"
+        "from stream_detector.service.health import Health\n"
+        "from stream_detector.service.loop import Detector\n"
         "d = Detector.__new__(Detector)\n"
         "d.health, d._stop = Health(), threading.Event()\n"
         "d.health.tick()\n"
@@ -433,8 +433,8 @@ def test_a_stalled_loop_ends_the_process_in_one_sentence():
     # a loop that keeps ticking, or one told to stop, is left alone
     code_ok = (
         "import threading, time\n"
-        "from stream_detector.health import Health\n"
-        "from stream_detector.service import Detector\n"
+        "from stream_detector.service.health import Health\n"
+        "from stream_detector.service.loop import Detector\n"
         "d = Detector.__new__(Detector)\n"
         "d.health, d._stop = Health(), threading.Event()\n"
         "done = threading.Event()\n"

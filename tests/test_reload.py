@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 
 from bundle_factory import make_bundle
-from stream_detector.alerts import AlertParams
-from stream_detector.bundle import MODEL_FILE
-from stream_detector.events import EventBatch
-from stream_detector.pipeline import DetectionSettings, DetectorCore
-from stream_detector.reload import LoadedModel, ModelReloader, ReloadError, check_compatible
-from stream_detector.scorer import Scorer
-from stream_detector.thresholds import ThresholdParams
+from stream_detector.core.alerts import AlertParams
+from stream_detector.core.bundle import MODEL_FILE
+from stream_detector.core.events import EventBatch
+from stream_detector.core.pipeline import DetectionSettings, DetectorCore
+from stream_detector.service.reload import LoadedModel, ModelReloader, ReloadError, check_compatible
+from stream_detector.core.scorer import Scorer
+from stream_detector.core.thresholds import ThresholdParams
 
 F, W = 4, 8
 FEATURES = ["a", "b", "c", "d"]
@@ -76,7 +76,7 @@ def test_sighup_loads_verifies_and_hands_over_once(tmp_path, caplog):
     try:
         make_bundle(tmp_path, FEATURES, W, kind="zeros", model_version="v2", name="live")  # replaced in place
         os.kill(os.getpid(), signal.SIGHUP)
-        with caplog.at_level("INFO", logger="stream_detector.reload"):
+        with caplog.at_level("INFO", logger="stream_detector.service.reload"):
             got = wait_for(r)
     finally:
         signal.signal(signal.SIGHUP, previous)
@@ -102,7 +102,7 @@ def test_tampered_model_keeps_the_old_one_and_says_why(tmp_path, caplog):
     with open(new.model_path, "ab") as f:  # the sha256 in bundle.json no longer matches
         f.write(b"\0")
     r.request()
-    with caplog.at_level("ERROR", logger="stream_detector.reload"):
+    with caplog.at_level("ERROR", logger="stream_detector.service.reload"):
         assert wait_for(r) is None
     assert r.current.model_version == "v1"
     assert "does not match the sha256" in r.last_error
@@ -237,8 +237,8 @@ def test_service_reload_under_load_loses_nothing(tmp_path, kafka_bootstrap, make
 
     from confluent_kafka import Consumer, Producer, TopicPartition
 
-    from stream_detector.config import load_settings
-    from stream_detector.service import Detector
+    from stream_detector.service.config import load_settings
+    from stream_detector.service.loop import Detector
 
     topic, alerts_topic, dlq = make_topic(partitions=2), make_topic(partitions=1), make_topic()
     n_entities, steps = 12, 240

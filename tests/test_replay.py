@@ -10,7 +10,7 @@ import pytest
 
 from bundle_factory import make_bundle
 from stream_detector.cli import main
-from stream_detector.windows import hop_phase
+from stream_detector.core.windows import hop_phase
 
 
 @pytest.fixture

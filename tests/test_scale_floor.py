@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stream_detector.bundle import Normaliser, load_bundle
+from stream_detector.core.bundle import Normaliser, load_bundle
 
 
 def spiky_rows(rng, n=5000):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from bundle_factory import make_bundle
-from stream_detector.scorer import Scorer, ScorerError
+from stream_detector.core.scorer import Scorer, ScorerError
 
 
 def test_cpu_scores_follow_the_scoring_rule(tmp_path, rng):
@@ -33,7 +33,7 @@ def test_warm_up_passes_a_sound_model_and_refuses_one_that_returns_nan(tmp_path)
 
 
 def test_the_service_scorer_takes_provider_and_batch_size_from_the_settings(tmp_path):
-    from stream_detector.config import Settings
+    from stream_detector.service.config import Settings
 
     b = make_bundle(tmp_path, window=6)
     s = Scorer.from_settings(b, Settings(model={"provider": "cpu"}, runtime={"max_batch": 7}))
@@ -73,7 +73,7 @@ def test_cuda_requested_without_a_gpu_reports_the_cpu_it_really_runs_on(tmp_path
     if _gpu_present():
         pytest.skip("this machine has a GPU")
     b = make_bundle(tmp_path)
-    with caplog.at_level("WARNING", logger="stream_detector.scorer"):
+    with caplog.at_level("WARNING", logger="stream_detector.core.scorer"):
         s = Scorer(b, provider="cuda")
     assert s.provider == s.session.get_providers()[0] == "CPUExecutionProvider" and not s.on_cuda
     assert any("CUDA was requested (provider=cuda) but is not active" in r.getMessage() for r in caplog.records)

@@ -21,12 +21,12 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from bundle_factory import make_bundle
 from conftest import read_to_end
-from stream_detector.config import load_settings
-from stream_detector.events import EventBatch
-from stream_detector.pipeline import DetectionSettings, DetectorCore
-from stream_detector.scorer import Scorer
-from stream_detector.service import Detector
-from stream_detector.simulate import STRONG_KINDS, SimConfig, Simulator
+from stream_detector.service.config import load_settings
+from stream_detector.core.events import EventBatch
+from stream_detector.core.pipeline import DetectionSettings, DetectorCore
+from stream_detector.core.scorer import Scorer
+from stream_detector.service.loop import Detector
+from stream_detector.offline.simulate import STRONG_KINDS, SimConfig, Simulator
 
 pytestmark = pytest.mark.kafka
 

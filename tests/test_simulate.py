@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from stream_detector.simulate import KINDS, SimConfig, Simulator, read_truth, write_truth
+from stream_detector.offline.simulate import KINDS, SimConfig, Simulator, read_truth, write_truth
 
 
 def test_deterministic_and_anomalies_only_inside_truth(rng):

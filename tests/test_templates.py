@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from stream_detector.templates import (
+from stream_detector.logs.templates import (
     UNKNOWN_TEMPLATE,
     UNKNOWN_TEMPLATE_ID,
     TemplateConfigError,

@@ -7,7 +7,7 @@ import numpy as np
 import orjson
 import pytest
 
-from stream_detector.thresholds import RollingQuantile, Spot, ThresholdParams, make_threshold, threshold_from_state
+from stream_detector.core.thresholds import RollingQuantile, Spot, ThresholdParams, make_threshold, threshold_from_state
 
 PARAMS = {
     "quantile": ThresholdParams(method="quantile", warmup=50, history=200, quantile=0.99, multiplier=1.2),

@@ -8,8 +8,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from stream_detector.bundle import INPUT_NAME, OUTPUT_NAME, load_bundle, open_cpu_session  # noqa: E402
-from stream_detector.datafiles import read_table  # noqa: E402
+from stream_detector.core.bundle import INPUT_NAME, OUTPUT_NAME, load_bundle, open_cpu_session  # noqa: E402
+from stream_detector.offline.datafiles import read_table  # noqa: E402
 from training.calibrate import calibrate  # noqa: E402
 from training.export import ExportNameMismatch, ExportShapeMismatch, ExportValueMismatch, check_parity, export_onnx  # noqa: E402
 from training.fit import fit  # noqa: E402

@@ -96,7 +96,7 @@ def test_config_file_then_flags_override(tmp_path, rng, capsys):
     code, _, err = run(capsys, "fit", *TINY, "--config", str(tmp_path / "c.toml"), "--data", str(tmp_path / "ok.txt"),
                        "--out", str(tmp_path / "b"))
     assert code == 0, err
-    from stream_detector.bundle import load_bundle
+    from stream_detector.core.bundle import load_bundle
 
     b = load_bundle(tmp_path / "b")
     assert b.window == 8  # the flag beat the file

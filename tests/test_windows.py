@@ -8,8 +8,8 @@ from collections import deque
 import numpy as np
 import pytest
 
-from stream_detector.events import NO_TIME
-from stream_detector.windows import WindowStore, hop_phase
+from stream_detector.core.events import NO_TIME
+from stream_detector.core.windows import WindowStore, hop_phase
 
 
 class NaiveWindows:

@@ -35,8 +35,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from stream_detector.bundle import INPUT_NAME, OUTPUT_NAME, BundleError, Normaliser, ScoringRule, load_bundle, write_bundle
-from stream_detector.datafiles import DataFileError, read_table
+from stream_detector.core.bundle import INPUT_NAME, OUTPUT_NAME, BundleError, Normaliser, ScoringRule, load_bundle, write_bundle
+from stream_detector.offline.datafiles import DataFileError, read_table
 from training.windows import WindowingError, plan_windows
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stream_detector.bundle import INPUT_NAME, OUTPUT_NAME, Calibration, ScoringRule
+from stream_detector.core.bundle import INPUT_NAME, OUTPUT_NAME, Calibration, ScoringRule
 from training.export import ort_session
 
 QUANTILES = (0.9, 0.99, 0.999, 0.9999)

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import torch
 
-from stream_detector.bundle import INPUT_NAME, OUTPUT_NAME
+from stream_detector.core.bundle import INPUT_NAME, OUTPUT_NAME
 
 log = logging.getLogger(__name__)
 

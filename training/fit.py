@@ -1,7 +1,7 @@
 """`stream-detector-train fit`: data file -> windows -> Transformer autoencoder -> ONNX -> bundle.
 
 Python API: `fit(settings: FitSettings) -> FitResult` (the bundle path and the figures). Steps:
-read the file (stream_detector.datafiles), plan windows per entity (training.windows), fit the
+read the file (stream_detector.offline.datafiles), plan windows per entity (training.windows), fit the
 `Normaliser` on training rows only, train (training.trainer), export and prove ONNX parity
 (training.export), calibrate on validation windows through ONNX Runtime (training.calibrate),
 then write model.onnx + bundle.json + report.png in one atomic `write_bundle`. Any failure
@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from stream_detector.bundle import Bundle, BundleError, Normaliser, ScoringRule, load_bundle, write_bundle, SCHEMA_VERSION
-from stream_detector.datafiles import DataFileError, read_table
+from stream_detector.core.bundle import Bundle, BundleError, Normaliser, ScoringRule, load_bundle, write_bundle, SCHEMA_VERSION
+from stream_detector.offline.datafiles import DataFileError, read_table
 from training.settings import FitSettings, SettingsError, add_fit_arguments, settings_from_args
 from training.windows import WindowingError, plan_windows
 

@@ -1,6 +1,6 @@
 """The count-vector log model (`fit --format log --log-model counts`, layout `template-counts/1`).
 
-Input rows (stream_detector/logbundle.py): the cumulative template counts of an entity's session
+Input rows (stream_detector/logs/spec.py): the cumulative template counts of an entity's session
 and the row's kind. The model is a PCA reconstruction in a standardised space, one subspace per
 row kind, fitted on the training entities' rows exactly as the log stage produces them:
 - line rows: the counts after each line; the normal prefixes of a session span a subspace, and a
@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from stream_detector.bundle import INPUT_NAME, OUTPUT_NAME
-from stream_detector.logstage import IDLE, LINE, START
+from stream_detector.core.bundle import INPUT_NAME, OUTPUT_NAME
+from stream_detector.logs.stage import IDLE, LINE, START
 
 ONNX_OPSET = 17
 ONNX_IR_VERSION = 8  # ONNX Runtime 1.31 refuses IR 14 (onnx 1.23's default)

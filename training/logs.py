@@ -8,7 +8,7 @@ HDFS benchmark (docs/quality.md, Logs).
 Steps: read the lines; drop the entities a label file marks anomalous (or keep only a list of
 normal ones); mine templates with drain3 on the kept lines (`TemplateMiner`), freeze them; run the
 kept lines through the very `LogStage` the service uses, which gives the model's input rows
-(layout in stream_detector/logbundle.py); hold out the entities whose first event is latest
+(layout in stream_detector/logs/spec.py); hold out the entities whose first event is latest
 (`val_fraction`) for early stopping and calibration; train `LogSequenceModel`; export to ONNX and
 prove parity; calibrate on the held-out sessions; write the bundle with its `logs` section and
 templates.json.
@@ -43,12 +43,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from stream_detector.bundle import Calibration, Normaliser, ScoringRule, load_bundle, write_bundle
-from stream_detector.logbundle import COUNTS_LAYOUT, LAYOUT, WINDOW, LogModelSpec, feature_names
-from stream_detector.logfeatures import LogFeatureConfigError, make_feature_config
-from stream_detector.logparse import LineParser, LogConfigError, LogLineError, make_config
-from stream_detector.logstage import START, LogStage
-from stream_detector.templates import TemplateConfigError, TemplateMiner, make_template_config
+from stream_detector.core.bundle import Calibration, Normaliser, ScoringRule, load_bundle, write_bundle
+from stream_detector.logs.spec import COUNTS_LAYOUT, LAYOUT, WINDOW, LogModelSpec, feature_names
+from stream_detector.logs.features import LogFeatureConfigError, make_feature_config
+from stream_detector.logs.parse import LineParser, LogConfigError, LogLineError, make_config
+from stream_detector.logs.stage import LogStage, START
+from stream_detector.logs.templates import TemplateConfigError, TemplateMiner, make_template_config
 
 log = logging.getLogger(__name__)
 
@@ -397,7 +397,7 @@ def fit_log(s: LogFitSettings, command_line: str | None = None) -> LogFitResult:
         s.out, onnx_bytes, model_version=model_version, features=feature_names(K), window=WINDOW, normaliser=identity,
         scoring=LOG_SCORING, calibration=calibration, model=arch, training=training_meta, extra=extra, extra_files=extra_files,
     )
-    from stream_detector.logbundle import load_log_spec
+    from stream_detector.logs.spec import load_log_spec
 
     load_log_spec(load_bundle(s.out))  # the service's own checks, on what was written
     return LogFitResult(Path(s.out), model_version, templates.vocab_size - 1, int(train_idx.size), int(val_idx.size), best, calibration.threshold, parity, time.perf_counter() - t0)
@@ -452,7 +452,7 @@ def _fit_counts(s: LogFitSettings, spec: LogModelSpec, batch: Any, is_val: np.nd
         s.out, onnx_bytes, model_version=model_version, features=spec.feature_names(), window=WINDOW, normaliser=identity,
         scoring=LOG_SCORING, calibration=calibration, model=arch, training=training_meta, extra=extra, extra_files=extra_files,
     )
-    from stream_detector.logbundle import load_log_spec
+    from stream_detector.logs.spec import load_log_spec
 
     load_log_spec(load_bundle(s.out))  # the service's own checks, on what was written
     return LogFitResult(Path(s.out), model_version, spec.vocab_size - 1, n_train, int(val_all.size), math.nan, calibration.threshold, parity, time.perf_counter() - t0)
@@ -500,7 +500,7 @@ def log_settings_from_args(args: argparse.Namespace) -> LogFitSettings:
 def handle_log_fit(args: argparse.Namespace, command_line: str) -> int:
     import sys
 
-    from stream_detector.bundle import BundleError
+    from stream_detector.core.bundle import BundleError
     from training.export import ExportError
 
     try:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stream_detector.bundle import Bundle, BundleError, load_bundle
+from stream_detector.core.bundle import Bundle, BundleError, load_bundle
 
 REPORT_FILE = "report.png"
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stream_detector.datafiles import DataTable
+from stream_detector.offline.datafiles import DataTable
 
 
 class WindowingError(Exception):

@@ -19,13 +19,13 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from .alerts import OPEN, RESOLVED, AlertParams, AlertState, Source, alert_event, make_alert_id
-from .bundle import Bundle
-from .device_windows import DeviceWindows
-from .events import EventBatch
-from .scorer import Scorer
-from .thresholds import Threshold, ThresholdParams, make_threshold, threshold_from_state
-from .windows import WindowStore
+from stream_detector.core.alerts import OPEN, RESOLVED, AlertParams, AlertState, Source, alert_event, make_alert_id
+from stream_detector.core.bundle import Bundle
+from stream_detector.core.device_windows import DeviceWindows
+from stream_detector.core.events import EventBatch
+from stream_detector.core.scorer import Scorer
+from stream_detector.core.thresholds import Threshold, ThresholdParams, make_threshold, threshold_from_state
+from stream_detector.core.windows import WindowStore
 
 log = logging.getLogger(__name__)
 

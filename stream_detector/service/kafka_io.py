@@ -18,8 +18,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
-from stream_detector.config import ConfigError, Settings
-from stream_detector.decode import DeadLetter, dead_letter_headers
+from stream_detector.service.config import ConfigError, Settings
+from stream_detector.service.decode import DeadLetter, dead_letter_headers
 
 log = logging.getLogger(__name__)
 client_log = logging.getLogger("stream_detector.librdkafka")

@@ -24,13 +24,13 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from .alerts import AlertParams
-from .bundle import Bundle, BundleError, load_bundle
-from .datafiles import FORMATS, DataFileError, DataTable, read_table
-from .events import NO_TIME, EventBatch
-from .pipeline import DetectionSettings, DetectorCore
-from .scorer import PROVIDER_CHOICES, Scorer, ScorerError
-from .thresholds import ThresholdParams
+from stream_detector.core.alerts import AlertParams
+from stream_detector.core.bundle import Bundle, BundleError, load_bundle
+from stream_detector.offline.datafiles import FORMATS, DataFileError, DataTable, read_table
+from stream_detector.core.events import NO_TIME, EventBatch
+from stream_detector.core.pipeline import DetectionSettings, DetectorCore
+from stream_detector.core.scorer import PROVIDER_CHOICES, Scorer, ScorerError
+from stream_detector.core.thresholds import ThresholdParams
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_cli(args: argparse.Namespace) -> int:
     if args.format == "log":
-        from .logreplay import run_log_replay_cli
+        from stream_detector.offline.logreplay import run_log_replay_cli
 
         return run_log_replay_cli(args)
     try:

@@ -33,11 +33,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .bundle import INPUT_NAME, OUTPUT_NAME, Bundle
+from stream_detector.core.bundle import INPUT_NAME, OUTPUT_NAME, Bundle
 
 if TYPE_CHECKING:
-    from .scorer import Scorer
-    from .windows import Ingested, WindowStore
+    from stream_detector.core.scorer import Scorer
+    from stream_detector.core.windows import Ingested, WindowStore
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@
 6. print how many injected anomalies were alerted (by kind), how many alerts were false, and the
    median detection delay.
 
-Run `python -m stream_detector.demo --help` for the sizes; everything lands in --workdir.
+Run `python deploy/demo.py --help` for the sizes; everything lands in --workdir.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any
 
 import orjson
 
-from stream_detector.simulate import KINDS, STRONG_KINDS, Anomaly, SimConfig, Simulator, produce, write_file, write_truth
+from stream_detector.offline.simulate import KINDS, STRONG_KINDS, Anomaly, SimConfig, Simulator, produce, write_file, write_truth
 
 REPO = Path(__file__).resolve().parent.parent
 log = logging.getLogger("stream_detector.demo")
@@ -79,7 +79,7 @@ def match(alert: dict[str, Any], truth: list[Anomaly], cfg: SimConfig, tolerance
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m stream_detector.demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python deploy/demo.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", type=Path, help="where data, bundle and truth go (default: a new temp dir)")
     p.add_argument("--entities", type=int, default=20)
     p.add_argument("--features", type=int, default=38)
@@ -96,11 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from stream_detector.bundle import BundleError
-    from stream_detector.config import ConfigError, load_settings
-    from stream_detector.kafka_io import KafkaIOError
-    from stream_detector.scorer import ScorerError
-    from stream_detector.service import Detector
+    from stream_detector.core.bundle import BundleError
+    from stream_detector.service.config import ConfigError, load_settings
+    from stream_detector.service.kafka_io import KafkaIOError
+    from stream_detector.core.scorer import ScorerError
+    from stream_detector.service.loop import Detector
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="stream-detector-demo-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -21,11 +21,12 @@ from typing import Any
 import numpy as np
 import orjson
 
-from .bundle import Bundle
-from .logbundle import LogModelSpec
-from .logstage import LINE, ROW_KINDS, LogDetectorCore, LogStage
-from .pipeline import DetectionSettings, DetectorCore
-from .scorer import Scorer
+from stream_detector.core.bundle import Bundle
+from stream_detector.logs.spec import LogModelSpec
+from stream_detector.logs.core import LogDetectorCore
+from stream_detector.logs.stage import LINE, LogStage, ROW_KINDS
+from stream_detector.core.pipeline import DetectionSettings, DetectorCore
+from stream_detector.core.scorer import Scorer
 
 log = logging.getLogger(__name__)
 
@@ -151,11 +152,11 @@ def run_log_replay_cli(args: Any) -> int:
     """`replay --format log` (called by replay.run_cli)."""
     import sys
 
-    from .alerts import AlertParams
-    from .bundle import BundleError, load_bundle
-    from .logbundle import load_log_spec
-    from .scorer import ScorerError
-    from .thresholds import ThresholdParams
+    from stream_detector.core.alerts import AlertParams
+    from stream_detector.core.bundle import BundleError, load_bundle
+    from stream_detector.logs.spec import load_log_spec
+    from stream_detector.core.scorer import ScorerError
+    from stream_detector.core.thresholds import ThresholdParams
 
     try:
         bundle = load_bundle(args.model)

@@ -36,7 +36,7 @@ from prometheus_client import (
 from prometheus_client.exposition import choose_encoder
 
 if TYPE_CHECKING:
-    from .health import Health
+    from stream_detector.service.health import Health
 
 log = logging.getLogger(__name__)
 

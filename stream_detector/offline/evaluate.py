@@ -625,7 +625,7 @@ def load_signals(
 ) -> dict[str, tuple[list[str], np.ndarray]]:
     """Feature values of the replayed file for each series' top features (those named most often in
     its alerts; else the features with the largest spread inside its labelled ranges)."""
-    from .datafiles import DataFileError, read_table
+    from stream_detector.offline.datafiles import DataFileError, read_table
 
     try:
         table = read_table(input_path, fmt)
@@ -685,7 +685,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "sessions", False):
-        from .logeval import run_sessions_cli
+        from stream_detector.offline.logeval import run_sessions_cli
 
         return run_sessions_cli(args)
     try:

@@ -22,9 +22,9 @@ from typing import Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
-from stream_detector.alerts import AlertParams
-from stream_detector.pipeline import DetectionSettings
-from stream_detector.thresholds import ThresholdParams
+from stream_detector.core.alerts import AlertParams
+from stream_detector.core.pipeline import DetectionSettings
+from stream_detector.core.thresholds import ThresholdParams
 
 ENV_PREFIX = "SD_"
 ENV_DELIMITER = "__"

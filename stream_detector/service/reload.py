@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .bundle import BUNDLE_FILE, MODEL_FILE, Bundle, BundleError, load_bundle
+from stream_detector.core.bundle import BUNDLE_FILE, MODEL_FILE, Bundle, BundleError, load_bundle
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ import logging
 import sys
 from dataclasses import dataclass
 
-from stream_detector.bundle import Bundle, BundleError, load_bundle
-from stream_detector.config import ConfigError, Settings, add_settings_arguments, settings_from_args
-from stream_detector.kafka_io import KafkaIOError, check_broker
+from stream_detector.core.bundle import Bundle, BundleError, load_bundle
+from stream_detector.service.config import ConfigError, Settings, add_settings_arguments, settings_from_args
+from stream_detector.service.kafka_io import KafkaIOError, check_broker
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def load_model(settings: Settings) -> Bundle:
 
 
 def run_checks(settings: Settings) -> CheckResult:
-    from stream_detector.scorer import Scorer
+    from stream_detector.core.scorer import Scorer
 
     bundle = load_model(settings)
     scorer = Scorer.from_settings(bundle, settings)
@@ -46,7 +46,7 @@ def run_checks(settings: Settings) -> CheckResult:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from stream_detector.scorer import ScorerError
+    from stream_detector.core.scorer import ScorerError
 
     try:
         settings = settings_from_args(args)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import orjson
 
-from stream_detector.events import NO_TIME, EventBatch
+from stream_detector.core.events import NO_TIME, EventBatch
 
 try:
     from confluent_kafka import TIMESTAMP_NOT_AVAILABLE
@@ -38,7 +38,7 @@ except ImportError:  # the orjson path alone: same results, slower
     msgspec = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
-    from stream_detector.config import InputSettings
+    from stream_detector.service.config import InputSettings
 
 log = logging.getLogger(__name__)
 

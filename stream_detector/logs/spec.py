@@ -40,10 +40,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .bundle import Bundle, BundleError
-from .logfeatures import LogFeatureConfig, LogFeatureConfigError, end_template_ids
-from .logparse import LogConfigError, LogParserConfig
-from .templates import TEMPLATE_SET_VERSION, TemplateConfigError, TemplateSet
+from stream_detector.core.bundle import Bundle, BundleError
+from stream_detector.logs.features import LogFeatureConfig, LogFeatureConfigError, end_template_ids
+from stream_detector.logs.parse import LogConfigError, LogParserConfig
+from stream_detector.logs.templates import TEMPLATE_SET_VERSION, TemplateConfigError, TemplateSet
 
 LOGS_SECTION = "logs"
 LAYOUT = "template-context/1"  # sequence model: the last K tokens and gaps

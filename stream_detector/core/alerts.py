@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .events import NO_TIME
+from stream_detector.core.events import NO_TIME
 
 ALERT_SCHEMA = "stream-detector.alert/1"
 OPEN, UPDATE, RESOLVED = "open", "update", "resolved"

@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
-from .events import NO_TIME
+from stream_detector.core.events import NO_TIME
 
 if TYPE_CHECKING:
-    from .bundle import Normaliser
+    from stream_detector.core.bundle import Normaliser
 
 log = logging.getLogger(__name__)
 

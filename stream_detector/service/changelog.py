@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import orjson
 
-from stream_detector.events import EventBatch
+from stream_detector.core.events import EventBatch
 
 log = logging.getLogger(__name__)
 
@@ -545,7 +545,7 @@ class Restorer:
     def __init__(self, settings: Any, topic: str, window: int) -> None:
         from confluent_kafka import Consumer
 
-        from stream_detector.kafka_io import CONSUMER_DEFAULTS
+        from stream_detector.service.kafka_io import CONSUMER_DEFAULTS
 
         self.topic = topic
         self.window = int(window)

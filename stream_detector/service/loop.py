@@ -48,18 +48,18 @@ from typing import Any
 import numpy as np
 import orjson
 
-from stream_detector.bundle import Bundle, BundleError
-from stream_detector.changelog import ChangelogError, ChangelogRecord, Restorer, StateAssembler, StateTracker, ensure_changelog_topic
-from stream_detector.config import ConfigError, Settings, add_settings_arguments, settings_from_args
-from stream_detector.decode import DeadLetter, Decoder
-from stream_detector.events import NO_TIME, EventBatch
-from stream_detector.health import Health
-from stream_detector.kafka_io import DeliveryTicket, KafkaIOError, KafkaSink, KafkaSource, TransactionAborted, check_broker
-from stream_detector.metrics import Metrics, MetricsServer
-from stream_detector.notify import SystemdNotifier
-from stream_detector.reload import LoadedModel, ModelReloader
-from stream_detector.pipeline import BatchResult, DetectorCore
-from stream_detector.scorer import Scorer, ScorerError
+from stream_detector.core.bundle import Bundle, BundleError
+from stream_detector.service.changelog import ChangelogError, ChangelogRecord, Restorer, StateAssembler, StateTracker, ensure_changelog_topic
+from stream_detector.service.config import ConfigError, Settings, add_settings_arguments, settings_from_args
+from stream_detector.service.decode import DeadLetter, Decoder
+from stream_detector.core.events import NO_TIME, EventBatch
+from stream_detector.service.health import Health
+from stream_detector.service.kafka_io import DeliveryTicket, KafkaIOError, KafkaSink, KafkaSource, TransactionAborted, check_broker
+from stream_detector.service.metrics import Metrics, MetricsServer
+from stream_detector.service.notify import SystemdNotifier
+from stream_detector.service.reload import LoadedModel, ModelReloader
+from stream_detector.core.pipeline import BatchResult, DetectorCore
+from stream_detector.core.scorer import Scorer, ScorerError
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class Detector:
     bundle, an unusable provider or a broker/topic problem: nothing is consumed before that."""
 
     def __init__(self, settings: Settings, metrics: Metrics | None = None, health: Health | None = None) -> None:
-        from stream_detector.check import load_model
+        from stream_detector.service.check import load_model
 
         self.settings = settings
         self.bundle: Bundle = load_model(settings)
@@ -197,8 +197,9 @@ class Detector:
     def _use_log_stage_if_log_bundle(self, settings: Settings) -> None:
         """A log model bundle (issue 8): messages are raw log lines, turned into rows by the log
         stage (logstage.py), and alerts carry the offending template and a sample line."""
-        from stream_detector.logbundle import is_log_bundle, load_log_spec
-        from stream_detector.logstage import LogDecoder, LogDetectorCore
+        from stream_detector.logs.spec import is_log_bundle, load_log_spec
+        from stream_detector.logs.core import LogDetectorCore
+        from stream_detector.service.decode_logs import LogDecoder
 
         if is_log_bundle(self.bundle):
             spec = load_log_spec(self.bundle)

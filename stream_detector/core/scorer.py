@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import INPUT_NAME, OUTPUT_NAME, Bundle, BundleError
+from stream_detector.core.bundle import INPUT_NAME, OUTPUT_NAME, Bundle, BundleError
 
 log = logging.getLogger(__name__)
 
