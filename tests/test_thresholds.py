@@ -1,15 +1,21 @@
 """Thresholds: one contract suite over every implementation (warm-up, no learning from anomalies,
-state round-trip, determinism), plus what each computes."""
+state round-trip, determinism), what each computes, and adversarial streams for the bound on how
+far a threshold may rise without an alert (drift of the scores, heavy-tailed noise, a level shift
+followed by a spike)."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import orjson
 import pytest
 
-from stream_detector.core.thresholds import RollingQuantile, Spot, ThresholdParams, make_threshold, threshold_from_state
+from stream_detector.core.calibration import ScoreReference, calibrate_scores
+from stream_detector.core.thresholds import Calibrated, RollingQuantile, Spot, ThresholdParams, make_threshold, resolve_method, threshold_from_state
 
 PARAMS = {
+    "calibrated": ThresholdParams(method="calibrated", warmup=50, history=200),
     "quantile": ThresholdParams(method="quantile", warmup=50, history=200, quantile=0.99, multiplier=1.2),
     "spot": ThresholdParams(method="spot", warmup=200, risk=1e-3, init_quantile=0.95, max_peaks=100),
 }
@@ -19,10 +25,26 @@ def scores(rng, n):
     return rng.gamma(2.0, 1.0, size=n)
 
 
-@pytest.mark.parametrize("method", sorted(PARAMS))
+def reference(rng=None, n=5000, sample=None) -> ScoreReference:
+    """The reference a bundle calibrated on gamma(2, 1) validation scores would carry."""
+    if sample is None:
+        sample = (rng or np.random.default_rng(99)).gamma(2.0, 1.0, size=n)
+    ref = ScoreReference.from_calibration(calibrate_scores(sample, 0.999))
+    assert ref is not None
+    return ref
+
+
+REF = reference()
+
+
+def new(method, initial, p=None):
+    return make_threshold(method, p or PARAMS[method], initial, REF)
+
+
+@pytest.mark.parametrize("method", ["quantile", "spot"])
 def test_initial_threshold_during_warmup(rng, method):
     p = PARAMS[method]
-    t = make_threshold(p, initial=7.0)
+    t = new(method, 7.0)
     for x in scores(rng, p.warmup - 1):
         thr, _ = t.observe(float(min(x, 6.9)))
         assert thr == 7.0
@@ -30,17 +52,32 @@ def test_initial_threshold_during_warmup(rng, method):
     assert t.threshold() != 7.0  # the entity's own statistics take over after warm-up
 
 
+def test_calibrated_starts_at_the_reference_and_adapts_after_warmup(rng):
+    p = PARAMS["calibrated"]
+    t = new("calibrated", 7.0)
+    start = math.exp(REF.point.log_score_at(p.alert_level))
+    for x in scores(rng, p.warmup - 1):
+        assert t.observe(float(x) * 0.5)[0] == start  # the bundle's calibration until warm-up
+    t.observe(0.5)
+    assert t.threshold() < start  # an entity half as noisy as the validation data gets a lower bar
+    assert t.threshold() == pytest.approx(start * math.exp(t.shift))
+    assert -math.log(2) - 0.5 < t.shift < -math.log(2) + 0.5  # (the 90 % quantile of 50 scores is rough)
+
+
 @pytest.mark.parametrize("method", sorted(PARAMS))
 def test_scores_before_learning_and_ignores_anomalies(rng, method):
     p = PARAMS[method]
-    t = make_threshold(p, initial=50.0)
+    t = new(method, 50.0)
     for x in scores(rng, 600):
         t.observe(float(x))
     before = orjson.dumps(t.state(), option=orjson.OPT_SERIALIZE_NUMPY)
     thr_before = t.threshold()
     thr, anomalous = t.observe(thr_before * 10)
     assert thr == thr_before and anomalous
-    assert orjson.dumps(t.state(), option=orjson.OPT_SERIALIZE_NUMPY) == before  # nothing learned
+    if method != "calibrated":  # (the calibrated threshold's run holds the score, judged or not)
+        assert orjson.dumps(t.state(), option=orjson.OPT_SERIALIZE_NUMPY) == before  # nothing learned
+    else:
+        assert orjson.loads(orjson.dumps(t.state(), option=orjson.OPT_SERIALIZE_NUMPY))["seen"] == orjson.loads(before)["seen"]
     thr, anomalous = t.observe(float("nan"))
     assert anomalous and t.threshold() == thr_before
 
@@ -49,12 +86,12 @@ def test_scores_before_learning_and_ignores_anomalies(rng, method):
 def test_state_round_trip_through_json(rng, method):
     p = PARAMS[method]
     data = scores(rng, 900)
-    for cut in (10, p.warmup + 5, 700):
-        a = make_threshold(p, initial=9.0)
+    for cut in (5, 10, p.warmup + 5, 700):
+        a = new(method, 9.0)
         for x in data[:cut]:
             a.observe(float(x))
         state = orjson.loads(orjson.dumps(a.state(), option=orjson.OPT_SERIALIZE_NUMPY))
-        b = threshold_from_state(p, state)
+        b = threshold_from_state(p, state, REF)
         assert b.threshold() == a.threshold()
         for x in data[cut:]:
             assert a.observe(float(x)) == b.observe(float(x))
@@ -62,17 +99,16 @@ def test_state_round_trip_through_json(rng, method):
 
 @pytest.mark.parametrize("method", sorted(PARAMS))
 def test_deterministic(method):
-    p = PARAMS[method]
     outs = []
     for _ in range(2):
         r = np.random.default_rng(3)
-        t = make_threshold(p, initial=9.0)
+        t = new(method, 9.0)
         outs.append([t.observe(float(x)) for x in scores(r, 500)])
     assert outs[0] == outs[1]
 
 
 def test_rolling_quantile_matches_numpy_on_the_last_history(rng):
-    p = ThresholdParams(warmup=10, history=64, quantile=0.9, multiplier=1.0)
+    p = ThresholdParams(method="quantile", warmup=10, history=64, quantile=0.9, multiplier=1.0)
     t = RollingQuantile(1e9, p)
     learned: list[float] = []
     for x in rng.normal(5, 1, size=500):
@@ -86,7 +122,7 @@ def test_rolling_quantile_matches_numpy_on_the_last_history(rng):
 
 
 def test_rolling_quantile_multiplier():
-    p = ThresholdParams(warmup=3, history=10, quantile=1.0, multiplier=2.0)
+    p = ThresholdParams(method="quantile", warmup=3, history=10, quantile=1.0, multiplier=2.0)
     t = RollingQuantile(100.0, p)
     for x in (1.0, 3.0, 2.0):
         t.observe(x)
@@ -104,10 +140,133 @@ def test_spot_threshold_is_a_far_tail_quantile(rng):
     assert (data > t.threshold()).mean() < 5e-3
 
 
+def test_calibrated_false_alarm_rate_matches_its_level(rng):
+    """On scores drawn like the validation scores, single scores are judged anomalous at a rate
+    near 10 ** -alert_level (the alert level is a probability, not a multiplier), and anomalous
+    runs start at no more than that rate."""
+    point_only = ScoreReference(REF.point, None, 0, REF.anchor)
+    data = scores(rng, 200_000)
+    for level in (2.0, 3.0):
+        p = ThresholdParams(method="calibrated", alert_level=level, learn_level=1.5, warmup=100)
+        t = Calibrated(point_only, p)
+        rate = np.mean([t.observe(float(x))[1] for x in data])
+        assert 0.5 * 10**-level < rate < 2.0 * 10**-level, (level, rate)
+        both = Calibrated(REF, p)
+        flags = np.array([both.observe(float(x))[1] for x in data])
+        starts = np.sum(flags[1:] & ~flags[:-1])
+        assert starts < 2.5 * 10**-level * data.size, (level, starts)
+
+
+def test_a_stationary_stream_keeps_its_threshold(rng):
+    """No ratchet either way: over 100,000 scores like the validation ones, the bar stays where the
+    calibration put it (median within 5 %, the same in the first and the second half)."""
+    t = Calibrated(REF, ThresholdParams(method="calibrated"))
+    start = t.threshold()
+    thr = np.array([t.observe(float(x))[0] for x in scores(rng, 100_000)])[1000:]
+    first, second = np.median(thr[: thr.size // 2]), np.median(thr[thr.size // 2 :])
+    assert abs(first / start - 1) < 0.05 and abs(second / start - 1) < 0.05 and abs(second / first - 1) < 0.05
+
+
+# ---- adversarial streams: the bar may not ratchet ---------------------------------------------
+
+BOUNDED = {
+    "calibrated": ThresholdParams(method="calibrated"),
+    "quantile": ThresholdParams(method="quantile"),
+    "spot": ThresholdParams(method="spot", risk=1e-4),
+}
+
+
+@pytest.mark.parametrize("method", sorted(BOUNDED))
+def test_slow_upward_drift_ends_in_an_alert_not_a_runaway_bar(rng, method):
+    """Scores whose level grows 100x over 20,000 events: the bar never exceeds max_shift x its
+    start without the stream having been judged anomalous, and the drift ends up judged anomalous."""
+    p = BOUNDED[method]
+    t = make_threshold(method, p, REF_INITIAL, REF)
+    start = t.threshold() if method == "calibrated" else REF_INITIAL
+    n = 20_000
+    growth = np.exp(np.linspace(0.0, math.log(100.0), n))
+    first_anomaly = None
+    for i, x in enumerate(scores(rng, n) * growth):
+        thr, anomalous = t.observe(float(x))
+        if first_anomaly is None and thr > p.max_shift * start * (1 + 1e-9):
+            pytest.fail(f"{method}: threshold {thr:.3g} passed {p.max_shift} x its start {start:.3g} before any alert")
+        if anomalous and first_anomaly is None:
+            first_anomaly = i
+        assert thr <= p.max_shift * start * (1 + 1e-9)
+    assert first_anomaly is not None and first_anomaly < n * 0.8
+
+
+REF_INITIAL = float(np.quantile(np.random.default_rng(99).gamma(2.0, 1.0, size=5000), 0.999))
+
+
+@pytest.mark.parametrize("method", sorted(BOUNDED))
+def test_heavy_tailed_noise_does_not_lift_the_bar(rng, method):
+    """Pareto (tail index 1.5) noise on top of the usual scores: the tail never lifts the bar past
+    max_shift x its start, and a score 50x the usual level still alerts at the end."""
+    p = BOUNDED[method]
+    t = make_threshold(method, p, REF_INITIAL, REF)
+    start = t.threshold() if method == "calibrated" else REF_INITIAL
+    noise = scores(rng, 30_000) * (1.0 + 0.05 * rng.pareto(1.5, size=30_000))
+    thr = [t.observe(float(x))[0] for x in noise]
+    assert max(thr) <= p.max_shift * start * (1 + 1e-9)
+    assert t.observe(50.0 * float(np.median(noise)) * 10)[1]
+
+
+@pytest.mark.parametrize("method", sorted(BOUNDED))
+def test_level_shift_then_spike_alerts(rng, method):
+    """The scores settle 2x higher for a long while (below the bar: a re-baselining within the
+    bound), then one score 10x the largest pre-shift score arrives: it must be judged anomalous."""
+    p = BOUNDED[method]
+    t = make_threshold(method, p, REF_INITIAL, REF)
+    before = scores(rng, 3000)
+    for x in before:
+        t.observe(float(x))
+    for x in 2.0 * scores(rng, 10_000):
+        t.observe(float(x))
+    assert t.observe(10.0 * float(before.max()))[1]
+
+
+def test_calibrated_run_catches_a_sustained_moderate_rise(rng):
+    """Scores 3x their usual level: few are anomalous alone, but their run is within ten events."""
+    t = Calibrated(REF, ThresholdParams(method="calibrated"))
+    for x in scores(rng, 2000):
+        t.observe(float(x))
+    point = [t.observe(float(x))[1] for x in 3.0 * scores(rng, 10)]
+    assert point[-1] and sum(point) < 10  # judged by the end of the first run, not by every score
+    single_alone = sum(REF.point.surprise_of(math.log(3.0 * x)) > 4.0 for x in scores(rng, 1000))
+    assert single_alone < 500
+
+
+def test_calibrated_surprise_is_the_calibrated_value(rng):
+    t = Calibrated(REF, ThresholdParams(method="calibrated"))
+    for x in scores(rng, 500):
+        t.observe(float(x))
+    x = t.threshold()
+    t.observe(x * 1.0001)
+    assert t.surprise(x * 1.0001) >= 4.0
+    low = float(np.median(scores(rng, 1000)))
+    for _ in range(20):
+        t.observe(low)
+    assert 0.0 < t.surprise(low) < 1.0
+
+
+def test_method_resolution():
+    assert resolve_method(ThresholdParams(), REF) == "calibrated"
+    assert resolve_method(ThresholdParams(), None) == "quantile"
+    with pytest.raises(ValueError, match="predates calibrated thresholds"):
+        resolve_method(ThresholdParams(method="calibrated"), None)
+    with pytest.raises(ValueError, match="cannot be restored"):
+        threshold_from_state(ThresholdParams(), {"kind": "calibrated"}, None)
+
+
 def test_bad_params_are_refused():
     with pytest.raises(ValueError, match="unknown threshold method"):
         ThresholdParams(method="magic").validate()
     with pytest.raises(ValueError, match="history"):
         ThresholdParams(warmup=100, history=50).validate()
+    with pytest.raises(ValueError, match="max_shift"):
+        ThresholdParams(max_shift=0.5).validate()
+    with pytest.raises(ValueError, match="learn_level"):
+        ThresholdParams(learn_level=5.0, alert_level=4.0).validate()
     with pytest.raises(ValueError, match="unknown threshold state kind"):
         threshold_from_state(ThresholdParams(), {"kind": "nope"})

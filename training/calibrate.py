@@ -1,6 +1,7 @@
 """Calibration: score the validation windows with the exported ONNX model exactly as the service
-will (bundle.ScoringRule on ONNX Runtime output), then keep score quantiles and a suggested
-threshold (the `threshold_quantile` quantile of validation scores)."""
+will (bundle.ScoringRule on ONNX Runtime output), then describe their distribution for the
+calibrated thresholds (core/calibration.py: quantiles and Pareto tail of each score and of runs of
+consecutive scores) and keep a suggested threshold (the `threshold_quantile` quantile)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from stream_detector.core.bundle import INPUT_NAME, OUTPUT_NAME, Calibration, ScoringRule
+from stream_detector.core.calibration import calibrate_scores
 from training.export import ort_session
-
-QUANTILES = (0.9, 0.99, 0.999, 0.9999)
 
 
 @dataclass(frozen=True)
@@ -34,13 +34,16 @@ def score_windows(onnx_bytes: bytes, data: np.ndarray, starts: np.ndarray, windo
     return ValidationScores(np.concatenate(scores), np.concatenate(errors))
 
 
-def calibrate(scores: np.ndarray, threshold_quantile: float) -> Calibration:
+def calibrate(scores: np.ndarray, threshold_quantile: float, starts: np.ndarray | None = None) -> Calibration:
+    """Calibration of validation scores given in window-start order; `starts` (the windows' start
+    rows) tells where one uninterrupted stretch ends, so runs of scores never cross a gap."""
     if scores.size == 0:
         raise ValueError("no validation scores to calibrate on.")
-    qs = {str(q): float(np.quantile(scores, q)) for q in QUANTILES}
-    qs["1.0"] = float(np.max(scores))
-    threshold = max(float(np.quantile(scores, threshold_quantile)), 1e-12)  # the loader requires > 0
-    return Calibration(quantiles=qs, threshold=threshold, n_scores=int(scores.size))
+    segments = None
+    if starts is not None:
+        starts = np.asarray(starts, dtype=np.int64)
+        segments = np.concatenate([[0], np.flatnonzero(np.diff(starts) != 1) + 1])
+    return calibrate_scores(scores, threshold_quantile, segments)
 
 
 def score_histogram(scores: np.ndarray, bins: int = 60) -> dict[str, list[float]]:

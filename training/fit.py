@@ -92,7 +92,7 @@ def fit(settings: FitSettings, command_line: str | None = None) -> FitResult:
 
     scoring = ScoringRule(model.scoring_positions)
     val = score_windows(onnx_bytes, data, plan.val_starts, s.window, scoring)
-    calibration = calibrate(val.scores, s.threshold_quantile)
+    calibration = calibrate(val.scores, s.threshold_quantile, plan.val_starts)
 
     import hashlib
 

@@ -17,6 +17,7 @@ a deterministic `event_id` (alert id + state + offset of the event that emitted 
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Sequence
@@ -189,8 +190,11 @@ def alert_event(
     feature_errors: np.ndarray,
     feature_names: Sequence[str],
     top_k: int,
+    calibrated: float | None = None,
+    calibrated_threshold: float | None = None,
 ) -> dict[str, Any]:
-    """The contract-3 alert event (a JSON-ready dict) for an event just emitted by `alert.step`."""
+    """The contract-3 alert event (a JSON-ready dict) for an event just emitted by `alert.step`.
+    `calibrated` is the score's surprise (core/calibration.py) where the threshold method has one."""
     assert alert.alert_id is not None and alert.opened_by is not None
     return {
         "schema": ALERT_SCHEMA,
@@ -202,6 +206,8 @@ def alert_event(
         "detected_at": iso_utc(detected_at_ms),
         "score": float(score),
         "threshold": float(threshold),
+        "calibrated_score": None if calibrated is None or not math.isfinite(calibrated) else round(float(calibrated), 4),
+        "calibrated_threshold": calibrated_threshold,
         "peak_score": float(alert.peak_score),
         "anomalous_scores": int(alert.n_anomalous),
         "model_version": model_version,

@@ -136,22 +136,65 @@ class ScoringRule:
 
 @dataclass(frozen=True)
 class Calibration:
-    """Score quantiles of held-out normal data, and the suggested initial threshold."""
+    """Score quantiles of held-out normal data, and the suggested initial threshold. Bundles
+    written since the calibrated thresholds (core/calibration.py) also carry `tail`, the fitted
+    tail of those scores ({"level", "shape", "scale"}), and `run`, the same description of the
+    geometric mean of `length` consecutive scores ({"length", "quantiles", "tail"}); older bundles
+    lack both and still load (their thresholds use the quantile method)."""
 
-    quantiles: dict[str, float]  # e.g. {"0.9": .., "0.99": .., "0.999": .., "0.9999": .., "1.0": max}
+    quantiles: dict[str, float]  # e.g. {"0.5": .., "0.9": .., "0.98": .., ..., "1.0": max}
     threshold: float
     n_scores: int
+    tail: dict[str, float] | None = None
+    run: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"quantiles": self.quantiles, "threshold": self.threshold, "n_scores": self.n_scores}
+        d: dict[str, Any] = {"quantiles": self.quantiles, "threshold": self.threshold, "n_scores": self.n_scores}
+        if self.tail is not None:
+            d["tail"] = self.tail
+        if self.run is not None:
+            d["run"] = self.run
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Calibration":
-        q = {str(k): float(v) for k, v in d["quantiles"].items()}
+        q = _numbers(d["quantiles"], "score quantiles")
         thr = float(d["threshold"])
         if not math.isfinite(thr) or thr <= 0:
             raise BundleError(f"the calibrated threshold {thr} is not a positive number.")
-        return cls(q, thr, int(d.get("n_scores", 0)))
+        tail = None if d.get("tail") is None else _tail(d["tail"], q)
+        run = d.get("run")
+        if run is not None:
+            try:
+                length = int(run["length"])
+                rq = _numbers(run["quantiles"], "run quantiles")
+                rt = _tail(run["tail"], rq)
+            except (KeyError, TypeError, ValueError):
+                raise BundleError("the calibration's run section needs a length, quantiles and a tail.") from None
+            if length < 2:
+                raise BundleError(f"the calibration's run length {length} is below 2.")
+            run = {"length": length, "quantiles": rq, "tail": rt}
+        return cls(q, thr, int(d.get("n_scores", 0)), tail, run)
+
+
+def _numbers(d: Any, what: str) -> dict[str, float]:
+    out = {str(k): float(v) for k, v in dict(d).items()}
+    if not all(math.isfinite(v) and v >= 0 for v in out.values()):
+        raise BundleError(f"the calibration's {what} must be finite and not negative.")
+    return out
+
+
+def _tail(t: Any, quantiles: dict[str, float]) -> dict[str, float]:
+    """A fitted tail: its level must be one of the quantiles, its shape >= 0 and its scale > 0."""
+    try:
+        tail = {"level": float(t["level"]), "shape": float(t["shape"]), "scale": float(t["scale"])}
+    except (KeyError, TypeError, ValueError):
+        raise BundleError("the calibration's tail needs a level, a shape and a scale.") from None
+    if not (0 < tail["level"] < 1 and math.isfinite(tail["shape"]) and tail["shape"] >= 0 and math.isfinite(tail["scale"]) and tail["scale"] > 0):
+        raise BundleError("the calibration's tail has a level outside (0, 1), a negative shape or a scale that is not positive.")
+    if not any(abs(float(k) - tail["level"]) < 1e-12 for k in quantiles if k.replace(".", "", 1).isdigit()):
+        raise BundleError(f"the calibration has no score quantile at its tail level {tail['level']}.")
+    return tail
 
 
 @dataclass(frozen=True)

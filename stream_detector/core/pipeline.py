@@ -21,10 +21,11 @@ import numpy as np
 
 from stream_detector.core.alerts import OPEN, RESOLVED, AlertParams, AlertState, Source, alert_event, make_alert_id
 from stream_detector.core.bundle import Bundle
+from stream_detector.core.calibration import ScoreReference
 from stream_detector.core.device_windows import DeviceWindows
 from stream_detector.core.events import EventBatch
 from stream_detector.core.scorer import Scorer
-from stream_detector.core.thresholds import Threshold, ThresholdParams, make_threshold, threshold_from_state
+from stream_detector.core.thresholds import Calibrated, Threshold, ThresholdParams, make_threshold, resolve_method, threshold_from_state
 from stream_detector.core.windows import WindowStore
 
 log = logging.getLogger(__name__)
@@ -101,10 +102,19 @@ class DetectorCore:
         self._thresholds: list[Threshold | None] = []
         self._alerts: list[AlertState | None] = []
         self._features = list(bundle.features)
-        self._initial_threshold = float(bundle.calibration.threshold)
+        self._use_calibration(bundle)
         # Device-resident windows (device_windows.py): None = on when the scorer runs on CUDA.
         self._device_mode = device_windows
         self.device = self._device_for(bundle, scorer)
+
+    def _use_calibration(self, bundle: Bundle) -> None:
+        """The bundle's calibrated threshold, score distribution and the threshold method they allow
+        (ValueError with one sentence for a method the bundle cannot support)."""
+        reference = ScoreReference.from_calibration(bundle.calibration)
+        self.threshold_method = resolve_method(self.settings.threshold, reference)  # raises before anything changed
+        self._initial_threshold = float(bundle.calibration.threshold)
+        self._reference = reference
+        self._calibrated_level = self.settings.threshold.alert_level if self.threshold_method == "calibrated" else None
 
     def _device_for(self, bundle: Bundle, scorer: Scorer) -> DeviceWindows | None:
         mode = self._device_mode
@@ -152,7 +162,7 @@ class DetectorCore:
         params = self.settings.alerts
         model_version = self.bundle.model_version
         thr_by_slot, alert_by_slot = self._thresholds, self._alerts
-        thr_params, initial = self.settings.threshold, self._initial_threshold
+        thr_params, initial, method, reference = self.settings.threshold, self._initial_threshold, self.threshold_method, self._reference
         due_list = ing.due.tolist()
         thr_values = [0.0] * m
         needs_alert_step: list[int] = []
@@ -163,7 +173,7 @@ class DetectorCore:
         for j, (s, score) in enumerate(zip(ing.slots[ing.due].tolist(), scores.tolist())):
             thr = thr_by_slot[s]
             if thr is None:
-                thr = thr_by_slot[s] = make_threshold(thr_params, initial)
+                thr = thr_by_slot[s] = make_threshold(method, thr_params, initial, reference)
             a = alert_by_slot[s]
             if a is None:
                 a = alert_by_slot[s] = AlertState()
@@ -198,6 +208,8 @@ class DetectorCore:
                         feature_errors=errors[j],
                         feature_names=self._features,
                         top_k=params.top_k,
+                        calibrated=thr.surprise(score) if isinstance(thr := thr_by_slot[s], Calibrated) else None,
+                        calibrated_threshold=self._calibrated_level,
                     )
                 )
                 if ev == RESOLVED:
@@ -224,11 +236,11 @@ class DetectorCore:
         they restart from the new bundle's calibration."""
         if tuple(bundle.features) != tuple(self.bundle.features) or bundle.window != self.bundle.window:
             raise ValueError("the new model reads other features or another window length; it needs a restart.")
+        self._use_calibration(bundle)  # first: it refuses a bundle whose calibration the method cannot use
         self.store.renormalise(self.bundle.normaliser, bundle.normaliser)
         self.bundle = bundle
         self.scorer = scorer
         self._features = list(bundle.features)
-        self._initial_threshold = float(bundle.calibration.threshold)
         self._thresholds = [None] * len(self._thresholds)
         self.device = self._device_for(bundle, scorer)  # the new model's graphs; the ring is re-sent
 
@@ -282,7 +294,9 @@ class DetectorCore:
         self._ensure_capacity()
         t = state.get("threshold")
         a = state.get("alert")
-        self._thresholds[slot] = None if t is None else threshold_from_state(self.settings.threshold, t)
+        # a state of another method (the setting changed since it was saved) starts the threshold afresh
+        fresh = t is None or t.get("kind") != self.threshold_method
+        self._thresholds[slot] = None if fresh else threshold_from_state(self.settings.threshold, t, self._reference)
         self._alerts[slot] = None if a is None else AlertState.from_state(a)
 
 

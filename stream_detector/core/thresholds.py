@@ -3,9 +3,21 @@
 Every threshold follows the same contract (river's anomaly filters): `observe(score)` first judges
 the score against the current threshold, then learns from it only if it was judged normal, so an
 incident never raises its own bar. Until `warmup` normal scores have been seen, the threshold is
-the bundle's calibrated one (`initial`).
+the bundle's calibrated one. No threshold ever rises above `max_shift` times its calibrated
+starting value: a stream that drifts upward ends in an alert once its scores pass that bound, or
+in a re-baselining bounded by it (docs/quality.md, "Thresholds that cannot ratchet").
 
-- `RollingQuantile` (default): a quantile of the last `history` normal scores, times `multiplier`.
+- `Calibrated` (the default for bundles whose calibration describes their score distribution,
+  core/calibration.py): judges the *surprise* of a score, -log10 of the probability of a normal
+  score at least this high, and of the mean log-score of the entity's last `run_length` scores
+  (sustained moderate rises), against `alert_level` (4: one normal score in 10,000). The entity's
+  own level enters as a shift of its log-scores: the 90 % quantile of its last `history` learned
+  scores against the calibration's, within +-log(max_shift). A score is learned only if normal,
+  and only up to the `learn_level` surprise (2: the top 1 %; a higher normal score is learned as
+  that value), so neither an incident nor the far tail of the noise moves the entity's level; a
+  drift of the bulk of the scores does, within the bound.
+- `RollingQuantile` (the method of older bundles and of the log models): a quantile of the last
+  `history` normal scores, times `multiplier`, at most `max_shift` x the calibrated threshold.
   Kept as a ring (arrival order) plus a sorted copy, so an update is two memmoves, not a sort.
   Memory: 16 bytes per history entry per entity. Keep `multiplier` above 1: learning only scores
   below the threshold truncates the history, and with multiplier 1 and quantile < 1 that
@@ -13,7 +25,8 @@ the bundle's calibrated one (`initial`).
 - `Spot`: peaks-over-threshold (Siffer et al., KDD 2017, streaming SPOT): after warm-up, a
   generalised Pareto distribution is fitted (method of moments) to the excesses over the
   `init_quantile` level `t` of the warm-up scores; the threshold is the score exceeded with
-  probability `risk`. Each new normal score above `t` is a new peak and refits the tail.
+  probability `risk` (at most `max_shift` x the calibrated threshold). Each new normal score above
+  `t` is a new peak and refits the tail.
 """
 
 from __future__ import annotations
@@ -24,13 +37,20 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from stream_detector.core.calibration import ScoreReference, log_score
+
 _EPS = 1e-12
+METHODS = ("auto", "calibrated", "quantile", "spot")
 
 
 @dataclass(frozen=True)
 class ThresholdParams:
-    method: str = "quantile"  # "quantile" | "spot"
+    method: str = "auto"  # "calibrated" where the bundle's calibration allows it, else "quantile"; or "spot"
     warmup: int = 100  # normal scores seen before the entity's own statistics are used
+    max_shift: float = 4.0  # no threshold rises above this x its calibrated starting value
+    # calibrated (surprise = -log10 of the probability of a normal score at least this high)
+    alert_level: float = 4.0
+    learn_level: float = 2.0  # normal scores above this surprise are learned as this value
     # rolling quantile
     quantile: float = 0.99  # quantile 0.99 x 4.0: docs/quality.md (SMD dev sweep, event recall >= 0.8 first)
     history: int = 1000
@@ -41,8 +61,12 @@ class ThresholdParams:
     max_peaks: int = 1000
 
     def validate(self) -> None:
-        if self.method not in ("quantile", "spot"):
-            raise ValueError(f"unknown threshold method {self.method!r}; choose 'quantile' or 'spot'.")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown threshold method {self.method!r}; choose one of {', '.join(METHODS)}.")
+        if not self.max_shift >= 1.0:
+            raise ValueError(f"threshold max_shift must be at least 1, got {self.max_shift}.")
+        if not 0.0 < self.learn_level < self.alert_level:
+            raise ValueError(f"learn_level ({self.learn_level}) must be positive and below alert_level ({self.alert_level}).")
         if self.warmup < 1:
             raise ValueError(f"threshold warm-up must be at least 1 score, got {self.warmup}.")
         if not 0.0 < self.quantile <= 1.0:
@@ -69,14 +93,32 @@ class Threshold(Protocol):
     def state(self) -> dict[str, Any]: ...
 
 
-def make_threshold(params: ThresholdParams, initial: float) -> Threshold:
-    if params.method == "spot":
+def resolve_method(params: ThresholdParams, reference: ScoreReference | None) -> str:
+    """The method a bundle gets: 'auto' is 'calibrated' when its calibration describes the score
+    distribution (bundles trained since), else 'quantile'. ValueError for 'calibrated' without one."""
+    if params.method == "auto":
+        return "calibrated" if reference is not None else "quantile"
+    if params.method == "calibrated" and reference is None:
+        raise ValueError("the model bundle's calibration predates calibrated thresholds; retrain it or choose the 'quantile' method.")
+    return params.method
+
+
+def make_threshold(method: str, params: ThresholdParams, initial: float, reference: ScoreReference | None = None) -> Threshold:
+    """A fresh threshold of a resolved method (`resolve_method`)."""
+    if method == "calibrated":
+        assert reference is not None
+        return Calibrated(reference, params)
+    if method == "spot":
         return Spot(initial, params)
     return RollingQuantile(initial, params)
 
 
-def threshold_from_state(params: ThresholdParams, state: dict[str, Any]) -> Threshold:
+def threshold_from_state(params: ThresholdParams, state: dict[str, Any], reference: ScoreReference | None = None) -> Threshold:
     kind = state.get("kind")
+    if kind == "calibrated":
+        if reference is None:
+            raise ValueError("a calibrated threshold state cannot be restored for a bundle without a calibrated score distribution.")
+        return Calibrated.from_state(reference, params, state)
     if kind == "spot":
         return Spot.from_state(params, state)
     if kind == "quantile":
@@ -84,14 +126,158 @@ def threshold_from_state(params: ThresholdParams, state: dict[str, Any]) -> Thre
     raise ValueError(f"unknown threshold state kind {kind!r}.")
 
 
+class _SortedRing:
+    """The last `size` values in arrival order (a ring) and in sorted order, so adding one is two
+    memmoves and a quantile is a lookup. Memory: 16 bytes per entry."""
+
+    __slots__ = ("ring", "sorted", "n", "head")
+
+    def __init__(self, size: int) -> None:
+        self.ring = np.zeros(size, dtype=np.float64)
+        self.sorted = np.zeros(size, dtype=np.float64)
+        self.n = 0  # entries in use (<= size)
+        self.head = 0  # next ring position to write
+
+    def add(self, x: float) -> None:
+        h = self.ring.size
+        s = self.sorted
+        if self.n == h:
+            old = self.ring[self.head]
+            i = int(s.searchsorted(old, side="left"))
+            s[i : h - 1] = s[i + 1 : h]  # delete the oldest value
+            n_before = h - 1
+        else:
+            n_before = self.n
+        j = int(s[:n_before].searchsorted(x, side="right"))
+        s[j + 1 : n_before + 1] = s[j:n_before].copy()  # insert x keeping the order
+        s[j] = x
+        self.ring[self.head] = x
+        self.head = (self.head + 1) % h
+        self.n = n_before + 1
+
+    def quantile(self, q: float) -> float:
+        s, n = self.sorted, self.n
+        pos = q * (n - 1)
+        lo = int(math.floor(pos))
+        hi = min(lo + 1, n - 1)
+        return float(s[lo] + (s[hi] - s[lo]) * (pos - lo))
+
+    def in_order(self) -> np.ndarray:
+        """The entries oldest first."""
+        if self.n < self.ring.size:
+            return self.ring[: self.n].copy()
+        return np.roll(self.ring, -self.head)
+
+    @classmethod
+    def of(cls, size: int, values: np.ndarray) -> "_SortedRing":
+        r = cls(size)
+        values = np.asarray(values, dtype=np.float64)[-size:]
+        k = values.size
+        r.ring[:k] = values
+        r.sorted[:k] = np.sort(values)
+        r.n = k
+        r.head = k % size
+        return r
+
+
+class Calibrated:
+    """Surprise of each score and of the entity's recent run of scores, against `alert_level`
+    (module docstring). `observe` is on the service's hot path: it compares log-scores with
+    precomputed log thresholds; the surprise itself is computed only for alerts (`surprise`)."""
+
+    def __init__(self, reference: ScoreReference, params: ThresholdParams = ThresholdParams()) -> None:
+        self.reference = reference
+        self.params = params
+        self._hist = _SortedRing(params.history)  # learned log-scores (capped at the learn level)
+        self._seen = 0  # log-scores learned in total
+        n = reference.run_length if reference.run is not None else 0
+        self._run = np.zeros(n, dtype=np.float64)  # the last n log-scores, judged or not
+        self._run_head = 0
+        self._run_count = 0
+        self._run_sum = 0.0
+        self._y_alert = reference.point.log_score_at(params.alert_level)
+        self._y_learn = reference.point.log_score_at(params.learn_level)
+        self._y_run = reference.run.log_score_at(params.alert_level) if reference.run is not None else math.inf
+        self._bound = math.log(params.max_shift)
+        self._shift = 0.0  # the entity's level against the calibration, in log-score units
+        self._threshold = math.exp(self._y_alert)
+
+    @property
+    def shift(self) -> float:
+        return self._shift
+
+    def threshold(self) -> float:
+        return self._threshold
+
+    def observe(self, score: float) -> tuple[float, bool]:
+        thr = self._threshold
+        if not score >= 0.0:  # NaN: anomalous, never learned, not part of the run
+            return thr, True
+        y = log_score(score)
+        shift = self._shift
+        anomalous = y > self._y_alert + shift
+        n = self._run.size
+        if n:
+            if self._run_count == n:
+                self._run_sum -= self._run[self._run_head]
+            else:
+                self._run_count += 1
+            self._run[self._run_head] = y
+            self._run_sum += y
+            self._run_head = (self._run_head + 1) % n
+            if self._run_head == 0 and self._run_count == n:  # once per lap: no rounding drift in the sum
+                self._run_sum = float(self._run.sum())
+            if self._run_count == n and self._run_sum / n > self._y_run + shift:
+                anomalous = True
+        if not anomalous:
+            self._learn(min(y, self._y_learn + shift))
+        return thr, anomalous
+
+    def surprise(self, score: float) -> float:
+        """The calibrated value of the entity's latest observed `score`: the larger of its own
+        surprise and its run's, after the entity's shift (call after `observe`)."""
+        if not score >= 0.0:
+            return math.inf
+        z = self.reference.point.surprise_of(log_score(score) - self._shift)
+        if self.reference.run is not None and self._run_count == self._run.size:
+            z = max(z, self.reference.run.surprise_of(self._run_sum / self._run.size - self._shift))
+        return z
+
+    def _learn(self, y: float) -> None:
+        self._hist.add(y)
+        self._seen += 1
+        if self._seen >= self.params.warmup:
+            shift = self._hist.quantile(0.9) - self.reference.anchor
+            self._shift = min(max(shift, -self._bound), self._bound)
+            self._threshold = math.exp(self._y_alert + self._shift)
+
+    def state(self) -> dict[str, Any]:
+        n = self._run.size
+        run = np.roll(self._run, -self._run_head)[n - self._run_count :] if n else self._run
+        return {"kind": "calibrated", "seen": self._seen, "history": self._hist.in_order(), "run": [float(v) for v in run]}
+
+    @classmethod
+    def from_state(cls, reference: ScoreReference, params: ThresholdParams, state: dict[str, Any]) -> "Calibrated":
+        t = cls(reference, params)
+        t._hist = _SortedRing.of(params.history, np.asarray(state["history"], dtype=np.float64))
+        t._seen = int(state["seen"])
+        n = t._run.size
+        run = np.asarray(state.get("run", []), dtype=np.float64)[-n:] if n else np.zeros(0)
+        t._run[: run.size] = run
+        t._run_count = run.size
+        t._run_head = run.size % n if n else 0
+        t._run_sum = float(run.sum())
+        if t._seen >= params.warmup and t._hist.n:
+            t._shift = min(max(t._hist.quantile(0.9) - reference.anchor, -t._bound), t._bound)
+            t._threshold = math.exp(t._y_alert + t._shift)
+        return t
+
+
 class RollingQuantile:
     def __init__(self, initial: float, params: ThresholdParams = ThresholdParams()) -> None:
         self.initial = float(initial)
         self.params = params
-        self._ring = np.zeros(params.history, dtype=np.float64)
-        self._sorted = np.zeros(params.history, dtype=np.float64)
-        self._n = 0  # entries in use (<= history)
-        self._head = 0  # next ring position to write
+        self._hist = _SortedRing(params.history)
         self._seen = 0  # normal scores learned in total
         self._cached: float | None = None
 
@@ -103,56 +289,25 @@ class RollingQuantile:
     def _compute(self) -> float:
         if self._seen < self.params.warmup:
             return self.initial
-        s = self._sorted[: self._n]
-        pos = self.params.quantile * (self._n - 1)
-        lo = int(math.floor(pos))
-        hi = min(lo + 1, self._n - 1)
-        q = s[lo] + (s[hi] - s[lo]) * (pos - lo)
-        return float(q) * self.params.multiplier
+        q = self._hist.quantile(self.params.quantile) * self.params.multiplier
+        return min(q, self.initial * self.params.max_shift)
 
     def observe(self, score: float) -> tuple[float, bool]:
         thr = self.threshold()
         anomalous = not (score <= thr)  # NaN counts as anomalous and is never learned
         if not anomalous:
-            self._learn(float(score))
+            self._hist.add(float(score))
+            self._seen += 1
+            self._cached = None
         return thr, anomalous
 
-    def _learn(self, x: float) -> None:
-        h = self.params.history
-        s = self._sorted
-        if self._n == h:
-            old = self._ring[self._head]
-            i = int(s.searchsorted(old, side="left"))
-            s[i : h - 1] = s[i + 1 : h]  # delete the oldest value
-            n_before = h - 1
-        else:
-            n_before = self._n
-        j = int(s[:n_before].searchsorted(x, side="right"))
-        s[j + 1 : n_before + 1] = s[j:n_before].copy()  # insert x keeping the order
-        s[j] = x
-        self._ring[self._head] = x
-        self._head = (self._head + 1) % h
-        self._n = n_before + 1
-        self._seen += 1
-        self._cached = None
-
     def state(self) -> dict[str, Any]:
-        # the history in arrival order, oldest first
-        if self._n < self.params.history:
-            hist = self._ring[: self._n].copy()
-        else:
-            hist = np.roll(self._ring, -self._head)
-        return {"kind": "quantile", "initial": self.initial, "seen": self._seen, "history": hist}
+        return {"kind": "quantile", "initial": self.initial, "seen": self._seen, "history": self._hist.in_order()}
 
     @classmethod
     def from_state(cls, params: ThresholdParams, state: dict[str, Any]) -> "RollingQuantile":
         t = cls(float(state["initial"]), params)
-        hist = np.asarray(state["history"], dtype=np.float64)[-params.history :]
-        k = hist.size
-        t._ring[:k] = hist
-        t._sorted[:k] = np.sort(hist)
-        t._n = k
-        t._head = k % params.history
+        t._hist = _SortedRing.of(params.history, np.asarray(state["history"], dtype=np.float64))
         t._seen = int(state["seen"])
         return t
 
@@ -210,7 +365,7 @@ class Spot:
     def _refit(self) -> None:
         assert self._t is not None
         if self._n_peaks < 2 or self._total_peaks == 0:
-            self._z = max(self.initial, self._t)  # no tail to fit yet
+            self._z = min(max(self.initial, self._t), self.initial * self.params.max_shift)  # no tail to fit yet
             return
         peaks = self._peaks[: self._n_peaks]
         m = float(peaks.mean())
@@ -226,7 +381,7 @@ class Spot:
             z = self._t + sigma / gamma * (r ** (-gamma) - 1.0)
         else:
             z = self._t - sigma * math.log(r)
-        self._z = float(max(z, self._t))
+        self._z = float(min(max(z, self._t), self.initial * self.params.max_shift))
 
     def state(self) -> dict[str, Any]:
         if self._n_peaks < self.params.max_peaks:

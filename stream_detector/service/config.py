@@ -103,8 +103,12 @@ class DetectionSettingsSection(_Section):
     hop: int = Field(1, ge=1, description="score every hop-th event of each entity (once its window is full)")
     max_entities: int = Field(100_000, ge=1, description="tracked (partition, entity) pairs; beyond it the least recently seen are evicted")
     idle_timeout_ms: int = Field(24 * 3600 * 1000, ge=0, description="evict entities silent this long in event time (0 = never)")
-    threshold: Literal["quantile", "spot"] = Field(_THR.method, description="per-entity threshold: rolling quantile or SPOT")
+    threshold: Literal["auto", "calibrated", "quantile", "spot"] = Field(
+        _THR.method, description="per-entity threshold: 'calibrated' (surprise of each score and run of scores), rolling 'quantile' or 'spot'; 'auto' = calibrated where the bundle's calibration allows it, else quantile")
     warmup: int = Field(_THR.warmup, ge=1, description="normal scores per entity before its own threshold replaces the calibrated one")
+    alert_level: float = Field(_THR.alert_level, gt=0, description="calibrated: alert at this surprise, -log10 of the probability of a normal score (or run) at least this high")
+    learn_level: float = Field(_THR.learn_level, gt=0, description="calibrated: normal scores above this surprise are learned as this value")
+    max_shift: float = Field(_THR.max_shift, ge=1, description="no threshold rises above this x its calibrated starting value without an alert")
     quantile: float = Field(_THR.quantile, gt=0, le=1, description="rolling quantile of recent normal scores")
     history: int = Field(_THR.history, ge=1, description="recent normal scores kept per entity")
     multiplier: float = Field(_THR.multiplier, gt=0, description="rolling-quantile threshold = multiplier x quantile")
@@ -124,7 +128,8 @@ class DetectionSettingsSection(_Section):
             max_entities=self.max_entities,
             idle_timeout_ms=self.idle_timeout_ms or None,
             threshold=ThresholdParams(
-                method=self.threshold, warmup=self.warmup, quantile=self.quantile, history=self.history,
+                method=self.threshold, warmup=self.warmup, max_shift=self.max_shift, alert_level=self.alert_level,
+                learn_level=self.learn_level, quantile=self.quantile, history=self.history,
                 multiplier=self.multiplier, risk=self.spot_risk, init_quantile=self.spot_init_quantile,
                 max_peaks=self.spot_max_peaks,
             ),

@@ -1,0 +1,194 @@
+"""Calibrated scores: a model's normal score distribution, as the bundle's calibration describes
+it, turned into a *surprise*: -log10 of the probability that a normal score is at least this high.
+
+A raw reconstruction error means different things on different models and entities (a mean over
+38 features is light-tailed, the squared error of one feature is not), so thresholds on raw
+scores do not carry over from one dataset to the next. The surprise does: 2 is a 1-in-100 score,
+4 a 1-in-10,000 one, on every model. Below the tail level (the 98 % quantile of the validation
+scores) it is read from their quantiles, interpolated in log-score; beyond it from a generalised
+Pareto tail fitted to the excesses (probability-weighted moments, Hosking & Wallis 1987), which
+covers light (shape 0: exponential) and heavy (shape > 0: Pareto) tails alike.
+
+Two distributions may be calibrated: the point one (each score) and the *run* one, the geometric
+mean of the last `run_length` scores of an entity (a sustained moderate rise, such as a drift or
+a stuck sensor, is unlikely as a run long before any single score of it is). Both come from the
+same validation windows, in stream order, so the run distribution includes the autocorrelation
+of overlapping windows. The thresholds (core/thresholds.py, `Calibrated`) work in log-scores
+y = log(max(score, TINY)) with thresholds precomputed from `log_score_at`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+TINY = 1e-12  # scores are floored here before the log (a perfect reconstruction scores 0)
+TAIL_LEVEL = 0.98  # the tail is fitted to the validation scores above this quantile
+RUN_LENGTH = 10  # scores in a run (Numenta's anomaly likelihood averages 10 short-term scores too)
+MIN_EXCESSES = 20  # validation scores above the tail level, at least
+MAX_SHAPE = 1.5  # a fitted tail heavier than this is an artefact of few excesses
+_LN10 = math.log(10.0)
+
+
+def log_score(score: float) -> float:
+    return math.log(score) if score > TINY else math.log(TINY)
+
+
+def _level(key: str) -> float | None:
+    try:
+        return float(key)
+    except ValueError:  # other entries a trainer keeps there (e.g. the log models' "session_0.9")
+        return None
+
+
+@dataclass(frozen=True)
+class ScoreDistribution:
+    """A normal score distribution as a survival function. Up to the tail threshold `u`:
+    `log_scores[i]` is the log of the score exceeded with probability 10 ** -surprise[i]; beyond
+    it, P(S > s) = 10 ** -surprise[-1] * (1 + shape * (s - u) / scale) ** (-1 / shape)."""
+
+    log_scores: np.ndarray  # float64 [k], non-decreasing; the last one is log(u)
+    surprise: np.ndarray  # float64 [k], increasing: -log10(1 - level)
+    shape: float  # generalised Pareto shape (0: exponential tail)
+    scale: float
+
+    @classmethod
+    def from_json(cls, quantiles: Mapping[str, float], tail: Mapping[str, float]) -> "ScoreDistribution":
+        """From the bundle's {level: score} quantiles up to the tail level and its tail
+        {"level", "shape", "scale"} (the tail threshold is the quantile at "level")."""
+        level = float(tail["level"])
+        pts = sorted((lv, float(v)) for lv, v in ((_level(k), v) for k, v in quantiles.items()) if lv is not None and 0.0 < lv <= level)
+        if not pts or pts[-1][0] != level:
+            raise ValueError(f"the calibration has no quantile at its tail level {level}.")
+        y = np.maximum.accumulate(np.array([log_score(p[1]) for p in pts]))
+        z = -np.log10(1.0 - np.array([p[0] for p in pts]))
+        return cls(y, z, float(tail["shape"]), float(tail["scale"]))
+
+    @property
+    def u(self) -> float:
+        return math.exp(self.log_scores[-1])
+
+    def surprise_of(self, y: float) -> float:
+        """-log10 P(normal score >= exp(y)), for a log-score y."""
+        if y <= self.log_scores[-1]:
+            return float(np.interp(y, self.log_scores, self.surprise))
+        excess = (math.exp(y) - self.u) / self.scale
+        if self.shape < 1e-6:
+            return float(self.surprise[-1] + excess / _LN10)
+        return float(self.surprise[-1] + math.log10(1.0 + self.shape * excess) / self.shape)
+
+    def log_score_at(self, surprise: float) -> float:
+        """The log-score whose surprise is `surprise` (the inverse of `surprise_of`)."""
+        z_top = self.surprise[-1]
+        if surprise <= z_top:
+            return float(np.interp(surprise, self.surprise, self.log_scores))
+        d = surprise - z_top
+        if self.shape < 1e-6:
+            return math.log(self.u + self.scale * d * _LN10)
+        return math.log(self.u + self.scale / self.shape * (10.0 ** (d * self.shape) - 1.0))
+
+
+@dataclass(frozen=True)
+class ScoreReference:
+    """What a model's calibrated thresholds judge against: the point distribution, the optional
+    run distribution, and the anchor an entity's own level is compared with (the log of the point
+    distribution's 90 % quantile)."""
+
+    point: ScoreDistribution
+    run: ScoreDistribution | None = None
+    run_length: int = 0
+    anchor: float = 0.0
+
+    @classmethod
+    def from_calibration(cls, calibration: Any) -> "ScoreReference | None":
+        """From a `bundle.Calibration`; None for a calibration without a fitted tail (older bundles,
+        and the log models, whose threshold is a per-session decision): those keep the quantile method."""
+        if calibration.tail is None:
+            return None
+        point = ScoreDistribution.from_json(calibration.quantiles, calibration.tail)
+        run = None
+        if calibration.run is not None:
+            run = ScoreDistribution.from_json(calibration.run["quantiles"], calibration.run["tail"])
+        return cls(point, run, int(calibration.run["length"]) if run is not None else 0, point.log_score_at(1.0))
+
+
+# ---- fitting (training writes these into bundle.json's calibration) ----------------------------
+
+CALIBRATION_LEVELS = (0.5, 0.75, 0.9, 0.95, TAIL_LEVEL, 0.99, 0.999, 0.9999)
+
+
+def describe_distribution(scores: np.ndarray) -> tuple[dict[str, float], dict[str, float]]:
+    """(quantiles {level: score, ..., "1.0": max}, tail {"level", "shape", "scale"}) of normal scores.
+    The levels above the tail level are informational (reports); the tail describes them."""
+    s = np.sort(np.asarray(scores, dtype=np.float64))
+    n = s.size
+    if n < 20:
+        raise ValueError(f"{n} validation scores are too few to calibrate on (at least 20 are needed).")
+    # at least MIN_EXCESSES scores above the tail level: a short validation set fits its tail lower
+    level = min(TAIL_LEVEL, round(1.0 - MIN_EXCESSES / n, 3))
+    q = {str(lv): float(np.quantile(s, lv)) for lv in sorted({*CALIBRATION_LEVELS, level})}
+    q["1.0"] = float(s[-1])
+    u = q[str(level)]
+    shape, scale = fit_tail(s[s > u] - u, s)
+    return q, {"level": level, "shape": shape, "scale": scale}
+
+
+def fit_tail(excesses: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    """Generalised Pareto (shape, scale) of the excesses over the tail threshold by
+    probability-weighted moments, shape clipped to [0, MAX_SHAPE] (a bounded tail is treated as
+    exponential: a score past a fitted end point is not impossible, only unlikely). With fewer
+    than 5 excesses: an exponential tail with the scale of the scores' upper spread."""
+    x = np.sort(np.asarray(excesses, dtype=np.float64))
+    n = x.size
+    spread = float(np.quantile(scores, 0.98) - np.quantile(scores, 0.5))
+    floor = max(spread * 1e-3, TINY)
+    if n < 5 or float(x.mean()) <= floor:
+        return 0.0, max(spread / 4.0, floor)
+    a0 = float(x.mean())
+    p = (np.arange(1, n + 1) - 0.35) / n
+    a1 = float(np.mean((1.0 - p) * x))
+    denom = a0 - 2.0 * a1
+    if denom <= 0:
+        return MAX_SHAPE, max(a0 * (1 - MAX_SHAPE), floor)
+    shape = 2.0 - a0 / denom
+    scale = 2.0 * a0 * a1 / denom
+    if shape < 0.0:  # refit with shape 0: the exponential's scale is the mean excess
+        return 0.0, max(a0, floor)
+    shape = min(shape, MAX_SHAPE)
+    return float(shape), float(max(scale, floor))
+
+
+def run_means(scores: np.ndarray, segment_starts: np.ndarray, length: int) -> np.ndarray:
+    """Geometric mean of every `length` consecutive scores that lie in one segment (the validation
+    windows of one uninterrupted stretch of one entity); `segment_starts` are the indices where a
+    segment begins (0 included)."""
+    y = np.log(np.maximum(np.asarray(scores, dtype=np.float64), TINY))
+    bounds = [int(b) for b in segment_starts] + [y.size]
+    out = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b - a >= length:
+            c = np.concatenate([[0.0], np.cumsum(y[a:b])])
+            out.append((c[length:] - c[:-length]) / length)
+    return np.exp(np.concatenate(out)) if out else np.zeros(0)
+
+
+def calibrate_scores(scores: np.ndarray, threshold_quantile: float, segment_starts: np.ndarray | None = None,
+                     run_length: int = RUN_LENGTH) -> Any:
+    """A `bundle.Calibration` of normal validation scores, in stream order: the point distribution,
+    the run distribution (runs never cross `segment_starts`; none when fewer than 20 runs fit)
+    and the `threshold_quantile` quantile as the initial threshold of the quantile/SPOT methods."""
+    from stream_detector.core.bundle import Calibration
+
+    scores = np.asarray(scores, dtype=np.float64)
+    quantiles, tail = describe_distribution(scores)
+    threshold = max(float(np.quantile(scores, threshold_quantile)), TINY)  # the loader requires > 0
+    starts = np.zeros(1, dtype=np.int64) if segment_starts is None else np.asarray(segment_starts, dtype=np.int64)
+    means = run_means(scores, starts, run_length)
+    run = None
+    if means.size >= 20:
+        rq, rt = describe_distribution(means)
+        run = {"length": int(run_length), "quantiles": rq, "tail": rt}
+    return Calibration(quantiles, threshold, int(scores.size), tail, run)
