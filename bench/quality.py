@@ -45,7 +45,8 @@ from stream_detector.offline.datafiles import read_table  # noqa: E402
 from stream_detector.core.pipeline import DetectionSettings, DetectorCore  # noqa: E402
 from stream_detector.offline.replay import replay_table  # noqa: E402
 from stream_detector.core.scorer import Scorer  # noqa: E402
-from stream_detector.core.thresholds import ThresholdParams  # noqa: E402
+from stream_detector.core.thresholds import METHODS, ThresholdParams, resolve_method  # noqa: E402
+from stream_detector.core.calibration import ScoreReference  # noqa: E402
 
 log = logging.getLogger("bench.quality")
 
@@ -125,11 +126,15 @@ def train_bundle(variant: str, train_file: Path, work: Path, args: argparse.Name
 def detection_settings(args: argparse.Namespace, **over: Any) -> DetectionSettings:
     p = {
         "method": args.threshold, "quantile": args.quantile, "multiplier": args.multiplier, "history": args.history,
-        "warmup": args.warmup, "risk": args.risk, "resolve_after": args.resolve_after, "cooldown": args.cooldown, **over,
+        "warmup": args.warmup, "risk": args.risk, "alert_level": args.alert_level, "learn_level": args.learn_level,
+        "max_shift": args.max_shift, "resolve_after": args.resolve_after, "cooldown": args.cooldown, **over,
     }
     return DetectionSettings(
         hop=1,
-        threshold=ThresholdParams(method=p["method"], quantile=p["quantile"], multiplier=p["multiplier"], history=p["history"], warmup=p["warmup"], risk=p["risk"]),
+        threshold=ThresholdParams(
+            method=p["method"], quantile=p["quantile"], multiplier=p["multiplier"], history=p["history"], warmup=p["warmup"],
+            risk=p["risk"], alert_level=p["alert_level"], learn_level=p["learn_level"], max_shift=p["max_shift"],
+        ),
         alerts=AlertParams(resolve_after=p["resolve_after"], cooldown=p["cooldown"]),
     )
 
@@ -146,11 +151,9 @@ def replay_and_evaluate(scorer: MemoScorer, table, labels_file: Path, out_dir: P
 # ---------------------------------------------------------------------------------------------
 # Threshold sweep on the development machines
 
-SWEEP = {
-    "quantile": (0.99, 0.999),
-    "multiplier": (1.5, 2.0, 3.0, 4.0),
-    "resolve_after": (10, 30),
-    "cooldown": (0, 60),
+SWEEPS = {  # per threshold method (the method in force: --threshold, 'auto' resolved per bundle)
+    "quantile": {"quantile": (0.99, 0.999), "multiplier": (1.5, 2.0, 3.0, 4.0), "resolve_after": (10, 30), "cooldown": (0, 60)},
+    "calibrated": {"alert_level": (3.0, 3.5, 4.0, 4.5, 5.0, 6.0), "max_shift": (2.0, 4.0), "resolve_after": (10, 30), "cooldown": (0, 60)},
 }
 # An alert left open most of the time overlaps every incident with few episodes: contract 4 alone
 # would reward it. A setting qualifies only if it keeps alerts open for at most this multiple of
@@ -162,12 +165,18 @@ MIN_DEV_RECALL = 0.8
 
 
 def tune(args: argparse.Namespace, smd: Path, work: Path, variants: list[str]) -> dict[str, dict[str, Any]]:
-    """Event F1 (mean over the development machines) for every threshold setting of SWEEP, per variant."""
+    """Event F1 (mean over the development machines) for every threshold setting of the method's
+    sweep (SWEEPS), per variant."""
     # the sweep only compares alerting decisions: VUS with a single buffer keeps it cheap
     eval_settings = ev.EvaluationSettings(tolerance=args.tolerance, vus_max_buffer=0)
     best: dict[str, dict[str, Any]] = {}
-    grid = [dict(zip(SWEEP, combo)) for combo in itertools.product(*SWEEP.values())]
     for variant in variants:
+        method = args.threshold
+        if method == "auto":
+            bundle_dir, _ = train_bundle(variant, smd / "train" / f"{DEV_MACHINES[0]}.txt", work, args)
+            method = resolve_method(ThresholdParams(), ScoreReference.from_calibration(load_bundle(bundle_dir).calibration))
+        sweep = SWEEPS[method]
+        grid = [dict(zip(sweep, combo)) for combo in itertools.product(*sweep.values())]
         results = {i: [] for i in range(len(grid))}
         for machine in DEV_MACHINES:
             bundle_dir, _ = train_bundle(variant, smd / "train" / f"{machine}.txt", work, args)
@@ -354,7 +363,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--zscore-window", type=int, default=64)
     p.add_argument("--zscore-floor", type=float, default=0.1)
     # detection (defaults: the core's)
-    p.add_argument("--threshold", default=d_thr.method, choices=("quantile", "spot"))
+    p.add_argument("--threshold", default=d_thr.method, choices=METHODS)
+    p.add_argument("--alert-level", type=float, default=d_thr.alert_level, help="calibrated: surprise that alerts")
+    p.add_argument("--learn-level", type=float, default=d_thr.learn_level, help="calibrated: surprise up to which normal scores are learned")
+    p.add_argument("--max-shift", type=float, default=d_thr.max_shift, help="most a threshold may rise over its calibrated start")
     p.add_argument("--quantile", type=float, default=d_thr.quantile)
     p.add_argument("--multiplier", type=float, default=d_thr.multiplier)
     p.add_argument("--history", type=int, default=d_thr.history)
