@@ -132,6 +132,12 @@ def test_replay_catches_unknown_at_the_line_and_truncated_at_the_idle_check(coun
     spec = load_log_spec(bundle)
     settings = DetectionSettings(idle_timeout_ms=None, threshold=ThresholdParams(warmup=1000, history=1000))
     replay_log(bundle, spec, Scorer(bundle, provider="cpu", intra_op_threads=1), settings, data, tmp_path / "out", batch_lines=64)
+    # scores.csv: the common six columns (scoresfile.py), then kind and template_id
+    from stream_detector.offline.scoresfile import read_scores
+
+    table = read_scores(tmp_path / "out" / "scores.csv")
+    assert list(table.extra) == ["kind", "template_id"] and {"line", "idle-check"} <= set(table.extra["kind"])
+    assert all((r >= 0) == (k == "line") for r, k in zip(table.row.tolist(), table.extra["kind"]))
     opened = {}
     for a in (orjson.loads(x) for x in (tmp_path / "out" / "alerts.jsonl").read_bytes().splitlines()):
         if a["state"] == "open":

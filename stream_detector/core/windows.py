@@ -113,9 +113,6 @@ class WindowStore:
     def slot_of(self, partition: int, key: str) -> int | None:
         return self._index.get((int(partition), key))
 
-    def entity_of(self, slot: int) -> EntityKey | None:
-        return self._keys[slot] if 0 <= slot < self._capacity else None
-
     def entities(self) -> list[EntityKey]:
         return list(self._index)
 

@@ -4,16 +4,12 @@ Everything is computed on what the service itself produced (`scores.csv` from `r
 docs/architecture.md): causal scores and its own alerting decisions, never scores that saw the
 future. How the figures are counted (DESIGN.md contract 4, docs/quality.md):
 
-- Series: rows are grouped by `key`; each key is one series in `row` order. Incidents, alert
-  episodes, buffers and point adjustment never cross series; pooled figures sum over series.
-- Unscored rows (window not yet full, or skipped by the scoring hop) have an empty `score`. For the
-  threshold-free figures a series' score is forward-filled (the last score the service knew — it is
-  causal), and rows before its first score get the lowest score in the file, so they rank below
-  every real score. The alert column is a state and is defined on every row.
-- Alerted rows: `alert == 1`, plus any row whose `event` is `open` (instantaneous alerts).
+- Per series (one entity, evalinputs.py: unscored rows, forward fill, alerted rows, labels);
+  incidents, alert episodes, buffers and point adjustment never cross series; pooled figures sum
+  over series.
 - Threshold-free: AUC-PR = average precision of the raw score (sum over thresholds of
-  (R_k - R_{k-1}) * P_k, the non-interpolated estimator); VUS-PR = range-AUC-PR averaged over
-  buffer lengths l = 0..L (Paparrizos et al., VLDB 2022), see `vus_pr`.
+  (R_k - R_{k-1}) * P_k, the non-interpolated estimator; tied scores form one threshold);
+  VUS-PR = range-AUC-PR averaged over buffer lengths l = 0..L (Paparrizos et al., VLDB 2022).
 - At the alerting decisions: point-wise precision/recall/F1 of the alerted rows; event recall =
   incidents overlapped by an alert episode / incidents; alert precision = incidents alerted /
   (incidents alerted + false episodes), a false episode overlapping no incident; "overlap" allows
@@ -23,37 +19,54 @@ future. How the figures are counted (DESIGN.md contract 4, docs/quality.md):
   and PA%K (Kim et al., AAAI 2022: adjust an incident only when more than K% of its rows were
   alerted), always reported next to the plain figures.
 
-Labels (`read_labels`): either one `0`/`1` per line, aligned with the replayed file's data rows
-(`row` in scores.csv), or one range per line, `start-end[:anything]`, 0-based with `end`
-exclusive — the format of SMD's `interpretation_label` files.
-
-numpy only; matplotlib is imported lazily for the plots.
+The measures themselves are in measures.py (shared with logeval.py), reading the inputs in
+evalinputs.py, the plots in plots.py; this module runs them over the series, summarises, and is the
+command line. The names below that come from those modules stay importable from here.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import logging
-import math
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import orjson
 
-log = logging.getLogger(__name__)
+from stream_detector.offline.evalinputs import (
+    EvaluationError,
+    Series,
+    build_series,
+    forward_fill,
+    read_labels,
+    read_scores,
+)
+from stream_detector.offline.measures import (
+    average_precision,
+    buffered_labels,
+    event_metrics,
+    point_adjust,
+    point_metrics,
+    range_pr_auc,
+    segments,
+    summarise_events,
+    vus_pr,
+)
+from stream_detector.offline.plots import load_signals, top_features_from_alerts, write_plots
+from stream_detector.offline.scoresfile import ScoresTable
 
-SCORES_HEADER = ("row", "key", "score", "threshold", "alert", "event")
+__all__ = [
+    "PA_K_PERCENTS", "EvaluationError", "EvaluationSettings", "Evaluation", "ScoresTable", "Series",
+    "read_scores", "read_labels", "build_series", "forward_fill",
+    "segments", "average_precision", "buffered_labels", "range_pr_auc", "vus_pr", "point_metrics", "point_adjust",
+    "event_metrics", "summarise_events",
+    "evaluate_series", "evaluate_files", "format_summary", "top_features_from_alerts", "write_plots", "load_signals",
+    "register", "run",
+]
+
 PA_K_PERCENTS = (20, 50)
-_RANGE_LINE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*(?::.*)?$")
-
-
-class EvaluationError(Exception):
-    """Input that cannot be evaluated; the message is one sentence meant for the user."""
 
 
 @dataclass(frozen=True)
@@ -71,35 +84,6 @@ class EvaluationSettings:
             raise EvaluationError(f"the number of VUS thresholds must be at least 2, got {self.vus_thresholds}.")
 
 
-@dataclass(frozen=True)
-class ScoresTable:
-    """scores.csv as columns, in file order."""
-
-    row: np.ndarray  # int64 [n]
-    key: list[str]
-    score: np.ndarray  # float64 [n], NaN where not scored
-    threshold: np.ndarray  # float64 [n], NaN where not scored
-    alert: np.ndarray  # bool [n]
-    event: list[str]
-
-    @property
-    def n(self) -> int:
-        return int(self.row.shape[0])
-
-
-@dataclass(frozen=True)
-class Series:
-    """One entity's rows in `row` order, ready for the metrics."""
-
-    key: str
-    rows: np.ndarray  # int64 [m], row numbers in the replayed file
-    labels: np.ndarray  # bool [m]
-    score: np.ndarray  # float64 [m], NaN where not scored
-    filled_score: np.ndarray  # float64 [m], forward-filled (see module docstring)
-    threshold: np.ndarray  # float64 [m], NaN where not scored
-    alerted: np.ndarray  # bool [m]
-
-
 @dataclass
 class Evaluation:
     overall: dict[str, Any]
@@ -108,336 +92,6 @@ class Evaluation:
 
     def to_json(self) -> dict[str, Any]:
         return {**self.info, "overall": self.overall, "per_series": self.per_series}
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading inputs
-
-
-def read_scores(path: str | Path) -> ScoresTable:
-    path = Path(path)
-    if not path.is_file():
-        raise EvaluationError(f"scores file {path} does not exist.")
-    rows: list[int] = []
-    keys: list[str] = []
-    scores: list[float] = []
-    thresholds: list[float] = []
-    alerts: list[bool] = []
-    events: list[str] = []
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.reader(f)
-            header = next(reader, None)
-            if header is None or tuple(h.strip() for h in header[: len(SCORES_HEADER)]) != SCORES_HEADER:
-                raise EvaluationError(f"{path} does not start with the header {','.join(SCORES_HEADER)} (is it replay's scores.csv?).")
-            for lineno, rec in enumerate(reader, 2):
-                if not rec:
-                    continue
-                if len(rec) < len(SCORES_HEADER):
-                    raise EvaluationError(f"{path} line {lineno} has {len(rec)} cells, expected {len(SCORES_HEADER)}.")
-                try:
-                    rows.append(int(rec[0]))
-                    scores.append(float(rec[2]) if rec[2].strip() else math.nan)
-                    thresholds.append(float(rec[3]) if rec[3].strip() else math.nan)
-                    alerts.append(int(rec[4]) == 1 if rec[4].strip() else False)
-                except ValueError:
-                    raise EvaluationError(f"{path} line {lineno} has a row, score, threshold or alert that is not a number.") from None
-                keys.append(rec[1])
-                events.append(rec[5].strip())
-    except UnicodeDecodeError:
-        raise EvaluationError(f"{path} is not a UTF-8 text file.") from None
-    if not rows:
-        raise EvaluationError(f"{path} has no data rows.")
-    table = ScoresTable(
-        row=np.asarray(rows, dtype=np.int64),
-        key=keys,
-        score=np.asarray(scores, dtype=np.float64),
-        threshold=np.asarray(thresholds, dtype=np.float64),
-        alert=np.asarray(alerts, dtype=bool),
-        event=events,
-    )
-    if np.any(table.row < 0):
-        raise EvaluationError(f"{path} has negative row numbers.")
-    if np.unique(table.row).size != table.n:
-        raise EvaluationError(f"{path} lists some row numbers more than once.")
-    finite = table.score[~np.isnan(table.score)]
-    if not np.all(np.isfinite(finite)):
-        raise EvaluationError(f"{path} has infinite scores.")
-    return table
-
-
-def read_labels(path: str | Path, n_rows: int) -> np.ndarray:
-    """Labels for rows 0..n_rows-1 as a bool array; see the module docstring for the two formats."""
-    path = Path(path)
-    if not path.is_file():
-        raise EvaluationError(f"labels file {path} does not exist.")
-    try:
-        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
-    except UnicodeDecodeError:
-        raise EvaluationError(f"labels file {path} is not a UTF-8 text file.") from None
-    lines = [ln for ln in lines if ln and not ln.startswith("#")]
-    if not lines:
-        log.warning("labels file %s is empty: evaluating as if no row were anomalous", path)
-        return np.zeros(n_rows, dtype=bool)
-    if all(ln in ("0", "1", "0.0", "1.0") for ln in lines):
-        if len(lines) != n_rows:
-            raise EvaluationError(f"labels file {path} has {len(lines)} rows but the scores cover {n_rows} rows (0..{n_rows - 1}).")
-        return np.asarray([ln.startswith("1") for ln in lines], dtype=bool)
-    labels = np.zeros(n_rows, dtype=bool)
-    for lineno, ln in enumerate(lines, 1):
-        m = _RANGE_LINE.match(ln)
-        if not m:
-            raise EvaluationError(
-                f"labels file {path} line {lineno} is neither a 0/1 label nor a range 'start-end' ({ln[:40]!r})."
-            )
-        start, end = int(m.group(1)), int(m.group(2))
-        if end <= start:
-            raise EvaluationError(f"labels file {path} line {lineno}: the range {start}-{end} is empty (end is exclusive).")
-        if end > n_rows:
-            raise EvaluationError(f"labels file {path} line {lineno}: the range {start}-{end} goes past the {n_rows} scored rows.")
-        labels[start:end] = True
-    return labels
-
-
-def build_series(table: ScoresTable, labels: np.ndarray) -> list[Series]:
-    """Split the scores per key (in order of first appearance), each in row order."""
-    if labels.shape[0] <= int(table.row.max()):
-        raise EvaluationError(f"the labels cover {labels.shape[0]} rows but the scores go up to row {int(table.row.max())}.")
-    scored = table.score[~np.isnan(table.score)]
-    floor = float(scored.min()) if scored.size else 0.0
-    opens = np.asarray([e == "open" for e in table.event], dtype=bool)
-    groups: dict[str, list[int]] = {}
-    for i, k in enumerate(table.key):
-        groups.setdefault(k, []).append(i)
-    out = []
-    for key, idx_list in groups.items():
-        idx = np.asarray(idx_list, dtype=np.int64)
-        idx = idx[np.argsort(table.row[idx], kind="stable")]
-        score = table.score[idx]
-        out.append(
-            Series(
-                key=key,
-                rows=table.row[idx],
-                labels=labels[table.row[idx]],
-                score=score,
-                filled_score=forward_fill(score, floor),
-                threshold=table.threshold[idx],
-                alerted=table.alert[idx] | opens[idx],
-            )
-        )
-    return out
-
-
-def forward_fill(values: np.ndarray, before_first: float) -> np.ndarray:
-    """NaNs replaced by the last non-NaN value; leading NaNs by `before_first`."""
-    ok = ~np.isnan(values)
-    idx = np.where(ok, np.arange(values.size), -1)
-    np.maximum.accumulate(idx, out=idx)
-    out = np.where(idx >= 0, values[np.maximum(idx, 0)], before_first)
-    return out.astype(np.float64)
-
-
-# ---------------------------------------------------------------------------------------------
-# Metrics on plain arrays (one series, or several passed as lists and pooled)
-
-
-def segments(mask: np.ndarray) -> np.ndarray:
-    """Maximal runs of True as an int64 array [k, 2] of inclusive (start, end)."""
-    m = np.asarray(mask, dtype=bool)
-    d = np.diff(np.concatenate(([0], m.view(np.int8), [0])))
-    starts = np.flatnonzero(d == 1)
-    ends = np.flatnonzero(d == -1) - 1
-    return np.stack([starts, ends], axis=1).astype(np.int64)
-
-
-def _ratio(num: float, den: float) -> float | None:
-    return float(num) / float(den) if den > 0 else None
-
-
-def _f1(precision: float | None, recall: float | None) -> float | None:
-    """Harmonic mean; with no positives it is undefined (None), with no predictions it is 0."""
-    if recall is None:
-        return None
-    if precision is None or precision + recall == 0:
-        return 0.0
-    return 2 * precision * recall / (precision + recall)
-
-
-def average_precision(labels: Sequence[np.ndarray] | np.ndarray, scores: Sequence[np.ndarray] | np.ndarray) -> float | None:
-    """Non-interpolated average precision: sum_k (R_k - R_{k-1}) * P_k over the distinct score
-    thresholds, highest first (predicted anomalous: score >= threshold). None without positives."""
-    y = np.concatenate([np.asarray(v, dtype=bool) for v in _as_list(labels)])
-    s = np.concatenate([np.asarray(v, dtype=np.float64) for v in _as_list(scores)])
-    n_pos = int(y.sum())
-    if n_pos == 0:
-        return None
-    order = np.argsort(-s, kind="stable")
-    s_sorted, y_sorted = s[order], y[order]
-    last_of_tie = np.flatnonzero(np.r_[s_sorted[1:] != s_sorted[:-1], True])
-    tp = np.cumsum(y_sorted)[last_of_tie]
-    n_pred = last_of_tie + 1
-    precision = tp / n_pred
-    recall = tp / n_pos
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
-
-
-def buffered_labels(labels: np.ndarray, buffer: int) -> np.ndarray:
-    """Range-aware labels of VUS (Paparrizos et al. 2022): 1 inside an incident; within
-    floor(l/2) rows before its start or after its end, at distance d, sqrt(1 - d/l); 0 elsewhere
-    (overlapping buffers add up, capped at 1)."""
-    soft = np.asarray(labels, dtype=np.float64).copy()
-    half = buffer // 2
-    if half == 0:
-        return soft
-    n = soft.size
-    d = np.arange(1, half + 1)
-    w = np.sqrt(1.0 - d / buffer)
-    for s, e in segments(labels):
-        after = e + d
-        ok = after < n
-        soft[after[ok]] += w[ok]
-        before = s - d
-        ok = before >= 0
-        soft[before[ok]] += w[ok]
-    return np.minimum(soft, 1.0)
-
-
-def range_pr_auc(
-    labels: Sequence[np.ndarray] | np.ndarray,
-    scores: Sequence[np.ndarray] | np.ndarray,
-    buffer: int,
-    n_thresholds: int | None = None,
-) -> float | None:
-    """Range-AUC-PR for one buffer length l (Paparrizos et al. 2022, as in their reference code):
-    with soft labels b (`buffered_labels`) and P the number of anomalous rows, at threshold t
-    TP = sum b[score >= t], precision = TP / #(score >= t), recall = min(1, TP / ((P + sum b) / 2))
-    times the fraction of buffered ranges (maximal runs of b > 0) holding at least one predicted row;
-    the area is the trapezoid rule over thresholds from (recall 0, precision 1). Several series are
-    buffered separately and pooled. Thresholds: every distinct score, or `n_thresholds` scores at
-    evenly spaced ranks like the reference code. None without positives."""
-    ys = [np.asarray(v, dtype=bool) for v in _as_list(labels)]
-    ss = [np.asarray(v, dtype=np.float64) for v in _as_list(scores)]
-    n_pos = sum(int(y.sum()) for y in ys)
-    if n_pos == 0:
-        return None
-    soft_parts, range_ids, offset = [], [], 0
-    for y in ys:
-        b = buffered_labels(y, buffer)
-        ids = np.full(y.size, -1, dtype=np.int64)
-        runs = segments(b > 0)
-        for j, (s, e) in enumerate(runs):
-            ids[s : e + 1] = offset + j
-        offset += len(runs)
-        soft_parts.append(b)
-        range_ids.append(ids)
-    soft = np.concatenate(soft_parts)
-    ids = np.concatenate(range_ids)
-    score = np.concatenate(ss)
-    n_ranges = offset
-
-    order = np.argsort(-score, kind="stable")
-    s_sorted = score[order]
-    if n_thresholds is None:
-        thresholds = s_sorted[np.r_[True, s_sorted[1:] != s_sorted[:-1]]]
-    else:
-        thresholds = s_sorted[np.linspace(0, score.size - 1, n_thresholds).astype(int)]
-    # rows predicted at threshold t: all with score >= t, i.e. a prefix of the sorted order
-    n_pred = np.searchsorted(-s_sorted, -thresholds, side="right")
-    tp = np.cumsum(soft[order])[n_pred - 1]
-    p_new = (n_pos + soft.sum()) / 2.0
-    recall = np.minimum(tp / p_new, 1.0)
-    range_max = np.full(n_ranges, -np.inf)
-    inside = ids >= 0
-    np.maximum.at(range_max, ids[inside], score[inside])
-    range_max.sort()
-    existence = (n_ranges - np.searchsorted(range_max, thresholds, side="left")) / n_ranges
-    tpr = np.r_[0.0, recall * existence]
-    precision = np.r_[1.0, tp / n_pred]
-    return float(np.sum(np.diff(tpr) * (precision[1:] + precision[:-1]) / 2.0))
-
-
-def vus_pr(
-    labels: Sequence[np.ndarray] | np.ndarray,
-    scores: Sequence[np.ndarray] | np.ndarray,
-    max_buffer: int,
-    n_thresholds: int | None = None,
-) -> float | None:
-    """VUS-PR: the mean of `range_pr_auc` over buffer lengths l = 0, 1, ..., max_buffer."""
-    values = [range_pr_auc(labels, scores, buffer, n_thresholds) for buffer in range(max_buffer + 1)]
-    if values[0] is None:
-        return None
-    return float(np.mean(values))
-
-
-def point_metrics(labels: np.ndarray, predicted: np.ndarray) -> dict[str, Any]:
-    y = np.asarray(labels, dtype=bool)
-    p = np.asarray(predicted, dtype=bool)
-    tp = int(np.sum(y & p))
-    fp = int(np.sum(~y & p))
-    fn = int(np.sum(y & ~p))
-    precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
-    return {"precision": precision, "recall": recall, "f1": _f1(precision, recall), "tp": tp, "fp": fp, "fn": fn}
-
-
-def point_adjust(labels: np.ndarray, predicted: np.ndarray, k_percent: float = 0.0) -> np.ndarray:
-    """Point adjustment: every row of an incident counts as predicted when more than k_percent %
-    of its rows were predicted (k = 0: classic PA, any one row; PA%K of Kim et al. 2022)."""
-    y = np.asarray(labels, dtype=bool)
-    out = np.asarray(predicted, dtype=bool).copy()
-    for s, e in segments(y):
-        if out[s : e + 1].mean() > k_percent / 100.0:
-            out[s : e + 1] = True
-    return out
-
-
-def event_metrics(labels: np.ndarray, alerted: np.ndarray, tolerance: int) -> dict[str, Any]:
-    """Contract-4 counts for one series (see the module docstring)."""
-    incidents = segments(labels)
-    episodes = segments(alerted)
-    if len(incidents) and len(episodes):
-        overlap = (episodes[:, 0][:, None] <= incidents[:, 1][None, :] + tolerance) & (
-            episodes[:, 1][:, None] >= incidents[:, 0][None, :] - tolerance
-        )
-    else:
-        overlap = np.zeros((len(episodes), len(incidents)), dtype=bool)
-    detected = overlap.any(axis=0)
-    false_episodes = int(np.sum(~overlap.any(axis=1)))
-    delays = []
-    for i in np.flatnonzero(detected):
-        first = episodes[overlap[:, i], 0].min()
-        delays.append(int(max(0, first - incidents[i, 0])))
-    return {
-        "incidents": int(len(incidents)),
-        "incidents_alerted": int(detected.sum()),
-        "episodes": int(len(episodes)),
-        "false_episodes": false_episodes,
-        "delays": delays,
-        "missed": [[int(s), int(e)] for (s, e), hit in zip(incidents, detected) if not hit],
-    }
-
-
-def summarise_events(counts: dict[str, Any]) -> dict[str, Any]:
-    alerted, incidents, false_eps = counts["incidents_alerted"], counts["incidents"], counts["false_episodes"]
-    recall = _ratio(alerted, incidents)
-    precision = _ratio(alerted, alerted + false_eps)
-    delays = counts["delays"]
-    return {
-        "incidents": incidents,
-        "incidents_alerted": alerted,
-        "episodes": counts["episodes"],
-        "false_episodes": false_eps,
-        "recall": recall,
-        "alert_precision": precision,
-        "f1": _f1(precision, recall),
-        "delay_mean": float(np.mean(delays)) if delays else None,
-        "delay_median": float(np.median(delays)) if delays else None,
-    }
-
-
-def _as_list(v: Sequence[np.ndarray] | np.ndarray) -> list[np.ndarray]:
-    if isinstance(v, np.ndarray) and v.ndim == 1:
-        return [v]
-    return list(v)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -528,128 +182,6 @@ def format_summary(ev: Evaluation) -> str:
 
 def _fmt(v: float | None, digits: int = 3) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
-
-
-# ---------------------------------------------------------------------------------------------
-# Plots
-
-
-def top_features_from_alerts(alerts_path: Path, limit: int = 3) -> dict[str, list[str]]:
-    """Per key, the features most often named in its alerts' `top_features` (contract 3)."""
-    if not alerts_path.is_file():
-        return {}
-    counts: dict[str, dict[str, int]] = {}
-    for line in alerts_path.read_bytes().splitlines():
-        if not line.strip():
-            continue
-        try:
-            alert = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            continue
-        names = []
-        for item in alert.get("top_features") or []:
-            if isinstance(item, str):
-                names.append(item)
-            elif isinstance(item, dict):
-                name = item.get("feature", item.get("name"))
-                if name is not None:
-                    names.append(str(name))
-        per_key = counts.setdefault(str(alert.get("key")), {})
-        for n in names:
-            per_key[n] = per_key.get(n, 0) + 1
-    return {k: [n for n, _ in sorted(c.items(), key=lambda kv: -kv[1])[:limit]] for k, c in counts.items()}
-
-
-def write_plots(
-    series: list[Series],
-    out_dir: Path,
-    signals: dict[str, tuple[list[str], np.ndarray]] | None = None,
-    title: str = "",
-) -> list[Path]:
-    """One PNG per series: top features' signal (when given: key -> (names, values [m, k]) aligned
-    with the series' rows), score and threshold (log scale), label ranges, alert episodes."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed: no plots (pip install 'stream-detector[train]')")
-        return []
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for s in series:
-        sig = (signals or {}).get(s.key)
-        n_panels = 2 if sig is not None else 1
-        fig, axes = plt.subplots(n_panels, 1, figsize=(14, 2.6 * n_panels + 0.6), sharex=True, squeeze=False)
-        axes = axes[:, 0]
-        x = s.rows
-        if sig is not None:
-            names, values = sig
-            for j, name in enumerate(names):
-                axes[0].plot(x, values[:, j], lw=0.6, label=name)
-            axes[0].set_ylabel("top features")
-            axes[0].legend(loc="upper right", fontsize=7)
-        ax = axes[-1]
-        positive = s.score[np.isfinite(s.score) & (s.score > 0)]
-        floor = float(positive.min()) if positive.size else 1e-6
-        ax.plot(x, np.maximum(s.score, floor), lw=0.5, color="tab:blue", label="score")
-        ax.plot(x, np.maximum(s.threshold, floor), lw=0.8, color="tab:orange", label="threshold")
-        ax.set_yscale("log")
-        ax.set_ylabel("score")
-        for axis in axes:
-            for a, b in segments(s.labels):
-                axis.axvspan(x[a], x[b] + 1, color="tab:red", alpha=0.18, lw=0)
-        ymin, ymax = ax.get_ylim()
-        for a, b in segments(s.alerted):
-            ax.hlines(ymax * 0.8, x[a], x[b] + 1, color="black", lw=3)
-        ax.plot([], [], color="tab:red", alpha=0.3, lw=6, label="labelled anomaly")
-        ax.plot([], [], color="black", lw=3, label="alert episode")
-        ax.legend(loc="upper left", fontsize=7, ncol=4)
-        ax.set_xlabel("row")
-        fig.suptitle(f"{title} {s.key}".strip(), fontsize=10)
-        fig.tight_layout()
-        path = out_dir / f"{_safe_name(s.key)}.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        written.append(path)
-    return written
-
-
-def _safe_name(key: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", key)[:80] or "series"
-
-
-def load_signals(
-    input_path: str | Path, fmt: str, series: list[Series], top: dict[str, list[str]], default_count: int = 3
-) -> dict[str, tuple[list[str], np.ndarray]]:
-    """Feature values of the replayed file for each series' top features (those named most often in
-    its alerts; else the features with the largest spread inside its labelled ranges)."""
-    from stream_detector.offline.datafiles import DataFileError, read_table
-
-    try:
-        table = read_table(input_path, fmt)
-    except DataFileError as e:
-        raise EvaluationError(str(e)) from None
-    by_key = {e.key: e for e in table.by_entity()}
-    out = {}
-    for s in series:
-        ent = by_key.get(s.key)
-        if ent is None:
-            continue
-        pos = {int(r): i for i, r in enumerate(ent.row_index)}
-        take = np.asarray([pos.get(int(r), -1) for r in s.rows])
-        if np.any(take < 0):
-            continue
-        values = ent.values[take]
-        names = [n for n in top.get(s.key, []) if n in table.features]
-        if not names:
-            inside = values[s.labels] if s.labels.any() else values
-            spread = inside.std(axis=0) / (values.std(axis=0) + 1e-9)
-            names = [table.features[j] for j in np.argsort(-spread)[:default_count]]
-        cols = [table.features.index(n) for n in names]
-        out[s.key] = (names, values[:, cols])
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

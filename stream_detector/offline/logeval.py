@@ -4,8 +4,9 @@ alert; labels are per entity. Reads `replay --format log`'s entities.csv and a l
 
 Figures: precision, recall, F1 over the entities evaluated (optionally only those whose first
 line comes after `start_after_ms`, e.g. after the training period), average precision of the
-entity's largest score (threshold-free), and time-to-detect (seconds from an anomalous entity's
-first line to its first alert: median, p90, max).
+entity's largest score (threshold-free; entities with equal scores form one threshold, see
+measures.py, which both evaluations share), and time-to-detect (seconds from an anomalous
+entity's first line to its first alert: median, p90, max).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from stream_detector.offline.measures import average_precision, point_metrics
 
 ANOMALY_WORDS = frozenset(("anomaly", "anomalous", "abnormal", "1", "true"))
 
@@ -67,22 +70,14 @@ def read_entity_labels(path: Path) -> dict[str, bool]:
 
 
 def prf(flag: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
-    tp = int((flag & truth).sum())
-    fp = int((flag & ~truth).sum())
-    fn = int((~flag & truth).sum())
-    p = tp / (tp + fp) if tp + fp else 0.0
-    r = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * p * r / (p + r) if p + r else 0.0
-    return {"precision": round(p, 4), "recall": round(r, 4), "f1": round(f1, 4), "tp": tp, "fp": fp, "fn": fn}
+    """`measures.point_metrics` over entities (flagged vs anomalous), rounded to 4 digits; an
+    undefined precision or recall (nothing flagged, nothing anomalous) is reported as 0."""
+    m = point_metrics(truth, flag)
+    return {"precision": _round(m["precision"]), "recall": _round(m["recall"]), "f1": _round(m["f1"]), "tp": m["tp"], "fp": m["fp"], "fn": m["fn"]}
 
 
-def average_precision(score: np.ndarray, truth: np.ndarray) -> float:
-    if not truth.any():
-        return float("nan")
-    o = np.argsort(-score, kind="stable")
-    hits = truth[o]
-    prec = np.cumsum(hits) / np.arange(1, hits.size + 1)
-    return round(float(prec[hits].sum() / hits.sum()), 4)
+def _round(v: float | None) -> float:
+    return 0.0 if v is None else round(v, 4)
 
 
 def session_metrics(dec: EntityDecisions, labels: dict[str, bool], start_after_ms: int | None = None) -> dict[str, Any]:
@@ -95,7 +90,9 @@ def session_metrics(dec: EntityDecisions, labels: dict[str, bool], start_after_m
     idx = np.flatnonzero(keep)
     truth = np.array([labels[dec.keys[i]] for i in idx.tolist()], dtype=bool)
     flag = dec.alerted[idx]
-    out = {"entities": int(idx.size), "anomalous": int(truth.sum()), **prf(flag, truth), "average_precision": average_precision(dec.max_score[idx], truth)}
+    ap = average_precision(truth, dec.max_score[idx])  # entities with equal max scores count together
+    out = {"entities": int(idx.size), "anomalous": int(truth.sum()), **prf(flag, truth),
+           "average_precision": float("nan") if ap is None else round(ap, 4)}
     det = idx[flag & truth]
     if det.size:
         ttd = (dec.first_alert_ms[det] - dec.first_ms[det]) / 1000.0

@@ -2,8 +2,9 @@
 same `DetectorCore` as `run`; per-entity decisions.
 
 Writes into OUT:
-- `scores.csv` — one line per scored row: `row,key,kind,template_id,score,threshold,alert,event`
-  (`row` = 0-based line number, -1 for a session-end row; `kind` line / session-end);
+- `scores.csv` — one line per scored row, in the order they were scored, written by
+  `scoresfile.write_scores`: `row,key,score,threshold,alert,event,kind,template_id` (`row` = 0-based
+  line number, -1 for a row that is no line; `kind` line / session-end / idle-check / ...);
 - `alerts.jsonl` — contract-3 alert events, each with a `log` object (offending template, sample line);
 - `entities.csv` — the decision per entity: `key,first_ms,last_ms,lines,alerted,first_alert_ms,
   first_alert_template,max_score` (what `evaluate --sessions` reads);
@@ -27,6 +28,7 @@ from stream_detector.logs.core import LogDetectorCore
 from stream_detector.logs.stage import LINE, LogStage, ROW_KINDS
 from stream_detector.core.pipeline import DetectionSettings, DetectorCore
 from stream_detector.core.scorer import Scorer
+from stream_detector.offline.scoresfile import LOG_COLUMNS, SCORES_FILE, write_scores
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,34 @@ class _Entity:
         self.max_score = 0.0
 
 
+class _ScoreRows:
+    """scores.csv's columns, gathered row by row."""
+
+    def __init__(self) -> None:
+        self.row: list[int] = []
+        self.key: list[str] = []
+        self.score: list[float] = []
+        self.threshold: list[float] = []
+        self.alert: list[bool] = []
+        self.event: list[str | None] = []
+        self.kind: list[str] = []
+        self.template_id: list[int] = []
+
+    def add(self, row: int, key: str, score: float, threshold: float, alert: bool, event: str | None, kind: str, template_id: int) -> None:
+        self.row.append(row)
+        self.key.append(key)
+        self.score.append(score)
+        self.threshold.append(threshold)
+        self.alert.append(alert)
+        self.event.append(event)
+        self.kind.append(kind)
+        self.template_id.append(template_id)
+
+    def write(self, path: Path) -> None:
+        extra = dict(zip(LOG_COLUMNS, (self.kind, self.template_id)))
+        write_scores(path, self.row, self.key, self.score, self.threshold, self.alert, self.event, extra)
+
+
 def replay_log(
     bundle: Bundle, spec: LogModelSpec, scorer: Scorer, settings: DetectionSettings, input_path: Path, out_dir: Path, batch_lines: int = 4096
 ) -> LogReplaySummary:
@@ -74,7 +104,7 @@ def replay_log(
     entities: dict[str, _Entity] = {}
     alerts: list[dict[str, Any]] = []
     dead: list[tuple[int, str]] = []
-    score_lines: list[str] = []
+    scores = _ScoreRows()
     rows = scored = 0
     stage_s = 0.0
     t0 = time.perf_counter()
@@ -108,15 +138,12 @@ def replay_log(
             if ev == "open" and e.first_alert_ms is None:
                 e.first_alert_ms = int(batch.event_time_ms[i])
                 e.first_alert_template = spec.token_text(int(batch.token[i]))
-            row = int(batch.offset[i]) if kind == LINE else -1
-            score_lines.append(f"{row},{k},{ROW_KINDS[kind]},{int(batch.token[i])},{sc:.6g},{thr:.6g},{int(open_)},{ev or ''}\n")
+            scores.add(int(batch.offset[i]) if kind == LINE else -1, k, sc, thr, open_, ev, ROW_KINDS[kind], int(batch.token[i]))
         alerts.extend(res.alerts)
     seconds = time.perf_counter() - t0
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "scores.csv", "w", encoding="utf-8") as f:
-        f.write("row,key,kind,template_id,score,threshold,alert,event\n")
-        f.writelines(score_lines)
+    scores.write(out_dir / SCORES_FILE)
     with open(out_dir / "alerts.jsonl", "wb") as f:
         for a in alerts:
             f.write(orjson.dumps(a) + b"\n")

@@ -7,9 +7,9 @@ among the file's data rows (`DataTable.row_index`), and the file's timestamps wh
 Rows are fed in time order when there are timestamps (stable: file order among equal times),
 else in file order.
 
-Writes `OUT/scores.csv` (header `row,key,score,threshold,alert,event`, one line per kept input row,
-in `row` order; see docs/architecture.md) and `OUT/alerts.jsonl` (one contract-3 alert event per
-line, in emission order), and prints rows/s.
+Writes `OUT/scores.csv` (scoresfile.py: header `row,key,score,threshold,alert,event`, one line per
+kept input row, in `row` order; see docs/architecture.md) and `OUT/alerts.jsonl` (one contract-3
+alert event per line, in emission order), and prints rows/s.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import orjson
 from stream_detector.core.alerts import AlertParams
 from stream_detector.core.bundle import Bundle, BundleError, load_bundle
 from stream_detector.offline.datafiles import FORMATS, DataFileError, DataTable, read_table
+from stream_detector.offline.scoresfile import SCORES_FILE, write_scores
 from stream_detector.core.events import NO_TIME, EventBatch
 from stream_detector.core.pipeline import DetectionSettings, DetectorCore
 from stream_detector.core.scorer import PROVIDER_CHOICES, Scorer, ScorerError
@@ -34,9 +35,7 @@ from stream_detector.core.thresholds import ThresholdParams
 
 log = logging.getLogger(__name__)
 
-SCORES_FILE = "scores.csv"
 ALERTS_FILE = "alerts.jsonl"
-SCORES_HEADER = "row,key,score,threshold,alert,event"
 
 
 class ReplayError(Exception):
@@ -113,25 +112,9 @@ def replay_table(core: DetectorCore, table: DataTable, out_dir: Path, batch_size
 
 def _write_scores(path: Path, table: DataTable, score, threshold, alert_open, event) -> None:
     by_row = np.argsort(table.row_index, kind="stable")
-    rows = table.row_index.tolist()
     keys = table.keys
-    scored = ~np.isnan(score)
-    s_txt = np.where(scored, np.char.mod("%.7g", score.astype(np.float64)), "")
-    t_txt = np.where(scored, np.char.mod("%.7g", threshold.astype(np.float64)), "")
-    a_txt = np.where(alert_open, "1", "0")
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        f.write(SCORES_HEADER + "\n")
-        f.writelines(
-            f"{rows[i]},{_csv_cell(keys[i])},{s_txt[i]},{t_txt[i]},{a_txt[i]},{event[i]}\n" for i in by_row.tolist()
-        )
-    tmp.replace(path)
-
-
-def _csv_cell(text: str) -> str:
-    if any(c in text for c in ',"\n\r'):
-        return '"' + text.replace('"', '""') + '"'
-    return text
+    write_scores(path, table.row_index[by_row], [keys[i] for i in by_row.tolist()], score[by_row], threshold[by_row],
+                 alert_open[by_row], [event[i] for i in by_row.tolist()])
 
 
 # ---------------------------------------------------------------------- command line
