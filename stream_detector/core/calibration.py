@@ -4,10 +4,13 @@ it, turned into a *surprise*: -log10 of the probability that a normal score is a
 A raw reconstruction error means different things on different models and entities (a mean over
 38 features is light-tailed, the squared error of one feature is not), so thresholds on raw
 scores do not carry over from one dataset to the next. The surprise does: 2 is a 1-in-100 score,
-4 a 1-in-10,000 one, on every model. Below the tail level (the 98 % quantile of the validation
+4 a 1-in-10,000 one, on every model. Below the tail level (the 90 % quantile of the validation
 scores) it is read from their quantiles, interpolated in log-score; beyond it from a generalised
-Pareto tail fitted to the excesses (probability-weighted moments, Hosking & Wallis 1987), which
-covers light (shape 0: exponential) and heavy (shape > 0: Pareto) tails alike.
+Pareto tail, which covers light (shape 0: exponential) and heavy (shape > 0: Pareto) tails alike.
+The tail is fitted to the 90, 95 and 98 % quantiles, not to the largest scores: the "normal"
+history a model is trained on often holds a few unlabelled incidents (SMD's training halves do),
+and a tail fitted to them would put the bar above the incidents it should catch. So the top 2 %
+of the validation scores never shape the threshold.
 
 Two distributions may be calibrated: the point one (each score) and the *run* one, the geometric
 mean of the last `run_length` scores of an entity (a sustained moderate rise, such as a drift or
@@ -26,9 +29,9 @@ from typing import Any, Mapping
 import numpy as np
 
 TINY = 1e-12  # scores are floored here before the log (a perfect reconstruction scores 0)
-TAIL_LEVEL = 0.98  # the tail is fitted to the validation scores above this quantile
+TAIL_LEVEL = 0.9  # the tail starts at this quantile of the validation scores ...
+TAIL_FIT_LEVELS = (0.95, 0.98)  # ... and is fitted to these two (the top 2 % may hold incidents)
 RUN_LENGTH = 10  # scores in a run (Numenta's anomaly likelihood averages 10 short-term scores too)
-MIN_EXCESSES = 20  # validation scores above the tail level, at least
 MAX_SHAPE = 1.5  # a fitted tail heavier than this is an artefact of few excesses
 _LN10 = math.log(10.0)
 
@@ -117,48 +120,52 @@ class ScoreReference:
 
 # ---- fitting (training writes these into bundle.json's calibration) ----------------------------
 
-CALIBRATION_LEVELS = (0.5, 0.75, 0.9, 0.95, TAIL_LEVEL, 0.99, 0.999, 0.9999)
+CALIBRATION_LEVELS = (0.5, 0.75, TAIL_LEVEL, *TAIL_FIT_LEVELS, 0.99, 0.999, 0.9999)
 
 
 def describe_distribution(scores: np.ndarray) -> tuple[dict[str, float], dict[str, float]]:
     """(quantiles {level: score, ..., "1.0": max}, tail {"level", "shape", "scale"}) of normal scores.
     The levels above the tail level are informational (reports); the tail describes them."""
-    s = np.sort(np.asarray(scores, dtype=np.float64))
-    n = s.size
-    if n < 20:
-        raise ValueError(f"{n} validation scores are too few to calibrate on (at least 20 are needed).")
-    # at least MIN_EXCESSES scores above the tail level: a short validation set fits its tail lower
-    level = min(TAIL_LEVEL, round(1.0 - MIN_EXCESSES / n, 3))
-    q = {str(lv): float(np.quantile(s, lv)) for lv in sorted({*CALIBRATION_LEVELS, level})}
-    q["1.0"] = float(s[-1])
-    u = q[str(level)]
-    shape, scale = fit_tail(s[s > u] - u, s)
-    return q, {"level": level, "shape": shape, "scale": scale}
+    s = np.asarray(scores, dtype=np.float64)
+    if s.size < 20:
+        raise ValueError(f"{s.size} validation scores are too few to calibrate on (at least 20 are needed).")
+    q = {str(lv): float(np.quantile(s, lv)) for lv in CALIBRATION_LEVELS}
+    q["1.0"] = float(s.max())
+    shape, scale = fit_tail(q[str(TAIL_LEVEL)], q[str(TAIL_FIT_LEVELS[0])], q[str(TAIL_FIT_LEVELS[1])], s)
+    return q, {"level": TAIL_LEVEL, "shape": shape, "scale": scale}
 
 
-def fit_tail(excesses: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
-    """Generalised Pareto (shape, scale) of the excesses over the tail threshold by
-    probability-weighted moments, shape clipped to [0, MAX_SHAPE] (a bounded tail is treated as
-    exponential: a score past a fitted end point is not impossible, only unlikely). With fewer
-    than 5 excesses: an exponential tail with the scale of the scores' upper spread."""
-    x = np.sort(np.asarray(excesses, dtype=np.float64))
-    n = x.size
+def fit_tail(u: float, mid: float, high: float, scores: np.ndarray) -> tuple[float, float]:
+    """Generalised Pareto (shape, scale) above `u` (the TAIL_LEVEL quantile) through the two
+    TAIL_FIT_LEVELS quantiles `mid` and `high`: with r1 = P(S > u) / P(S > mid) and r2 likewise for
+    `high`, the shape solves (r2**xi - 1) / (r1**xi - 1) = (high - u) / (mid - u) (bisection; it
+    grows with the ratio) and the scale follows. A ratio at or below the exponential's, ln r2 / ln r1,
+    gives shape 0 (a bounded tail is treated as exponential: a score past a fitted end point is not
+    impossible, only unlikely); shapes are capped at MAX_SHAPE. Quantiles that do not rise (ties)
+    get an exponential tail with the scale of the scores' upper spread."""
+    p_u = 1.0 - TAIL_LEVEL
+    r1, r2 = p_u / (1.0 - TAIL_FIT_LEVELS[0]), p_u / (1.0 - TAIL_FIT_LEVELS[1])
+    a, b = mid - u, high - u
     spread = float(np.quantile(scores, 0.98) - np.quantile(scores, 0.5))
-    floor = max(spread * 1e-3, TINY)
-    if n < 5 or float(x.mean()) <= floor:
+    floor = max(spread * 1e-3, abs(u) * 1e-6, TINY)
+    if a <= floor or b <= a:
         return 0.0, max(spread / 4.0, floor)
-    a0 = float(x.mean())
-    p = (np.arange(1, n + 1) - 0.35) / n
-    a1 = float(np.mean((1.0 - p) * x))
-    denom = a0 - 2.0 * a1
-    if denom <= 0:
-        return MAX_SHAPE, max(a0 * (1 - MAX_SHAPE), floor)
-    shape = 2.0 - a0 / denom
-    scale = 2.0 * a0 * a1 / denom
-    if shape < 0.0:  # refit with shape 0: the exponential's scale is the mean excess
-        return 0.0, max(a0, floor)
-    shape = min(shape, MAX_SHAPE)
-    return float(shape), float(max(scale, floor))
+    ratio = b / a
+
+    def f(xi: float) -> float:
+        return (r2**xi - 1.0) / (r1**xi - 1.0)
+
+    if ratio <= math.log(r2) / math.log(r1):
+        return 0.0, a / math.log(r1)
+    lo, hi = 1e-9, MAX_SHAPE
+    if f(hi) <= ratio:
+        xi = MAX_SHAPE
+    else:
+        for _ in range(60):
+            mid_xi = 0.5 * (lo + hi)
+            lo, hi = (mid_xi, hi) if f(mid_xi) < ratio else (lo, mid_xi)
+        xi = 0.5 * (lo + hi)
+    return float(xi), float(xi * a / (r1**xi - 1.0))
 
 
 def run_means(scores: np.ndarray, segment_starts: np.ndarray, length: int) -> np.ndarray:

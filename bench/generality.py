@@ -1,0 +1,285 @@
+"""The generality suite: detection quality on data no setting was tuned on.
+
+    .venv/bin/python bench/generality.py [--datasets univariate,trend] [--seeds 0,1,2] [--work DIR]
+                                         [--markdown] [--out docs/quality.md]
+
+Synthetic datasets (stream_detector/offline/series.py, `SUITE`: univariate, level shifts, variance
+changes, daily seasonality, heavy tails, a trend, 300-row histories), each generated with every
+seed: the models are trained on every entity's normal history (`fit` with the defaults but the
+bench's training length, the PCA and z-score baselines with theirs) and each entity's test part,
+with its labelled incidents, is replayed through `replay_table` — the very `DetectorCore` of the
+service — once with the new default detection settings and once with the old default (rolling
+quantile 0.99 x 4.0, no bound), then evaluated (contract 4: event recall, alert precision, event
+F1, false alert episodes per 1,000 rows, median delay; AUC-PR and VUS-PR on the raw score).
+
+The issue's check, per dataset: every incident whose largest raw score is more than 5x the entity's
+normal scores (their 99th percentile on rows whose window holds no incident) must open an alert,
+and false alert openings must stay under 1 per 5,000 rows. Both are printed per detector.
+
+With --markdown, the table (mean over the seeds, and the spread min-max of event F1) is written
+into OUT between the generality markers. Bundles are cached in --work by a hash of their settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from stream_detector.core.alerts import AlertParams  # noqa: E402
+from stream_detector.core.bundle import load_bundle  # noqa: E402
+from stream_detector.core.pipeline import DetectionSettings, DetectorCore  # noqa: E402
+from stream_detector.core.scorer import Scorer  # noqa: E402
+from stream_detector.core.thresholds import ThresholdParams  # noqa: E402
+from stream_detector.offline.datafiles import read_table  # noqa: E402
+from stream_detector.offline.evalinputs import build_series, read_labels, read_scores  # noqa: E402
+from stream_detector.offline.evaluate import EvaluationSettings, evaluate_series  # noqa: E402
+from stream_detector.offline.replay import replay_table  # noqa: E402
+from stream_detector.offline.series import SUITE, Series, generate, write_dataset  # noqa: E402
+
+log = logging.getLogger("bench.generality")
+
+BEGIN, END = "<!-- generality-table:begin -->", "<!-- generality-table:end -->"
+# detector = (model variant, detection settings)
+NEW = DetectionSettings()
+OLD = DetectionSettings(threshold=ThresholdParams(method="quantile", quantile=0.99, multiplier=4.0, max_shift=1e12), alerts=AlertParams())
+DETECTORS = {
+    "transformer, new default": ("transformer", NEW),
+    "transformer, old default": ("transformer", OLD),
+    "pca (new thresholds)": ("pca", NEW),
+    "zscore (new thresholds)": ("zscore", NEW),
+}
+FIVE_X = 5.0
+MAX_FALSE_PER_ROWS = 5000
+
+
+class MemoScorer:
+    """Scores each distinct batch of windows once (old and new thresholds replay the same stream)."""
+
+    def __init__(self, scorer: Scorer) -> None:
+        self._scorer = scorer
+        self.bundle = scorer.bundle
+        self.provider = scorer.provider
+        self.on_cuda = False
+        self._memo: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
+
+    def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        key = hashlib.blake2b(np.ascontiguousarray(windows).tobytes(), digest_size=16).digest()
+        if key not in self._memo:
+            self._memo[key] = self._scorer.score(windows)
+        return self._memo[key]
+
+
+def train(variant: str, data: Path, work: Path, args: argparse.Namespace) -> Path:
+    if variant == "transformer":
+        params: dict[str, Any] = dict(epochs=args.epochs, max_windows_per_epoch=args.max_windows_per_epoch, seed=args.train_seed, threads=1)
+    elif variant == "pca":
+        params = dict(kind="pca", pca_variance=0.9)
+    else:
+        params = dict(kind="zscore", window=64, zscore_floor=0.1)
+    content = hashlib.sha256(data.read_bytes()).hexdigest()
+    tag = hashlib.sha256(json.dumps([variant, content, params], sort_keys=True).encode()).hexdigest()[:10]
+    out = work / "bundles" / f"{data.parent.name}-{variant}-{tag}"
+    if (out / "bundle.json").is_file():
+        return out
+    if variant == "transformer":
+        from training.fit import fit
+        from training.settings import make_settings
+
+        fit(make_settings({"data": data, "out": out, "progress": False, **params}))
+    else:
+        from training.baselines import BaselineSettings, fit_baseline
+
+        fit_baseline(BaselineSettings(data=data, out=out, **params))
+    return out
+
+
+@dataclass
+class Outcome:
+    """One detector on one dataset and seed."""
+
+    metrics: dict[str, Any]
+    rows: int
+    strong: int = 0  # incidents whose raw score passed 5x the entity's normal scores
+    strong_alerted: int = 0
+    strong_missed: list[str] = field(default_factory=list)
+
+
+def strong_incidents(series: Series, scores: np.ndarray, alerted: np.ndarray, window: int, tolerance: int) -> tuple[int, int, list[str]]:
+    """(incidents above 5x normal, of them alerted, the missed ones) for one entity's replay."""
+    labels = series.labels().astype(bool)
+    near = np.zeros(labels.size, dtype=bool)  # rows whose window (or tolerance) reaches an incident
+    for inc in series.incidents:
+        near[max(0, inc.start - tolerance) : min(labels.size, inc.end + window + tolerance)] = True
+    normal = scores[~near & ~np.isnan(scores)]
+    if normal.size < 100:
+        return 0, 0, []
+    level = float(np.quantile(normal, 0.99))
+    n = hit = 0
+    missed = []
+    for inc in series.incidents:
+        a, b = inc.start, min(labels.size, inc.end + tolerance)
+        peak = np.nanmax(scores[a:b]) if np.any(~np.isnan(scores[a:b])) else np.nan
+        if peak > FIVE_X * level:
+            n += 1
+            if alerted[max(0, a - tolerance) : b].any():
+                hit += 1
+            else:
+                missed.append(f"{series.key} {inc.kind} rows {inc.start}-{inc.end} peak {peak / level:.1f}x")
+    return n, hit, missed
+
+
+def run_dataset(name: str, seed: int, args: argparse.Namespace) -> dict[str, Outcome]:
+    spec = SUITE[name]
+    folder = args.work / "data" / f"{name}-seed{seed}"
+    series = generate(spec, seed)
+    paths = write_dataset(series, folder)
+    eval_settings = EvaluationSettings(tolerance=args.tolerance, vus_max_buffer=args.vus_max_buffer)
+    scorers: dict[str, MemoScorer] = {}
+    out: dict[str, Outcome] = {}
+    for label, (variant, settings) in DETECTORS.items():
+        if variant not in scorers:
+            bundle = load_bundle(train(variant, paths["history"], args.work, args))
+            scorers[variant] = MemoScorer(Scorer(bundle, provider="cpu", intra_op_threads=1))
+        scorer = scorers[variant]
+        all_series, strong, strong_hit, missed, rows = [], 0, 0, [], 0
+        for s in series:
+            table = read_table(paths[f"test-{s.key}"], "csv", features=scorer.bundle.features, key_field="key", timestamp_field="ts")
+            replay_dir = args.work / "replay" / f"{name}-seed{seed}" / label.replace(" ", "_").replace(",", "") / s.key
+            core = DetectorCore(scorer.bundle, scorer, settings)  # type: ignore[arg-type]
+            replay_table(core, table, replay_dir)
+            st = read_scores(replay_dir / "scores.csv")
+            ser = build_series(st, read_labels(paths[f"labels-{s.key}"], st.n))
+            all_series += ser
+            rows += st.n
+            n, hit, miss = strong_incidents(s, ser[0].score, ser[0].alerted, scorer.bundle.window, args.tolerance)
+            strong, strong_hit, missed = strong + n, strong_hit + hit, missed + miss
+        ev = evaluate_series(all_series, eval_settings)
+        out[label] = Outcome(ev.overall, rows, strong, strong_hit, missed)
+    return out
+
+
+def summarise(results: dict[str, dict[int, dict[str, Outcome]]]) -> list[dict[str, Any]]:
+    rows = []
+    for name, by_seed in results.items():
+        for label in DETECTORS:
+            outs = [by_seed[s][label] for s in sorted(by_seed)]
+            ev = [o.metrics["event"] for o in outs]
+            incidents = sum(e["incidents"] for e in ev)
+            alerted = sum(e["incidents_alerted"] for e in ev)
+            false = sum(e["false_episodes"] for e in ev)
+            n_rows = sum(o.rows for o in outs)
+            f1s = [e["f1"] or 0.0 for e in ev]
+            recall = alerted / incidents if incidents else None
+            precision = alerted / (alerted + false) if alerted + false else None
+            f1 = 2 * recall * precision / (recall + precision) if recall and precision else 0.0
+            delays = [e["delay_median"] for e in ev if e["delay_median"] is not None]
+            rows.append({
+                "dataset": name, "detector": label, "seeds": len(outs), "incidents": incidents, "alerted": alerted,
+                "recall": recall, "precision": precision, "f1": f1, "f1_min": min(f1s), "f1_max": max(f1s),
+                "false": false, "false_per_1000": 1000.0 * false / n_rows, "rows": n_rows,
+                "delay": float(np.median(delays)) if delays else None,
+                "auc_pr": float(np.mean([o.metrics["auc_pr"] or 0 for o in outs])),
+                "vus_pr": float(np.mean([o.metrics["vus_pr"] or 0 for o in outs])),
+                "strong": sum(o.strong for o in outs), "strong_alerted": sum(o.strong_alerted for o in outs),
+                "strong_missed": [m for o in outs for m in o.strong_missed],
+            })
+    return rows
+
+
+def _f(v: float | None, d: int = 3) -> str:
+    return "–" if v is None else f"{v:.{d}f}"
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    head = ["dataset", "detector", "event recall", "alert precision", "event F1 (seeds min–max)", "false alerts / 1,000 rows",
+            "median delay", "AUC-PR", "VUS-PR", "incidents > 5x normal alerted"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        out.append("| " + " | ".join([
+            r["dataset"], r["detector"], f"{_f(r['recall'], 2)} ({r['alerted']}/{r['incidents']})",
+            f"{_f(r['precision'], 2)} ({r['false']} false)", f"{_f(r['f1'])} ({_f(r['f1_min'], 2)}–{_f(r['f1_max'], 2)})",
+            _f(r["false_per_1000"], 2), _f(r["delay"], 0), _f(r["auc_pr"]), _f(r["vus_pr"]),
+            f"{r['strong_alerted']}/{r['strong']}",
+        ]) + " |")
+    return "\n".join(out)
+
+
+def write_markdown(path: Path, table: str, command: str, wall_s: float, args: argparse.Namespace) -> None:
+    block = "\n".join([
+        BEGIN, "", "Generated by `bench/generality.py`; rerunning the command reproduces it (fixed seeds):", "", "```", command, "```", "",
+        f"Wall time {wall_s / 60:.1f} min. Seeds {args.seeds} (data and training); the Transformer is `fit` with its defaults "
+        f"but {args.epochs} epochs x {args.max_windows_per_epoch} windows; rows are pooled over the seeds' entities.", "",
+        table, "", END,
+    ])
+    text = path.read_text() if path.is_file() else ""
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--datasets", default=",".join(SUITE))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--work", type=Path, default=Path("/tmp/stream-detector-generality"))
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--max-windows-per-epoch", type=int, default=4096)
+    p.add_argument("--tolerance", type=int, default=5)
+    p.add_argument("--vus-max-buffer", type=int, default=20)
+    p.add_argument("--markdown", action="store_true", help="write the table into --out")
+    p.add_argument("--out", type=Path, default=REPO / "docs" / "quality.md")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    import torch
+
+    torch.set_num_threads(1)
+    names = [n.strip() for n in args.datasets.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SUITE]
+    if unknown:
+        print(f"generality: unknown dataset {unknown[0]!r}; choose from {', '.join(SUITE)}.", file=sys.stderr)
+        return 2
+    seeds = [int(s) for s in args.seeds.split(",")]
+    command = shlex.join([".venv/bin/python", "bench/generality.py", *(argv if argv is not None else sys.argv[1:])])
+    t0 = time.perf_counter()
+    results: dict[str, dict[int, dict[str, Outcome]]] = {}
+    for name in names:
+        results[name] = {}
+        for seed in seeds:
+            args.train_seed = seed
+            results[name][seed] = run_dataset(name, seed, args)
+            print(f"{name} seed {seed}: " + "; ".join(
+                f"{k}: F1 {_f(o.metrics['event']['f1'])} ({o.metrics['event']['false_episodes']} false)" for k, o in results[name][seed].items()), flush=True)
+    rows = summarise(results)
+    table = markdown(rows)
+    print()
+    print(table)
+    for r in rows:
+        if r["strong_missed"]:
+            print(f"{r['dataset']} / {r['detector']}: missed above 5x: {'; '.join(r['strong_missed'][:6])}")
+        if r["false_per_1000"] >= 1000.0 / MAX_FALSE_PER_ROWS:
+            print(f"{r['dataset']} / {r['detector']}: {r['false_per_1000']:.2f} false alerts per 1,000 rows (limit {1000 / MAX_FALSE_PER_ROWS:.1f})")
+    wall = time.perf_counter() - t0
+    print(f"\nwall time {wall / 60:.1f} min")
+    if args.markdown:
+        write_markdown(args.out, table, command, wall, args)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
