@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, default=32)
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--quantile", type=float, default=0.995, help="per-machine threshold: this quantile of recent normal scores ...")
-    p.add_argument("--multiplier", type=float, default=1.5, help="... times this")
+    p.add_argument("--detection", action="append", default=[], metavar="KEY=VALUE",
+                   help="a [detection] setting for the service (e.g. alert_level=4.5); default: the product's defaults")
     p.add_argument("--bootstrap", help="use this broker instead of starting the local one")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                       "alerts_topic": topics["alerts"], "dlq_topic": topics["dlq"]},
             "input": {"timestamp_field": "ts"},
             "model": {"bundle": str(work / "bundle"), "provider": "auto"},
-            "detection": {"warmup": 200, "history": 1000, "quantile": args.quantile, "multiplier": args.multiplier, "resolve_after": 10, "cooldown": 100},
+            "detection": dict(kv.split("=", 1) for kv in args.detection),
             "runtime": {"max_batch": 1000, "max_wait_ms": 100, "commit_interval_s": 2.0},
         })
         detector = Detector(settings)
