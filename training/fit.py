@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from stream_detector.core.bundle import Bundle, BundleError, Normaliser, ScoringRule, load_bundle, write_bundle, SCHEMA_VERSION
+from stream_detector.core.bundle import (INPUT_NAME, OUTPUT_NAME, SCHEMA_VERSION, Bundle, BundleError, Normaliser, ScoringRule, load_bundle,
+                                        write_bundle)
 from stream_detector.offline.datafiles import DataFileError, read_table
 from training.settings import FitSettings, SettingsError, add_fit_arguments, settings_from_args
 from training.windows import WindowingError, plan_windows
@@ -91,6 +92,10 @@ def fit(settings: FitSettings, command_line: str | None = None) -> FitResult:
     log.info("ONNX parity on %d held-out windows: max |ORT - PyTorch| = %.3g", len(parity_windows), parity)
 
     scoring = ScoringRule(model.scoring_positions)
+    architecture = model.architecture()
+    if tuple(s.detectors) != ("transformer",):  # the Transformer and simple detectors in one graph
+        onnx_bytes, scoring, composite = build_composite(onnx_bytes, s.detectors, model.scoring_positions, data, plan, s)
+        architecture = {**architecture, "composite": composite}
     val = score_windows(onnx_bytes, data, plan.val_starts, s.window, scoring)
     calibration = calibrate(val.scores, s.threshold_quantile, plan.val_starts)
 
@@ -140,7 +145,7 @@ def fit(settings: FitSettings, command_line: str | None = None) -> FitResult:
         scoring=scoring,
         calibration=calibration,
         model_sha256=sha,
-        model=model.architecture(),
+        model=architecture,
         training=training_meta,
     )
     from training.export import ort_session
@@ -154,7 +159,7 @@ def fit(settings: FitSettings, command_line: str | None = None) -> FitResult:
     write_bundle(
         s.out, onnx_bytes,
         model_version=model_version, features=list(table.features), window=s.window, normaliser=normaliser,
-        scoring=scoring, calibration=calibration, model=model.architecture(), training=training_meta,
+        scoring=scoring, calibration=calibration, model=architecture, training=training_meta,
         extra_files=extra_files,
     )
     load_bundle(s.out)  # the service's own checks, on what was written
@@ -169,6 +174,33 @@ def fit(settings: FitSettings, command_line: str | None = None) -> FitResult:
         seconds=time.perf_counter() - t0,
         model=model,
     )
+
+
+def build_composite(onnx_bytes: bytes, detectors: tuple[str, ...], positions: tuple[int, ...], data: np.ndarray, plan: Any,
+                    s: FitSettings) -> tuple[bytes, ScoringRule, dict[str, Any]]:
+    """The composite graph (training/composite.py): detectors fitted on the training windows,
+    scaled on the validation windows, and proven against their numpy reference."""
+    from training.composite import SCORING, combined, composite_onnx, fit_components, with_scales
+    from training.export import ort_session
+
+    rng = np.random.default_rng(s.seed)
+    offsets = np.arange(s.window)
+    train = plan.train_starts if plan.train_starts.size <= 20000 else np.sort(rng.choice(plan.train_starts, 20000, replace=False))
+    comps = fit_components(tuple(detectors), data[train[:, None] + offsets], positions)
+    session = ort_session(onnx_bytes)
+    val_x = np.ascontiguousarray(data[plan.val_starts[:, None] + offsets], dtype=np.float32)
+    val_r = np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: val_x[i : i + 1024]})[0] for i in range(0, len(val_x), 1024)])
+    comps = with_scales(comps, val_x, val_r)
+    graph = composite_onnx(onnx_bytes, comps, data.shape[1])
+    k = min(len(val_x), PARITY_WINDOWS)
+    got = ort_session(graph).run([OUTPUT_NAME], {INPUT_NAME: val_x[:k]})[0]
+    want = combined(comps, val_x[:k], val_r[:k])
+    diff = float(np.max(np.abs(got - want) / (1.0 + np.abs(want)))) if k else 0.0
+    if diff > 1e-3:
+        raise BundleError(f"the composite graph differs from its numpy reference by {diff:.3g} (relative); not written.")
+    log.info("detectors %s, each divided by its validation 99%% quantile %s", ", ".join(comps.detectors),
+             {k: round(v, 6) for k, v in comps.scales.items()})
+    return graph, SCORING, comps.describe()
 
 
 def _check_output(out: Path) -> None:

@@ -39,6 +39,8 @@ class FitSettings(BaseModel):
     # model
     variant: Literal["plain", "masked"] = Field("masked", description="'masked' predicts the newest mask_steps rows from context; 'plain' reconstructs all rows")
     mask_steps: int = Field(1, ge=1, description="rows masked and scored by the 'masked' variant")
+    detectors: tuple[Literal["transformer", "pca", "flatline"], ...] = Field(
+        ("transformer",), description="detectors in the bundle's graph, comma-separated, 'transformer' first; each scaled by its validation 99%% quantile, the largest wins (training/composite.py)")
     d_model: int = Field(64, ge=4, description="Transformer width")
     n_heads: int = Field(4, ge=1, description="attention heads")
     n_layers: int = Field(2, ge=1, description="encoder layers")
@@ -62,7 +64,7 @@ class FitSettings(BaseModel):
     model_version: str | None = Field(None, description="model_version in the bundle (default: variant + sha256 prefix of model.onnx)")
     progress: bool = Field(True, description="show a progress bar")
 
-    @field_validator("features", mode="before")
+    @field_validator("features", "detectors", mode="before")
     @classmethod
     def _split_features(cls, v: Any) -> Any:
         if isinstance(v, str):
@@ -74,6 +76,8 @@ class FitSettings(BaseModel):
     def _consistent(self) -> "FitSettings":
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
+        if not self.detectors or self.detectors[0] != "transformer" or len(set(self.detectors)) != len(self.detectors):
+            raise ValueError(f"detectors must list 'transformer' first and each detector once, got {','.join(self.detectors)}")
         if self.variant == "masked" and self.mask_steps >= self.window:
             raise ValueError(f"mask_steps ({self.mask_steps}) must be smaller than the window ({self.window})")
         return self

@@ -1,0 +1,206 @@
+"""Composite detectors: the Transformer and simple, robust detectors in one ONNX graph.
+
+Published benchmarks (TSB-AD, NeurIPS 2024) rank plain PCA reconstruction ahead of Transformer
+autoencoders, and a reconstruction model cannot see a sensor that froze at a plausible value (its
+context shows the frozen value, so it predicts it). So a bundle may score every window with
+several detectors and keep the largest, each first divided by its own 99 % quantile on the
+validation windows ("calibrated"), so that a score of 3 means "three times this detector's normal
+high" whichever detector it came from:
+
+- `transformer`: the autoencoder's squared error at its scoring positions, mean over features;
+- `pca`: the squared residual of the newest row outside the principal subspace of the normalised
+  training rows (enough components for 90 % of the variance), mean over features: a broken
+  relation between features (training/baselines.py fits the same subspace);
+- `flatline`: a sensor stuck at one value. Per feature, the rows at the end of the window that
+  repeat the newest value exactly, minus the longest such run in any training window (features
+  that are constant in training never count); the largest excess over the features, divided by
+  `FLAT_ROWS`, times `FLAT_RATIO`: a feature frozen 16 rows longer than it ever was in training
+  scores 10 times the other detectors' normal high. Its normal score is exactly 0, so it has no
+  validation scale. Meant for sensor fleets, where a frozen reading is a fault; server metrics
+  plateau legitimately (SMD's do), so it is not a default.
+
+The graph keeps the bundle contract (input `x` [batch, W, F], output [batch, W, F], the scoring
+rule `model_error` at position -1): the output's newest row holds the winning detector's
+per-feature shares of the combined score (so `top_features` names that detector's features) and
+its earlier rows are zeros. The service needs nothing new; calibration (core/calibration.py) then
+describes the combined score like any other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from stream_detector.core.bundle import INPUT_NAME, OUTPUT_NAME, ScoringRule
+from training.baselines import fit_pca
+
+DETECTORS = ("transformer", "pca", "flatline")
+SCORING = ScoringRule(positions=(-1,), reduction="model_error")
+FLAT_ROWS = 16  # rows of exact repeats beyond the training maximum that score FLAT_RATIO
+FLAT_RATIO = 10.0
+PCA_VARIANCE = 0.9
+_TINY = 1e-12
+
+
+@dataclass(frozen=True)
+class Components:
+    detectors: tuple[str, ...]  # "transformer" first
+    positions: tuple[int, ...]  # the Transformer's scoring positions
+    window: int
+    scales: dict[str, float]  # each detector's 99 % quantile on the validation windows
+    pca_mean: np.ndarray | None = None  # [F]
+    pca_projector: np.ndarray | None = None  # [F, F]: V_k V_k^T
+    flat_max_run: np.ndarray | None = None  # [F]: longest run of exact repeats in a training window (W: never counts)
+
+    def describe(self) -> dict[str, Any]:
+        """For bundle.json's model section."""
+        d: dict[str, Any] = {"detectors": list(self.detectors), "scales": self.scales, "combine": "max of score / scale"}
+        if self.pca_projector is not None:
+            d["pca_components"] = int(round(float(np.trace(self.pca_projector))))
+        if self.flat_max_run is not None:
+            d["flatline_rows"] = FLAT_ROWS
+            d["flatline_features"] = int(np.count_nonzero(self.flat_max_run < self.window))
+        return d
+
+
+def fit_components(detectors: tuple[str, ...], train_windows: np.ndarray, positions: tuple[int, ...]) -> Components:
+    """The detectors' parameters from normalised training windows [n, W, F] (scales come later)."""
+    unknown = [d for d in detectors if d not in DETECTORS]
+    if unknown or not detectors or detectors[0] != "transformer":
+        raise ValueError(f"detectors must start with 'transformer' and come from {', '.join(DETECTORS)}, got {list(detectors)}.")
+    w = train_windows.shape[1]
+    mean = projector = max_run = None
+    if "pca" in detectors:
+        m, comps, _ = fit_pca(train_windows[:, -1, :], PCA_VARIANCE)
+        mean, projector = m.astype(np.float32), (comps @ comps.T).astype(np.float32)
+    if "flatline" in detectors:
+        max_run = repeat_run(train_windows.astype(np.float32)).max(axis=0).astype(np.float32)
+    return Components(tuple(detectors), tuple(positions), w, {}, mean, projector, max_run)
+
+
+def repeat_run(windows: np.ndarray) -> np.ndarray:
+    """Per window and feature, how many rows at the window's end hold exactly the newest value: [n, F]."""
+    changed = (windows != windows[:, -1:, :]).astype(np.float32)
+    return np.sum(np.cumsum(changed[:, ::-1, :], axis=1) == 0, axis=1).astype(np.float32)
+
+
+def raw_scores(c: Components, windows: np.ndarray, recon: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per detector: (score [n], per-feature errors [n, F]) of normalised windows and the
+    Transformer's output; the numpy reference of the graph."""
+    x = windows.astype(np.float32)
+    idx = list(c.positions)
+    d = x[:, idx, :] - recon[:, idx, :]
+    e_t = np.mean(d * d, axis=1)
+    out = {"transformer": (e_t.mean(axis=1), e_t)}
+    if c.pca_projector is not None:
+        dp = x[:, -1, :] - c.pca_mean
+        r = dp - dp @ c.pca_projector
+        e_p = r * r
+        out["pca"] = (e_p.mean(axis=1), e_p)
+    if c.flat_max_run is not None:
+        e_f = np.maximum(repeat_run(x) - c.flat_max_run, 0.0)
+        out["flatline"] = (e_f.max(axis=1), e_f)
+    return out
+
+
+def with_scales(c: Components, windows: np.ndarray, recon: np.ndarray) -> Components:
+    """The components with each detector's scale: its 99 % quantile on these (validation) windows."""
+    scales = {k: max(float(np.quantile(s, 0.99)), 1e-9) for k, (s, _) in raw_scores(c, windows, recon).items() if k != "flatline"}
+    if c.flat_max_run is not None:
+        scales["flatline"] = FLAT_ROWS / FLAT_RATIO  # excess rows per unit of ratio (no validation scale: normal is 0)
+    return Components(c.detectors, c.positions, c.window, scales, c.pca_mean, c.pca_projector, c.flat_max_run)
+
+
+def combined(c: Components, windows: np.ndarray, recon: np.ndarray) -> np.ndarray:
+    """The composite graph's output, in numpy: [n, W, F] (zeros but the newest row)."""
+    parts = raw_scores(c, windows, recon)
+    ratios = np.stack([parts[k][0] / c.scales[k] for k in c.detectors], axis=1)  # [n, K]
+    best = ratios.max(axis=1, keepdims=True)
+    winner = (ratios == best).astype(np.float32)
+    winner /= winner.sum(axis=1, keepdims=True)
+    shares = sum(winner[:, i : i + 1] * parts[k][1] / (parts[k][1].sum(axis=1, keepdims=True) + _TINY) for i, k in enumerate(c.detectors))
+    out = np.zeros(windows.shape, dtype=np.float32)
+    out[:, -1, :] = best * shares
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The graph
+
+
+def composite_onnx(transformer: bytes, c: Components, n_features: int) -> bytes:
+    """The Transformer's graph with the other detectors and the combination appended."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load_from_string(transformer)
+    g = model.graph
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    inner = "transformer_output"
+    for node in g.node:
+        node.output[:] = [inner if o == OUTPUT_NAME else o for o in node.output]
+    del g.output[:]
+    consts: list[Any] = []
+    nodes: list[Any] = []
+
+    def const(name: str, value: Any, dtype: Any = np.float32) -> str:
+        consts.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), f"composite_{name}"))
+        return f"composite_{name}"
+
+    def node(op: str, inputs: list[str], name: str, **attrs: Any) -> str:
+        out = f"composite_{name}"
+        nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    def reduce(op: str, x: str, axis: int, name: str, keepdims: int) -> str:
+        if op == "ReduceSum" or opset >= 18:  # axes became an input (ReduceSum: opset 13)
+            return node(op, [x, const(f"{name}_axes", [axis], np.int64)], name, keepdims=keepdims)
+        return node(op, [x], name, axes=[axis], keepdims=keepdims)
+
+    w = c.window
+    pos = const("positions", [w + p for p in c.positions], np.int64)
+    xp = node("Gather", [INPUT_NAME, pos], "x_pos", axis=1)
+    rp = node("Gather", [inner, pos], "r_pos", axis=1)
+    d = node("Sub", [xp, rp], "t_diff")
+    errors = {"transformer": reduce("ReduceMean", node("Mul", [d, d], "t_sq"), 1, "t_err", 0)}
+    row_shape = const("row_shape", [-1, n_features], np.int64)
+    newest = node("Reshape", [node("Gather", [INPUT_NAME, const("last", [w - 1], np.int64)], "x_last3", axis=1), row_shape], "x_last")
+    if c.pca_projector is not None:
+        dp = node("Sub", [newest, const("pca_mean", c.pca_mean)], "p_centred")
+        r = node("Sub", [dp, node("MatMul", [dp, const("pca_projector", c.pca_projector)], "p_proj")], "p_resid")
+        errors["pca"] = node("Mul", [r, r], "p_err")
+    if c.flat_max_run is not None:
+        # changed[t] = x[t] != x[newest]; the trailing rows with no change since are the run
+        changed = node("Cast", [node("Not", [node("Equal", [INPUT_NAME, node("Gather", [INPUT_NAME, const("newest", [w - 1], np.int64)], "f_newest", axis=1)],
+                                                  "f_same")], "f_diff")], "f_changed", to=onnx.TensorProto.FLOAT)
+        since = node("CumSum", [changed, const("f_axis", 1, np.int64)], "f_since", reverse=1)
+        run = reduce("ReduceSum", node("Cast", [node("Equal", [since, const("f_zero", 0.0)], "f_unchanged")], "f_unchanged_f",
+                                       to=onnx.TensorProto.FLOAT), 1, "f_run", 0)
+        errors["flatline"] = node("Relu", [node("Sub", [run, const("flat_max_run", c.flat_max_run)], "f_excess_raw")], "f_excess")
+    ratios, shares = [], []
+    for k in c.detectors:
+        e = errors[k]
+        score = reduce("ReduceMax" if k == "flatline" else "ReduceMean", e, 1, f"{k}_score", 1)  # [B, 1]
+        ratios.append(node("Div", [score, const(f"{k}_scale", c.scales[k])], f"{k}_ratio"))
+        total = node("Add", [reduce("ReduceSum", e, 1, f"{k}_total", 1), const(f"{k}_tiny", _TINY)], f"{k}_total_eps")
+        shares.append(node("Div", [e, total], f"{k}_share"))
+    stacked = node("Concat", ratios, "ratios", axis=1)  # [B, K]
+    best = reduce("ReduceMax", stacked, 1, "best", 1)  # [B, 1]
+    win = node("Cast", [node("Equal", [stacked, best], "is_best")], "win", to=onnx.TensorProto.FLOAT)
+    win = node("Div", [win, reduce("ReduceSum", win, 1, "n_best", 1)], "win_norm")
+    mixed = None
+    for i, sh in enumerate(shares):
+        wi = node("Gather", [win, const(f"k{i}", [i], np.int64)], f"win_{i}", axis=1)  # [B, 1]
+        part = node("Mul", [wi, sh], f"share_{i}")
+        mixed = part if mixed is None else node("Add", [mixed, part], f"mixed_{i}")
+    last = node("Reshape", [node("Mul", [best, mixed], "contrib"), const("last_shape", [-1, 1, n_features], np.int64)], "contrib3")
+    earlier = node("Slice", [INPUT_NAME, const("zero", [0], np.int64), const("before_last", [w - 1], np.int64), const("axis1", [1], np.int64)], "earlier")
+    zeros = node("Mul", [earlier, const("zero_f", 0.0)], "zeros")
+    nodes.append(helper.make_node("Concat", [zeros, last], [OUTPUT_NAME], name="composite_output", axis=1))
+    g.node.extend(nodes)
+    g.initializer.extend(consts)
+    g.output.append(helper.make_tensor_value_info(OUTPUT_NAME, onnx.TensorProto.FLOAT, ["batch", w, n_features]))
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
