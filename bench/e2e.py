@@ -56,9 +56,12 @@ from stream_detector.core.bundle import load_bundle, write_bundle
 from stream_detector.service.config import InputSettings, load_settings
 from stream_detector.service.decode import Decoder
 try:
-    from stream_detector.service.kafka_io import CONSUMER_DEFAULTS
-except ImportError:  # the code of an older commit, measured by bench/latency_probe.py --code (only its latency path runs)
-    CONSUMER_DEFAULTS = {}
+    from stream_detector.service.kafka_config import CONSUMER_DEFAULTS
+except ImportError:
+    try:
+        from stream_detector.service.kafka_io import CONSUMER_DEFAULTS  # before kafka_config.py
+    except ImportError:  # the code of an older commit, measured by bench/latency_probe.py --code (only its latency path runs)
+        CONSUMER_DEFAULTS = {}
 from stream_detector.service.loop import Detector
 from stream_detector.offline.simulate import SimConfig, Simulator, encode_event, produce
 

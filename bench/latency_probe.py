@@ -97,23 +97,25 @@ def _sample_cpu(stop: Any, every_s: float = 0.1) -> None:
 
 
 def _instrument() -> None:
-    decode, deliver, write_slice = service.Detector._decode, service.Detector._deliver, getattr(service.Detector, "_write_slice", None)
+    from stream_detector.service import batches, checkpoint, kafka_io
+
+    decode, deliver, write_slice = service.Detector._decode, service.Detector._deliver, checkpoint.Checkpointer.write_slice
 
     def timed_decode(self: Any, msgs: list[Any]) -> Any:
         work = decode(self, msgs)
         _T[id(work)] = time.time() * 1000.0
         return work
 
-    def timed_deliver(self: Any, work: Any, result: Any, exclude: Any = None) -> Any:
+    def timed_deliver(self: Any, work: Any, result: Any) -> Any:
         decoded = _T.pop(id(work), None)
         if decoded is not None and result is not None and result.alerts:
             now = time.time() * 1000.0
             submitted = now - (time.monotonic() - work.started) * 1000.0  # wall time of the submit
             for a in result.alerts:
-                event_ms = service._iso_to_ms(a.get("event_time"))
+                event_ms = batches.iso_to_ms(a.get("event_time"))
                 if event_ms is not None:
                     _ROWS.append((decoded - event_ms, submitted - decoded, now - submitted, now))
-        return deliver(self, work, result, exclude)
+        return deliver(self, work, result)
 
     def timed_write_slice(self: Any) -> Any:
         ck = self._sliced
@@ -127,8 +129,6 @@ def _instrument() -> None:
         else:
             _GC.append((info["generation"], (time.perf_counter() - _gc_start[0]) * 1000.0, time.time() * 1000.0))
 
-    from stream_detector.service.loop import kafka_io
-
     commit = kafka_io.KafkaSource.commit
 
     def timed_commit(self: Any, *a: Any, **kw: Any) -> Any:
@@ -141,8 +141,7 @@ def _instrument() -> None:
     kafka_io.KafkaSource.commit = timed_commit  # type: ignore[method-assign]
     service.Detector._decode = timed_decode  # type: ignore[method-assign]
     service.Detector._deliver = timed_deliver  # type: ignore[method-assign]
-    if write_slice is not None:
-        service.Detector._write_slice = timed_write_slice  # type: ignore[method-assign]
+    checkpoint.Checkpointer.write_slice = timed_write_slice  # type: ignore[method-assign]
     gc.callbacks.append(on_gc)
 
 
@@ -251,7 +250,7 @@ def main() -> int:
         sys.path.append(str(REPO))  # perfkit puts the repository first unless it is on the path already
         sys.path.insert(0, str(args.code.resolve()))
     import e2e as bench_e2e
-    from stream_detector.service.loop import loop as service_module
+    from stream_detector.service import loop as service_module
 
     e2e, service = bench_e2e, service_module
     print(f"measuring {Path(service.__file__).resolve().parent}", file=sys.stderr)

@@ -11,6 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from stream_detector.service.config import ConfigError, Settings, add_settings_arguments, load_settings, settings_from_args
+from stream_detector.service.kafka_config import consumer_config
 
 TOML = """
 [kafka]
@@ -43,7 +44,7 @@ def test_precedence_file_env_flags(toml_file, monkeypatch):
     assert s.kafka.topics == ["a", "b"]
     assert s.runtime.commit_interval_s == 5.0  # default
     assert s.kafka.client["security.protocol"] == "SASL_SSL"  # passed through unchanged
-    assert s.consumer_config()["sasl.password"] == "hunter2"
+    assert consumer_config(s)["sasl.password"] == "hunter2"
     with pytest.raises(ValidationError):
         s.kafka.group_id = "x"  # frozen
 

@@ -14,7 +14,7 @@ from stream_detector.service.changelog import ChangelogError, StateAssembler, St
 from stream_detector.core.events import EventBatch
 from stream_detector.core.pipeline import DetectionSettings, DetectorCore
 from stream_detector.core.scorer import Scorer
-from stream_detector.service.loop import paced_quota
+from stream_detector.service.checkpoint import paced_quota
 from stream_detector.offline.simulate import SimConfig, Simulator
 from stream_detector.core.thresholds import ThresholdParams
 

@@ -7,7 +7,8 @@ commands that take a config (`add_settings_arguments`). Any problem (unknown key
 unreadable file) is a `ConfigError` with one sentence.
 
 Kafka client settings (`kafka.client`, `kafka.consumer`, `kafka.producer`) are passed to librdkafka
-unchanged, security settings included; `redacted()` masks secrets for logs and summaries.
+unchanged, security settings included (assembled per client by kafka_config.py); `redacted()` masks
+secrets for logs and summaries.
 """
 
 from __future__ import annotations
@@ -222,12 +223,6 @@ class Settings(BaseSettings):
         for name in ("client", "consumer", "producer"):
             data["kafka"][name] = {k: ("***" if _is_secret(k) else v) for k, v in data["kafka"][name].items()}
         return data
-
-    def consumer_config(self) -> dict[str, ClientValue]:
-        return {"bootstrap.servers": self.kafka.bootstrap_servers, **self.kafka.client_settings(), **self.kafka.consumer}
-
-    def producer_config(self) -> dict[str, ClientValue]:
-        return {"bootstrap.servers": self.kafka.bootstrap_servers, **self.kafka.client_settings(), **self.kafka.producer}
 
 
 _SECRET_MARKERS = ("password", "secret", "token", "key.pem", "private", "sasl.jaas", "credentials")

@@ -4,7 +4,8 @@ idempotent producer for alerts and dead letters with delivery tracking.
 Offset rule (DESIGN.md "no silent loss"): the source never stores an offset by itself
 (`enable.auto.offset.store=false`, `enable.auto.commit=false`); the service calls `store()` only
 after every alert and dead letter of the batch was acknowledged (`KafkaSink.flush()`), and
-`commit()` on an interval, on revoke and at shutdown. Stored offsets only move forward.
+`commit()` on an interval, on revoke and at shutdown. Stored offsets only move forward. When to
+store and commit is checkpoint.py's; the clients' settings come from kafka_config.py.
 
 librdkafka callbacks never raise (an exception there is lost or corrupts the client): the delivery
 callback records the first error and the loop raises it at the next `flush()`/`raise_if_failed()`.
@@ -18,38 +19,12 @@ from typing import Any, Callable, Iterable, Sequence
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
-from stream_detector.service.config import ConfigError, Settings
+from stream_detector.service.config import Settings
 from stream_detector.service.decode import DeadLetter, dead_letter_headers
+from stream_detector.service.kafka_config import admin_config, consumer_config, producer_config
 
 log = logging.getLogger(__name__)
 client_log = logging.getLogger("stream_detector.librdkafka")
-
-# Settings the service's guarantees depend on; a user value that contradicts them is refused.
-_CONSUMER_FIXED = {
-    "enable.auto.offset.store": False,
-    "enable.auto.commit": False,
-    "partition.assignment.strategy": "cooperative-sticky",
-    "enable.partition.eof": False,
-}
-_PRODUCER_FIXED = {"enable.idempotence": True}
-# Bounds (docs/reliability.md): the producer queue holds at most this much before produce() waits
-# (BufferError -> serve delivery reports), and a dead letter may be as large as the broker allows
-# (deploy/kafka/broker.sh: message.max.bytes = 10 MiB), so a 5 MB poison message reaches the DLQ.
-_PRODUCER_DEFAULTS = {
-    "linger.ms": 5,
-    "compression.type": "lz4",
-    "queue.buffering.max.messages": 100_000,
-    "queue.buffering.max.kbytes": 65_536,
-    "message.max.bytes": 10_485_760,
-}
-# The consumer's prefetch queue is bounded too; a single message larger than the fetch sizes is
-# still returned (KIP-74), up to receive.message.max.bytes. librdkafka (2.x) waits
-# fetch.queue.backoff.ms (default 1,000) before fetching again for a partition whose prefetch queue
-# was full: with a bounded queue and a fast reader that wait, not the broker or decoding, set the
-# ingest rate (bench/e2e.py's consume + decode alone: 31k events/s at 1,000 ms, 147k at 5 ms;
-# docs/performance.md "Phase 3"). The user's kafka.consumer settings override these.
-CONSUMER_DEFAULTS = {"queued.max.messages.kbytes": 32_768, "fetch.max.bytes": 20_971_520, "receive.message.max.bytes": 31_457_280,
-                     "fetch.queue.backoff.ms": 5}
 
 PartitionsCallback = Callable[[list[TopicPartition]], None]
 
@@ -60,27 +35,6 @@ class KafkaIOError(Exception):
 
 class DeliveryError(KafkaIOError):
     """An alert or dead letter was not acknowledged: the batch's offsets must not be stored."""
-
-
-def _merge(user: dict[str, Any], fixed: dict[str, Any], section: str) -> dict[str, Any]:
-    conf = dict(user)
-    for k, v in fixed.items():
-        if k in conf and str(conf[k]).lower() != str(v).lower():
-            raise ConfigError(f"kafka.{section} sets '{k}={conf[k]}', but the service needs '{k}={v}' for its delivery guarantees.")
-        conf[k] = v
-    return conf
-
-
-def consumer_config(settings: Settings) -> dict[str, Any]:
-    base = {"group.id": settings.kafka.group_id, "auto.offset.reset": settings.kafka.auto_offset_reset, **CONSUMER_DEFAULTS}
-    fixed = dict(_CONSUMER_FIXED)
-    if settings.processing.guarantee == "exactly_once":  # never read another producer's aborted records
-        fixed["isolation.level"] = "read_committed"
-    return _merge({**base, **settings.consumer_config()}, fixed, "consumer")
-
-
-def producer_config(settings: Settings) -> dict[str, Any]:
-    return _merge({**_PRODUCER_DEFAULTS, **settings.producer_config()}, _PRODUCER_FIXED, "producer")
 
 
 class KafkaSource:
@@ -496,7 +450,7 @@ def check_broker(settings: Settings, topics: Sequence[str], timeout: float | Non
         if err.code() == KafkaError._AUTHENTICATION:
             auth_error.append(err.str())
 
-    conf = {"bootstrap.servers": settings.kafka.bootstrap_servers, **settings.kafka.client_settings()}
+    conf = admin_config(settings)
     conf.update({"error_cb": on_error, "log_level": 0, "logger": client_log})
     admin = AdminClient(conf)
     try:

@@ -145,10 +145,6 @@ class Metrics:
         if oldest_event_time_ms is not None and now_ms is not None:
             self.event_lag.set(max(0.0, (now_ms - oldest_event_time_ms) / 1000.0))
 
-    def observe_inference(self, seconds: float) -> None:
-        """One model call (when the scorer splits a batch into several micro-batches)."""
-        self.inference_seconds.observe(seconds)
-
     def observe_alert(self, state: str, event_time_ms: int | None, published_ms: int) -> None:
         self.alerts.labels(state).inc()
         if event_time_ms is not None:

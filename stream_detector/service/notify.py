@@ -74,10 +74,6 @@ class SystemdNotifier:
     def status(self, text: str) -> bool:
         return self.notify(f"STATUS={text}")
 
-    def extend_timeout(self, seconds: float) -> bool:
-        """Ask for more time during start-up or shutdown (a long drain) without tripping the timeout."""
-        return self.notify(f"EXTEND_TIMEOUT_USEC={int(seconds * 1e6)}")
-
     def watchdog(self) -> bool:
         """Ping the watchdog if half the interval has passed since the last ping; True when sent."""
         if self.watchdog_interval_s is None:
