@@ -53,7 +53,7 @@ import orjson
 from perfkit import REFERENCE_BUNDLE, StageClock, ThreadCpuSampler, rss_bytes, settled_rss_bytes, standalone_ort, start_broker
 
 from stream_detector.core.bundle import load_bundle, write_bundle
-from stream_detector.service.config import InputSettings, load_settings
+from stream_detector.config import InputSettings, load_settings
 from stream_detector.service.decode import Decoder
 try:
     from stream_detector.service.kafka_config import CONSUMER_DEFAULTS

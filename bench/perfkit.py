@@ -130,7 +130,7 @@ def hash_partition(key: str, partitions: int) -> int:
 def input_settings(timestamp_field: str | None = "ts", key_field: str | None = None) -> Any:
     """`config.InputSettings` when pydantic is installed, else an object with the same fields."""
     try:
-        from stream_detector.service.config import InputSettings
+        from stream_detector.config import InputSettings
 
         return InputSettings(timestamp_field=timestamp_field, key_field=key_field)
     except ImportError:

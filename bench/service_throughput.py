@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from stream_detector.core.bundle import load_bundle  # noqa: E402
-from stream_detector.service.config import load_settings  # noqa: E402
+from stream_detector.config import load_settings  # noqa: E402
 from stream_detector.service.loop import Detector  # noqa: E402
 from stream_detector.offline.simulate import SimConfig, Simulator, produce  # noqa: E402
 

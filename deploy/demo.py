@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from stream_detector.core.bundle import BundleError
-    from stream_detector.service.config import ConfigError, load_settings
+    from stream_detector.config import ConfigError, load_settings
     from stream_detector.service.kafka_io import KafkaIOError
     from stream_detector.core.scorer import ScorerError
     from stream_detector.service.loop import Detector

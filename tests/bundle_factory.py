@@ -76,8 +76,10 @@ def make_bundle(
     scale: Sequence[float] | None = None,
     positions: Sequence[int] = (-1,),
     model_version: str | None = None,
+    calibration: Calibration | None = None,
 ) -> Bundle:
-    """Write a bundle under tmp_path/name and return it loaded (and verified) by `load_bundle`."""
+    """Write a bundle under tmp_path/name and return it loaded (and verified) by `load_bundle`. The
+    calibration is a single threshold (the quantile method's) unless `calibration` is given."""
     features = list(features)
     f = len(features)
     normaliser = Normaliser(
@@ -93,7 +95,7 @@ def make_bundle(
         window=window,
         normaliser=normaliser,
         scoring=ScoringRule(tuple(positions)),
-        calibration=Calibration({"0.999": threshold, "1.0": threshold}, float(threshold), 1000),
+        calibration=calibration or Calibration({"0.999": threshold, "1.0": threshold}, float(threshold), 1000),
         model={"kind": kind, "source": "tests/bundle_factory.py"},
         training={"data": "none (hand-built test model)"},
     )

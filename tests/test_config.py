@@ -10,7 +10,7 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from stream_detector.service.config import ConfigError, Settings, add_settings_arguments, load_settings, settings_from_args
+from stream_detector.config import ConfigError, Settings, add_settings_arguments, load_settings, settings_from_args
 from stream_detector.service.kafka_config import consumer_config
 
 TOML = """

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stream_detector.service.config import Settings
+from stream_detector.config import Settings
 from stream_detector.service.metrics import Metrics
 
 REPO = Path(__file__).resolve().parent.parent

@@ -9,7 +9,7 @@ import orjson
 import pytest
 from confluent_kafka import TIMESTAMP_CREATE_TIME, Message
 
-from stream_detector.service.config import InputSettings
+from stream_detector.config import InputSettings
 from stream_detector.service.decode import Decoder
 
 pytest.importorskip("msgspec")

@@ -108,7 +108,7 @@ def test_check_broker_waits_briefly_for_a_new_topic_then_refuses_a_missing_one(k
 
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    from stream_detector.service.config import load_settings
+    from stream_detector.config import load_settings
     from stream_detector.service.kafka_io import NEW_TOPIC_GRACE_S, KafkaIOError, check_broker
 
     settings = load_settings(overrides={"kafka": {"bootstrap_servers": kafka_bootstrap, "timeout_s": 10}})

@@ -12,7 +12,7 @@ import sys
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
-from stream_detector.service.config import ConfigError, load_settings
+from stream_detector.config import ConfigError, load_settings
 from stream_detector.service.kafka_config import check_client_configs, client_config
 
 ROLES = ("consumer", "producer", "admin", "restorer")

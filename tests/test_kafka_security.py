@@ -19,7 +19,7 @@ from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from stream_detector.cli import main as cli_main
-from stream_detector.service.config import load_settings
+from stream_detector.config import load_settings
 from stream_detector.service.kafka_io import KafkaIOError, check_broker, consumer_config, producer_config
 
 from bundle_factory import make_bundle
@@ -172,7 +172,7 @@ def test_password_from_a_secret_file(sasl_client, sasl_topic, tmp_path):
 
 
 def test_missing_secret_file_is_a_config_error(tmp_path):
-    from stream_detector.service.config import ConfigError
+    from stream_detector.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"kafka.secret_files.*cannot be read \(No such file or directory\)"):
         load_settings(overrides={"kafka": {"secret_files": {"sasl.password": str(tmp_path / "nope")}}})

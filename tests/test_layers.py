@@ -29,7 +29,8 @@ def test_the_tree_keeps_the_dependency_rule() -> None:
 
 
 @pytest.mark.parametrize("module, upward_import, contract", [
-    ("stream_detector/core/events.py", "from stream_detector.service import config", "stream_detector layers"),
+    ("stream_detector/core/events.py", "from stream_detector.service import loop", "stream_detector layers"),
+    ("stream_detector/config.py", "from stream_detector.service import kafka_io", "stream_detector layers"),
     ("stream_detector/logs/parse.py", "from stream_detector.offline import datafiles", "stream_detector layers"),
     ("stream_detector/offline/replay.py", "from stream_detector.service import kafka_io", "stream_detector layers"),
     ("stream_detector/core/scorer.py", "import torch", "never imports torch"),

@@ -19,7 +19,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from conftest import read_to_end
 from logsynth import make_log, train_tiny_bundle
-from stream_detector.service.config import load_settings
+from stream_detector.config import load_settings
 from stream_detector.service.loop import Detector
 
 pytestmark = pytest.mark.kafka

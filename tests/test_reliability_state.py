@@ -327,7 +327,7 @@ def test_fences_skip_exactly_what_restored_state_holds():
 
 
 def test_exactly_once_without_changelog_is_refused_in_one_sentence():
-    from stream_detector.service.config import ConfigError, load_settings
+    from stream_detector.config import ConfigError, load_settings
 
     with pytest.raises(ConfigError, match="exactly_once needs the state changelog"):
         load_settings(None, {"processing": {"guarantee": "exactly_once", "changelog": False}})
@@ -344,7 +344,7 @@ def test_changelog_topic_created_checked_and_refused(kafka_bootstrap, make_topic
     from confluent_kafka.admin import AdminClient, ConfigResource
 
     from stream_detector.service.changelog import ensure_changelog_topic
-    from stream_detector.service.config import load_settings
+    from stream_detector.config import load_settings
 
     def settings(topic):
         return load_settings(None, {"kafka": {"bootstrap_servers": kafka_bootstrap, "group_id": f"g-{uuid.uuid4().hex[:8]}"},

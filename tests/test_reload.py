@@ -237,7 +237,7 @@ def test_service_reload_under_load_loses_nothing(tmp_path, kafka_bootstrap, make
 
     from confluent_kafka import Consumer, Producer, TopicPartition
 
-    from stream_detector.service.config import load_settings
+    from stream_detector.config import load_settings
     from stream_detector.service.loop import Detector
 
     topic, alerts_topic, dlq = make_topic(partitions=2), make_topic(partitions=1), make_topic()

@@ -44,7 +44,7 @@ def test_replay_csv_writes_scores_and_alerts(tmp_path, rng, bundle, capsys):
     rows = write_csv(data, rng)
     out = tmp_path / "out"
     rc = main(["replay", "--model", str(bundle.path), "--input", str(data), "--out", str(out),
-               "--provider", "cpu", "--batch-size", "100", "--warmup", "50", "--history", "200"])
+               "--model.provider", "cpu", "--runtime.max-batch", "100", "--detection.warmup", "50", "--detection.history", "200"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "rows/s" in printed and "replayed 900 rows" in printed
@@ -72,7 +72,7 @@ def test_replay_smd_with_hop(tmp_path, rng):
     values = rng.normal(size=(103, 2))
     data.write_text("\n".join(",".join(f"{v:.5f}" for v in row) for row in values) + "\n")
     out = tmp_path / "o"
-    assert main(["replay", "--model", str(b.path), "--input", str(data), "--format", "smd", "--out", str(out), "--hop", "5", "--provider", "cpu"]) == 0
+    assert main(["replay", "--model", str(b.path), "--input", str(data), "--format", "smd", "--out", str(out), "--detection.hop", "5", "--model.provider", "cpu"]) == 0
     scores = read_scores(out / "scores.csv")
     assert len(scores) == 103 and {r["key"] for r in scores} == {"machine-9-9"}
     phase = hop_phase("machine-9-9", 5)  # row r is event r + 1; scored from the 4th event on, at its phase
@@ -87,7 +87,7 @@ def test_replay_bad_inputs_exit_2_with_one_sentence(tmp_path, rng, bundle, capsy
     cases = [
         (["--model", str(tmp_path / "nope"), "--input", str(data)], "is not a directory"),
         (["--model", str(bundle.path), "--input", str(tmp_path / "missing.csv")], "does not exist"),
-        (["--model", str(bundle.path), "--input", str(data), "--hop", "0"], "hop"),
+        (["--model", str(bundle.path), "--input", str(data), "--detection.hop", "0"], "hop"),
     ]
     wrong = tmp_path / "wrong.csv"
     wrong.write_text("entity,a,b\nm0,1,2\n")
@@ -96,7 +96,7 @@ def test_replay_bad_inputs_exit_2_with_one_sentence(tmp_path, rng, bundle, capsy
     for n, (args, needle) in enumerate(cases):
         if n == len(cases) - 1:  # last: a model file altered after the bundle was written
             (bundle.path / "model.onnx").write_bytes((bundle.path / "model.onnx").read_bytes() + b"x")
-        rc = main(["replay", *args, "--out", out, "--provider", "cpu"])
+        rc = main(["replay", *args, "--out", out, "--model.provider", "cpu"])
         err = capsys.readouterr().err
         assert rc == 2, args
         assert needle in err and "Traceback" not in err, err

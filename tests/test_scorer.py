@@ -33,7 +33,7 @@ def test_warm_up_passes_a_sound_model_and_refuses_one_that_returns_nan(tmp_path)
 
 
 def test_the_service_scorer_takes_provider_and_batch_size_from_the_settings(tmp_path):
-    from stream_detector.service.config import Settings
+    from stream_detector.config import Settings
 
     b = make_bundle(tmp_path, window=6)
     s = Scorer.from_settings(b, Settings(model={"provider": "cpu"}, runtime={"max_batch": 7}))

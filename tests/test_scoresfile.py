@@ -106,7 +106,7 @@ def test_replay_then_evaluate_with_a_comma_and_a_quote_in_the_keys(tmp_path, rng
             for name in names:
                 w.writerow([name, *rng.normal(size=3)])
     out = tmp_path / "out"
-    assert main(["replay", "--model", str(b.path), "--input", str(tmp_path / "in.csv"), "--out", str(out), "--provider", "cpu"]) == 0
+    assert main(["replay", "--model", str(b.path), "--input", str(tmp_path / "in.csv"), "--out", str(out), "--model.provider", "cpu"]) == 0
     (tmp_path / "labels.txt").write_text("0\n" * 120)
     table = ev.read_scores(out / "scores.csv")
     assert table.key == names * 60 and table.row.tolist() == list(range(120))

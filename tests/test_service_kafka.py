@@ -21,7 +21,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from bundle_factory import make_bundle
 from conftest import read_to_end
-from stream_detector.service.config import load_settings
+from stream_detector.config import load_settings
 from stream_detector.core.events import EventBatch
 from stream_detector.core.pipeline import DetectionSettings, DetectorCore
 from stream_detector.core.scorer import Scorer

@@ -66,7 +66,6 @@ def test_calibrated_starts_at_the_reference_and_adapts_after_warmup(rng):
 
 @pytest.mark.parametrize("method", sorted(PARAMS))
 def test_scores_before_learning_and_ignores_anomalies(rng, method):
-    p = PARAMS[method]
     t = new(method, 50.0)
     for x in scores(rng, 600):
         t.observe(float(x))

@@ -139,7 +139,8 @@ class Calibration:
     """Score quantiles of held-out normal data, and the suggested initial threshold. Bundles
     written since the calibrated thresholds (core/calibration.py) also carry `tail`, the fitted
     tail of those scores ({"level", "shape", "scale"}), and `run`, the same description of the
-    geometric mean of `length` consecutive scores ({"length", "quantiles", "tail"}); older bundles
+    geometric mean of `length` consecutive scores, each floored at its `floor_level` quantile
+    ({"length", "floor_level", "quantiles", "tail"}); older bundles
     lack both and still load (their thresholds use the quantile method)."""
 
     quantiles: dict[str, float]  # e.g. {"0.5": .., "0.9": .., "0.98": .., ..., "1.0": max}
@@ -171,9 +172,12 @@ class Calibration:
                 rt = _tail(run["tail"], rq)
             except (KeyError, TypeError, ValueError):
                 raise BundleError("the calibration's run section needs a length, quantiles and a tail.") from None
+            floor = float(run.get("floor_level", 0.5))
             if length < 2:
                 raise BundleError(f"the calibration's run length {length} is below 2.")
-            run = {"length": length, "quantiles": rq, "tail": rt}
+            if not 0.0 < floor < 1.0:
+                raise BundleError(f"the calibration's run floor level {floor} is not in (0, 1).")
+            run = {"length": length, "floor_level": floor, "quantiles": rq, "tail": rt}
         return cls(q, thr, int(d.get("n_scores", 0)), tail, run)
 
 

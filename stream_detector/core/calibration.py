@@ -32,6 +32,8 @@ TINY = 1e-12  # scores are floored here before the log (a perfect reconstruction
 TAIL_LEVEL = 0.9  # the tail starts at this quantile of the validation scores ...
 TAIL_FIT_LEVELS = (0.95, 0.98)  # ... and is fitted to these two (the top 2 % may hold incidents)
 RUN_LENGTH = 10  # scores in a run (Numenta's anomaly likelihood averages 10 short-term scores too)
+RUN_FLOOR_LEVEL = 0.5  # scores below this quantile enter a run as this quantile: a run measures excess,
+# and a near-zero score (log -> -27) would otherwise hide the rest of its run
 MAX_SHAPE = 1.5  # a fitted tail heavier than this is an artefact of few excesses
 _LN10 = math.log(10.0)
 
@@ -104,6 +106,7 @@ class ScoreReference:
     run: ScoreDistribution | None = None
     run_length: int = 0
     anchor: float = 0.0
+    run_floor: float = -math.inf  # log-score below which a score enters a run as this value
 
     @classmethod
     def from_calibration(cls, calibration: Any) -> "ScoreReference | None":
@@ -115,7 +118,10 @@ class ScoreReference:
         run = None
         if calibration.run is not None:
             run = ScoreDistribution.from_json(calibration.run["quantiles"], calibration.run["tail"])
-        return cls(point, run, int(calibration.run["length"]) if run is not None else 0, point.log_score_at(1.0))
+        floor = -math.inf
+        if run is not None:
+            floor = point.log_score_at(-math.log10(1.0 - float(calibration.run.get("floor_level", RUN_FLOOR_LEVEL))))
+        return cls(point, run, int(calibration.run["length"]) if run is not None else 0, point.log_score_at(1.0), floor)
 
 
 # ---- fitting (training writes these into bundle.json's calibration) ----------------------------
@@ -168,11 +174,11 @@ def fit_tail(u: float, mid: float, high: float, scores: np.ndarray) -> tuple[flo
     return float(xi), float(xi * a / (r1**xi - 1.0))
 
 
-def run_means(scores: np.ndarray, segment_starts: np.ndarray, length: int) -> np.ndarray:
-    """Geometric mean of every `length` consecutive scores that lie in one segment (the validation
-    windows of one uninterrupted stretch of one entity); `segment_starts` are the indices where a
-    segment begins (0 included)."""
-    y = np.log(np.maximum(np.asarray(scores, dtype=np.float64), TINY))
+def run_means(scores: np.ndarray, segment_starts: np.ndarray, length: int, floor: float = TINY) -> np.ndarray:
+    """Geometric mean of every `length` consecutive scores, each floored at `floor`, that lie in one
+    segment (the validation windows of one uninterrupted stretch of one entity); `segment_starts`
+    are the indices where a segment begins (0 included)."""
+    y = np.log(np.maximum(np.asarray(scores, dtype=np.float64), max(floor, TINY)))
     bounds = [int(b) for b in segment_starts] + [y.size]
     out = []
     for a, b in zip(bounds[:-1], bounds[1:]):
@@ -193,9 +199,9 @@ def calibrate_scores(scores: np.ndarray, threshold_quantile: float, segment_star
     quantiles, tail = describe_distribution(scores)
     threshold = max(float(np.quantile(scores, threshold_quantile)), TINY)  # the loader requires > 0
     starts = np.zeros(1, dtype=np.int64) if segment_starts is None else np.asarray(segment_starts, dtype=np.int64)
-    means = run_means(scores, starts, run_length)
+    means = run_means(scores, starts, run_length, quantiles[str(RUN_FLOOR_LEVEL)])
     run = None
     if means.size >= 20:
         rq, rt = describe_distribution(means)
-        run = {"length": int(run_length), "quantiles": rq, "tail": rt}
+        run = {"length": int(run_length), "floor_level": RUN_FLOOR_LEVEL, "quantiles": rq, "tail": rt}
     return Calibration(quantiles, threshold, int(scores.size), tail, run)

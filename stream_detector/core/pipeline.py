@@ -25,7 +25,7 @@ from stream_detector.core.calibration import ScoreReference
 from stream_detector.core.device_windows import DeviceWindows
 from stream_detector.core.events import EventBatch
 from stream_detector.core.scorer import Scorer
-from stream_detector.core.thresholds import Calibrated, Threshold, ThresholdParams, make_threshold, resolve_method, threshold_from_state
+from stream_detector.core.thresholds import Threshold, ThresholdParams, make_threshold, resolve_method, threshold_from_state
 from stream_detector.core.windows import WindowStore
 
 log = logging.getLogger(__name__)
@@ -163,6 +163,8 @@ class DetectorCore:
         model_version = self.bundle.model_version
         thr_by_slot, alert_by_slot = self._thresholds, self._alerts
         thr_params, initial, method, reference = self.settings.threshold, self._initial_threshold, self.threshold_method, self._reference
+        calibrated = method == "calibrated"
+        surprise: dict[int, float] = {}
         due_list = ing.due.tolist()
         thr_values = [0.0] * m
         needs_alert_step: list[int] = []
@@ -182,6 +184,8 @@ class DetectorCore:
             if anom or s in stepping or a.alert_id is not None or a.cooldown_left:
                 needs_alert_step.append(j)
                 stepping.add(s)  # its later events in this batch follow its (possibly new) alert
+                if calibrated:  # its calibrated value as of this event (the run moves on with later ones)
+                    surprise[j] = thr.surprise(score)  # type: ignore[attr-defined]
         thresholds[:] = thr_values
         for j in needs_alert_step:
             i, s = due_list[j], int(ing.slots[due_list[j]])
@@ -208,7 +212,7 @@ class DetectorCore:
                         feature_errors=errors[j],
                         feature_names=self._features,
                         top_k=params.top_k,
-                        calibrated=thr.surprise(score) if isinstance(thr := thr_by_slot[s], Calibrated) else None,
+                        calibrated=surprise.get(j),
                         calibrated_threshold=self._calibrated_level,
                     )
                 )

@@ -218,12 +218,13 @@ class Calibrated:
         anomalous = y > self._y_alert + shift
         n = self._run.size
         if n:
+            yr = max(y, self.reference.run_floor + shift)  # a run measures excess over the typical score
             if self._run_count == n:
                 self._run_sum -= self._run[self._run_head]
             else:
                 self._run_count += 1
-            self._run[self._run_head] = y
-            self._run_sum += y
+            self._run[self._run_head] = yr
+            self._run_sum += yr
             self._run_head = (self._run_head + 1) % n
             if self._run_head == 0 and self._run_count == n:  # once per lap: no rounding drift in the sum
                 self._run_sum = float(self._run.sum())

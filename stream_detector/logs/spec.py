@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stream_detector.core.bundle import Bundle, BundleError
+from stream_detector.core.pipeline import DetectionSettings
 from stream_detector.logs.features import LogFeatureConfig, LogFeatureConfigError, end_template_ids
 from stream_detector.logs.parse import LogConfigError, LogParserConfig
 from stream_detector.logs.templates import TEMPLATE_SET_VERSION, TemplateConfigError, TemplateSet
@@ -191,3 +192,17 @@ def load_log_spec(bundle: Bundle) -> LogModelSpec:
     except LogFeatureConfigError as e:
         raise BundleError(f"{where}: {e}") from None
     return spec
+
+
+def log_detection_settings(base: DetectionSettings, spec: LogModelSpec) -> DetectionSettings:
+    """Detection settings for log rows: the window store must keep an entity at least as long as a
+    session can stay open (or its end row, or with the count layout the line after an eviction, would
+    find an empty window and go unscored)."""
+    need = int(spec.features.session_timeout_s * 1000) * (1 if spec.counts else 2)
+    idle = base.idle_timeout_ms
+    if idle is not None and idle < need:
+        raise ValueError(
+            f"idle_timeout_ms ({idle}) must be at least {'' if spec.counts else 'twice '}the log session timeout "
+            f"({int(spec.features.session_timeout_s * 1000)} ms), or rows of long sessions go unscored."
+        )
+    return base

@@ -23,7 +23,7 @@ import numpy as np
 import orjson
 
 from stream_detector.core.bundle import Bundle
-from stream_detector.logs.spec import LogModelSpec
+from stream_detector.logs.spec import LogModelSpec, log_detection_settings
 from stream_detector.logs.core import LogDetectorCore
 from stream_detector.logs.stage import LINE, LogStage, ROW_KINDS
 from stream_detector.core.pipeline import DetectionSettings, DetectorCore
@@ -161,48 +161,26 @@ def replay_log(
     return LogReplaySummary(len(lines), rows, scored, len(dead), len(entities), alerted, opens, seconds, stage_s, scorer.provider)
 
 
-def log_detection_settings(base: DetectionSettings, spec: LogModelSpec) -> DetectionSettings:
-    """Detection settings for log rows: the window store must keep an entity at least as long as a
-    session can stay open (or its end row, or with the count layout the line after an eviction, would
-    find an empty window and go unscored)."""
-    need = int(spec.features.session_timeout_s * 1000) * (1 if spec.counts else 2)
-    idle = base.idle_timeout_ms
-    if idle is not None and idle < need:
-        raise ValueError(
-            f"idle_timeout_ms ({idle}) must be at least {'' if spec.counts else 'twice '}the log session timeout "
-            f"({int(spec.features.session_timeout_s * 1000)} ms), or rows of long sessions go unscored."
-        )
-    return base
-
-
 def run_log_replay_cli(args: Any) -> int:
-    """`replay --format log` (called by replay.run_cli)."""
+    """`replay --format log` (called by replay.run_cli): the settings of `run`, like a file replay."""
     import sys
 
-    from stream_detector.core.alerts import AlertParams
+    from stream_detector.config import ConfigError
     from stream_detector.core.bundle import BundleError, load_bundle
-    from stream_detector.logs.spec import load_log_spec
     from stream_detector.core.scorer import ScorerError
-    from stream_detector.core.thresholds import ThresholdParams
+    from stream_detector.logs.spec import load_log_spec
+    from stream_detector.offline.replay import replay_settings
 
     try:
-        bundle = load_bundle(args.model)
+        settings, path = replay_settings(args)
+        bundle = load_bundle(path)
         spec = load_log_spec(bundle)
-        settings = DetectionSettings(
-            hop=1,
-            idle_timeout_ms=None,
-            threshold=ThresholdParams(
-                method=args.threshold, quantile=args.quantile, multiplier=args.multiplier, history=max(args.history, args.warmup),
-                warmup=args.warmup, risk=args.risk,
-            ),
-            alerts=AlertParams(resolve_after=args.resolve_after, cooldown=args.cooldown),
-        )
-        settings.validate()
+        detection = settings.detection.to_core()
         if not args.input.is_file():
             raise ValueError(f"input log file {args.input} does not exist.")
-        scorer = Scorer(bundle, provider=args.provider, max_batch=args.max_batch)
-        s = replay_log(bundle, spec, scorer, log_detection_settings(settings, spec), args.input, args.out, batch_lines=args.batch_size)
-    except (BundleError, ScorerError, ValueError) as e:
+        scorer = Scorer.from_settings(bundle, settings)
+        s = replay_log(bundle, spec, scorer, log_detection_settings(detection, spec), args.input, args.out, batch_lines=settings.runtime.max_batch)
+    except (ConfigError, BundleError, ScorerError, ValueError) as e:
         print(f"stream-detector replay: {e}", file=sys.stderr)
         return 2
     except OSError as e:

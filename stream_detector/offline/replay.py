@@ -24,14 +24,13 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from stream_detector.core.alerts import AlertParams
+from stream_detector.config import ConfigError, Settings, add_settings_arguments, settings_from_args
 from stream_detector.core.bundle import Bundle, BundleError, load_bundle
 from stream_detector.offline.datafiles import FORMATS, DataFileError, DataTable, read_table
 from stream_detector.offline.scoresfile import SCORES_FILE, write_scores
 from stream_detector.core.events import NO_TIME, EventBatch
-from stream_detector.core.pipeline import DetectionSettings, DetectorCore
-from stream_detector.core.scorer import PROVIDER_CHOICES, Scorer, ScorerError
-from stream_detector.core.thresholds import ThresholdParams
+from stream_detector.core.pipeline import DetectorCore
+from stream_detector.core.scorer import Scorer, ScorerError
 
 log = logging.getLogger(__name__)
 
@@ -119,32 +118,28 @@ def _write_scores(path: Path, table: DataTable, score, threshold, alert_open, ev
 
 # ---------------------------------------------------------------------- command line
 def register(subparsers: argparse._SubParsersAction) -> None:
-    d_thr, d_alert, d_det = ThresholdParams(), AlertParams(), DetectionSettings()
     p = subparsers.add_parser(
         "replay",
         help="score a file with a model bundle, offline (backtesting): scores.csv + alerts.jsonl",
-        description="Feed a CSV/JSONL/SMD/Parquet file through the same windows, scorer, thresholds and alert logic "
-        "as the Kafka service, and write OUT/scores.csv and OUT/alerts.jsonl.",
+        description="Feed a CSV/JSONL/SMD/Parquet file (or raw log lines) through the same windows, scorer, thresholds "
+        "and alert logic as the Kafka service, with the same settings: the TOML of `run` (--config), its "
+        "SD_SECTION__KEY environment variables and its --section.key flags. Writes OUT/scores.csv and OUT/alerts.jsonl.",
     )
-    p.add_argument("--model", required=True, type=Path, help="model bundle directory")
+    p.add_argument("--model", type=Path, help="model bundle directory (default: [model] bundle of the settings)")
     p.add_argument("--input", required=True, type=Path, help="data file to replay")
     p.add_argument("--out", required=True, type=Path, help="output directory (created)")
     p.add_argument("--format", default="auto", choices=(*FORMATS, "log"), help="input format (default: from the suffix); 'log': raw log lines for a log model bundle (logreplay.py)")
-    p.add_argument("--key-field", default=None, help="column holding the entity key (default: 'key'/'entity' if present, else one entity)")
-    p.add_argument("--timestamp-field", default=None, help="column holding the event time (default: 'timestamp'/'time'/'ts'/'event_time' if present)")
-    p.add_argument("--hop", type=int, default=d_det.hop, help="score every k-th event of an entity (default %(default)s)")
-    p.add_argument("--threshold", choices=("quantile", "spot"), default=d_thr.method, help="per-entity threshold method (default %(default)s)")
-    p.add_argument("--quantile", type=float, default=d_thr.quantile, help="rolling-quantile level (default %(default)s)")
-    p.add_argument("--multiplier", type=float, default=d_thr.multiplier, help="rolling-quantile multiplier (default %(default)s)")
-    p.add_argument("--history", type=int, default=d_thr.history, help="normal scores kept per entity (default %(default)s)")
-    p.add_argument("--warmup", type=int, default=d_thr.warmup, help="normal scores before an entity's own threshold replaces the calibrated one (default %(default)s)")
-    p.add_argument("--risk", type=float, default=d_thr.risk, help="SPOT tail probability (default %(default)s)")
-    p.add_argument("--resolve-after", type=int, default=d_alert.resolve_after, help="consecutive normal scores that resolve an alert (default %(default)s)")
-    p.add_argument("--cooldown", type=int, default=d_alert.cooldown, help="scored events after a resolve during which nothing opens (default %(default)s)")
-    p.add_argument("--provider", choices=PROVIDER_CHOICES, default="auto", help="ONNX Runtime provider (default %(default)s)")
-    p.add_argument("--max-batch", type=int, default=1024, help="windows per inference call (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=4096, help="rows per EventBatch (default %(default)s)")
+    add_settings_arguments(p)
     p.set_defaults(func=run_cli)
+
+
+def replay_settings(args: argparse.Namespace) -> tuple[Settings, Path]:
+    """The settings `run` would use (TOML < env < flags) and the bundle path; ConfigError otherwise."""
+    settings = settings_from_args(args)
+    path = args.model or settings.model.bundle
+    if path is None:
+        raise ConfigError("no model bundle: pass --model or set [model] bundle.")
+    return settings, Path(path)
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -153,22 +148,14 @@ def run_cli(args: argparse.Namespace) -> int:
 
         return run_log_replay_cli(args)
     try:
-        bundle: Bundle = load_bundle(args.model)
-        settings = DetectionSettings(
-            hop=args.hop,
-            threshold=ThresholdParams(
-                method=args.threshold, quantile=args.quantile, multiplier=args.multiplier, history=args.history,
-                warmup=args.warmup, risk=args.risk,
-            ),
-            alerts=AlertParams(resolve_after=args.resolve_after, cooldown=args.cooldown),
-        )
-        settings.validate()
-        if args.batch_size < 1:
-            raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}.")
-        table = read_table(args.input, args.format, features=bundle.features, key_field=args.key_field, timestamp_field=args.timestamp_field)
-        core = DetectorCore(bundle, Scorer(bundle, provider=args.provider, max_batch=args.max_batch), settings)
-        summary = replay_table(core, table, args.out, batch_size=args.batch_size)
-    except (BundleError, DataFileError, ScorerError, ReplayError, ValueError) as e:
+        settings, path = replay_settings(args)
+        bundle: Bundle = load_bundle(path)
+        detection = settings.detection.to_core()
+        table = read_table(args.input, args.format, features=bundle.features, key_field=settings.input.key_field,
+                           timestamp_field=settings.input.timestamp_field)
+        core = DetectorCore(bundle, Scorer.from_settings(bundle, settings), detection)
+        summary = replay_table(core, table, args.out, batch_size=settings.runtime.max_batch)
+    except (ConfigError, BundleError, DataFileError, ScorerError, ReplayError, ValueError) as e:
         print(f"stream-detector replay: {e}", file=sys.stderr)
         return 2
     except OSError as e:

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 
 from stream_detector.core.bundle import Bundle, BundleError, load_bundle
-from stream_detector.service.config import ConfigError, Settings, add_settings_arguments, settings_from_args
+from stream_detector.config import ConfigError, Settings, add_settings_arguments, settings_from_args
 from stream_detector.service.kafka_config import check_client_configs
 from stream_detector.service.kafka_io import KafkaIOError, check_broker
 

@@ -38,7 +38,7 @@ except ImportError:  # the orjson path alone: same results, slower
     msgspec = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
-    from stream_detector.service.config import InputSettings
+    from stream_detector.config import InputSettings
 
 log = logging.getLogger(__name__)
 

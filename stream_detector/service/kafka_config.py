@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from stream_detector.service.config import ConfigError, Settings
+from stream_detector.config import ConfigError, Settings
 
 Role = Literal["consumer", "producer", "admin", "restorer"]
 

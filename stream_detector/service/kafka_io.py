@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
-from stream_detector.service.config import Settings
+from stream_detector.config import Settings
 from stream_detector.service.decode import DeadLetter, dead_letter_headers
 from stream_detector.service.kafka_config import admin_config, consumer_config, producer_config
 

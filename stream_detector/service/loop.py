@@ -46,7 +46,7 @@ from stream_detector.core.scorer import Scorer
 from stream_detector.service.batches import Work, count_batch, decode_work, publish, restrict
 from stream_detector.service.changelog import Restorer, StateTracker, ensure_changelog_topic
 from stream_detector.service.checkpoint import FAULT_KILL_BEFORE_COMMIT, Checkpointer
-from stream_detector.service.config import Settings
+from stream_detector.config import ConfigError, Settings
 from stream_detector.service.decode import Decoder
 from stream_detector.service.health import Health
 from stream_detector.service.kafka_config import check_client_configs
@@ -76,7 +76,10 @@ class Detector:
         self.bundle: Bundle = load_model(settings)
         self.scorer = Scorer.from_settings(self.bundle, settings)
         self.scorer.warm_up()  # a model that scores NaN is refused here, before anything is consumed
-        self.core = DetectorCore(self.bundle, self.scorer, settings.detection.to_core())
+        try:  # a detection setting the bundle cannot support (e.g. calibrated thresholds, an older calibration)
+            self.core = DetectorCore(self.bundle, self.scorer, settings.detection.to_core())
+        except ValueError as e:
+            raise ConfigError(f"[detection] {e}") from None
         self.decoder = Decoder(self.bundle.features, settings.input)
         self._fence_rows = True  # at-least-once replays: skip rows that restored state holds (changelog.py)
         self._use_log_stage_if_log_bundle(settings)
@@ -116,12 +119,16 @@ class Detector:
     def _use_log_stage_if_log_bundle(self, settings: Settings) -> None:
         """A log model bundle (issue 8): messages are raw log lines, turned into rows by the log
         stage (logstage.py), and alerts carry the offending template and a sample line."""
-        from stream_detector.logs.spec import is_log_bundle, load_log_spec
+        from stream_detector.logs.spec import is_log_bundle, load_log_spec, log_detection_settings
         from stream_detector.logs.core import LogDetectorCore
         from stream_detector.service.decode_logs import LogDecoder
 
         if is_log_bundle(self.bundle):
             spec = load_log_spec(self.bundle)
+            try:
+                log_detection_settings(self.core.settings, spec)  # the same check as a log replay's
+            except ValueError as e:
+                raise ConfigError(f"[detection] {e}") from None
             self.decoder = LogDecoder(spec, settings.input.max_message_bytes)  # type: ignore[assignment]
             # with a changelog, the entities' log sessions move with their partitions too
             stage = self.decoder.stage if settings.processing.changelog else None  # type: ignore[attr-defined]

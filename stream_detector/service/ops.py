@@ -14,7 +14,7 @@ import threading
 from typing import Any, Callable
 
 from stream_detector.core.bundle import Bundle
-from stream_detector.service.config import Settings
+from stream_detector.config import Settings
 from stream_detector.service.health import Health
 from stream_detector.service.metrics import Metrics
 from stream_detector.service.notify import SystemdNotifier

@@ -24,7 +24,7 @@ import orjson
 from stream_detector.core.bundle import BundleError
 from stream_detector.core.scorer import ScorerError
 from stream_detector.service.changelog import ChangelogError
-from stream_detector.service.config import ConfigError, add_settings_arguments, settings_from_args
+from stream_detector.config import ConfigError, add_settings_arguments, settings_from_args
 from stream_detector.service.kafka_io import KafkaIOError
 from stream_detector.service.loop import Detector
 
