@@ -1,7 +1,8 @@
 """`stream-detector-train fit`: data file -> windows -> Transformer autoencoder -> ONNX -> bundle.
 
 Python API: `fit(settings: FitSettings) -> FitResult` (the bundle path and the figures). Steps:
-read the file (stream_detector.offline.datafiles), plan windows per entity (training.windows), fit the
+read the file (stream_detector.offline.datafiles), size the settings not given to the data and plan
+windows per entity (training.sizing, training.windows), fit the
 `Normaliser` on training rows only, train (training.trainer), export and prove ONNX parity
 (training.export), calibrate on validation windows through ONNX Runtime (training.calibrate),
 then write model.onnx + bundle.json + report.png in one atomic `write_bundle`. Any failure
@@ -27,7 +28,8 @@ from stream_detector.core.bundle import (INPUT_NAME, OUTPUT_NAME, SCHEMA_VERSION
                                         write_bundle)
 from stream_detector.offline.datafiles import DataFileError, read_table
 from training.settings import FitSettings, SettingsError, add_fit_arguments, settings_from_args
-from training.windows import WindowingError, plan_windows
+from training.sizing import size_to_data
+from training.windows import WindowingError
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,8 @@ def fit(settings: FitSettings, command_line: str | None = None) -> FitResult:
     s = settings
     _check_output(Path(s.out))  # fail before training, not after it
     table = read_table(s.data, s.format, s.features, s.key_field, s.timestamp_field, s.nan_policy)
-    plan = plan_windows(table, s.window, s.val_fraction, s.gap_factor, s.stride)
+    sizing = size_to_data(s, table)  # the settings not given, sized to what the data holds (training/sizing.py)
+    s, plan = sizing.settings, sizing.plan
     normaliser = Normaliser.fit(plan.data[plan.train_rows], s.scale_floor, s.scale_floor_range)
     data = normaliser.apply(plan.data)
     n_entities = len(set(table.keys))
@@ -131,6 +134,7 @@ def fit(settings: FitSettings, command_line: str | None = None) -> FitResult:
             "feature_error_mean": [float(v) for v in val.feature_errors.mean(axis=0)],
         },
         "settings": s.model_dump(mode="json"),
+        "sized_to_data": sizing.chosen,  # settings not given and chosen unlike the defaults (a short history)
         "versions": _library_versions(),
         "command_line": command_line or "python API: training.fit.fit()",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -242,7 +246,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train on a file of normal data and write a model bundle",
         description="Train a Transformer autoencoder on normal data, export it to ONNX, check parity, calibrate "
         "a threshold and write the bundle (model.onnx, bundle.json, report.png). Options can also come from a "
-        "TOML file (--config); flags override it.",
+        "TOML file (--config); flags override it. Options given neither way are sized to the data: the window is "
+        "the largest of 64, 32, 16, 8 that leaves at least 4 x W training and 20 validation windows, d_model the "
+        "largest of 64, 32, 16, 8 whose square is at most the number of rows (ff_dim twice that), and a history "
+        "of fewer than 2,048 training windows gets a smaller batch and more epochs (about 480 optimiser steps); "
+        "with plenty of data these are the defaults listed below. bundle.json records what was chosen.",
     )
     add_fit_arguments(p)
     from training.logs import add_log_arguments

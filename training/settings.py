@@ -1,6 +1,8 @@
 """`FitSettings`: every option of `stream-detector-train fit`, one frozen, typed object.
 
 Precedence: defaults < TOML file (`--config`, flat keys named like the fields) < command-line flags.
+A field that neither the file nor a flag sets (not in `model_fields_set`) may be sized to the data by
+`fit` (training/sizing.py): window, d_model, ff_dim, and for a short history batch_size, epochs, patience.
 The argparse options are generated from the fields, so `--help` lists each default and config key.
 """
 
@@ -30,7 +32,7 @@ class FitSettings(BaseModel):
     timestamp_field: str | None = Field(None, description="timestamp column; default: 'timestamp', 'time', 'ts' or 'event_time' if present")
     nan_policy: Literal["ffill", "drop", "error"] = Field("ffill", description="missing/non-finite values: forward-fill per entity (leading rows dropped), drop rows, or refuse")
     # windows
-    window: int = Field(64, ge=2, description="window length W (rows)")
+    window: int = Field(64, ge=2, description="window length W (rows); not given: the largest of 64, 32, 16, 8 the data supports, i.e. with at least 4 x W training and 20 validation windows (logged); given but not supported: refused, naming the largest window that is")
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="last fraction of each entity held out for validation and calibration")
     gap_factor: float = Field(3.0, gt=1.0, description="a time step longer than this x the median step is a gap windows never cross")
     stride: int = Field(1, ge=1, description="step between training window starts")
@@ -41,15 +43,15 @@ class FitSettings(BaseModel):
     mask_steps: int = Field(1, ge=1, description="rows masked and scored by the 'masked' variant")
     detectors: tuple[Literal["transformer", "pca", "flatline"], ...] = Field(
         ("transformer",), description="detectors in the bundle's graph, comma-separated, 'transformer' first; each scaled by its validation 99%% quantile, the largest wins (training/composite.py)")
-    d_model: int = Field(64, ge=4, description="Transformer width")
+    d_model: int = Field(64, ge=4, description="Transformer width; not given: the largest of 64, 32, 16, 8 whose square is at most the number of usable rows")
     n_heads: int = Field(4, ge=1, description="attention heads")
     n_layers: int = Field(2, ge=1, description="encoder layers")
-    ff_dim: int = Field(128, ge=4, description="feed-forward width")
+    ff_dim: int = Field(128, ge=4, description="feed-forward width; not given: 2 x d_model when d_model is sized to the data")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout")
     # optimisation
-    epochs: int = Field(15, ge=1, description="maximum epochs")
-    patience: int = Field(3, ge=1, description="early stopping: epochs without validation improvement")
-    batch_size: int = Field(256, ge=1, description="training batch size")
+    epochs: int = Field(15, ge=1, description="maximum epochs; not given, with fewer than 2048 training windows: enough for about 480 optimiser steps")
+    patience: int = Field(3, ge=1, description="early stopping: epochs without validation improvement; not given, with fewer than 2048 training windows: a fifth of the epochs, at least 3")
+    batch_size: int = Field(256, ge=1, description="training batch size; not given, with fewer than 2048 training windows: the largest power of two up to 1/8 of the windows drawn per epoch, at least 16")
     lr: float = Field(1e-3, gt=0.0, description="peak learning rate (AdamW; linear warm-up, cosine decay)")
     weight_decay: float = Field(1e-4, ge=0.0, description="AdamW weight decay")
     grad_clip: float = Field(1.0, gt=0.0, description="gradient norm clip")
