@@ -73,7 +73,7 @@ def test_defaults_train_300_rows_and_replay_of_the_rest_alerts_on_a_level_shift(
     assert len(chosen) == 1 and chosen[0].startswith("window 32 rows, chosen") and "64 gives 177 training windows, fewer than 256" in chosen[0]
 
     out = tmp_path / "replay"
-    code = sd_main(["replay", "--model", str(tmp_path / "b"), "--input", str(rest_csv), "--out", str(out), "--provider", "cpu"])
+    code = sd_main(["replay", "--model", str(tmp_path / "b"), "--input", str(rest_csv), "--out", str(out), "--model.provider", "cpu"])
     assert code == 0, capsys.readouterr().err
     alerts = [orjson.loads(line) for line in (out / "alerts.jsonl").read_bytes().splitlines()]
     opened = [a["source"]["offset"] for a in alerts if a["state"] == "open"]
