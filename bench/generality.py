@@ -57,6 +57,7 @@ NEW = DetectionSettings()
 OLD = DetectionSettings(threshold=ThresholdParams(method="quantile", quantile=0.99, multiplier=4.0, max_shift=1e12), alerts=AlertParams())
 DETECTORS = {
     "transformer, new default": ("transformer", NEW),
+    "transformer+pca, new default": ("transformer+pca", NEW),
     "transformer, old default": ("transformer", OLD),
     "pca (new thresholds)": ("pca", NEW),
     "zscore (new thresholds)": ("zscore", NEW),
@@ -83,18 +84,20 @@ class MemoScorer:
 
 
 def train(variant: str, data: Path, work: Path, args: argparse.Namespace) -> Path:
-    if variant == "transformer":
-        params: dict[str, Any] = dict(epochs=args.epochs, max_windows_per_epoch=args.max_windows_per_epoch, seed=args.train_seed, threads=1)
+    if variant.startswith("transformer"):
+        params: dict[str, Any] = dict(epochs=args.epochs, max_windows_per_epoch=args.max_windows_per_epoch, seed=args.train_seed, threads=1,
+                                      detectors=variant.split("+"))
     elif variant == "pca":
         params = dict(kind="pca", pca_variance=0.9)
     else:
         params = dict(kind="zscore", window=64, zscore_floor=0.1)
     content = hashlib.sha256(data.read_bytes()).hexdigest()
-    tag = hashlib.sha256(json.dumps([variant, content, params], sort_keys=True).encode()).hexdigest()[:10]
+    code = hashlib.sha256((REPO / "stream_detector" / "core" / "calibration.py").read_bytes()).hexdigest()  # calibration changes: refit
+    tag = hashlib.sha256(json.dumps([variant, content, params, code], sort_keys=True).encode()).hexdigest()[:10]
     out = work / "bundles" / f"{data.parent.name}-{variant}-{tag}"
     if (out / "bundle.json").is_file():
         return out
-    if variant == "transformer":
+    if variant.startswith("transformer"):
         from training.fit import fit
         from training.settings import make_settings
 

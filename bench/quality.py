@@ -52,8 +52,10 @@ log = logging.getLogger("bench.quality")
 
 MACHINES = ("machine-1-7", "machine-2-1", "machine-3-2")
 DEV_MACHINES = ("machine-1-7", "machine-2-1")
-TRANSFORMERS = ("masked", "plain")
+TRANSFORMERS = ("masked", "plain", "masked+pca")  # masked+pca: fit --detectors transformer,pca (training/composite.py)
 BASELINES = ("pca", "zscore")
+# bundles are cached by their settings and by the calibration code that described their scores
+CALIBRATION_CODE = hashlib.sha256((REPO / "stream_detector" / "core" / "calibration.py").read_bytes()).hexdigest()[:10]
 BEGIN, END = "<!-- quality-table:begin -->", "<!-- quality-table:end -->"
 
 
@@ -90,19 +92,20 @@ class MemoScorer:
 
 def train_bundle(variant: str, train_file: Path, work: Path, args: argparse.Namespace) -> tuple[Path, float]:
     if variant in TRANSFORMERS:
+        model, *extra = variant.split("+")
         params = dict(
-            variant=variant, window=args.window, d_model=args.d_model, n_heads=args.n_heads, n_layers=args.n_layers,
+            variant=model, detectors=["transformer", *extra], window=args.window, d_model=args.d_model, n_heads=args.n_heads, n_layers=args.n_layers,
             ff_dim=2 * args.d_model, epochs=args.epochs, max_windows_per_epoch=args.max_windows_per_epoch,
             patience=args.patience, seed=args.seed, threads=args.threads, stride=1, scale_floor=args.scale_floor,
             scale_floor_range=args.scale_floor_range,
-            mask_steps=args.mask_steps if variant == "masked" else 1,
+            mask_steps=args.mask_steps if model == "masked" else 1,
         )
     elif variant == "pca":
         params = dict(kind="pca", pca_variance=args.pca_variance, scale_floor=args.scale_floor, scale_floor_range=args.scale_floor_range)
     else:
         params = dict(kind="zscore", window=args.zscore_window, zscore_floor=args.zscore_floor, scale_floor=args.scale_floor,
                       scale_floor_range=args.scale_floor_range)
-    tag = hashlib.sha256(json.dumps([variant, str(train_file), params], sort_keys=True).encode()).hexdigest()[:10]
+    tag = hashlib.sha256(json.dumps([variant, str(train_file), params, CALIBRATION_CODE], sort_keys=True).encode()).hexdigest()[:10]
     out = work / "bundles" / f"{train_file.stem}-{variant}-{tag}"
     if (out / "bundle.json").is_file():
         return out, 0.0

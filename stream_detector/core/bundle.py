@@ -192,6 +192,8 @@ def _tail(t: Any, quantiles: dict[str, float]) -> dict[str, float]:
     """A fitted tail: its level must be one of the quantiles, its shape >= 0 and its scale > 0."""
     try:
         tail = {"level": float(t["level"]), "shape": float(t["shape"]), "scale": float(t["scale"])}
+        if "fit_level" in t:
+            tail["fit_level"] = float(t["fit_level"])
     except (KeyError, TypeError, ValueError):
         raise BundleError("the calibration's tail needs a level, a shape and a scale.") from None
     if not (0 < tail["level"] < 1 and math.isfinite(tail["shape"]) and tail["shape"] >= 0 and math.isfinite(tail["scale"]) and tail["scale"] > 0):

@@ -7,10 +7,12 @@ scores do not carry over from one dataset to the next. The surprise does: 2 is a
 4 a 1-in-10,000 one, on every model. Below the tail level (the 90 % quantile of the validation
 scores) it is read from their quantiles, interpolated in log-score; beyond it from a generalised
 Pareto tail, which covers light (shape 0: exponential) and heavy (shape > 0: Pareto) tails alike.
-The tail is fitted to the 90, 95 and 98 % quantiles, not to the largest scores: the "normal"
-history a model is trained on often holds a few unlabelled incidents (SMD's training halves do),
-and a tail fitted to them would put the bar above the incidents it should catch. So the top 2 %
-of the validation scores never shape the threshold.
+The tail is fitted to the 90, 95 and 98 % quantiles, then extended to each higher quantile
+(99, 99.5, 99.9 %, where at least 10 scores lie above it) for as long as that quantile is at most
+twice as far above the tail threshold as the fit so far predicts: the "normal" history a model is
+trained on often holds a few unlabelled incidents (SMD's training halves do), which show as a
+jump in the top quantiles, and a tail fitted to them would put the bar above the incidents it
+should catch; a heavy but genuine tail (Student-t noise) rises smoothly and is followed.
 
 Two distributions may be calibrated: the point one (each score) and the *run* one, the geometric
 mean of the last `run_length` scores of an entity (a sustained moderate rise, such as a drift or
@@ -30,7 +32,9 @@ import numpy as np
 
 TINY = 1e-12  # scores are floored here before the log (a perfect reconstruction scores 0)
 TAIL_LEVEL = 0.9  # the tail starts at this quantile of the validation scores ...
-TAIL_FIT_LEVELS = (0.95, 0.98)  # ... and is fitted to these two (the top 2 % may hold incidents)
+TAIL_FIT_LEVELS = (0.95, 0.98)  # ... and is fitted to these two ...
+TAIL_EXTEND_LEVELS = (0.99, 0.995, 0.999)  # ... then to each of these while it is consistent with the fit
+TAIL_JUMP = 2.0  # a quantile this many times further above the threshold than predicted: incidents
 RUN_LENGTH = 10  # scores in a run (Numenta's anomaly likelihood averages 10 short-term scores too)
 RUN_FLOOR_LEVEL = 0.5  # scores below this quantile enter a run as this quantile: a run measures excess,
 # and a near-zero score (log -> -27) would otherwise hide the rest of its run
@@ -126,7 +130,7 @@ class ScoreReference:
 
 # ---- fitting (training writes these into bundle.json's calibration) ----------------------------
 
-CALIBRATION_LEVELS = (0.5, 0.75, TAIL_LEVEL, *TAIL_FIT_LEVELS, 0.99, 0.999, 0.9999)
+CALIBRATION_LEVELS = (0.5, 0.75, TAIL_LEVEL, *TAIL_FIT_LEVELS, *TAIL_EXTEND_LEVELS, 0.9999)
 
 
 def describe_distribution(scores: np.ndarray) -> tuple[dict[str, float], dict[str, float]]:
@@ -137,20 +141,36 @@ def describe_distribution(scores: np.ndarray) -> tuple[dict[str, float], dict[st
         raise ValueError(f"{s.size} validation scores are too few to calibrate on (at least 20 are needed).")
     q = {str(lv): float(np.quantile(s, lv)) for lv in CALIBRATION_LEVELS}
     q["1.0"] = float(s.max())
-    shape, scale = fit_tail(q[str(TAIL_LEVEL)], q[str(TAIL_FIT_LEVELS[0])], q[str(TAIL_FIT_LEVELS[1])], s)
-    return q, {"level": TAIL_LEVEL, "shape": shape, "scale": scale}
+    u, mid = q[str(TAIL_LEVEL)], q[str(TAIL_FIT_LEVELS[0])]
+    top = TAIL_FIT_LEVELS[1]
+    shape, scale = fit_tail(u, mid, top, q[str(top)], s)
+    for lv in TAIL_EXTEND_LEVELS:
+        if (1.0 - lv) * s.size < 10:
+            break
+        predicted = tail_quantile(u, shape, scale, lv)
+        if q[str(lv)] - u > TAIL_JUMP * (predicted - u):
+            break
+        top = lv
+        shape, scale = fit_tail(u, mid, top, q[str(top)], s)
+    return q, {"level": TAIL_LEVEL, "shape": shape, "scale": scale, "fit_level": top}
 
 
-def fit_tail(u: float, mid: float, high: float, scores: np.ndarray) -> tuple[float, float]:
-    """Generalised Pareto (shape, scale) above `u` (the TAIL_LEVEL quantile) through the two
-    TAIL_FIT_LEVELS quantiles `mid` and `high`: with r1 = P(S > u) / P(S > mid) and r2 likewise for
-    `high`, the shape solves (r2**xi - 1) / (r1**xi - 1) = (high - u) / (mid - u) (bisection; it
+def tail_quantile(u: float, shape: float, scale: float, level: float) -> float:
+    """The `level` quantile of a generalised Pareto tail above the TAIL_LEVEL quantile u."""
+    r = (1.0 - TAIL_LEVEL) / (1.0 - level)
+    return u + (scale * math.log(r) if shape < 1e-6 else scale / shape * (r**shape - 1.0))
+
+
+def fit_tail(u: float, mid: float, high_level: float, high: float, scores: np.ndarray) -> tuple[float, float]:
+    """Generalised Pareto (shape, scale) above `u` (the TAIL_LEVEL quantile) through the quantiles
+    `mid` (level TAIL_FIT_LEVELS[0]) and `high` (level `high_level`): with r1 = P(S > u) / P(S > mid)
+    and r2 likewise for `high`, the shape solves (r2**xi - 1) / (r1**xi - 1) = (high - u) / (mid - u) (bisection; it
     grows with the ratio) and the scale follows. A ratio at or below the exponential's, ln r2 / ln r1,
     gives shape 0 (a bounded tail is treated as exponential: a score past a fitted end point is not
     impossible, only unlikely); shapes are capped at MAX_SHAPE. Quantiles that do not rise (ties)
     get an exponential tail with the scale of the scores' upper spread."""
     p_u = 1.0 - TAIL_LEVEL
-    r1, r2 = p_u / (1.0 - TAIL_FIT_LEVELS[0]), p_u / (1.0 - TAIL_FIT_LEVELS[1])
+    r1, r2 = p_u / (1.0 - TAIL_FIT_LEVELS[0]), p_u / (1.0 - high_level)
     a, b = mid - u, high - u
     spread = float(np.quantile(scores, 0.98) - np.quantile(scores, 0.5))
     floor = max(spread * 1e-3, abs(u) * 1e-6, TINY)
