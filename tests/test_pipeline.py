@@ -180,3 +180,37 @@ def test_swap_model_renormalises_stored_windows(tmp_path, rng):
     want = [x[1] for x in flatten(run(reference, *tail, [50]))]
     assert len(got) == len(want) > 0
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_calibrated_run_opens_an_alert_that_no_single_score_would(tmp_path, rng):
+    """A sustained moderate rise (scores about 3x their usual level, below the point threshold)
+    opens an alert through the calibrated threshold's run test; the same stream with the run
+    test unavailable (a point-only reference) opens none during the rise."""
+    from stream_detector.core.calibration import calibrate_scores
+
+    # the "zeros" model scores the mean square of the normalised newest row
+    normal = (rng.normal(size=(20_000, F)) ** 2).mean(axis=1)
+    cal = calibrate_scores(normal, 0.999, np.arange(0, 20_000, 2000))
+    b = make_bundle(tmp_path, features=[f"f{i}" for i in range(F)], window=2, kind="zeros", name="cal", calibration=cal)
+    rows = rng.normal(size=(1500, F)).astype(np.float32)
+    rows[1000:1100] *= np.float32(np.sqrt(3.0))  # scores x3 for 100 events
+    batch = EventBatch.build(["e"] * 1500, rows, np.arange(1500, dtype=np.int64) * 1000)
+
+    def opens(reference_without_run: bool):
+        core = DetectorCore(b, Scorer(b, provider="cpu", intra_op_threads=1), DetectionSettings(), clock=lambda: 1.8e9)
+        if reference_without_run:
+            ref = core._reference
+            core._reference = type(ref)(ref.point, None, 0, ref.anchor)
+        res = core.process(batch)
+        return [(int(res.index[j]), float(res.score[j]), float(res.threshold[j])) for j, ev in enumerate(res.alert_event) if ev == "open"]
+
+    with_run = opens(False)
+    assert core_method_is_calibrated(b)
+    rise = [o for o in with_run if 1000 <= o[0] < 1100]
+    assert rise and rise[0][1] < rise[0][2], with_run  # opened below the point threshold: by the run
+    assert not [o for o in with_run if o[0] < 1000]  # nothing before the rise
+    assert not [o for o in opens(True) if 1000 <= o[0] < 1100 and o[1] < o[2]]
+
+
+def core_method_is_calibrated(bundle) -> bool:
+    return DetectorCore(bundle, Scorer(bundle, provider="cpu", intra_op_threads=1), DetectionSettings()).threshold_method == "calibrated"

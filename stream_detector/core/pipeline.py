@@ -181,6 +181,8 @@ class DetectorCore:
                 a = alert_by_slot[s] = AlertState()
             t, anom = thr.observe(score)
             thr_values[j] = t
+            if anom:
+                anomalous[j] = True  # the threshold's judgement (a calibrated run can be anomalous below t)
             if anom or s in stepping or a.alert_id is not None or a.cooldown_left:
                 needs_alert_step.append(j)
                 stepping.add(s)  # its later events in this batch follow its (possibly new) alert
@@ -190,8 +192,7 @@ class DetectorCore:
         for j in needs_alert_step:
             i, s = due_list[j], int(ing.slots[due_list[j]])
             score, t, a = float(scores[j]), thr_values[j], alert_by_slot[s]
-            anom = not (score <= t)
-            anomalous[j] = anom
+            anom = bool(anomalous[j])
             ev = a.step(score, anom, params)
             if ev is not None:
                 key = batch.keys[i]
