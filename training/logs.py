@@ -65,7 +65,7 @@ class LogFitSettings(BaseModel):
     data: Path
     out: Path
     labels: Path | None = None  # label file (entity,label; anomalous ones excluded) or a list of normal entities
-    log_format: str = "hdfs"  # logparse preset
+    log_format: str = "hdfs"  # logs/parse.py preset
     entity_regex: str = r"blk_-?\d+"
     log_model: Literal["counts", "sequence"] = "counts"
     # None: 86,400 s for counts (the session is the entity's life; this only evicts), 3,600 s for sequence

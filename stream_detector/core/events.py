@@ -85,7 +85,7 @@ class EventBatch:
 
     def take(self, idx: np.ndarray) -> "EventBatch":
         """The events at positions `idx` (int array), as a batch of the same kind: a subclass that
-        carries more columns (logstage.LogEventBatch) keeps them."""
+        carries more columns (logs.stage.LogEventBatch) keeps them."""
         return EventBatch(
             [self.keys[i] for i in idx.tolist()],
             self.rows[idx],

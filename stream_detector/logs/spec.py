@@ -20,7 +20,7 @@ that stops early (missing events) is scored when its session times out.
 Input rows (layout `template-counts/1`, the count-vector option): W = 2 rows of F = V + 1 features
 (`count_feature_names`): the entity's cumulative count of each template id over its session so
 far (raw counts; the model takes log1p and standardises inside its graph), then `row:kind`, the
-row's kind code (logstage: 0 line, 1 session start, 3 idle check). A row per (line, entity), a
+row's kind code (logs/stage.py: 0 line, 1 session start, 3 idle check). A row per (line, entity), a
 start row (all counts 0) before each session's first event, and an idle-check row when an entity
 has been inactive for `features.idle_check_s` (the counts of an entity at rest, judged once per
 pause); no end rows: sessions are keyed by entity with a long `session_timeout_s` that only evicts

@@ -1,11 +1,11 @@
 """Raw log lines → the `EventBatch` the scoring core consumes (the log stage of issue 8).
 
 Shared by training (`training/logs.py` builds its training rows with it), `replay --format log` and
-`run`, so the three cannot drift apart. Per line: parse (logparse) → template id in match-only mode
+`run`, so the three cannot drift apart. Per line: parse (logs/parse.py) → template id in match-only mode
 (templates; a line no learned template matches is token 0, "unknown template") → one event per
-entity named by the line → per-entity sessions (logfeatures: inactivity timeout, end template,
+entity named by the line → per-entity sessions (logs/features.py: inactivity timeout, end template,
 cap + eviction) → the event's input row, which carries the entity's last K tokens and gaps
-(layout in logbundle.py).
+(layout in logs/spec.py).
 
 Besides one row per (line, entity), the stage adds two kinds of rows:
 - a session-start row before the first event of every session (never alerts: its score is 0), so
@@ -70,7 +70,7 @@ class SessionRecord:
     start_ms: int
     end_ms: int
     events: int
-    reason: str  # logfeatures.SessionEnd
+    reason: str  # logs.features.SessionEnd
     complete: bool  # ended by timeout or end template (sequence layout: an end row was scored)
 
 

@@ -1,6 +1,6 @@
 """Liveness and readiness of the running service, as the loop reports them.
 
-The loop (service.Detector) calls `tick()` once per iteration and tells `Health` what it knows:
+The loop (service/loop.py, Detector) calls `tick()` once per iteration and tells `Health` what it knows:
 partitions assigned or revoked, the model loaded, the broker reachable or not (from librdkafka's
 error callback and from successful fetches). The metrics server answers `/healthz` and `/readyz`
 from here, on its own thread, so every read and write takes the lock.

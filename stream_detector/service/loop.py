@@ -118,7 +118,7 @@ class Detector:
 
     def _use_log_stage_if_log_bundle(self, settings: Settings) -> None:
         """A log model bundle (issue 8): messages are raw log lines, turned into rows by the log
-        stage (logstage.py), and alerts carry the offending template and a sample line."""
+        stage (logs/stage.py), and alerts carry the offending template and a sample line."""
         from stream_detector.logs.spec import is_log_bundle, load_log_spec, log_detection_settings
         from stream_detector.logs.core import LogDetectorCore
         from stream_detector.service.decode_logs import LogDecoder

@@ -41,7 +41,7 @@ class ReloadError(Exception):
 @dataclass(frozen=True)
 class LoadedModel:
     bundle: Bundle
-    scorer: Any  # stream_detector.scorer.Scorer (anything with .score(windows) -> (scores, errors))
+    scorer: Any  # stream_detector.core.scorer.Scorer (anything with .score(windows) -> (scores, errors))
 
 
 def check_compatible(current: Bundle, new: Bundle) -> None:
