@@ -63,6 +63,7 @@ except ImportError:
     except ImportError:  # the code of an older commit, measured by bench/latency_probe.py --code (only its latency path runs)
         CONSUMER_DEFAULTS = {}
 from stream_detector.service.loop import Detector
+from stream_detector.core.thresholds import ThresholdParams
 from stream_detector.offline.simulate import SimConfig, Simulator, encode_event, produce
 
 log = logging.getLogger("bench.e2e")
@@ -275,6 +276,28 @@ def instrumented_run(settings: Any, max_messages: int | None = None, timeout: fl
     return stats, profile
 
 
+def calibrated_bundle(src: Path, work: Path) -> Path:
+    """The same model with a calibration that describes its score distribution (core/calibration.py),
+    from 20,000 windows of a clean simulated fleet, so the 'calibrated' threshold method can run
+    (the reference bundle predates it)."""
+    out = work / "calibrated-bundle"
+    if (out / "bundle.json").is_file():
+        return out
+    from stream_detector.core.calibration import calibrate_scores
+    from stream_detector.core.pipeline import DetectionSettings, DetectorCore
+    from stream_detector.core.events import EventBatch
+    from stream_detector.core.scorer import Scorer
+
+    b = load_bundle(src)
+    keys, times, rows = Simulator(SimConfig(entities=200, features=b.n_features, seed=5), b.window + 100).frame()
+    core = DetectorCore(b, Scorer(b, provider="cpu"), DetectionSettings(threshold=ThresholdParams(method="quantile")))
+    scores = core.process(EventBatch.build(keys, rows.astype(np.float32), times)).score
+    write_bundle(out, b.model_path.read_bytes(), model_version=b.model_version + "-calibrated", features=list(b.features),
+                 window=b.window, normaliser=b.normaliser, scoring=b.scoring,
+                 calibration=calibrate_scores(scores, 0.999), model=b.model, training=b.training)
+    return out
+
+
 # ---------------------------------------------------------------------------------- latency
 def latency_bundle(src: Path, work: Path) -> Path:
     """The same model with a calibrated threshold so low that every score is anomalous."""
@@ -457,14 +480,16 @@ def run_fleet(args: argparse.Namespace, bootstrap: str, bundle_path: Path, entit
     print(f"[{entities} entities] ONNX Runtime alone: {ort_rate:.0f} windows/s at batch {args.max_batch} on {provider}", flush=True)
 
     rows = []
-    for hop in hops:
-        settings = service_settings(bootstrap, run, f"hop{hop}", topic, bundle_path, hop, entities, args.max_batch)
+    for hop, method in itertools.product(hops, args.thresholds):  # methods alternate within a hop: their ratio is one run's
+        path = calibrated_bundle(bundle_path, work) if method == "calibrated" else bundle_path
+        settings = service_settings(bootstrap, run, f"hop{hop}{method}", topic, path, hop, entities, args.max_batch,
+                                    detection={"threshold": method})
         n = total if hop > 1 or large else min(total, entities * (bundle.window + args.hop1_extra))  # hop 1 is ORT-bound: fewer ticks
         stats, profile = instrumented_run(settings, max_messages=n, timeout=3600)
         busy = profile["seconds"]
         scoring_s = profile["scoring_seconds"] or busy
         scored_rate = stats.scored / scoring_s if hop == 1 else stats.scored / busy  # hop 1: over its scoring phase
-        row = {"hop": hop, "events": stats.consumed, "scored": stats.scored,
+        row = {"hop": hop, "threshold": method, "events": stats.consumed, "scored": stats.scored,
                "ingest_events_per_s": round(stats.consumed / busy), "scored_windows_per_s": round(scored_rate),
                "scored_vs_standalone_ort": round(scored_rate / ort_rate, 3),
                "alerts": sum(stats.alerts.values()), "dead_letters": stats.dead_letters,
@@ -472,10 +497,10 @@ def run_fleet(args: argparse.Namespace, bootstrap: str, bundle_path: Path, entit
                "changelog_bytes_per_event": round(stats.changelog_bytes / max(1, stats.consumed)),
                "backpressure_s": round(stats.backpressure_s, 2), **profile}
         rows.append(row)
-        print(f"[{entities} entities] hop {hop}: {row['ingest_events_per_s']} events/s, {row['scored_windows_per_s']} windows/s "
+        print(f"[{entities} entities] hop {hop}, threshold {method}: {row['ingest_events_per_s']} events/s, {row['scored_windows_per_s']} windows/s "
               f"({row['scored_vs_standalone_ort']} x ORT alone), CPU ms/1000 ev {row['cpu_s_per_1000_events']}", flush=True)
     out["service"] = rows
-    delete_topics(bootstrap, [topic] + [f"bench-{run}-hop{h}-changelog" for h in hops])
+    delete_topics(bootstrap, [topic] + [f"bench-{run}-hop{h}{m}-changelog" for h in hops for m in args.thresholds])
 
     if first and args.latency_seconds > 0:
         best = max(rows, key=lambda r: r["ingest_events_per_s"])
@@ -497,6 +522,12 @@ def run_fleet(args: argparse.Namespace, bootstrap: str, bundle_path: Path, entit
     return out
 
 
+def _hop(row: dict[str, Any]) -> str:
+    """The hop, and the threshold method where a run compared several."""
+    method = row.get("threshold", "auto")
+    return str(row["hop"]) if method == "auto" else f"{row['hop']} {method}"
+
+
 def print_tables(result: dict[str, Any]) -> None:
     print(f"\nmachine: {result['machine']['cpus']} CPUs, {result['machine']['processor']}; model {result['model']['version']} "
           f"(W={result['model']['window']}, F={result['model']['features']}), batch {result['batch']}")
@@ -505,7 +536,7 @@ def print_tables(result: dict[str, Any]) -> None:
     for f in result["fleets"]:
         for r in f["service"]:
             c = r["cpu_s_per_1000_events"]
-            print(f"{f['entities']:>8} {r['hop']:>4} {r['ingest_events_per_s']:>11} {r['scored_windows_per_s']:>12} "
+            print(f"{f['entities']:>8} {_hop(r):>4} {r['ingest_events_per_s']:>11} {r['scored_windows_per_s']:>12} "
                   f"{f['standalone_ort']['windows_per_s']:>9} {r['scored_vs_standalone_ort']:>6} {c['decode'] * 1e3:>7.2f} "
                   f"{c['window_update'] * 1e3:>7.2f} {c['inference'] * 1e3:>7.2f} {c['threshold_alerts'] * 1e3:>7.2f} "
                   f"{c['kafka_io_and_loop'] * 1e3:>7.2f} {r['ingest_us_per_event_excl_inference']:>7} {r['rss_mb_per_10k_entities']!s:>7}")
@@ -528,7 +559,7 @@ def markdown(result: dict[str, Any]) -> str:
     for f in result["fleets"]:
         for r in f["service"]:
             c = r["cpu_s_per_1000_events"]
-            out.append(f"| {f['entities']:,} | {r['hop']} | {r['ingest_events_per_s']:,} | {r['scored_windows_per_s']:,} | "
+            out.append(f"| {f['entities']:,} | {_hop(r)} | {r['ingest_events_per_s']:,} | {r['scored_windows_per_s']:,} | "
                        f"{f['standalone_ort']['windows_per_s']:,} | {r['scored_vs_standalone_ort']} | {c['decode'] * 1e3:.2f} | "
                        f"{c['window_update'] * 1e3:.2f} | {c['inference'] * 1e3:.2f} | {c['threshold_alerts'] * 1e3:.2f} | "
                        f"{c['kafka_io_and_loop'] * 1e3:.2f} | {r['ingest_us_per_event_excl_inference']} | {r['rss_growth_mb']} | "
@@ -582,6 +613,8 @@ def main() -> int:
     p.add_argument("--soak-entities", type=int, default=10_000)
     p.add_argument("--soak-fraction", type=float, default=0.25, help="offered load of the soak (0.5 of the 1,000-fleet maximum "
                    "overloads a 10,000 fleet on 2 shared cores: docs/performance.md)")
+    p.add_argument("--thresholds", default="auto", help="threshold methods of the service runs, comma-separated (e.g. "
+                   "quantile,calibrated: each hop runs once per method, in turn, for their ratio in one run)")
     p.add_argument("--out", type=Path, help="write the JSON result here")
     p.add_argument("--render", type=Path, help="only print the markdown tables of an existing result file")
     args = p.parse_args()
@@ -589,6 +622,7 @@ def main() -> int:
         print(markdown(json.loads(args.render.read_text())))
         return 0
     args.hops = [int(h) for h in args.hops.split(",")]
+    args.thresholds = [m.strip() for m in args.thresholds.split(",") if m.strip()]
     args.hops_large = [int(h) for h in args.hops_large.split(",")]
     args.latency_fractions = [float(x) for x in args.latency_fractions.split(",")]
     args.latency_max_wait_ms = [int(x) for x in args.latency_max_wait_ms.split(",")]

@@ -47,7 +47,8 @@ from stream_detector.offline.datafiles import read_table  # noqa: E402
 from stream_detector.offline.evalinputs import build_series, read_labels, read_scores  # noqa: E402
 from stream_detector.offline.evaluate import EvaluationSettings, evaluate_series  # noqa: E402
 from stream_detector.offline.replay import replay_table  # noqa: E402
-from stream_detector.offline.series import SUITE, Series, generate, write_dataset  # noqa: E402
+from stream_detector.offline.measures import segments  # noqa: E402
+from stream_detector.offline.series import SUITE, generate, write_dataset  # noqa: E402
 
 log = logging.getLogger("bench.generality")
 
@@ -58,11 +59,13 @@ OLD = DetectionSettings(threshold=ThresholdParams(method="quantile", quantile=0.
 DETECTORS = {
     "transformer, new default": ("transformer", NEW),
     "transformer+pca, new default": ("transformer+pca", NEW),
+    "transformer+zscore, new default": ("transformer+zscore", NEW),
     "transformer, old default": ("transformer", OLD),
     "pca (new thresholds)": ("pca", NEW),
     "zscore (new thresholds)": ("zscore", NEW),
 }
 FIVE_X = 5.0
+SMD_MACHINES = ("machine-1-7", "machine-2-1", "machine-3-2")  # 3-2 is the held-out check: settings come from 1-7 and 2-1
 MAX_FALSE_PER_ROWS = 5000
 
 
@@ -83,7 +86,7 @@ class MemoScorer:
         return self._memo[key]
 
 
-def train(variant: str, data: Path, work: Path, args: argparse.Namespace) -> Path:
+def train(variant: str, data: Path, fmt: str, work: Path, args: argparse.Namespace) -> Path:
     if variant.startswith("transformer"):
         params: dict[str, Any] = dict(epochs=args.epochs, max_windows_per_epoch=args.max_windows_per_epoch, seed=args.train_seed, threads=1,
                                       detectors=variant.split("+"))
@@ -93,19 +96,19 @@ def train(variant: str, data: Path, work: Path, args: argparse.Namespace) -> Pat
         params = dict(kind="zscore", window=64, zscore_floor=0.1)
     content = hashlib.sha256(data.read_bytes()).hexdigest()
     code = hashlib.sha256((REPO / "stream_detector" / "core" / "calibration.py").read_bytes()).hexdigest()  # calibration changes: refit
-    tag = hashlib.sha256(json.dumps([variant, content, params, code], sort_keys=True).encode()).hexdigest()[:10]
-    out = work / "bundles" / f"{data.parent.name}-{variant}-{tag}"
+    tag = hashlib.sha256(json.dumps([variant, content, fmt, params, code], sort_keys=True).encode()).hexdigest()[:10]
+    out = work / "bundles" / f"{data.parent.name}-{data.stem}-{variant}-{tag}"
     if (out / "bundle.json").is_file():
         return out
     if variant.startswith("transformer"):
         from training.fit import fit
         from training.settings import make_settings
 
-        fit(make_settings({"data": data, "out": out, "progress": False, **params}))
+        fit(make_settings({"data": data, "out": out, "format": fmt, "progress": False, **params}))
     else:
         from training.baselines import BaselineSettings, fit_baseline
 
-        fit_baseline(BaselineSettings(data=data, out=out, **params))
+        fit_baseline(BaselineSettings(data=data, out=out, format=fmt, **params))
     return out
 
 
@@ -120,54 +123,77 @@ class Outcome:
     strong_missed: list[str] = field(default_factory=list)
 
 
-def strong_incidents(series: Series, scores: np.ndarray, alerted: np.ndarray, window: int, tolerance: int) -> tuple[int, int, list[str]]:
-    """(incidents above 5x normal, of them alerted, the missed ones) for one entity's replay."""
-    labels = series.labels().astype(bool)
-    near = np.zeros(labels.size, dtype=bool)  # rows whose window (or tolerance) reaches an incident
-    for inc in series.incidents:
-        near[max(0, inc.start - tolerance) : min(labels.size, inc.end + window + tolerance)] = True
+def strong_incidents(key: str, labels: np.ndarray, scores: np.ndarray, alerted: np.ndarray, window: int, tolerance: int) -> tuple[int, int, list[str]]:
+    """(incidents whose peak raw score passed 5x the entity's normal scores, of them alerted, the
+    missed ones) for one entity's replay; normal = the 99 % quantile of the scores of rows whose
+    window (and tolerance) reaches no incident."""
+    incidents = segments(labels.astype(bool))
+    near = np.zeros(labels.size, dtype=bool)
+    for a, b in incidents:
+        near[max(0, a - tolerance) : min(labels.size, b + window + tolerance)] = True
     normal = scores[~near & ~np.isnan(scores)]
     if normal.size < 100:
         return 0, 0, []
     level = float(np.quantile(normal, 0.99))
     n = hit = 0
     missed = []
-    for inc in series.incidents:
-        a, b = inc.start, min(labels.size, inc.end + tolerance)
+    for a, b in incidents:
+        b = min(labels.size, b + tolerance)
         peak = np.nanmax(scores[a:b]) if np.any(~np.isnan(scores[a:b])) else np.nan
         if peak > FIVE_X * level:
             n += 1
             if alerted[max(0, a - tolerance) : b].any():
                 hit += 1
             else:
-                missed.append(f"{series.key} {inc.kind} rows {inc.start}-{inc.end} peak {peak / level:.1f}x")
+                missed.append(f"{key} rows {a}-{b - tolerance} peak {peak / level:.1f}x")
     return n, hit, missed
 
 
-def run_dataset(name: str, seed: int, args: argparse.Namespace) -> dict[str, Outcome]:
-    spec = SUITE[name]
-    folder = args.work / "data" / f"{name}-seed{seed}"
-    series = generate(spec, seed)
-    paths = write_dataset(series, folder)
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    train: Path  # normal history of every entity
+    fmt: str
+    parts: tuple[tuple[str, Path, Path], ...]  # (entity, test file, labels file: 0/1 per row)
+
+
+def synthetic(name: str, seed: int, work: Path) -> Dataset:
+    paths = write_dataset(generate(SUITE[name], seed), work / "data" / f"{name}-seed{seed}")
+    keys = [k[len("test-"):] for k in paths if k.startswith("test-")]
+    return Dataset(name, paths["history"], "csv", tuple((k, paths[f"test-{k}"], paths[f"labels-{k}"]) for k in keys))
+
+
+def smd(machine: str, root: Path) -> Dataset:
+    """An SMD machine: train/ is the history, test/ and test_label/ the replay (one entity)."""
+    return Dataset(f"smd {machine}", root / "train" / f"{machine}.txt", "smd",
+                   ((machine, root / "test" / f"{machine}.txt", root / "test_label" / f"{machine}.txt"),))
+
+
+def run_dataset(ds: Dataset, seed: int, args: argparse.Namespace) -> dict[str, Outcome]:
     eval_settings = EvaluationSettings(tolerance=args.tolerance, vus_max_buffer=args.vus_max_buffer)
     scorers: dict[str, MemoScorer] = {}
     out: dict[str, Outcome] = {}
+    tables = {}
     for label, (variant, settings) in DETECTORS.items():
         if variant not in scorers:
-            bundle = load_bundle(train(variant, paths["history"], args.work, args))
+            bundle = load_bundle(train(variant, ds.train, ds.fmt, args.work, args))
             scorers[variant] = MemoScorer(Scorer(bundle, provider="cpu", intra_op_threads=1))
         scorer = scorers[variant]
         all_series, strong, strong_hit, missed, rows = [], 0, 0, [], 0
-        for s in series:
-            table = read_table(paths[f"test-{s.key}"], "csv", features=scorer.bundle.features, key_field="key", timestamp_field="ts")
-            replay_dir = args.work / "replay" / f"{name}-seed{seed}" / label.replace(" ", "_").replace(",", "") / s.key
+        for key, test, labels_path in ds.parts:
+            if test not in tables:
+                keyed = ds.fmt == "csv"
+                tables[test] = read_table(test, ds.fmt, features=scorer.bundle.features, key_field="key" if keyed else None,
+                                          timestamp_field="ts" if keyed else None)
+            replay_dir = args.work / "replay" / f"{ds.name}-seed{seed}".replace(" ", "_") / label.replace(" ", "_").replace(",", "") / key
             core = DetectorCore(scorer.bundle, scorer, settings)  # type: ignore[arg-type]
-            replay_table(core, table, replay_dir)
+            replay_table(core, tables[test], replay_dir)
             st = read_scores(replay_dir / "scores.csv")
-            ser = build_series(st, read_labels(paths[f"labels-{s.key}"], st.n))
+            labels = read_labels(labels_path, st.n)
+            ser = build_series(st, labels)
             all_series += ser
             rows += st.n
-            n, hit, miss = strong_incidents(s, ser[0].score, ser[0].alerted, scorer.bundle.window, args.tolerance)
+            n, hit, miss = strong_incidents(key, labels, ser[0].score, ser[0].alerted, scorer.bundle.window, args.tolerance)
             strong, strong_hit, missed = strong + n, strong_hit + hit, missed + miss
         ev = evaluate_series(all_series, eval_settings)
         out[label] = Outcome(ev.overall, rows, strong, strong_hit, missed)
@@ -237,7 +263,9 @@ def write_markdown(path: Path, table: str, command: str, wall_s: float, args: ar
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--datasets", default=",".join(SUITE))
+    p.add_argument("--datasets", default=",".join([*SUITE, *(f"smd:{m}" for m in SMD_MACHINES)]),
+                   help="synthetic datasets (series.SUITE) and smd:MACHINE")
+    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data", help="folder holding smd/")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--work", type=Path, default=Path("/tmp/stream-detector-generality"))
     p.add_argument("--epochs", type=int, default=8)
@@ -252,9 +280,10 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     names = [n.strip() for n in args.datasets.split(",") if n.strip()]
-    unknown = [n for n in names if n not in SUITE]
+    unknown = [n for n in names if n not in SUITE and not (n.startswith("smd:") and (args.data / "smd" / "train" / f"{n[4:]}.txt").is_file())]
     if unknown:
-        print(f"generality: unknown dataset {unknown[0]!r}; choose from {', '.join(SUITE)}.", file=sys.stderr)
+        print(f"generality: unknown dataset {unknown[0]!r}; choose from {', '.join(SUITE)} or smd:MACHINE with "
+              f"MACHINE.txt in {args.data / 'smd' / 'train'}.", file=sys.stderr)
         return 2
     seeds = [int(s) for s in args.seeds.split(",")]
     command = shlex.join([".venv/bin/python", "bench/generality.py", *(argv if argv is not None else sys.argv[1:])])
@@ -264,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = {}
         for seed in seeds:
             args.train_seed = seed
-            results[name][seed] = run_dataset(name, seed, args)
+            ds = smd(name[4:], args.data / "smd") if name.startswith("smd:") else synthetic(name, seed, args.work)
+            results[name][seed] = run_dataset(ds, seed, args)
             print(f"{name} seed {seed}: " + "; ".join(
                 f"{k}: F1 {_f(o.metrics['event']['f1'])} ({o.metrics['event']['false_episodes']} false)" for k, o in results[name][seed].items()), flush=True)
     rows = summarise(results)

@@ -11,6 +11,9 @@ high" whichever detector it came from:
 - `pca`: the squared residual of the newest row outside the principal subspace of the normalised
   training rows (enough components for 90 % of the variance), mean over features: a broken
   relation between features (training/baselines.py fits the same subspace);
+- `zscore`: per feature, the newest row's z against the window's earlier rows (their standard
+  deviation floored at 0.1, in normalised units), squared, largest over features: a level shift or
+  a spike relative to the recent past (training/baselines.py's z-score baseline, as a detector);
 - `flatline`: a sensor stuck at one value. Per feature, the rows at the end of the window that
   repeat the newest value exactly, minus the longest such run in any training window (features
   that are constant in training never count); the largest excess over the features, divided by
@@ -36,7 +39,8 @@ import numpy as np
 from stream_detector.core.bundle import INPUT_NAME, OUTPUT_NAME, ScoringRule
 from training.baselines import fit_pca
 
-DETECTORS = ("transformer", "pca", "flatline")
+DETECTORS = ("transformer", "pca", "zscore", "flatline")
+ZSCORE_FLOOR = 0.1  # smallest standard deviation of the earlier rows, in normalised units (as the z-score baseline)
 SCORING = ScoringRule(positions=(-1,), reduction="model_error")
 FLAT_ROWS = 16  # rows of exact repeats beyond the training maximum that score FLAT_RATIO
 FLAT_RATIO = 10.0
@@ -99,6 +103,11 @@ def raw_scores(c: Components, windows: np.ndarray, recon: np.ndarray) -> dict[st
         r = dp - dp @ c.pca_projector
         e_p = r * r
         out["pca"] = (e_p.mean(axis=1), e_p)
+    if "zscore" in c.detectors:
+        earlier = x[:, :-1, :]
+        z = (x[:, -1, :] - earlier.mean(axis=1)) / np.maximum(earlier.std(axis=1), ZSCORE_FLOOR)
+        e_z = z * z
+        out["zscore"] = (e_z.max(axis=1), e_z)
     if c.flat_max_run is not None:
         e_f = np.maximum(repeat_run(x) - c.flat_max_run, 0.0)
         out["flatline"] = (e_f.max(axis=1), e_f)
@@ -171,6 +180,14 @@ def composite_onnx(transformer: bytes, c: Components, n_features: int) -> bytes:
         dp = node("Sub", [newest, const("pca_mean", c.pca_mean)], "p_centred")
         r = node("Sub", [dp, node("MatMul", [dp, const("pca_projector", c.pca_projector)], "p_proj")], "p_resid")
         errors["pca"] = node("Mul", [r, r], "p_err")
+    if "zscore" in c.detectors:
+        earlier = node("Slice", [INPUT_NAME, const("z_zero", [0], np.int64), const("z_end", [w - 1], np.int64), const("z_axis", [1], np.int64)], "z_earlier")
+        mean = reduce("ReduceMean", earlier, 1, "z_mean3", 1)  # [B, 1, F]
+        dev = node("Sub", [earlier, mean], "z_dev")
+        std = node("Sqrt", [reduce("ReduceMean", node("Mul", [dev, dev], "z_sq"), 1, "z_var", 0)], "z_std")  # [B, F]
+        z = node("Div", [node("Sub", [newest, node("Reshape", [mean, row_shape], "z_mean")], "z_num"),
+                         node("Max", [std, const("z_floor", ZSCORE_FLOOR)], "z_std_floored")], "z")
+        errors["zscore"] = node("Mul", [z, z], "z_err")
     if c.flat_max_run is not None:
         # changed[t] = x[t] != x[newest]; the trailing rows with no change since are the run
         changed = node("Cast", [node("Not", [node("Equal", [INPUT_NAME, node("Gather", [INPUT_NAME, const("newest", [w - 1], np.int64)], "f_newest", axis=1)],
@@ -182,7 +199,7 @@ def composite_onnx(transformer: bytes, c: Components, n_features: int) -> bytes:
     ratios, shares = [], []
     for k in c.detectors:
         e = errors[k]
-        score = reduce("ReduceMax" if k == "flatline" else "ReduceMean", e, 1, f"{k}_score", 1)  # [B, 1]
+        score = reduce("ReduceMax" if k in ("flatline", "zscore") else "ReduceMean", e, 1, f"{k}_score", 1)  # [B, 1]
         ratios.append(node("Div", [score, const(f"{k}_scale", c.scales[k])], f"{k}_ratio"))
         total = node("Add", [reduce("ReduceSum", e, 1, f"{k}_total", 1), const(f"{k}_tiny", _TINY)], f"{k}_total_eps")
         shares.append(node("Div", [e, total], f"{k}_share"))

@@ -41,7 +41,7 @@ class FitSettings(BaseModel):
     # model
     variant: Literal["plain", "masked"] = Field("masked", description="'masked' predicts the newest mask_steps rows from context; 'plain' reconstructs all rows")
     mask_steps: int = Field(1, ge=1, description="rows masked and scored by the 'masked' variant")
-    detectors: tuple[Literal["transformer", "pca", "flatline"], ...] = Field(
+    detectors: tuple[Literal["transformer", "pca", "zscore", "flatline"], ...] = Field(
         ("transformer",), description="detectors in the bundle's graph, comma-separated, 'transformer' first; each scaled by its validation 99%% quantile, the largest wins (training/composite.py)")
     d_model: int = Field(64, ge=4, description="Transformer width; not given: the largest of 64, 32, 16, 8 whose square is at most the number of usable rows")
     n_heads: int = Field(4, ge=1, description="attention heads")
