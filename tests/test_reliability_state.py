@@ -16,6 +16,7 @@ from stream_detector.core.pipeline import DetectionSettings, DetectorCore
 from stream_detector.core.scorer import Scorer
 from stream_detector.service.checkpoint import paced_quota
 from stream_detector.offline.simulate import SimConfig, Simulator
+from stream_detector.core.calibration import calibrate_scores
 from stream_detector.core.thresholds import ThresholdParams
 
 F, W, E, T = 6, 8, 12, 300
@@ -34,12 +35,20 @@ def _batches(sim, parts=4, size=97):
         yield EventBatch.build(keys[i:i + size], rows[i:i + size], times[i:i + size], "obs", partition[i:i + size], offsets[i:i + size])
 
 
-@pytest.fixture
-def setup(tmp_path, rng):
+@pytest.fixture(params=["quantile", "calibrated"])
+def setup(request, tmp_path, rng):
+    """A simulated fleet and a bundle whose thresholds are of either method (the calibrated one keeps a
+    history of learned log-scores and a run in its state)."""
     seed = int(rng.integers(1_000_000))
     sim = Simulator(SimConfig(entities=E, features=F, anomaly_rate=4.0, warmup=60, seed=seed), T)
     clean = Simulator(SimConfig(entities=E, features=F, seed=seed + 1), 200).frame()[2]
     bundle = make_bundle(tmp_path, sim.features, W, "mean", 3.0, center=clean.mean(0), scale=clean.std(0))
+    if request.param == "calibrated":
+        keys, times, rows = Simulator(SimConfig(entities=E, features=F, seed=seed + 2), 200).frame()
+        normal = _core(bundle).process(EventBatch.build(keys, rows, times)).score
+        bundle = make_bundle(tmp_path, sim.features, W, "mean", name="calibrated", center=clean.mean(0), scale=clean.std(0),
+                             calibration=calibrate_scores(normal, 0.999))
+        assert _core(bundle).threshold_method == "calibrated"
     return sim, bundle
 
 
