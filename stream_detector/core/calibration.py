@@ -36,6 +36,8 @@ TAIL_FIT_LEVELS = (0.95, 0.98)  # ... and is fitted to these two ...
 TAIL_EXTEND_LEVELS = (0.99, 0.995, 0.999)  # ... then to each of these while it is consistent with the fit
 TAIL_JUMP = 2.0  # a quantile this many times further above the threshold than predicted: incidents
 RUN_LENGTH = 10  # scores in a run (Numenta's anomaly likelihood averages 10 short-term scores too)
+MIN_DISJOINT_RUNS = 50  # fewer disjoint runs in the validation scores: no run test (its reference would be
+# overlapping copies of a few runs, far too narrow: a 300-row history has 60 validation scores)
 RUN_FLOOR_LEVEL = 0.5  # scores below this quantile enter a run as this quantile: a run measures excess,
 # and a near-zero score (log -> -27) would otherwise hide the rest of its run
 MAX_SHAPE = 1.5  # a fitted tail heavier than this is an artefact of few excesses
@@ -211,7 +213,8 @@ def run_means(scores: np.ndarray, segment_starts: np.ndarray, length: int, floor
 def calibrate_scores(scores: np.ndarray, threshold_quantile: float, segment_starts: np.ndarray | None = None,
                      run_length: int = RUN_LENGTH) -> Any:
     """A `bundle.Calibration` of normal validation scores, in stream order: the point distribution,
-    the run distribution (runs never cross `segment_starts`; none when fewer than 20 runs fit)
+    the run distribution (runs never cross `segment_starts`; none with fewer than MIN_DISJOINT_RUNS
+    disjoint runs)
     and the `threshold_quantile` quantile as the initial threshold of the quantile/SPOT methods."""
     from stream_detector.core.bundle import Calibration
 
@@ -220,8 +223,10 @@ def calibrate_scores(scores: np.ndarray, threshold_quantile: float, segment_star
     threshold = max(float(np.quantile(scores, threshold_quantile)), TINY)  # the loader requires > 0
     starts = np.zeros(1, dtype=np.int64) if segment_starts is None else np.asarray(segment_starts, dtype=np.int64)
     means = run_means(scores, starts, run_length, quantiles[str(RUN_FLOOR_LEVEL)])
+    bounds = [*starts.tolist(), scores.size]
+    disjoint = sum((b - a) // run_length for a, b in zip(bounds[:-1], bounds[1:]))
     run = None
-    if means.size >= 20:
+    if disjoint >= MIN_DISJOINT_RUNS:
         rq, rt = describe_distribution(means)
         run = {"length": int(run_length), "floor_level": RUN_FLOOR_LEVEL, "quantiles": rq, "tail": rt}
     return Calibration(quantiles, threshold, int(scores.size), tail, run)
