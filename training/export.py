@@ -100,11 +100,15 @@ def check_parity(onnx_bytes: bytes, model: torch.nn.Module, windows: np.ndarray,
     in_names = [i.name for i in session.get_inputs()]
     out_names = [o.name for o in session.get_outputs()]
     if in_names != [INPUT_NAME] or not out_names or out_names[0] != OUTPUT_NAME:
-        raise ExportNameMismatch(f"the exported model has inputs {in_names} and outputs {out_names}; expected ['{INPUT_NAME}'] and ['{OUTPUT_NAME}'].")
+        raise ExportNameMismatch(
+            f"the exported model has inputs {in_names} and outputs {out_names}; expected ['{INPUT_NAME}'] and ['{OUTPUT_NAME}']."
+        )
     for what, arg in (("input", session.get_inputs()[0]), ("output", session.get_outputs()[0])):
         shape = list(arg.shape)
         if len(shape) != 3 or shape[1:] != [window, n_features] or isinstance(shape[0], int):
-            raise ExportShapeMismatch(f"the exported model's {what} shape is {shape}; expected [batch, {window}, {n_features}] with a dynamic batch.")
+            raise ExportShapeMismatch(
+                f"the exported model's {what} shape is {shape}; expected [batch, {window}, {n_features}] with a dynamic batch."
+            )
     cpu_model = copy.deepcopy(model).to("cpu").eval()
     x = np.ascontiguousarray(windows, dtype=np.float32)
     worst = 0.0
@@ -117,10 +121,14 @@ def check_parity(onnx_bytes: bytes, model: torch.nn.Module, windows: np.ndarray,
             with torch.no_grad():
                 want = cpu_model(torch.from_numpy(xb)).numpy()
             if got.shape != want.shape:
-                raise ExportShapeMismatch(f"ONNX Runtime returned shape {list(got.shape)} where PyTorch returned {list(want.shape)}.")
+                raise ExportShapeMismatch(
+                    f"ONNX Runtime returned shape {list(got.shape)} where PyTorch returned {list(want.shape)}."
+                )
             if not np.all(np.isfinite(got)):
                 raise ExportValueMismatch("ONNX Runtime returned non-finite values on held-out windows.")
             worst = max(worst, float(np.max(np.abs(got - want))))
     if worst > tolerance:
-        raise ExportValueMismatch(f"ONNX Runtime and PyTorch differ by up to {worst:.3g} on held-out windows, above the tolerance {tolerance:g}.")
+        raise ExportValueMismatch(
+            f"ONNX Runtime and PyTorch differ by up to {worst:.3g} on held-out windows, above the tolerance {tolerance:g}."
+        )
     return worst

@@ -54,7 +54,9 @@ def render_report_png(bundle: Bundle) -> bytes:
         ax.bar(range(len(order)), np.asarray(fe)[order])
         ax.set_xticks(range(len(order)), [bundle.features[i] for i in order], rotation=90, fontsize=7)
     ax.set(title="mean validation error per feature (top 40)", ylabel="squared error")
-    fig.suptitle(f"{bundle.path.name}: {bundle.model.get('variant', '?')} model {bundle.model_version}, W={bundle.window}, F={bundle.n_features}")
+    fig.suptitle(
+        f"{bundle.path.name}: {bundle.model.get('variant', '?')} model {bundle.model_version}, W={bundle.window}, F={bundle.n_features}"
+    )
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)

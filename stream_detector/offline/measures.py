@@ -19,7 +19,8 @@ order of the input. This is scikit-learn's rule for `average_precision_score` an
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

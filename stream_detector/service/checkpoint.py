@@ -32,8 +32,9 @@ import os
 import signal
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 from stream_detector.service.changelog import ChangelogRecord, StateTracker
 from stream_detector.service.kafka_io import KafkaIOError, TransactionAborted
@@ -130,9 +131,21 @@ class Checkpointer:
     now: assigned and not being restored (partitions.PartitionOwner.active). `tracker`/`core`:
     the changelog's bookkeeping and the core whose state it writes (None: no changelog)."""
 
-    def __init__(self, source: OffsetSource, sink: RecordSink, *, exactly_once: bool, tracker: StateTracker | None, core: Any,
-                 active: Callable[[], set[TP]], stats: RunStats, metrics: Any, commit_interval_s: float, kill_at: int = 0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        source: OffsetSource,
+        sink: RecordSink,
+        *,
+        exactly_once: bool,
+        tracker: StateTracker | None,
+        core: Any,
+        active: Callable[[], set[TP]],
+        stats: RunStats,
+        metrics: Any,
+        commit_interval_s: float,
+        kill_at: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.source, self.sink = source, sink
         self.exactly_once = exactly_once
         self.tracker, self.core = tracker, core
@@ -314,7 +327,11 @@ class Checkpointer:
         self._checkpoints_with_alerts += 1
         if self._checkpoints_with_alerts == self._kill_at:
             self.sink.flush(30.0)  # exactly-once: written inside the open transaction, invisible to read_committed
-            log.error("%s=%d: killing this process between producing alerts and committing", FAULT_KILL_BEFORE_COMMIT, self._kill_at)
+            log.error(
+                "%s=%d: killing this process between producing alerts and committing",
+                FAULT_KILL_BEFORE_COMMIT,
+                self._kill_at,
+            )
             os.kill(os.getpid(), signal.SIGKILL)
 
     # ------------------------------------------------------------------ partitions, aborts
@@ -345,11 +362,15 @@ class Checkpointer:
         parts = [f"submitted={self.submitted_seq} stored={self.stored_seq}"]
         if self._unstored:
             head = self._unstored[0]
-            parts.append(f"unstored={len(self._unstored)} (oldest batch {head.seq}: {head.ticket.pending if head.ticket else '-'} unacknowledged)")
+            parts.append(
+                f"unstored={len(self._unstored)} (oldest batch {head.seq}: {head.ticket.pending if head.ticket else '-'} unacknowledged)"
+            )
         ck = self._sliced
         if ck is not None:
-            parts.append(f"sliced checkpoint: after batch {ck.seq}, {now - ck.begun_at if ck.seq >= 0 else 0:.1f} s, "
-                         f"written={ck.written}, held slices={len(ck.held)}, unacknowledged={ck.ticket.pending}")
+            parts.append(
+                f"sliced checkpoint: after batch {ck.seq}, {now - ck.begun_at if ck.seq >= 0 else 0:.1f} s, "
+                f"written={ck.written}, held slices={len(ck.held)}, unacknowledged={ck.ticket.pending}"
+            )
         if self._txn_positions:
             parts.append(f"open transaction over {len(self._txn_positions)} partition(s)")
         return parts

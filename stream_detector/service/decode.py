@@ -16,11 +16,10 @@ names the exact dead-letter reason; without msgspec installed every message take
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import Any, Sequence
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
@@ -66,7 +65,7 @@ class DeadLetter:
 class Decoder:
     """Decodes batches for one feature schema (the bundle's feature order) and input mapping."""
 
-    def __init__(self, features: Sequence[str], settings: "InputSettings", typed: bool = True) -> None:
+    def __init__(self, features: Sequence[str], settings: InputSettings, typed: bool = True) -> None:
         self.features = tuple(features)
         self.settings = settings
         self._get = itemgetter(*self.features)
@@ -129,8 +128,9 @@ class Decoder:
         with np.errstate(over="ignore", invalid="ignore"):  # float32 overflow (e.g. 1e39) becomes inf, caught later
             return np.array(values, dtype=np.float32).reshape(len(values), n_features)
 
-    def _finish(self, kept: list[Any], keys: list[str], times: list[int], rows: np.ndarray,
-                dead: list[DeadLetter]) -> tuple[EventBatch, list[DeadLetter]]:
+    def _finish(
+        self, kept: list[Any], keys: list[str], times: list[int], rows: np.ndarray, dead: list[DeadLetter]
+    ) -> tuple[EventBatch, list[DeadLetter]]:
         finite = np.isfinite(rows).all(axis=1)
         if not finite.all():
             for i in np.flatnonzero(~finite):
@@ -238,7 +238,7 @@ class _Unusual(Exception):
     """A message the typed fast path leaves to the orjson path."""
 
 
-def _typed_decoder(features: tuple[str, ...], settings: "InputSettings") -> tuple[Any, Any] | None:
+def _typed_decoder(features: tuple[str, ...], settings: InputSettings) -> tuple[Any, Any] | None:
     """(decode(bytes) -> struct, struct -> feature tuple) of a msgspec decoder typed for these
     features (float, bool refused) and the key/time fields; None without msgspec or if the names
     clash (the orjson path then does everything)."""

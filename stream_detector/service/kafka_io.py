@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
@@ -129,7 +130,9 @@ class KafkaSource:
             elif err.code() == KafkaError._PARTITION_EOF:
                 continue
             elif err.fatal():
-                raise KafkaIOError(f"the Kafka consumer hit a fatal error on {m.topic()}[{m.partition()}]: {err.str()}.")
+                raise KafkaIOError(
+                    f"the Kafka consumer hit a fatal error on {m.topic()}[{m.partition()}]: {err.str()}."
+                )
             else:
                 log.warning("consume error on %s[%s]: %s", m.topic(), m.partition(), err.str())
         return good
@@ -160,7 +163,9 @@ class KafkaSource:
             if positions is None:
                 self._consumer.commit(asynchronous=False)
             else:
-                self._consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in positions.items()], asynchronous=False)
+                self._consumer.commit(
+                    offsets=[TopicPartition(t, p, o) for (t, p), o in positions.items()], asynchronous=False
+                )
         except KafkaException as e:
             err = e.args[0]
             if err.code() == KafkaError._NO_OFFSET:
@@ -218,7 +223,11 @@ class KafkaSource:
 
     def committed(self, timeout: float = 10.0) -> dict[tuple[str, int], int]:
         tps = [TopicPartition(t, p) for t, p in sorted(self.assignment)]
-        return {(tp.topic, tp.partition): tp.offset for tp in self._consumer.committed(tps, timeout=timeout)} if tps else {}
+        return (
+            {(tp.topic, tp.partition): tp.offset for tp in self._consumer.committed(tps, timeout=timeout)}
+            if tps
+            else {}
+        )
 
     def lag(self) -> dict[tuple[str, int], int]:
         """Messages behind per assigned partition: high watermark (as of the last fetch, no broker
@@ -247,7 +256,7 @@ class DeliveryTicket:
 
     __slots__ = ("pending", "failed", "_sink")
 
-    def __init__(self, sink: "KafkaSink") -> None:
+    def __init__(self, sink: KafkaSink) -> None:
         self.pending = 0
         self.failed = False
         self._sink = sink
@@ -285,7 +294,9 @@ class KafkaSink:
         self.delivered = 0
         if self.transactional:
             # Fences an earlier incarnation with the same id and aborts its open transaction.
-            self._txn_call(lambda: self._producer.init_transactions(max(self._timeout, 30.0)), "initialising transactions")
+            self._txn_call(
+                lambda: self._producer.init_transactions(max(self._timeout, 30.0)), "initialising transactions"
+            )
 
     def _on_error(self, err: KafkaError) -> None:
         if err.fatal() and self._first_error is None:
@@ -301,8 +312,16 @@ class KafkaSink:
         elif self.transactional:  # the transaction turns abortable; commit_transaction reports it
             log.warning("delivery to %s failed inside a transaction: %s", msg.topic(), err.str())
 
-    def _produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]] | None,
-                 partition: int | None = None, ticket: DeliveryTicket | None = None, poll: bool = True) -> None:
+    def _produce(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Sequence[tuple[str, bytes]] | None,
+        partition: int | None = None,
+        ticket: DeliveryTicket | None = None,
+        poll: bool = True,
+    ) -> None:
         """Produce one record, waiting for room in the bounded local queue; `poll`: serve delivery
         reports right after (a caller producing many records at once polls once at the end)."""
         if self.transactional and not self._in_txn:
@@ -345,7 +364,15 @@ class KafkaSink:
         checkpoint makes thousands per second); returns the bytes produced."""
         size = 0
         for r in records:
-            self._produce(self._changelog_topic, r.key.encode("utf-8"), r.value, None, partition=r.partition, ticket=ticket, poll=False)
+            self._produce(
+                self._changelog_topic,
+                r.key.encode("utf-8"),
+                r.value,
+                None,
+                partition=r.partition,
+                ticket=ticket,
+                poll=False,
+            )
             size += len(r.value) if r.value is not None else 0
         self._producer.poll(0)
         return size
@@ -363,11 +390,15 @@ class KafkaSink:
             self._producer.flush(1.0 if deadline is None else min(1.0, max(0.0, deadline - time.monotonic())))
             self.raise_if_failed()
             if deadline is not None and time.monotonic() >= deadline and len(self._producer) > 0:
-                raise DeliveryError(f"{len(self._producer)} alert/dead-letter record(s) were not acknowledged within {timeout:g} s.")
+                raise DeliveryError(
+                    f"{len(self._producer)} alert/dead-letter record(s) were not acknowledged within {timeout:g} s."
+                )
         self.raise_if_failed()
 
     # -- exactly-once ----------------------------------------------------------------------------
-    def commit_transaction(self, offsets: dict[tuple[str, int], int], group_metadata: Any, timeout: float | None = None) -> None:
+    def commit_transaction(
+        self, offsets: dict[tuple[str, int], int], group_metadata: Any, timeout: float | None = None
+    ) -> None:
         """Add the consumer offsets to the open transaction and commit it. Retriable errors (broker
         away, timeout) are retried until `timeout` (None: until it works or turns abortable/fatal).
         Raises TransactionAborted after aborting on an abortable error, KafkaIOError when fatal
@@ -383,8 +414,12 @@ class KafkaSink:
             # Not retried: librdkafka 2.16 can block forever in a repeated send_offsets_to_transaction
             # once the group coordinator went away (librdkafka issue #5456, timeout ignored). A failure
             # aborts instead; the caller rewinds and redoes the batch, so nothing is lost.
-            self._retrying(lambda: self._producer.send_offsets_to_transaction(tps, group_metadata, self._timeout),
-                           "adding offsets to the transaction", deadline, retry=False)
+            self._retrying(
+                lambda: self._producer.send_offsets_to_transaction(tps, group_metadata, self._timeout),
+                "adding offsets to the transaction",
+                deadline,
+                retry=False,
+            )
         self._retrying(lambda: self._producer.commit_transaction(self._timeout), "committing the transaction", deadline)
         self._in_txn = False
 
@@ -402,7 +437,9 @@ class KafkaSink:
             except KafkaException as e:
                 err = e.args[0]
                 if err.fatal():
-                    raise KafkaIOError(f"{what} failed fatally: {err.str()} (another instance with this transactional.id may have taken over).") from None
+                    raise KafkaIOError(
+                        f"{what} failed fatally: {err.str()} (another instance with this transactional.id may have taken over)."
+                    ) from None
                 if err.txn_requires_abort():
                     log.warning("%s failed (%s): aborting the transaction", what, err.str())
                     self.abort_transaction()
@@ -463,7 +500,10 @@ def check_broker(settings: Settings, topics: Sequence[str], timeout: float | Non
                 f" of user '{conf.get('sasl.username', '')}' ({auth_error[0]})."
             ) from None
         why = last_error[-1] if last_error else e.args[0].str()
-        raise KafkaIOError(f"cannot reach the Kafka broker at {settings.kafka.bootstrap_servers} within {timeout:g} s ({why}).") from None
+        raise KafkaIOError(
+            f"cannot reach the Kafka broker at {settings.kafka.bootstrap_servers} within {timeout:g} s ({why})."
+        ) from None
+
     def missing_from(meta: Any) -> list[str]:
         return [t for t in topics if t not in meta.topics or meta.topics[t].error is not None]
 
