@@ -30,7 +30,7 @@ from stream_detector.core.thresholds import ThresholdParams
 ENV_PREFIX = "SD_"
 ENV_DELIMITER = "__"
 
-ClientValue = Union[str, int, float, bool]
+ClientValue = str | int | float | bool
 
 
 class ConfigError(Exception):
@@ -56,14 +56,19 @@ class KafkaSettings(_Section):
     )
     client: dict[str, ClientValue] = Field(
         {},
-        description="librdkafka settings for consumer and producer, passed unchanged (security.protocol, sasl.*, ssl.*)",
+        description=(
+            "librdkafka settings for consumer and producer, passed unchanged (security.protocol, sasl.*, ssl.*)"
+        ),
     )
     consumer: dict[str, ClientValue] = Field({}, description="extra librdkafka settings for the consumer only")
     producer: dict[str, ClientValue] = Field({}, description="extra librdkafka settings for the producer only")
     timeout_s: float = Field(10.0, gt=0, description="bound on broker metadata requests at start-up and in `check`")
     secret_files: dict[str, Path] = Field(
         {},
-        description="librdkafka settings read from files (e.g. sasl.password from a systemd credential); content minus trailing newline",
+        description=(
+            "librdkafka settings read from files (e.g. sasl.password from a systemd credential); content minus "
+            "trailing newline"
+        ),
     )
 
     @field_validator("secret_files")
@@ -122,7 +127,10 @@ class DetectionSettingsSection(_Section):
     )
     threshold: Literal["auto", "calibrated", "quantile", "spot"] = Field(
         _THR.method,
-        description="per-entity threshold: 'calibrated' (surprise of each score and run of scores), rolling 'quantile' or 'spot'; 'auto' = calibrated where the bundle's calibration allows it, else quantile",
+        description=(
+            "per-entity threshold: 'calibrated' (surprise of each score and run of scores), rolling 'quantile' or "
+            "'spot'; 'auto' = calibrated where the bundle's calibration allows it, else quantile"
+        ),
     )
     warmup: int = Field(
         _THR.warmup, ge=1, description="normal scores per entity before its own threshold replaces the calibrated one"
@@ -130,7 +138,10 @@ class DetectionSettingsSection(_Section):
     alert_level: float = Field(
         _THR.alert_level,
         gt=0,
-        description="calibrated: alert at this surprise, -log10 of the probability of a normal score (or run) at least this high",
+        description=(
+            "calibrated: alert at this surprise, -log10 of the probability of a normal score (or run) at least this "
+            "high"
+        ),
     )
     learn_level: float = Field(
         _THR.learn_level, gt=0, description="calibrated: normal scores above this surprise are learned as this value"
@@ -214,7 +225,9 @@ class RuntimeSettings(_Section):
     stall_exit_s: float = Field(
         90.0,
         ge=0,
-        description="exit 1 (supervisor restarts from committed offsets) when the main loop has not ticked this long; 0 = off",
+        description=(
+            "exit 1 (supervisor restarts from committed offsets) when the main loop has not ticked this long; 0 = off"
+        ),
     )
 
 
@@ -223,19 +236,30 @@ class ProcessingSettings(_Section):
 
     guarantee: Literal["at_least_once", "exactly_once"] = Field(
         "at_least_once",
-        description="at_least_once: a crash may repeat alerts (same alert_id); exactly_once: alerts, dead letters, state and offsets commit in one Kafka transaction",
+        description=(
+            "at_least_once: a crash may repeat alerts (same alert_id); exactly_once: alerts, dead letters, state and "
+            "offsets commit in one Kafka transaction"
+        ),
     )
     instance_id: str | None = Field(
         None,
-        description="stable id of this group member (transactional.id = group_id-instance_id); unset = the host name. Unique per running process",
+        description=(
+            "stable id of this group member (transactional.id = group_id-instance_id); unset = the host name. Unique "
+            "per running process"
+        ),
     )
     changelog: bool = Field(
         True,
-        description="keep entity state in a compacted changelog topic so it moves with its partition (required by exactly_once)",
+        description=(
+            "keep entity state in a compacted changelog topic so it moves with its partition (required by exactly_once)"
+        ),
     )
     changelog_topic: str | None = Field(
         None,
-        description="the changelog topic; unset = GROUP_ID-changelog, created (compacted, as many partitions as the input) if missing",
+        description=(
+            "the changelog topic; unset = GROUP_ID-changelog, created (compacted, as many partitions as the input) if "
+            "missing"
+        ),
     )
     restore_chunk: int = Field(
         2000,
@@ -245,7 +269,10 @@ class ProcessingSettings(_Section):
     transaction_timeout_s: float = Field(
         60.0,
         gt=0,
-        description="exactly_once: a dead member's open transaction blocks its partitions this long; must exceed broker outages to ride them out",
+        description=(
+            "exactly_once: a dead member's open transaction blocks its partitions this long; must exceed broker "
+            "outages to ride them out"
+        ),
     )
 
     @model_validator(mode="after")
@@ -305,7 +332,8 @@ def _is_secret(client_key: str) -> bool:
     return any(m in k for m in _SECRET_MARKERS)
 
 
-_toml_data: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("stream_detector_toml", default={})
+# No default: a shared mutable default would be one dict for every caller; __call__ hands out a fresh one.
+_toml_data: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("stream_detector_toml")
 
 
 class _TomlSource(PydanticBaseSettingsSource):
@@ -315,7 +343,7 @@ class _TomlSource(PydanticBaseSettingsSource):
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        return _toml_data.get()
+        return _toml_data.get({})
 
 
 def load_settings(

@@ -101,13 +101,15 @@ def check_parity(onnx_bytes: bytes, model: torch.nn.Module, windows: np.ndarray,
     out_names = [o.name for o in session.get_outputs()]
     if in_names != [INPUT_NAME] or not out_names or out_names[0] != OUTPUT_NAME:
         raise ExportNameMismatch(
-            f"the exported model has inputs {in_names} and outputs {out_names}; expected ['{INPUT_NAME}'] and ['{OUTPUT_NAME}']."
+            f"the exported model has inputs {in_names} and outputs {out_names}; expected ['{INPUT_NAME}'] and "
+            f"['{OUTPUT_NAME}']."
         )
     for what, arg in (("input", session.get_inputs()[0]), ("output", session.get_outputs()[0])):
         shape = list(arg.shape)
         if len(shape) != 3 or shape[1:] != [window, n_features] or isinstance(shape[0], int):
             raise ExportShapeMismatch(
-                f"the exported model's {what} shape is {shape}; expected [batch, {window}, {n_features}] with a dynamic batch."
+                f"the exported model's {what} shape is {shape}; expected [batch, {window}, {n_features}] with a "
+                "dynamic batch."
             )
     cpu_model = copy.deepcopy(model).to("cpu").eval()
     x = np.ascontiguousarray(windows, dtype=np.float32)
@@ -129,6 +131,7 @@ def check_parity(onnx_bytes: bytes, model: torch.nn.Module, windows: np.ndarray,
             worst = max(worst, float(np.max(np.abs(got - want))))
     if worst > tolerance:
         raise ExportValueMismatch(
-            f"ONNX Runtime and PyTorch differ by up to {worst:.3g} on held-out windows, above the tolerance {tolerance:g}."
+            f"ONNX Runtime and PyTorch differ by up to {worst:.3g} on held-out windows, above the tolerance "
+            f"{tolerance:g}."
         )
     return worst

@@ -324,7 +324,8 @@ def fit_log(s: LogFitSettings, command_line: str | None = None) -> LogFitResult:
     n_val = max(1, int(round(len(order) * s.val_fraction)))
     if len(order) - n_val < 1:
         raise LogTrainingError(
-            f"only {len(order)} entities in the training lines: too few to hold {s.val_fraction:.0%} out for calibration."
+            f"only {len(order)} entities in the training lines: too few to hold {s.val_fraction:.0%} out for "
+            "calibration."
         )
     val_entities = set(order[-n_val:])
     is_val = np.fromiter((k in val_entities for k in batch.keys), dtype=bool, count=batch.n)
@@ -500,7 +501,8 @@ def _fit_counts(
         scores[i : i + part.size] = LOG_SCORING.scores(x, r)[0]
     if parity > s.parity_tolerance:
         raise LogTrainingError(
-            f"the count model's ONNX graph differs from its numpy reference by {parity:.3g} (tolerance {s.parity_tolerance})."
+            f"the count model's ONNX graph differs from its numpy reference by {parity:.3g} (tolerance "
+            f"{s.parity_tolerance})."
         )
     session_max = entity_max([batch.keys[i] for i in val_all.tolist()], scores) if val_all.size else np.zeros(1)
     threshold = float(np.quantile(session_max, s.threshold_quantile)) * s.threshold_margin
@@ -600,7 +602,10 @@ def add_log_arguments(parser: argparse.ArgumentParser) -> None:
         "--labels",
         type=Path,
         default=None,
-        help="with --format log: label file (entity,label; anomalous entities are left out) or a list of normal entities, one per line",
+        help=(
+            "with --format log: label file (entity,label; anomalous entities are left out) or a list of normal "
+            "entities, one per line"
+        ),
     )
     g.add_argument(
         "--log-format",
@@ -616,19 +621,28 @@ def add_log_arguments(parser: argparse.ArgumentParser) -> None:
         "--log-model",
         choices=("counts", "sequence"),
         default=None,
-        help="with --format log: counts (template-count vectors, PCA per row kind; default) or sequence (causal Transformer over template ids)",
+        help=(
+            "with --format log: counts (template-count vectors, PCA per row kind; default) or sequence (causal "
+            "Transformer over template ids)"
+        ),
     )
     g.add_argument(
         "--session-timeout",
         type=float,
         default=None,
-        help="with --format log: seconds of inactivity that end an entity's session (default 86400 for counts, 3600 for sequence)",
+        help=(
+            "with --format log: seconds of inactivity that end an entity's session (default 86400 for counts, 3600 for "
+            "sequence)"
+        ),
     )
     g.add_argument(
         "--idle-check",
         type=float,
         default=None,
-        help="with --log-model counts: seconds of inactivity after which an entity's counts at rest are judged (default 600)",
+        help=(
+            "with --log-model counts: seconds of inactivity after which an entity's counts at rest are judged (default "
+            "600)"
+        ),
     )
     g.add_argument(
         "--context", type=int, default=None, help="with --format log: tokens the sequence model sees (default 32)"
@@ -687,8 +701,9 @@ def handle_log_fit(args: argparse.Namespace, command_line: str) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(
-        f"wrote {res.bundle_dir} (model_version {res.model_version}): {res.templates} templates, {res.train_rows} training / "
-        f"{res.val_rows} validation rows, {'' if math.isnan(res.best_val_loss) else f'best validation loss {res.best_val_loss:.4g}, '}"
+        f"wrote {res.bundle_dir} (model_version {res.model_version}): {res.templates} templates, "
+        f"{res.train_rows} training / {res.val_rows} validation rows, "
+        f"{'' if math.isnan(res.best_val_loss) else f'best validation loss {res.best_val_loss:.4g}, '}"
         f"ONNX parity {res.parity_max_abs_diff:.3g}, "
         f"session threshold {res.threshold:.4g}, {res.seconds:.1f} s"
     )

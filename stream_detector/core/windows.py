@@ -302,7 +302,8 @@ class WindowStore:
         candidates = np.flatnonzero(self._occupied_mask() & (self._last_seq != self._seq))
         if candidates.size < k:
             raise ValueError(
-                f"one batch holds more distinct entities than max_entities={self.max_entities}; split the batch or raise the cap."
+                f"one batch holds more distinct entities than max_entities={self.max_entities}; split the batch or "
+                "raise the cap."
             )
         victims = (
             candidates[np.argpartition(self._last_seq[candidates], k - 1)[:k]] if k < candidates.size else candidates

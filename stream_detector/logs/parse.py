@@ -115,7 +115,8 @@ class LogParserConfig(BaseModel):
         version = d.pop("version", None)
         if version != LOG_PARSER_VERSION:
             raise LogConfigError(
-                f"the log parser configuration has version {version!r}; this stream-detector reads version {LOG_PARSER_VERSION}."
+                f"the log parser configuration has version {version!r}; this stream-detector reads version "
+                f"{LOG_PARSER_VERSION}."
             )
         return make_config(**d)
 

@@ -174,7 +174,8 @@ def load_log_spec(bundle: Bundle) -> LogModelSpec:
         raise BundleError(f"{where}'s logs section has a malformed value ({str(e).splitlines()[0]}).") from None
     if tversion != TEMPLATE_SET_VERSION:
         raise BundleError(
-            f"{where} was trained with template set version {tversion!r}; this stream-detector reads version {TEMPLATE_SET_VERSION}."
+            f"{where} was trained with template set version {tversion!r}; this stream-detector reads version "
+            f"{TEMPLATE_SET_VERSION}."
         )
     path = bundle.path / fname
     if not path.is_file():
@@ -193,10 +194,11 @@ def load_log_spec(bundle: Bundle) -> LogModelSpec:
         raise BundleError(f"{where}'s window and features do not follow the log layout {layout} with {what}.")
     if sec.get("vocab_size") != spec.vocab_size:
         raise BundleError(
-            f"{where} was trained for {sec.get('vocab_size')!r} template ids but its template set has {spec.vocab_size}."
+            f"{where} was trained for {sec.get('vocab_size')!r} template ids but its template set has "
+            f"{spec.vocab_size}."
         )
     try:
-        spec.end_template_ids
+        _ = spec.end_template_ids  # the property checks the feature configuration against the template set
     except LogFeatureConfigError as e:
         raise BundleError(f"{where}: {e}") from None
     return spec

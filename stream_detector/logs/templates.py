@@ -39,7 +39,10 @@ UNKNOWN_TEMPLATE = "<unknown template>"
 # Built-in masks, applied in the order listed in TemplateConfig.masks. The look-arounds keep a mask
 # from biting into a longer alphanumeric token (drain3's own examples use the same guards).
 BUILTIN_MASKS: dict[str, str] = {
-    "uuid": r"(?<![0-9A-Za-z])[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}(?![0-9A-Za-z])",
+    "uuid": (
+        r"(?<![0-9A-Za-z])[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+        r"(?![0-9A-Za-z])"
+    ),
     "ip": r"(?<![0-9A-Za-z.])\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?::\d{1,5})?(?![0-9A-Za-z])",
     "hex": r"(?<![0-9A-Za-z])0[xX][0-9a-fA-F]+(?![0-9A-Za-z])",
     "num": r"(?<![0-9A-Za-z])[-+]?\d+(?:\.\d+)?(?![0-9A-Za-z])",

@@ -405,7 +405,8 @@ def _clean(
     if policy == "error":
         row = int(np.nonzero(bad.any(axis=1))[0][0])
         raise DataFileError(
-            f"{path} has {missing} missing or non-finite values (the first in data row {row + 1}) and the policy is 'error'."
+            f"{path} has {missing} missing or non-finite values (the first in data row {row + 1}) and the policy is "
+            "'error'."
         )
     values = values.copy()
     values[bad] = np.nan

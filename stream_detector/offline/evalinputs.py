@@ -58,7 +58,8 @@ def read_scores(path: str | Path) -> ScoresTable:
         raise EvaluationError(f"{path} has no data rows.")
     if np.any(table.row < 0):
         raise EvaluationError(
-            f"{path} has negative row numbers (a log replay's session-end rows: evaluate a log replay with --sessions on its entities.csv)."
+            f"{path} has negative row numbers (a log replay's session-end rows: evaluate a log replay with --sessions "
+            "on its entities.csv)."
         )
     if np.unique(table.row).size != table.n:
         raise EvaluationError(f"{path} lists some row numbers more than once.")

@@ -134,7 +134,9 @@ def evaluate_series(series: list[Series], settings: EvaluationSettings) -> Evalu
             "vus_max_buffer": settings.vus_max_buffer,
             "vus_thresholds": settings.vus_thresholds or "all distinct scores",
             "pa_k_percents": list(PA_K_PERCENTS),
-            "unscored_rows_policy": "score forward-filled per series; before its first score, the lowest score in the file",
+            "unscored_rows_policy": (
+                "score forward-filled per series; before its first score, the lowest score in the file"
+            ),
         },
     }
     return Evaluation(overall=overall, per_series=per_series, info=info)
@@ -222,7 +224,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--labels",
         required=True,
         type=Path,
-        help="labels: one 0/1 per data row of the replayed file, or one range 'start-end' per line (0-based, end exclusive)",
+        help=(
+            "labels: one 0/1 per data row of the replayed file, or one range 'start-end' per line (0-based, end "
+            "exclusive)"
+        ),
     )
     p.add_argument(
         "--out", type=Path, default=None, help="where metrics.json and plots go (default: the scores file's directory)"
@@ -231,7 +236,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--tolerance",
         type=int,
         default=EvaluationSettings.tolerance,
-        help="rows either side of an incident within which an alert episode still counts as overlapping it (default %(default)s)",
+        help=(
+            "rows either side of an incident within which an alert episode still counts as overlapping it (default "
+            "%(default)s)"
+        ),
     )
     p.add_argument(
         "--vus-max-buffer",
@@ -253,13 +261,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--sessions",
         action="store_true",
-        help="logs: --scores is `replay --format log`'s entities.csv and --labels an entity,label CSV; report session-level precision/recall/F1 and time-to-detect (logeval.py)",
+        help=(
+            "logs: --scores is `replay --format log`'s entities.csv and --labels an entity,label CSV; report "
+            "session-level precision/recall/F1 and time-to-detect (logeval.py)"
+        ),
     )
     p.add_argument(
         "--start-after-ms",
         type=int,
         default=None,
-        help="with --sessions: evaluate only entities whose first line is after this epoch-ms time (e.g. the end of the training period)",
+        help=(
+            "with --sessions: evaluate only entities whose first line is after this epoch-ms time (e.g. the end of the "
+            "training period)"
+        ),
     )
     p.set_defaults(func=run)
 

@@ -118,7 +118,8 @@ def session_metrics(dec: EntityDecisions, labels: dict[str, bool], start_after_m
 
 def format_session_summary(m: dict[str, Any]) -> str:
     s = (
-        f"{m['entities']} entities ({m['anomalous']} anomalous): precision {m['precision']:.3f}, recall {m['recall']:.3f}, "
+        f"{m['entities']} entities ({m['anomalous']} anomalous): precision {m['precision']:.3f}, "
+        f"recall {m['recall']:.3f}, "
         f"F1 {m['f1']:.3f} (tp {m['tp']}, fp {m['fp']}, fn {m['fn']}); average precision {m['average_precision']}"
     )
     if "time_to_detect_s" in m:

@@ -182,9 +182,8 @@ def replay_log(
         for k, e in entities.items():
             fa = "" if e.first_alert_ms is None else str(e.first_alert_ms)
             tmpl = e.first_alert_template.replace('"', '""')
-            f.write(
-                f'{k},{e.first_ms},{e.last_ms},{e.lines},{int(e.first_alert_ms is not None)},{fa},"{tmpl}",{e.max_score:.6g}\n'
-            )
+            alerted_flag = int(e.first_alert_ms is not None)
+            f.write(f'{k},{e.first_ms},{e.last_ms},{e.lines},{alerted_flag},{fa},"{tmpl}",{e.max_score:.6g}\n')
     opens = sum(a["state"] == "open" for a in alerts)
     alerted = sum(e.first_alert_ms is not None for e in entities.values())
     return LogReplaySummary(
@@ -226,7 +225,8 @@ def run_log_replay_cli(args: Any) -> int:
         print(f"stream-detector replay: cannot read or write a file ({e.strerror}: {e.filename}).", file=sys.stderr)
         return 2
     print(
-        f"replayed {s.lines} lines of {args.input.name} on {s.provider}: {s.entities} entities, {s.dead} unparseable lines, "
+        f"replayed {s.lines} lines of {args.input.name} on {s.provider}: {s.entities} entities, {s.dead} unparseable "
+        "lines, "
         f"{s.rows} rows, {s.scored} scored; {s.alerted} entities alerted ({s.opens} alerts opened); "
         f"{s.lines_per_s:,.0f} lines/s end to end ({s.stage_seconds:.2f} s log stage, {s.seconds:.2f} s total)"
     )

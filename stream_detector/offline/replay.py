@@ -134,7 +134,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="score a file with a model bundle, offline (backtesting): scores.csv + alerts.jsonl",
         description="Feed a CSV/JSONL/SMD/Parquet file (or raw log lines) through the same windows, scorer, thresholds "
         "and alert logic as the Kafka service, with the same settings: the TOML of `run` (--config), its "
-        "SD_SECTION__KEY environment variables and its --section.key flags. Writes OUT/scores.csv and OUT/alerts.jsonl.",
+        "SD_SECTION__KEY environment variables and its --section.key flags. Writes OUT/scores.csv and "
+        "OUT/alerts.jsonl.",
     )
     p.add_argument("--model", type=Path, help="model bundle directory (default: [model] bundle of the settings)")
     p.add_argument("--input", required=True, type=Path, help="data file to replay")

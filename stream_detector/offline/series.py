@@ -50,7 +50,8 @@ class SeriesSpec:
         unknown = [k for k in self.kinds if k not in INCIDENT_KINDS]
         if unknown or (("pattern" in self.kinds) and self.season <= 0):
             raise ValueError(
-                f"incident kinds must be from {', '.join(INCIDENT_KINDS)} ('pattern' needs a season), got {list(self.kinds)}."
+                f"incident kinds must be from {', '.join(INCIDENT_KINDS)} ('pattern' needs a season), got "
+                f"{list(self.kinds)}."
             )
         if self.noise not in ("gauss", "t3"):
             raise ValueError(f"noise must be 'gauss' or 't3', got {self.noise!r}.")

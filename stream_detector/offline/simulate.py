@@ -122,15 +122,15 @@ class Simulator:
         plan_seq, fleet_seq, noise_seq = np.random.SeedSequence(c.seed).spawn(3)
         fleet = np.random.default_rng(fleet_seq)
         self._rng = np.random.default_rng(noise_seq)
-        n, f, l = c.entities, c.features, c.latent
-        mix = fleet.normal(size=(f, l))
+        n, f, k = c.entities, c.features, c.latent
+        mix = fleet.normal(size=(f, k))
         self._mix = mix / np.linalg.norm(mix, axis=1, keepdims=True)  # each sensor's latent part has unit variance
-        self._harmonic = fleet.integers(1, 3, size=l)  # daily and half-daily cycles
-        self._phase = fleet.uniform(0, 2 * np.pi, size=(n, l))
+        self._harmonic = fleet.integers(1, 3, size=k)  # daily and half-daily cycles
+        self._phase = fleet.uniform(0, 2 * np.pi, size=(n, k))
         self._offset = fleet.normal(50.0, 10.0, size=(n, f))
         self._scale = fleet.uniform(2.0, 8.0, size=(1, f)) * fleet.uniform(0.8, 1.25, size=(n, f))
         self._ar_rho = 0.95
-        self._ar = np.zeros((n, l))
+        self._ar = np.zeros((n, k))
         self._prev_clean = np.zeros((n, f))
         self.truth = plan_anomalies(c, self.n_ticks, np.random.default_rng(plan_seq), self.keys, self.features)
         self._starting: dict[int, list[Anomaly]] = {}

@@ -270,7 +270,8 @@ def ensure_changelog_topic(settings: Any, partitions: int) -> str:
             except KafkaException as e:
                 if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                     raise ChangelogError(
-                        f"the state changelog topic {topic} does not exist and could not be created ({e.args[0].str()});"
+                        f"the state changelog topic {topic} does not exist and could not be created "
+                        f"({e.args[0].str()});"
                         f" create it compacted with {partitions} partitions, or set processing.changelog = false."
                     ) from None
             # Already exists: another member was quicker, or the metadata we read was stale
@@ -279,13 +280,15 @@ def ensure_changelog_topic(settings: Any, partitions: int) -> str:
         have = len(meta.topics[topic].partitions)
         if have < partitions:
             raise ChangelogError(
-                f"the state changelog topic {topic} has {have} partitions, but the input has {partitions}; it needs at least as many."
+                f"the state changelog topic {topic} has {have} partitions, but the input has {partitions}; it needs at "
+                "least as many."
             )
         res = ConfigResource(ConfigResource.Type.TOPIC, topic)
         policy = admin.describe_configs([res])[res].result(timeout=timeout)["cleanup.policy"].value
         if "compact" not in policy:
             raise ChangelogError(
-                f"the state changelog topic {topic} has cleanup.policy={policy}; it must be compacted (cleanup.policy=compact)."
+                f"the state changelog topic {topic} has cleanup.policy={policy}; it must be compacted "
+                "(cleanup.policy=compact)."
             )
         return topic
     except KafkaException as e:

@@ -62,13 +62,16 @@ def handle(args: argparse.Namespace) -> int:
     b = result.bundle
     inputs = ", ".join(f"{t} ({result.partitions[t]} partitions)" for t in settings.kafka.topics)
     print(
-        f"config ok: group {settings.kafka.group_id}, hop {settings.detection.hop}, max_batch {settings.runtime.max_batch}"
+        f"config ok: group {settings.kafka.group_id}, hop {settings.detection.hop}, "
+        f"max_batch {settings.runtime.max_batch}"
     )
     print(
-        f"bundle ok: {b.path} model {b.model_version}, window {b.window}, {b.n_features} features, scoring on {result.provider}"
+        f"bundle ok: {b.path} model {b.model_version}, window {b.window}, {b.n_features} features, "
+        f"scoring on {result.provider}"
     )
     print(
-        f"broker ok: {settings.kafka.bootstrap_servers}; input {inputs}; alerts {settings.kafka.alerts_topic}; dead letters {settings.kafka.dlq_topic}"
+        f"broker ok: {settings.kafka.bootstrap_servers}; input {inputs}; alerts {settings.kafka.alerts_topic}; "
+        f"dead letters {settings.kafka.dlq_topic}"
     )
     return 0
 

@@ -363,7 +363,8 @@ class Checkpointer:
         if self._unstored:
             head = self._unstored[0]
             parts.append(
-                f"unstored={len(self._unstored)} (oldest batch {head.seq}: {head.ticket.pending if head.ticket else '-'} unacknowledged)"
+                f"unstored={len(self._unstored)} (oldest batch {head.seq}: "
+                f"{head.ticket.pending if head.ticket else '-'} unacknowledged)"
             )
         ck = self._sliced
         if ck is not None:

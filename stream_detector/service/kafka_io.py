@@ -438,7 +438,8 @@ class KafkaSink:
                 err = e.args[0]
                 if err.fatal():
                     raise KafkaIOError(
-                        f"{what} failed fatally: {err.str()} (another instance with this transactional.id may have taken over)."
+                        f"{what} failed fatally: {err.str()} (another instance with this transactional.id may have "
+                        "taken over)."
                     ) from None
                 if err.txn_requires_abort():
                     log.warning("%s failed (%s): aborting the transaction", what, err.str())

@@ -171,7 +171,8 @@ class Detector:
         if pending is not None:
             running = pending.future is not None and not pending.future.done()
             parts.append(
-                f"in-flight batch {pending.seq}: {pending.n_messages} msgs, {now - pending.started:.1f} s, {'running' if running else 'finished'}"
+                f"in-flight batch {pending.seq}: {pending.n_messages} msgs, {now - pending.started:.1f} s, "
+                f"{'running' if running else 'finished'}"
             )
         if offsets is not None:
             parts += offsets.describe(now)

@@ -100,7 +100,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "run",
         help="run the detector: consume observations, publish alerts",
-        description="Consume observations from Kafka, score every entity's window with the bundle's model and publish alert events.",
+        description=(
+            "Consume observations from Kafka, score every entity's window with the bundle's model and publish alert "
+            "events."
+        ),
     )
     add_settings_arguments(p)
     p.set_defaults(func=handle)
