@@ -126,7 +126,7 @@ class DetectionSettingsSection(_Section):
         24 * 3600 * 1000, ge=0, description="evict entities silent this long in event time (0 = never)"
     )
     threshold: Literal["auto", "calibrated", "quantile", "spot"] = Field(
-        _THR.method,
+        _THR.method,  # type: ignore[arg-type]  # ThresholdParams.method is a plain str, checked against METHODS
         description=(
             "per-entity threshold: 'calibrated' (surprise of each score and run of scores), rolling 'quantile' or "
             "'spot'; 'auto' = calibrated where the bundle's calibration allows it, else quantile"
@@ -363,8 +363,10 @@ def load_settings(
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"config file {path} is not valid TOML ({e}).") from None
     token = _toml_data.set(toml)
+    # {section: {key: value}}: pydantic validates each table into its section model
+    init: dict[str, Any] = dict(overrides or {})
     try:
-        return Settings(**(overrides or {}))
+        return Settings(**init)
     except ValidationError as e:
         raise ConfigError(_one_sentence(e, config_file)) from None
     except SettingsError as e:  # e.g. an env var holding malformed JSON for a list/dict key
@@ -395,7 +397,9 @@ def _env_name(loc: tuple[Any, ...] | list[Any]) -> str:
 def _leaf_fields() -> list[tuple[str, str, Any]]:
     out = []
     for section, sfield in Settings.model_fields.items():
-        for key, field in sfield.annotation.model_fields.items():
+        model = sfield.annotation  # every field of Settings is a section model
+        assert isinstance(model, type) and issubclass(model, BaseModel), section
+        for key, field in model.model_fields.items():
             out.append((section, key, field))
     return out
 

@@ -13,6 +13,8 @@ import contextlib
 import copy
 import logging
 import warnings
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import onnx
@@ -61,6 +63,7 @@ def export_onnx(model: torch.nn.Module, window: int, n_features: int, opset: int
             )
     except Exception as e:  # the exporter raises many types; the first line says what failed
         raise ExportError(f"torch.onnx.export failed: {str(e).splitlines()[0]}") from e
+    assert program is not None  # dynamo=True always returns an ONNXProgram
     proto = program.model_proto
     if proto.ir_version > MAX_IR_VERSION:
         proto.ir_version = MAX_IR_VERSION
@@ -69,7 +72,7 @@ def export_onnx(model: torch.nn.Module, window: int, n_features: int, opset: int
 
 
 @contextlib.contextmanager
-def _quiet_loggers(*names: str):
+def _quiet_loggers(*names: str) -> Iterator[None]:
     """The exporter's optimiser passes log every rewrite at INFO; keep only their warnings."""
     # The exporter's registry also warns that torchvision ops are unavailable; irrelevant here.
     names = (*names, "torch.onnx._internal.exporter._registration")
@@ -84,7 +87,7 @@ def _quiet_loggers(*names: str):
             lg.setLevel(level)
 
 
-def ort_session(onnx_bytes: bytes):
+def ort_session(onnx_bytes: bytes) -> Any:  # an onnxruntime.InferenceSession (untyped)
     import onnxruntime as ort
 
     opts = ort.SessionOptions()

@@ -36,7 +36,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -47,6 +47,9 @@ from stream_detector.logs.parse import LineParser, LogConfigError, LogLineError,
 from stream_detector.logs.spec import COUNTS_LAYOUT, LAYOUT, WINDOW, LogModelSpec, feature_names
 from stream_detector.logs.stage import START, LogStage
 from stream_detector.logs.templates import TemplateConfigError, TemplateMiner, make_template_config
+
+if TYPE_CHECKING:
+    import torch  # imported where used: the count models train without it
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +168,7 @@ def _keep_lines(
     return kept, parsed, unusable
 
 
-def build_model(spec: LogModelSpec, s: LogFitSettings):
+def build_model(spec: LogModelSpec, s: LogFitSettings) -> torch.nn.Module:
     import torch
     from torch import nn
 
@@ -190,6 +193,11 @@ def build_model(spec: LogModelSpec, s: LogFitSettings):
             return h + self.drop(self.ff(self.ln2(h)))
 
     class LogSequenceModel(nn.Module):
+        causal: torch.Tensor  # buffers (register_buffer)
+        eye: torch.Tensor
+        slots: torch.Tensor
+        slot: torch.Tensor
+
         def __init__(self) -> None:
             super().__init__()
             k, d = spec.context, s.d_model
@@ -237,7 +245,7 @@ def build_model(spec: LogModelSpec, s: LogFitSettings):
     return LogSequenceModel()
 
 
-def _lm_loss(model, rows, n_out: int, pad_id: int):
+def _lm_loss(model: Any, rows: torch.Tensor, n_out: int, pad_id: int) -> torch.Tensor:
     import torch
 
     logits, tok = model.logits(rows)

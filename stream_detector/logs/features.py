@@ -25,7 +25,7 @@ import heapq
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
@@ -63,7 +63,7 @@ class LogFeatureConfig(BaseModel):
         return self
 
 
-def make_feature_config(**fields) -> LogFeatureConfig:
+def make_feature_config(**fields: Any) -> LogFeatureConfig:
     try:
         return LogFeatureConfig(**fields)
     except ValidationError as e:
@@ -186,7 +186,7 @@ class LogFeaturizer:
                         self._emit_bucket(entity, st, out)
                     st.bucket = b
                     heapq.heappush(self._bucket_heap, ((b + 1) * bms, entity, b))
-                st.bucket_counts[tid] += 1
+                st.bucket_counts[tid] += 1  # type: ignore[index]  # allocated whenever buckets are on (bms set)
             if tid in self.end_ids:
                 self._close(entity, "end-template", out)
             elif st.earlier + len(st.ids) >= cfg.max_session_events:
@@ -205,9 +205,9 @@ class LogFeaturizer:
         heap = self._bucket_heap
         while heap and heap[0][0] <= now_ms:
             _, entity, b = heapq.heappop(heap)
-            st = state.get(entity)
-            if st is not None and st.bucket == b:
-                self._emit_bucket(entity, st, out)
+            held = state.get(entity)
+            if held is not None and held.bucket == b:
+                self._emit_bucket(entity, held, out)
         return out
 
     def resume(self, sessions: Iterable[tuple[str, int, int, int]]) -> None:
@@ -240,8 +240,9 @@ class LogFeaturizer:
         return out
 
     def _emit_bucket(self, entity: str, st: _EntityState, out: FeatureBatch) -> None:
-        if st.bucket_counts is not None and st.bucket >= 0 and st.bucket_counts.any():
-            out.buckets.append(BucketCounts(entity, st.bucket * self._bucket_ms, st.bucket_counts.copy()))
+        bms = self._bucket_ms  # set exactly when the states hold bucket counts
+        if bms is not None and st.bucket_counts is not None and st.bucket >= 0 and st.bucket_counts.any():
+            out.buckets.append(BucketCounts(entity, st.bucket * bms, st.bucket_counts.copy()))
             st.bucket_counts[:] = 0
 
     def _close(self, entity: str, reason: SessionEnd, out: FeatureBatch) -> None:

@@ -90,7 +90,7 @@ class _Context:
     def __init__(self, vocab_size: int = 0) -> None:
         self.tokens: list[int] = []
         self.gaps: list[float] = []
-        self.counts = np.zeros(vocab_size, dtype=np.float32) if vocab_size else None
+        self.counts = np.zeros(vocab_size, dtype=np.float32) if vocab_size else None  # count models only
         self.source: tuple[str, int, int] = ("", 0, 0)
         self.line = ""
         self.time_ms = 0
@@ -142,7 +142,7 @@ class LogStage:
         n = len(lines)
         topics = [topic] * n if isinstance(topic, str) else list(topic)
         parts = (
-            np.full(n, int(partition), dtype=np.int64)
+            np.full(n, int(partition), dtype=np.int64)  # type: ignore[arg-type]  # np.isscalar does not narrow
             if np.isscalar(partition)
             else np.asarray(partition, dtype=np.int64)
         )
@@ -200,7 +200,7 @@ class LogStage:
             return
         ctx = _Context(self.spec.vocab_size if self._counts else 0)
         if last_row is not None:
-            if self._counts:
+            if ctx.counts is not None:  # a count model
                 ctx.counts[:] = last_row[:-1]
             else:
                 k = self.spec.context
@@ -249,6 +249,8 @@ class LogStage:
     def _idle_checks(self, out: _RowBuilder, now_ms: int) -> None:
         """One idle-check row for each entity inactive for longer than idle_check_s by `now_ms`."""
         pending, idle = self._pending_idle, self._idle_ms
+        if idle is None:  # no idle checks: nothing is ever pending
+            return
         while pending:
             entity, last = next(iter(pending.items()))
             if now_ms - last <= idle:
@@ -257,6 +259,7 @@ class LogStage:
             self._idle_row(out, entity, last)
 
     def _idle_row(self, out: _RowBuilder, entity: str, last_ms: int) -> None:
+        assert self._idle_ms is not None  # idle rows are made only with idle checks on
         ctx = self._ctx.get(entity)
         if ctx is not None:
             out.add(entity, ctx, IDLE, IDLE_TOKEN, last_ms + self._idle_ms, ctx.source, ctx.line, -1)
@@ -287,7 +290,7 @@ class LogStage:
                 ctx.tokens.append(self.spec.bos_id)
                 ctx.gaps.append(0.0)
             out.add(entity, ctx, START, self.spec.bos_id, t, src, text, i)
-        if self._counts:
+        if ctx.counts is not None:  # a count model (self._counts)
             ctx.counts[tid] += 1.0
         else:
             ctx.tokens.append(tid)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,8 @@ class _ScoreRows:
         self.template_id.append(template_id)
 
     def write(self, path: Path) -> None:
-        extra = dict(zip(LOG_COLUMNS, (self.kind, self.template_id)))
+        columns: tuple[Sequence[object], ...] = (self.kind, self.template_id)
+        extra = dict(zip(LOG_COLUMNS, columns))
         write_scores(path, self.row, self.key, self.score, self.threshold, self.alert, self.event, extra)
 
 

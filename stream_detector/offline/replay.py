@@ -113,7 +113,9 @@ def replay_table(
     )
 
 
-def _write_scores(path: Path, table: DataTable, score, threshold, alert_open, event) -> None:
+def _write_scores(
+    path: Path, table: DataTable, score: np.ndarray, threshold: np.ndarray, alert_open: np.ndarray, event: list[str]
+) -> None:
     by_row = np.argsort(table.row_index, kind="stable")
     keys = table.keys
     write_scores(

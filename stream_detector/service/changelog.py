@@ -139,9 +139,9 @@ class StateTracker:
         tracked = set(core.entities())
         gone: list[ChangelogRecord] = []
         for e in [e for e in self._live if e not in tracked]:
-            w = self._live.pop(e)
+            held = self._live.pop(e)
             if e[0] in owned:
-                tombstones(gone, e[0], e[1], w)
+                tombstones(gone, e[0], e[1], held)
         for r in gone:
             emit(r)
 
@@ -171,7 +171,7 @@ class StateTracker:
             if state is not None:
                 self._live[e] = write_entity(
                     out, e[0], e[1], state, applied, noted, self._live.get(e), self.row_slots, self.chunk_slots
-                )  # type: ignore[arg-type]
+                )
             if deadline is not None and time.perf_counter() >= deadline:
                 break
         return not writing
@@ -351,9 +351,9 @@ class Restorer:
         done: dict[int, StateAssembler] = {}
         for m in self._consumer.consume(max_records, timeout):
             p = m.partition()
-            latest = self._latest.get(p)
-            if latest is None:
-                continue  # cancelled meanwhile
+            latest = None if p is None else self._latest.get(p)
+            if p is None or latest is None:
+                continue  # cancelled meanwhile, or a client-wide error (no partition)
             err = m.error()
             if err is not None:
                 if err.code() == KafkaError._PARTITION_EOF:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import orjson
@@ -199,8 +199,14 @@ class Written:
     valid: bool = True  # False: rewrite everything next time (model swap, restore)
 
 
+class RecordOut(Protocol):
+    """Where `write_entity` puts its records: a list, or anything with `append` (changelog.py's emitter)."""
+
+    def append(self, record: ChangelogRecord, /) -> None: ...
+
+
 def write_entity(
-    out: list[ChangelogRecord],
+    out: RecordOut,
     p: int,
     k: str,
     state: dict[str, Any],
@@ -219,7 +225,7 @@ def write_entity(
     # Incremental only when the count moved by exactly the events noted: otherwise the entity was
     # evicted and came back (a new life), or a core feeds it other rows (log stage): write it whole.
     same_life = prev is not None and prev.valid and count == prev.count + noted
-    new = min(count - prev.count, rows.shape[0]) if same_life else rows.shape[0]
+    new = min(count - prev.count, rows.shape[0]) if same_life and prev is not None else rows.shape[0]
     oldest = count - rows.shape[0]  # position of rows[0]
     rows_hi = prev.row_slots if prev is not None else 0
     if new > 0:

@@ -34,7 +34,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from stream_detector.service.changelog import ChangelogRecord, StateTracker
 from stream_detector.service.kafka_io import KafkaIOError, TransactionAborted
@@ -73,10 +73,14 @@ class OffsetSource(Protocol):
     def group_metadata(self) -> Any: ...
 
 
-class RecordSink(Protocol):
-    """What the checkpointer needs of the producer (kafka_io.KafkaSink)."""
+TicketT = TypeVar("TicketT", bound=Ticket)
 
-    def ticket(self) -> Ticket: ...
+
+class RecordSink(Protocol[TicketT]):
+    """What the checkpointer needs of the producer (kafka_io.KafkaSink). A sink takes back only the
+    tickets it hands out (its own ticket type)."""
+
+    def ticket(self) -> TicketT: ...
 
     def poll(self, timeout: float = 0.0) -> None: ...
 
@@ -84,9 +88,9 @@ class RecordSink(Protocol):
 
     def raise_if_failed(self) -> None: ...
 
-    def changelog(self, partition: int, key: str, value: bytes | None, ticket: Ticket | None = None) -> None: ...
+    def changelog(self, partition: int, key: str, value: bytes | None, ticket: TicketT | None = None) -> None: ...
 
-    def changelog_records(self, records: Sequence[ChangelogRecord], ticket: Ticket) -> int: ...
+    def changelog_records(self, records: Sequence[ChangelogRecord], ticket: TicketT) -> int: ...
 
     def commit_transaction(self, offsets: dict[TP, int], group_metadata: Any, timeout: float | None = None) -> None: ...
 
@@ -134,7 +138,7 @@ class Checkpointer:
     def __init__(
         self,
         source: OffsetSource,
-        sink: RecordSink,
+        sink: RecordSink[Any],
         *,
         exactly_once: bool,
         tracker: StateTracker | None,

@@ -84,6 +84,7 @@ class Decoder:
         dead-letter reasons and event order are exactly that path's."""
         s = self.settings
         max_bytes, key_field, ts_field = s.max_message_bytes, s.key_field, s.timestamp_field
+        assert self._typed is not None  # decode() takes this path only with a typed decoder
         decode_one, get_row = self._typed
         errors = (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError)
         scale = self._scale_ts
@@ -161,6 +162,8 @@ class Decoder:
         keys: list[str] = []
         times: list[int] = []
         values: list[Any] = []
+        key: Any  # a str once checked; before that, whatever the JSON field holds
+        ts: Any  # an int once checked; before that, whatever the JSON field holds
 
         for m in messages:
             value = m.value()
@@ -267,8 +270,8 @@ def _typed_decoder(features: tuple[str, ...], settings: InputSettings) -> tuple[
     return decoder.decode, get_row
 
 
-def dead_letter_headers(d: DeadLetter) -> list[tuple[str, bytes]]:
-    """The original headers plus where the message came from and why it was rejected."""
+def dead_letter_headers(d: DeadLetter) -> list[tuple[str, str | bytes | None]]:
+    """The original headers (a value may be None) plus where the message came from and why it was rejected."""
     m = d.message
     headers = list(m.headers() or [])
     headers += [

@@ -125,4 +125,4 @@ def check_client_configs(settings: Settings) -> None:
     """Build every client's settings once, so that a `kafka.consumer`/`kafka.producer` value the
     service cannot work with fails at start-up, before anything is consumed (ConfigError)."""
     for role in ("consumer", "producer", "admin", "restorer"):
-        client_config(settings, role)  # type: ignore[arg-type]
+        client_config(settings, role)

@@ -116,13 +116,13 @@ class KafkaSource:
         """Up to n messages within timeout seconds; partition EOF skipped, errors logged or raised."""
         batch = self._consumer.consume(num_messages=n, timeout=timeout)
         if self._callback_error is not None:
-            err, self._callback_error = self._callback_error, None
-            raise err
+            failure, self._callback_error = self._callback_error, None
+            raise failure
         if self._fatal is not None:
             raise KafkaIOError(f"the Kafka consumer hit a fatal error: {self._fatal.str()}.")
         if not batch or all(m.error() is None for m in batch):
             return batch
-        good = []
+        good: list[Any] = []
         for m in batch:
             err = m.error()
             if err is None:
@@ -178,14 +178,14 @@ class KafkaSource:
 
     # -- flow control, rewind, transactions --------------------------------------------------
     def pause(self, tps: Iterable[tuple[str, int]]) -> None:
-        tps = [TopicPartition(t, p) for t, p in tps if (t, p) in self.assignment]
-        if tps:
-            self._consumer.pause(tps)
+        owned = [TopicPartition(t, p) for t, p in tps if (t, p) in self.assignment]
+        if owned:
+            self._consumer.pause(owned)
 
     def resume(self, tps: Iterable[tuple[str, int]]) -> None:
-        tps = [TopicPartition(t, p) for t, p in tps if (t, p) in self.assignment]
-        if tps:
-            self._consumer.resume(tps)
+        owned = [TopicPartition(t, p) for t, p in tps if (t, p) in self.assignment]
+        if owned:
+            self._consumer.resume(owned)
 
     def committed_offsets(self, tps: Iterable[tuple[str, int]], timeout: float = 30.0) -> dict[tuple[str, int], int]:
         """Committed next-offset per partition (negative = none committed). In exactly-once mode
@@ -317,7 +317,7 @@ class KafkaSink:
         topic: str,
         key: bytes | None,
         value: bytes | None,
-        headers: Sequence[tuple[str, bytes]] | None,
+        headers: list[tuple[str, str | bytes | None]] | None,
         partition: int | None = None,
         ticket: DeliveryTicket | None = None,
         poll: bool = True,
@@ -327,7 +327,7 @@ class KafkaSink:
         if self.transactional and not self._in_txn:
             self._txn_call(self._producer.begin_transaction, "beginning a transaction")
             self._in_txn = True
-        kwargs = {} if partition is None else {"partition": partition}
+        kwargs: dict[str, Any] = {} if partition is None else {"partition": partition}
         callback: Callable[[Any, Any], None] = self._on_delivery if ticket is None else ticket
         while True:
             try:

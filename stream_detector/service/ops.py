@@ -34,6 +34,7 @@ class Operations:
         notifier: SystemdNotifier | None = None,
     ) -> None:
         self.notifier = notifier if notifier is not None else SystemdNotifier()
+        assert settings.model.bundle is not None, "load_model refuses settings without a bundle path"
         self.reloader = ModelReloader(
             settings.model.bundle,
             bundle,

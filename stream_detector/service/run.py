@@ -69,9 +69,12 @@ def handle(args: argparse.Namespace) -> int:
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, signal.SIG_DFL)  # a second signal kills
         grace = settings.runtime.shutdown_grace_s
-        timer = threading.Timer(
-            grace, lambda: (log.error("shutdown exceeded the %g s grace period; exiting", grace), os._exit(1))
-        )
+
+        def give_up() -> None:
+            log.error("shutdown exceeded the %g s grace period; exiting", grace)
+            os._exit(1)
+
+        timer = threading.Timer(grace, give_up)
         timer.daemon = True
         timer.start()
 
