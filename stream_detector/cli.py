@@ -11,7 +11,13 @@ import signal
 import sys
 
 # Modules that provide subcommands, in the order --help lists them.
-SUBCOMMAND_MODULES: list[str] = ["stream_detector.service.check", "stream_detector.offline.evaluate", "stream_detector.offline.simulate", "stream_detector.service.run", "stream_detector.offline.replay"]
+SUBCOMMAND_MODULES: list[str] = [
+    "stream_detector.service.check",
+    "stream_detector.offline.evaluate",
+    "stream_detector.offline.simulate",
+    "stream_detector.service.run",
+    "stream_detector.offline.replay",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,7 +30,7 @@ from stream_detector.core.thresholds import ThresholdParams
 ENV_PREFIX = "SD_"
 ENV_DELIMITER = "__"
 
-ClientValue = Union[str, int, float, bool]
+ClientValue = str | int | float | bool
 
 
 class ConfigError(Exception):
@@ -44,20 +44,31 @@ class _Section(BaseModel):
 class KafkaSettings(_Section):
     bootstrap_servers: str = Field("127.0.0.1:19092", description="Kafka bootstrap servers (host:port,...)")
     group_id: str = Field("stream-detector", description="consumer group; scale out by starting more members")
-    topics: list[str] = Field(["observations"], min_length=1, description="input topics (comma-separated on the command line)")
+    topics: list[str] = Field(
+        ["observations"], min_length=1, description="input topics (comma-separated on the command line)"
+    )
     alerts_topic: str = Field("alerts", min_length=1, description="topic for alert events (contract 3)")
-    dlq_topic: str = Field("observations-dlq", min_length=1, description="dead-letter topic for messages that cannot be decoded")
+    dlq_topic: str = Field(
+        "observations-dlq", min_length=1, description="dead-letter topic for messages that cannot be decoded"
+    )
     auto_offset_reset: Literal["earliest", "latest"] = Field(
         "earliest", description="where a group without committed offsets starts"
     )
     client: dict[str, ClientValue] = Field(
-        {}, description="librdkafka settings for consumer and producer, passed unchanged (security.protocol, sasl.*, ssl.*)"
+        {},
+        description=(
+            "librdkafka settings for consumer and producer, passed unchanged (security.protocol, sasl.*, ssl.*)"
+        ),
     )
     consumer: dict[str, ClientValue] = Field({}, description="extra librdkafka settings for the consumer only")
     producer: dict[str, ClientValue] = Field({}, description="extra librdkafka settings for the producer only")
     timeout_s: float = Field(10.0, gt=0, description="bound on broker metadata requests at start-up and in `check`")
     secret_files: dict[str, Path] = Field(
-        {}, description="librdkafka settings read from files (e.g. sasl.password from a systemd credential); content minus trailing newline"
+        {},
+        description=(
+            "librdkafka settings read from files (e.g. sasl.password from a systemd credential); content minus "
+            "trailing newline"
+        ),
     )
 
     @field_validator("secret_files")
@@ -81,14 +92,20 @@ def _read_secret(key: str, path: Path) -> str:
 
 class InputSettings(_Section):
     key_field: str | None = Field(None, description="JSON field holding the entity key; unset = the Kafka message key")
-    timestamp_field: str | None = Field(None, description="JSON field holding the event time; unset = the Kafka timestamp")
-    timestamp_unit: Literal["ms", "s"] = Field("ms", description="unit of timestamp_field (epoch milliseconds or seconds)")
+    timestamp_field: str | None = Field(
+        None, description="JSON field holding the event time; unset = the Kafka timestamp"
+    )
+    timestamp_unit: Literal["ms", "s"] = Field(
+        "ms", description="unit of timestamp_field (epoch milliseconds or seconds)"
+    )
     max_message_bytes: int = Field(65536, gt=0, description="larger messages go to the dead-letter topic")
 
 
 class ModelSettings(_Section):
     bundle: Path | None = Field(None, description="model bundle directory (model.onnx + bundle.json)")
-    provider: Literal["auto", "cpu", "cuda"] = Field("auto", description="ONNX Runtime provider; auto = CUDA if active, else CPU")
+    provider: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="ONNX Runtime provider; auto = CUDA if active, else CPU"
+    )
     require_cuda: bool = Field(False, description="refuse to start unless the CUDA provider is really active")
     watch: bool = Field(True, description="hot-reload the bundle when its path changes (SIGHUP always reloads)")
     watch_interval_s: float = Field(2.0, gt=0, description="how often the bundle path is checked for a change")
@@ -102,24 +119,60 @@ class DetectionSettingsSection(_Section):
     """Flat view of pipeline.DetectionSettings (its defaults); `to_core()` builds the core's object."""
 
     hop: int = Field(1, ge=1, description="score every hop-th event of each entity (once its window is full)")
-    max_entities: int = Field(100_000, ge=1, description="tracked (partition, entity) pairs; beyond it the least recently seen are evicted")
-    idle_timeout_ms: int = Field(24 * 3600 * 1000, ge=0, description="evict entities silent this long in event time (0 = never)")
+    max_entities: int = Field(
+        100_000, ge=1, description="tracked (partition, entity) pairs; beyond it the least recently seen are evicted"
+    )
+    idle_timeout_ms: int = Field(
+        24 * 3600 * 1000, ge=0, description="evict entities silent this long in event time (0 = never)"
+    )
     threshold: Literal["auto", "calibrated", "quantile", "spot"] = Field(
-        _THR.method, description="per-entity threshold: 'calibrated' (surprise of each score and run of scores), rolling 'quantile' or 'spot'; 'auto' = calibrated where the bundle's calibration allows it, else quantile")
-    warmup: int = Field(_THR.warmup, ge=1, description="normal scores per entity before its own threshold replaces the calibrated one")
-    alert_level: float = Field(_THR.alert_level, gt=0, description="calibrated: alert at this surprise, -log10 of the probability of a normal score (or run) at least this high")
-    learn_level: float = Field(_THR.learn_level, gt=0, description="calibrated: normal scores above this surprise are learned as this value")
-    max_shift: float = Field(_THR.max_shift, ge=1, description="no threshold rises above this x its calibrated starting value without an alert")
+        _THR.method,  # type: ignore[arg-type]  # ThresholdParams.method is a plain str, checked against METHODS
+        description=(
+            "per-entity threshold: 'calibrated' (surprise of each score and run of scores), rolling 'quantile' or "
+            "'spot'; 'auto' = calibrated where the bundle's calibration allows it, else quantile"
+        ),
+    )
+    warmup: int = Field(
+        _THR.warmup, ge=1, description="normal scores per entity before its own threshold replaces the calibrated one"
+    )
+    alert_level: float = Field(
+        _THR.alert_level,
+        gt=0,
+        description=(
+            "calibrated: alert at this surprise, -log10 of the probability of a normal score (or run) at least this "
+            "high"
+        ),
+    )
+    learn_level: float = Field(
+        _THR.learn_level, gt=0, description="calibrated: normal scores above this surprise are learned as this value"
+    )
+    max_shift: float = Field(
+        _THR.max_shift,
+        ge=1,
+        description="no threshold rises above this x its calibrated starting value without an alert",
+    )
     quantile: float = Field(_THR.quantile, gt=0, le=1, description="rolling quantile of recent normal scores")
     history: int = Field(_THR.history, ge=1, description="recent normal scores kept per entity")
     multiplier: float = Field(_THR.multiplier, gt=0, description="rolling-quantile threshold = multiplier x quantile")
     spot_risk: float = Field(_THR.risk, gt=0, lt=1, description="SPOT: probability of exceeding the threshold")
-    spot_init_quantile: float = Field(_THR.init_quantile, gt=0, lt=1, description="SPOT: level above which scores are peaks")
+    spot_init_quantile: float = Field(
+        _THR.init_quantile, gt=0, lt=1, description="SPOT: level above which scores are peaks"
+    )
     spot_max_peaks: int = Field(_THR.max_peaks, ge=2, description="SPOT: peaks kept per entity")
-    resolve_after: int = Field(_ALERT.resolve_after, ge=1, description="consecutive normal scores that resolve an open alert")
-    cooldown: int = Field(_ALERT.cooldown, ge=0, description="scored events after a resolve during which nothing new opens")
-    update_every: int = Field(_ALERT.update_every, ge=0, description="while open, emit `update` every N anomalous scores (0 = never)")
-    update_factor: float = Field(_ALERT.update_factor, ge=0, description="while open, emit `update` when the score grows this many times (0 = never)")
+    resolve_after: int = Field(
+        _ALERT.resolve_after, ge=1, description="consecutive normal scores that resolve an open alert"
+    )
+    cooldown: int = Field(
+        _ALERT.cooldown, ge=0, description="scored events after a resolve during which nothing new opens"
+    )
+    update_every: int = Field(
+        _ALERT.update_every, ge=0, description="while open, emit `update` every N anomalous scores (0 = never)"
+    )
+    update_factor: float = Field(
+        _ALERT.update_factor,
+        ge=0,
+        description="while open, emit `update` when the score grows this many times (0 = never)",
+    )
     top_features: int = Field(_ALERT.top_k, ge=1, description="features named in an alert, by error contribution")
 
     def to_core(self) -> DetectionSettings:
@@ -129,14 +182,24 @@ class DetectionSettingsSection(_Section):
             max_entities=self.max_entities,
             idle_timeout_ms=self.idle_timeout_ms or None,
             threshold=ThresholdParams(
-                method=self.threshold, warmup=self.warmup, max_shift=self.max_shift, alert_level=self.alert_level,
-                learn_level=self.learn_level, quantile=self.quantile, history=self.history,
-                multiplier=self.multiplier, risk=self.spot_risk, init_quantile=self.spot_init_quantile,
+                method=self.threshold,
+                warmup=self.warmup,
+                max_shift=self.max_shift,
+                alert_level=self.alert_level,
+                learn_level=self.learn_level,
+                quantile=self.quantile,
+                history=self.history,
+                multiplier=self.multiplier,
+                risk=self.spot_risk,
+                init_quantile=self.spot_init_quantile,
                 max_peaks=self.spot_max_peaks,
             ),
             alerts=AlertParams(
-                resolve_after=self.resolve_after, cooldown=self.cooldown, update_every=self.update_every,
-                update_factor=self.update_factor, top_k=self.top_features,
+                resolve_after=self.resolve_after,
+                cooldown=self.cooldown,
+                update_every=self.update_every,
+                update_factor=self.update_factor,
+                top_k=self.top_features,
             ),
         )
         try:
@@ -148,14 +211,23 @@ class DetectionSettingsSection(_Section):
 
 class RuntimeSettings(_Section):
     max_batch: int = Field(1024, ge=1, description="most messages per consumed batch")
-    max_wait_ms: int = Field(20, ge=0, description="longest wait for a batch to fill (a batch closes when full or this old; latency)")
+    max_wait_ms: int = Field(
+        20, ge=0, description="longest wait for a batch to fill (a batch closes when full or this old; latency)"
+    )
     commit_interval_s: float = Field(5.0, gt=0, description="interval between offset commits")
     shutdown_grace_s: float = Field(10.0, gt=0, description="time allowed on stop to finish, deliver, commit and close")
-    max_inflight: int = Field(2, ge=1, le=2, description="batches in flight: 2 overlaps inference with decoding the next batch, 1 does not")
-    metrics_port: int | None = Field(None, ge=0, le=65535, description="serve Prometheus metrics on this port (unset = off)")
+    max_inflight: int = Field(
+        2, ge=1, le=2, description="batches in flight: 2 overlaps inference with decoding the next batch, 1 does not"
+    )
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="serve Prometheus metrics on this port (unset = off)"
+    )
     stall_exit_s: float = Field(
-        90.0, ge=0,
-        description="exit 1 (supervisor restarts from committed offsets) when the main loop has not ticked this long; 0 = off",
+        90.0,
+        ge=0,
+        description=(
+            "exit 1 (supervisor restarts from committed offsets) when the main loop has not ticked this long; 0 = off"
+        ),
     )
 
 
@@ -164,20 +236,47 @@ class ProcessingSettings(_Section):
 
     guarantee: Literal["at_least_once", "exactly_once"] = Field(
         "at_least_once",
-        description="at_least_once: a crash may repeat alerts (same alert_id); exactly_once: alerts, dead letters, state and offsets commit in one Kafka transaction",
+        description=(
+            "at_least_once: a crash may repeat alerts (same alert_id); exactly_once: alerts, dead letters, state and "
+            "offsets commit in one Kafka transaction"
+        ),
     )
     instance_id: str | None = Field(
-        None, description="stable id of this group member (transactional.id = group_id-instance_id); unset = the host name. Unique per running process"
+        None,
+        description=(
+            "stable id of this group member (transactional.id = group_id-instance_id); unset = the host name. Unique "
+            "per running process"
+        ),
     )
-    changelog: bool = Field(True, description="keep entity state in a compacted changelog topic so it moves with its partition (required by exactly_once)")
-    changelog_topic: str | None = Field(None, description="the changelog topic; unset = GROUP_ID-changelog, created (compacted, as many partitions as the input) if missing")
-    restore_chunk: int = Field(2000, ge=1, description="changelog records restored per loop iteration while newly assigned partitions are paused")
+    changelog: bool = Field(
+        True,
+        description=(
+            "keep entity state in a compacted changelog topic so it moves with its partition (required by exactly_once)"
+        ),
+    )
+    changelog_topic: str | None = Field(
+        None,
+        description=(
+            "the changelog topic; unset = GROUP_ID-changelog, created (compacted, as many partitions as the input) if "
+            "missing"
+        ),
+    )
+    restore_chunk: int = Field(
+        2000,
+        ge=1,
+        description="changelog records restored per loop iteration while newly assigned partitions are paused",
+    )
     transaction_timeout_s: float = Field(
-        60.0, gt=0, description="exactly_once: a dead member's open transaction blocks its partitions this long; must exceed broker outages to ride them out"
+        60.0,
+        gt=0,
+        description=(
+            "exactly_once: a dead member's open transaction blocks its partitions this long; must exceed broker "
+            "outages to ride them out"
+        ),
     )
 
     @model_validator(mode="after")
-    def _exactly_once_needs_changelog(self) -> "ProcessingSettings":
+    def _exactly_once_needs_changelog(self) -> ProcessingSettings:
         if self.guarantee == "exactly_once" and not self.changelog:
             raise ValueError("exactly_once needs the state changelog (processing.changelog = true)")
         return self
@@ -233,7 +332,8 @@ def _is_secret(client_key: str) -> bool:
     return any(m in k for m in _SECRET_MARKERS)
 
 
-_toml_data: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("stream_detector_toml", default={})
+# No default: a shared mutable default would be one dict for every caller; __call__ hands out a fresh one.
+_toml_data: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("stream_detector_toml")
 
 
 class _TomlSource(PydanticBaseSettingsSource):
@@ -243,10 +343,12 @@ class _TomlSource(PydanticBaseSettingsSource):
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        return _toml_data.get()
+        return _toml_data.get({})
 
 
-def load_settings(config_file: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Settings:
+def load_settings(
+    config_file: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None
+) -> Settings:
     """Build the settings from a TOML file, the environment and `overrides` ({section: {key: value}},
     e.g. parsed flags). Raises ConfigError with one sentence."""
     toml: dict[str, Any] = {}
@@ -261,12 +363,16 @@ def load_settings(config_file: str | Path | None = None, overrides: dict[str, di
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"config file {path} is not valid TOML ({e}).") from None
     token = _toml_data.set(toml)
+    # {section: {key: value}}: pydantic validates each table into its section model
+    init: dict[str, Any] = dict(overrides or {})
     try:
-        return Settings(**(overrides or {}))
+        return Settings(**init)
     except ValidationError as e:
         raise ConfigError(_one_sentence(e, config_file)) from None
     except SettingsError as e:  # e.g. an env var holding malformed JSON for a list/dict key
-        raise ConfigError(f"{e} (an {ENV_PREFIX}... environment variable for a list or table key must hold JSON).") from None
+        raise ConfigError(
+            f"{e} (an {ENV_PREFIX}... environment variable for a list or table key must hold JSON)."
+        ) from None
     finally:
         _toml_data.reset(token)
 
@@ -291,14 +397,18 @@ def _env_name(loc: tuple[Any, ...] | list[Any]) -> str:
 def _leaf_fields() -> list[tuple[str, str, Any]]:
     out = []
     for section, sfield in Settings.model_fields.items():
-        for key, field in sfield.annotation.model_fields.items():
+        model = sfield.annotation  # every field of Settings is a section model
+        assert isinstance(model, type) and issubclass(model, BaseModel), section
+        for key, field in model.model_fields.items():
             out.append((section, key, field))
     return out
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     """Add `--config F` and one flag per settings key, each help naming its env var and default."""
-    parser.add_argument("--config", metavar="FILE", help="TOML settings file; env vars SD_SECTION__KEY and the flags below override it")
+    parser.add_argument(
+        "--config", metavar="FILE", help="TOML settings file; env vars SD_SECTION__KEY and the flags below override it"
+    )
     for section, key, field in _leaf_fields():
         group = _group(parser, section)
         flag = f"--{section}.{key.replace('_', '-')}"
@@ -368,4 +478,3 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     return load_settings(getattr(args, "config", None), overrides_from_args(args))
-

@@ -35,7 +35,15 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from stream_detector.core.bundle import INPUT_NAME, OUTPUT_NAME, BundleError, Normaliser, ScoringRule, load_bundle, write_bundle
+from stream_detector.core.bundle import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    BundleError,
+    Normaliser,
+    ScoringRule,
+    load_bundle,
+    write_bundle,
+)
 from stream_detector.offline.datafiles import DataFileError, read_table
 from training.windows import WindowingError, plan_windows
 
@@ -53,14 +61,27 @@ class BaselineSettings(BaseModel):
     out: Path = Field(description="bundle directory to write (replaced atomically)")
     format: Literal["auto", "csv", "parquet", "jsonl", "smd"] = Field("auto", description="input format")
     window: int | None = Field(None, ge=2, description="window length W (default: 2 for pca, 64 for zscore)")
-    val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="last fraction of each entity held out for calibration")
+    val_fraction: float = Field(
+        0.2, gt=0.0, lt=1.0, description="last fraction of each entity held out for calibration"
+    )
     gap_factor: float = Field(3.0, gt=1.0, description="a time step longer than this x the median step is a gap")
     scale_floor: float = Field(1e-3, gt=0.0, description="smallest normaliser scale (constant features)")
-    scale_floor_range: float = Field(0.03, ge=0.0, lt=1.0, description="also floor each scale at this fraction of the feature's training range (as fit does); 0: off")
-    pca_variance: float = Field(0.9, gt=0.0, le=1.0, description="pca: fraction of the training variance the kept components explain")
+    scale_floor_range: float = Field(
+        0.03,
+        ge=0.0,
+        lt=1.0,
+        description="also floor each scale at this fraction of the feature's training range (as fit does); 0: off",
+    )
+    pca_variance: float = Field(
+        0.9, gt=0.0, le=1.0, description="pca: fraction of the training variance the kept components explain"
+    )
     zscore_floor: float = Field(0.1, gt=0.0, description="zscore: smallest standard deviation, in normalised units")
-    threshold_quantile: float = Field(0.999, gt=0.0, lt=1.0, description="validation score quantile used as the suggested threshold")
-    nan_policy: Literal["ffill", "drop", "error"] = Field("ffill", description="missing values: forward-fill, drop rows, or refuse")
+    threshold_quantile: float = Field(
+        0.999, gt=0.0, lt=1.0, description="validation score quantile used as the suggested threshold"
+    )
+    nan_policy: Literal["ffill", "drop", "error"] = Field(
+        "ffill", description="missing values: forward-fill, drop rows, or refuse"
+    )
 
     @property
     def effective_window(self) -> int:
@@ -138,7 +159,9 @@ def _model_bytes(nodes: list[Any], inits: list[Any], window: int, n_features: in
     x = helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", window, n_features])
     y = helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", window, n_features])
     graph = helper.make_graph(nodes, name, [x], [y], initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)], producer_name="stream-detector")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)], producer_name="stream-detector"
+    )
     model.ir_version = ONNX_IR_VERSION
     onnx.checker.check_model(model, full_check=True)
     return model.SerializeToString()
@@ -156,7 +179,9 @@ def fit_baseline(s: BaselineSettings, command_line: str | None = None) -> Path:
     table = read_table(s.data, s.format, None, None, None, s.nan_policy)
     plan = plan_windows(table, window, s.val_fraction, s.gap_factor)
     if plan.val_starts.size == 0:
-        raise WindowingError(f"{table.source} leaves no validation window of {window} rows to calibrate on; use more rows.")
+        raise WindowingError(
+            f"{table.source} leaves no validation window of {window} rows to calibrate on; use more rows."
+        )
     normaliser = Normaliser.fit(plan.data[plan.train_rows], s.scale_floor, s.scale_floor_range)
     data = normaliser.apply(plan.data)
     f = len(table.features)
@@ -196,9 +221,16 @@ def fit_baseline(s: BaselineSettings, command_line: str | None = None) -> Path:
         "seconds": round(time.perf_counter() - t0, 3),
     }
     write_bundle(
-        s.out, onnx_bytes,
-        model_version=model_version, features=list(table.features), window=window, normaliser=normaliser,
-        scoring=scoring, calibration=calibration, model=model_meta, training=training_meta,
+        s.out,
+        onnx_bytes,
+        model_version=model_version,
+        features=list(table.features),
+        window=window,
+        normaliser=normaliser,
+        scoring=scoring,
+        calibration=calibration,
+        model=model_meta,
+        training=training_meta,
     )
     load_bundle(s.out)  # the service's own checks, on what was written
     log.info("%s baseline: %s, threshold %.5g", s.kind, model_meta, calibration.threshold)
@@ -209,7 +241,12 @@ def _versions() -> dict[str, str]:
     import onnx
     import onnxruntime
 
-    return {"python": platform.python_version(), "numpy": np.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    return {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,7 +262,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     for name, info in BaselineSettings.model_fields.items():
         default = "" if info.is_required() else f" (default {info.default})"
-        p.add_argument("--" + name.replace("_", "-"), dest=name, required=info.is_required(), help=f"{info.description}{default}")
+        p.add_argument(
+            "--" + name.replace("_", "-"), dest=name, required=info.is_required(), help=f"{info.description}{default}"
+        )
     p.set_defaults(func=handle)
 
 
@@ -235,7 +274,10 @@ def handle(args: argparse.Namespace) -> int:
         settings = BaselineSettings(**values)
     except ValidationError as e:
         err = e.errors()[0]
-        print(f"error: setting {'.'.join(str(p) for p in err['loc'])!r}: {err['msg']} (got {err.get('input')!r}).", file=sys.stderr)
+        print(
+            f"error: setting {'.'.join(str(p) for p in err['loc'])!r}: {err['msg']} (got {err.get('input')!r}).",
+            file=sys.stderr,
+        )
         return 2
     try:
         out = fit_baseline(settings, command_line=shlex.join(["stream-detector-train", *sys.argv[1:]]))

@@ -13,6 +13,8 @@ import contextlib
 import copy
 import logging
 import warnings
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import onnx
@@ -61,6 +63,7 @@ def export_onnx(model: torch.nn.Module, window: int, n_features: int, opset: int
             )
     except Exception as e:  # the exporter raises many types; the first line says what failed
         raise ExportError(f"torch.onnx.export failed: {str(e).splitlines()[0]}") from e
+    assert program is not None  # dynamo=True always returns an ONNXProgram
     proto = program.model_proto
     if proto.ir_version > MAX_IR_VERSION:
         proto.ir_version = MAX_IR_VERSION
@@ -69,7 +72,7 @@ def export_onnx(model: torch.nn.Module, window: int, n_features: int, opset: int
 
 
 @contextlib.contextmanager
-def _quiet_loggers(*names: str):
+def _quiet_loggers(*names: str) -> Iterator[None]:
     """The exporter's optimiser passes log every rewrite at INFO; keep only their warnings."""
     # The exporter's registry also warns that torchvision ops are unavailable; irrelevant here.
     names = (*names, "torch.onnx._internal.exporter._registration")
@@ -84,7 +87,7 @@ def _quiet_loggers(*names: str):
             lg.setLevel(level)
 
 
-def ort_session(onnx_bytes: bytes):
+def ort_session(onnx_bytes: bytes) -> Any:  # an onnxruntime.InferenceSession (untyped)
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -100,11 +103,17 @@ def check_parity(onnx_bytes: bytes, model: torch.nn.Module, windows: np.ndarray,
     in_names = [i.name for i in session.get_inputs()]
     out_names = [o.name for o in session.get_outputs()]
     if in_names != [INPUT_NAME] or not out_names or out_names[0] != OUTPUT_NAME:
-        raise ExportNameMismatch(f"the exported model has inputs {in_names} and outputs {out_names}; expected ['{INPUT_NAME}'] and ['{OUTPUT_NAME}'].")
+        raise ExportNameMismatch(
+            f"the exported model has inputs {in_names} and outputs {out_names}; expected ['{INPUT_NAME}'] and "
+            f"['{OUTPUT_NAME}']."
+        )
     for what, arg in (("input", session.get_inputs()[0]), ("output", session.get_outputs()[0])):
         shape = list(arg.shape)
         if len(shape) != 3 or shape[1:] != [window, n_features] or isinstance(shape[0], int):
-            raise ExportShapeMismatch(f"the exported model's {what} shape is {shape}; expected [batch, {window}, {n_features}] with a dynamic batch.")
+            raise ExportShapeMismatch(
+                f"the exported model's {what} shape is {shape}; expected [batch, {window}, {n_features}] with a "
+                "dynamic batch."
+            )
     cpu_model = copy.deepcopy(model).to("cpu").eval()
     x = np.ascontiguousarray(windows, dtype=np.float32)
     worst = 0.0
@@ -117,10 +126,15 @@ def check_parity(onnx_bytes: bytes, model: torch.nn.Module, windows: np.ndarray,
             with torch.no_grad():
                 want = cpu_model(torch.from_numpy(xb)).numpy()
             if got.shape != want.shape:
-                raise ExportShapeMismatch(f"ONNX Runtime returned shape {list(got.shape)} where PyTorch returned {list(want.shape)}.")
+                raise ExportShapeMismatch(
+                    f"ONNX Runtime returned shape {list(got.shape)} where PyTorch returned {list(want.shape)}."
+                )
             if not np.all(np.isfinite(got)):
                 raise ExportValueMismatch("ONNX Runtime returned non-finite values on held-out windows.")
             worst = max(worst, float(np.max(np.abs(got - want))))
     if worst > tolerance:
-        raise ExportValueMismatch(f"ONNX Runtime and PyTorch differ by up to {worst:.3g} on held-out windows, above the tolerance {tolerance:g}.")
+        raise ExportValueMismatch(
+            f"ONNX Runtime and PyTorch differ by up to {worst:.3g} on held-out windows, above the tolerance "
+            f"{tolerance:g}."
+        )
     return worst

@@ -83,7 +83,13 @@ def entity_max(keys: list[str], scores: np.ndarray) -> np.ndarray:
 
 
 def fit_count_branches(
-    rows: np.ndarray, kinds: np.ndarray, keys: list[str], is_val: np.ndarray, variance: float, scale_floor: float, min_scale: float
+    rows: np.ndarray,
+    kinds: np.ndarray,
+    keys: list[str],
+    is_val: np.ndarray,
+    variance: float,
+    scale_floor: float,
+    min_scale: float,
 ) -> tuple[Branch, Branch, dict[str, Any]]:
     """(line branch, idle branch, figures). Fitted on the training entities' rows, scaled on the
     held-out entities' rows. Without idle-check rows to learn from, idle rows use the line branch."""
@@ -101,7 +107,9 @@ def fit_count_branches(
         out[name] = with_scale(b, entity_max([keys[i] for i in val_rows.tolist()], spe), min_scale)
         info[name] = {"rows": b.rows, "k": b.k, "scale": out[name].q, "validation_rows": int(val_rows.size)}
     if "line" not in out:
-        raise ValueError("too few training lines to fit a count model (need at least 2 line rows of training entities).")
+        raise ValueError(
+            "too few training lines to fit a count model (need at least 2 line rows of training entities)."
+        )
     return out["line"], out.get("idle", out["line"]), info
 
 
@@ -123,8 +131,17 @@ def count_model_onnx(line: Branch, idle: Branch, vocab_size: int) -> bytes:
     c = lambda a, name: numpy_helper.from_array(np.asarray(a, dtype=np.float32), name)  # noqa: E731
     i64 = lambda a, name: numpy_helper.from_array(np.asarray(a, dtype=np.int64), name)  # noqa: E731
     inits = [
-        i64(1, "newest"), i64(0, "oldest"), i64([0], "c0"), i64([v], "cv"), i64([f], "cf"), i64([1], "ax1"), i64([1], "unsq"),
-        c(1.0, "one"), c(0.0, "zero"), c(float(IDLE), "idle_kind"), c(float(START), "start_kind"),
+        i64(1, "newest"),
+        i64(0, "oldest"),
+        i64([0], "c0"),
+        i64([v], "cv"),
+        i64([f], "cf"),
+        i64([1], "ax1"),
+        i64([1], "unsq"),
+        c(1.0, "one"),
+        c(0.0, "zero"),
+        c(float(IDLE), "idle_kind"),
+        c(float(START), "start_kind"),
     ]
     nodes = [
         helper.make_node("Gather", [INPUT_NAME, "newest"], ["row"], axis=1),  # [b, F]
@@ -138,7 +155,12 @@ def count_model_onnx(line: Branch, idle: Branch, vocab_size: int) -> bytes:
         helper.make_node("Slice", ["zeros_f", "c0", "cv", "ax1"], ["zeros_v"]),
     ]
     for name, b in (("line", line), ("idle", idle)):
-        inits += [c(b.mean, f"{name}_mean"), c(1.0 / b.scale, f"{name}_inv_scale"), c(b.residual, f"{name}_residual"), c(1.0 / b.q, f"{name}_inv_q")]
+        inits += [
+            c(b.mean, f"{name}_mean"),
+            c(1.0 / b.scale, f"{name}_inv_scale"),
+            c(b.residual, f"{name}_residual"),
+            c(1.0 / b.q, f"{name}_inv_q"),
+        ]
         nodes += [
             helper.make_node("Sub", ["log_counts", f"{name}_mean"], [f"{name}_centred"]),
             helper.make_node("Mul", [f"{name}_centred", f"{name}_inv_scale"], [f"{name}_z"]),
@@ -160,7 +182,9 @@ def count_model_onnx(line: Branch, idle: Branch, vocab_size: int) -> bytes:
     x = helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", 2, f])
     y = helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", 2, f])
     graph = helper.make_graph(nodes, "log-template-counts", [x], [y], initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)], producer_name="stream-detector")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)], producer_name="stream-detector"
+    )
     model.ir_version = ONNX_IR_VERSION
     onnx.checker.check_model(model, full_check=True)
     return model.SerializeToString()

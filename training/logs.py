@@ -36,19 +36,20 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from stream_detector.core.bundle import Calibration, Normaliser, ScoringRule, load_bundle, write_bundle
-from stream_detector.logs.spec import COUNTS_LAYOUT, LAYOUT, WINDOW, LogModelSpec, feature_names
 from stream_detector.logs.features import LogFeatureConfigError, make_feature_config
 from stream_detector.logs.parse import LineParser, LogConfigError, LogLineError, make_config
-from stream_detector.logs.stage import LogStage, START
+from stream_detector.logs.spec import COUNTS_LAYOUT, LAYOUT, WINDOW, LogModelSpec, feature_names
+from stream_detector.logs.stage import START, LogStage
 from stream_detector.logs.templates import TemplateConfigError, TemplateMiner, make_template_config
+
+if TYPE_CHECKING:
+    import torch  # imported where used: the count models train without it
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,8 @@ class LogFitSettings(BaseModel):
     idle_check_s: float | None = Field(600.0, gt=0)  # counts: judge an entity at rest after this much inactivity
     count_variance: float = Field(0.99, gt=0, le=1)  # counts: variance kept by the principal subspace
     count_scale_floor: float = Field(0.2, gt=0)  # counts: floor of a feature's std of log1p(count)
-    count_min_scale: float = Field(1.0, gt=0)  # counts: smallest calibration scale (residual sum of squares scoring 1.0)
+    # counts: smallest calibration scale (residual sum of squares scoring 1.0)
+    count_min_scale: float = Field(1.0, gt=0)
     # counts: a score below this never alerts (when the held-out entities all score ~0, as on very regular data)
     count_threshold_floor: float = Field(0.5, ge=0)
     context: int = Field(32, ge=2)
@@ -138,11 +140,17 @@ def read_labels(path: Path) -> tuple[str, set[str]]:
     if "label" not in header:
         raise LogTrainingError(f"label file {path} has several columns but none named 'Label'.")
     li = header.index("label")
-    bad = {r[0].strip() for r in rows[1:] if len(r) > li and r[li].strip().lower() in ("anomaly", "anomalous", "abnormal", "1", "true")}
+    bad = {
+        r[0].strip()
+        for r in rows[1:]
+        if len(r) > li and r[li].strip().lower() in ("anomaly", "anomalous", "abnormal", "1", "true")
+    }
     return "exclude", bad
 
 
-def _keep_lines(lines: list[bytes], parser: LineParser, labels: tuple[str, set[str]] | None) -> tuple[list[bytes], list[Any], int]:
+def _keep_lines(
+    lines: list[bytes], parser: LineParser, labels: tuple[str, set[str]] | None
+) -> tuple[list[bytes], list[Any], int]:
     kept, parsed, unusable = [], [], 0
     for raw in lines:
         try:
@@ -160,7 +168,7 @@ def _keep_lines(lines: list[bytes], parser: LineParser, labels: tuple[str, set[s
     return kept, parsed, unusable
 
 
-def build_model(spec: LogModelSpec, s: LogFitSettings):
+def build_model(spec: LogModelSpec, s: LogFitSettings) -> torch.nn.Module:
     import torch
     from torch import nn
 
@@ -185,6 +193,11 @@ def build_model(spec: LogModelSpec, s: LogFitSettings):
             return h + self.drop(self.ff(self.ln2(h)))
 
     class LogSequenceModel(nn.Module):
+        causal: torch.Tensor  # buffers (register_buffer)
+        eye: torch.Tensor
+        slots: torch.Tensor
+        slot: torch.Tensor
+
         def __init__(self) -> None:
             super().__init__()
             k, d = spec.context, s.d_model
@@ -232,13 +245,15 @@ def build_model(spec: LogModelSpec, s: LogFitSettings):
     return LogSequenceModel()
 
 
-def _lm_loss(model, rows, n_out: int, pad_id: int):
+def _lm_loss(model: Any, rows: torch.Tensor, n_out: int, pad_id: int) -> torch.Tensor:
     import torch
 
     logits, tok = model.logits(rows)
     target = tok[:, 1:]
     ok = (target < n_out) & (tok[:, :-1] != pad_id)
-    ce = torch.nn.functional.cross_entropy(logits[:, :-1, :].reshape(-1, n_out), torch.clamp(target, max=n_out - 1).reshape(-1), reduction="none")
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1, :].reshape(-1, n_out), torch.clamp(target, max=n_out - 1).reshape(-1), reduction="none"
+    )
     ok = ok.reshape(-1).float()
     return (ce * ok).sum() / ok.sum().clamp(min=1.0)
 
@@ -287,13 +302,24 @@ def fit_log(s: LogFitSettings, command_line: str | None = None) -> LogFitResult:
     lines = read_lines(s.data)
     kept, parsed, unusable = _keep_lines(lines, LineParser(parser_cfg), labels)
     if not kept:
-        raise LogTrainingError(f"no usable training lines in {s.data} ({unusable} of {len(lines)} lines do not parse as {s.log_format}).")
+        raise LogTrainingError(
+            f"no usable training lines in {s.data} ({unusable} of {len(lines)} lines do not parse as {s.log_format})."
+        )
     miner = TemplateMiner(template_cfg)
     for p in parsed:
         miner.learn(p.message)
     templates = miner.freeze()
-    spec = LogModelSpec(parser_cfg, feature_cfg, templates, 0 if counts else s.context, COUNTS_LAYOUT if counts else LAYOUT)
-    log.info("%s: %d lines, %d used for training (%d unparseable), %d templates", s.data, len(lines), len(kept), unusable, templates.vocab_size - 1)
+    spec = LogModelSpec(
+        parser_cfg, feature_cfg, templates, 0 if counts else s.context, COUNTS_LAYOUT if counts else LAYOUT
+    )
+    log.info(
+        "%s: %d lines, %d used for training (%d unparseable), %d templates",
+        s.data,
+        len(lines),
+        len(kept),
+        unusable,
+        templates.vocab_size - 1,
+    )
 
     stage = LogStage(spec)
     batch, _ = stage.feed(kept)
@@ -305,7 +331,10 @@ def fit_log(s: LogFitSettings, command_line: str | None = None) -> LogFitResult:
     order = sorted(first_seen, key=lambda e: first_seen[e])
     n_val = max(1, int(round(len(order) * s.val_fraction)))
     if len(order) - n_val < 1:
-        raise LogTrainingError(f"only {len(order)} entities in the training lines: too few to hold {s.val_fraction:.0%} out for calibration.")
+        raise LogTrainingError(
+            f"only {len(order)} entities in the training lines: too few to hold {s.val_fraction:.0%} out for "
+            "calibration."
+        )
     val_entities = set(order[-n_val:])
     is_val = np.fromiter((k in val_entities for k in batch.keys), dtype=bool, count=batch.n)
     rows = batch.rows
@@ -336,7 +365,10 @@ def fit_log(s: LogFitSettings, command_line: str | None = None) -> LogFitResult:
             total += loss.item() * min(s.batch_size, perm.size - i)
         model.eval()
         with torch.no_grad():
-            val = sum(float(_lm_loss(model, xt[val_idx[i : i + 4096]], n_out, pad)) * min(4096, val_idx.size - i) for i in range(0, val_idx.size, 4096)) / max(1, val_idx.size)
+            val = sum(
+                float(_lm_loss(model, xt[val_idx[i : i + 4096]], n_out, pad)) * min(4096, val_idx.size - i)
+                for i in range(0, val_idx.size, 4096)
+            ) / max(1, val_idx.size)
         history.append((total / max(1, train_idx.size), val))
         log.info("epoch %d: train loss %.4f, validation loss %.4f", epoch + 1, history[-1][0], val)
         if val < best - 1e-4:
@@ -379,38 +411,90 @@ def fit_log(s: LogFitSettings, command_line: str | None = None) -> LogFitResult:
     extra, extra_files = spec.to_extra()
     K = spec.context
     arch = {
-        "kind": "log_sequence_transformer", "context": K, "tokens": spec.n_tokens, "d_model": s.d_model,
-        "n_heads": s.n_heads, "n_layers": s.n_layers, "ff_dim": s.ff_dim, "unknown_template_nats": s.unknown_template_nats,
+        "kind": "log_sequence_transformer",
+        "context": K,
+        "tokens": spec.n_tokens,
+        "d_model": s.d_model,
+        "n_heads": s.n_heads,
+        "n_layers": s.n_layers,
+        "ff_dim": s.ff_dim,
+        "unknown_template_nats": s.unknown_template_nats,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     training_meta = {
-        "data_source": str(s.data.resolve()), "data_format": "log", "lines": len(lines), "lines_used": len(kept),
-        "lines_unparseable": unusable, "labels": None if s.labels is None else str(s.labels),
-        "entities": len(order), "validation_entities": n_val, "train_rows": int(train_idx.size), "val_rows": int(val_idx.size),
-        "seed": s.seed, "epochs": len(history), "best_val_loss": best, "history": history,
-        "parity_max_abs_diff": parity, "settings": s.model_dump(mode="json"),
+        "data_source": str(s.data.resolve()),
+        "data_format": "log",
+        "lines": len(lines),
+        "lines_used": len(kept),
+        "lines_unparseable": unusable,
+        "labels": None if s.labels is None else str(s.labels),
+        "entities": len(order),
+        "validation_entities": n_val,
+        "train_rows": int(train_idx.size),
+        "val_rows": int(val_idx.size),
+        "seed": s.seed,
+        "epochs": len(history),
+        "best_val_loss": best,
+        "history": history,
+        "parity_max_abs_diff": parity,
+        "settings": s.model_dump(mode="json"),
         "command_line": command_line or "python API: training.logs.fit_log()",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    identity = Normaliser(np.zeros(K2, np.float32), np.ones(K2, np.float32), 1e-3)  # ids must reach the graph as they are
+    # ids must reach the graph as they are
+    identity = Normaliser(np.zeros(K2, np.float32), np.ones(K2, np.float32), 1e-3)
     write_bundle(
-        s.out, onnx_bytes, model_version=model_version, features=feature_names(K), window=WINDOW, normaliser=identity,
-        scoring=LOG_SCORING, calibration=calibration, model=arch, training=training_meta, extra=extra, extra_files=extra_files,
+        s.out,
+        onnx_bytes,
+        model_version=model_version,
+        features=feature_names(K),
+        window=WINDOW,
+        normaliser=identity,
+        scoring=LOG_SCORING,
+        calibration=calibration,
+        model=arch,
+        training=training_meta,
+        extra=extra,
+        extra_files=extra_files,
     )
     from stream_detector.logs.spec import load_log_spec
 
     load_log_spec(load_bundle(s.out))  # the service's own checks, on what was written
-    return LogFitResult(Path(s.out), model_version, templates.vocab_size - 1, int(train_idx.size), int(val_idx.size), best, calibration.threshold, parity, time.perf_counter() - t0)
+    return LogFitResult(
+        Path(s.out),
+        model_version,
+        templates.vocab_size - 1,
+        int(train_idx.size),
+        int(val_idx.size),
+        best,
+        calibration.threshold,
+        parity,
+        time.perf_counter() - t0,
+    )
 
 
-def _fit_counts(s: LogFitSettings, spec: LogModelSpec, batch: Any, is_val: np.ndarray, val_all: np.ndarray, lines: list, kept: list,
-                unusable: int, n_entities: int, n_val: int, command_line: str | None, t0: float) -> LogFitResult:
+def _fit_counts(
+    s: LogFitSettings,
+    spec: LogModelSpec,
+    batch: Any,
+    is_val: np.ndarray,
+    val_all: np.ndarray,
+    lines: list,
+    kept: list,
+    unusable: int,
+    n_entities: int,
+    n_val: int,
+    command_line: str | None,
+    t0: float,
+) -> LogFitResult:
     from training.export import ort_session
     from training.logcounts import count_model_onnx, entity_max, fit_count_branches, reference_errors
 
     rows = batch.rows
     try:
-        line, idle, info = fit_count_branches(rows, batch.kind, batch.keys, is_val, s.count_variance, s.count_scale_floor, s.count_min_scale)
+        line, idle, info = fit_count_branches(
+            rows, batch.kind, batch.keys, is_val, s.count_variance, s.count_scale_floor, s.count_min_scale
+        )
     except ValueError as e:
         raise LogTrainingError(str(e)) from None
     onnx_bytes = count_model_onnx(line, idle, spec.vocab_size)
@@ -424,7 +508,10 @@ def _fit_counts(s: LogFitSettings, spec: LogModelSpec, batch: Any, is_val: np.nd
         parity = max(parity, float(np.abs(r[:, -1, :] - reference_errors(rows[part], line, idle)).max(initial=0.0)))
         scores[i : i + part.size] = LOG_SCORING.scores(x, r)[0]
     if parity > s.parity_tolerance:
-        raise LogTrainingError(f"the count model's ONNX graph differs from its numpy reference by {parity:.3g} (tolerance {s.parity_tolerance}).")
+        raise LogTrainingError(
+            f"the count model's ONNX graph differs from its numpy reference by {parity:.3g} (tolerance "
+            f"{s.parity_tolerance})."
+        )
     session_max = entity_max([batch.keys[i] for i in val_all.tolist()], scores) if val_all.size else np.zeros(1)
     threshold = float(np.quantile(session_max, s.threshold_quantile)) * s.threshold_margin
     qs = {str(q): float(np.quantile(scores, q)) for q in (0.9, 0.99, 0.999, 0.9999)} if scores.size else {}
@@ -435,44 +522,145 @@ def _fit_counts(s: LogFitSettings, spec: LogModelSpec, batch: Any, is_val: np.nd
     sha = hashlib.sha256(onnx_bytes).hexdigest()
     model_version = s.model_version or f"logcounts-{sha[:12]}"
     extra, extra_files = spec.to_extra()
-    arch = {"kind": "log_template_counts_pca", "templates": spec.vocab_size, "variance": s.count_variance,
-            "scale_floor": s.count_scale_floor, "min_scale": s.count_min_scale, "branches": info}
+    arch = {
+        "kind": "log_template_counts_pca",
+        "templates": spec.vocab_size,
+        "variance": s.count_variance,
+        "scale_floor": s.count_scale_floor,
+        "min_scale": s.count_min_scale,
+        "branches": info,
+    }
     n_train = int(((batch.kind != START) & ~is_val).sum())
     training_meta = {
-        "data_source": str(s.data.resolve()), "data_format": "log", "model": "counts", "lines": len(lines), "lines_used": len(kept),
-        "lines_unparseable": unusable, "labels": None if s.labels is None else str(s.labels), "entities": n_entities,
-        "validation_entities": n_val, "train_rows": n_train, "val_rows": int(val_all.size), "seed": s.seed,
-        "parity_max_abs_diff": parity, "settings": s.model_dump(mode="json"),
+        "data_source": str(s.data.resolve()),
+        "data_format": "log",
+        "model": "counts",
+        "lines": len(lines),
+        "lines_used": len(kept),
+        "lines_unparseable": unusable,
+        "labels": None if s.labels is None else str(s.labels),
+        "entities": n_entities,
+        "validation_entities": n_val,
+        "train_rows": n_train,
+        "val_rows": int(val_all.size),
+        "seed": s.seed,
+        "parity_max_abs_diff": parity,
+        "settings": s.model_dump(mode="json"),
         "command_line": command_line or "python API: training.logs.fit_log()",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     f = spec.n_features
     identity = Normaliser(np.zeros(f, np.float32), np.ones(f, np.float32), 1e-3)  # counts reach the graph as they are
     write_bundle(
-        s.out, onnx_bytes, model_version=model_version, features=spec.feature_names(), window=WINDOW, normaliser=identity,
-        scoring=LOG_SCORING, calibration=calibration, model=arch, training=training_meta, extra=extra, extra_files=extra_files,
+        s.out,
+        onnx_bytes,
+        model_version=model_version,
+        features=spec.feature_names(),
+        window=WINDOW,
+        normaliser=identity,
+        scoring=LOG_SCORING,
+        calibration=calibration,
+        model=arch,
+        training=training_meta,
+        extra=extra,
+        extra_files=extra_files,
     )
     from stream_detector.logs.spec import load_log_spec
 
     load_log_spec(load_bundle(s.out))  # the service's own checks, on what was written
-    return LogFitResult(Path(s.out), model_version, spec.vocab_size - 1, n_train, int(val_all.size), math.nan, calibration.threshold, parity, time.perf_counter() - t0)
+    return LogFitResult(
+        Path(s.out),
+        model_version,
+        spec.vocab_size - 1,
+        n_train,
+        int(val_all.size),
+        math.nan,
+        calibration.threshold,
+        parity,
+        time.perf_counter() - t0,
+    )
 
 
 # ---------------------------------------------------------------------- command line (fit --format log)
-_FROM_FIT_FLAGS = ("data", "out", "d_model", "n_heads", "n_layers", "ff_dim", "dropout", "epochs", "patience", "batch_size", "lr",
-                   "weight_decay", "val_fraction", "threshold_quantile", "seed", "threads", "opset", "model_version")
+_FROM_FIT_FLAGS = (
+    "data",
+    "out",
+    "d_model",
+    "n_heads",
+    "n_layers",
+    "ff_dim",
+    "dropout",
+    "epochs",
+    "patience",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "val_fraction",
+    "threshold_quantile",
+    "seed",
+    "threads",
+    "opset",
+    "model_version",
+)
 
 
 def add_log_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("logs (--format log)")
-    g.add_argument("--labels", type=Path, default=None, help="with --format log: label file (entity,label; anomalous entities are left out) or a list of normal entities, one per line")
-    g.add_argument("--log-format", default=None, help="with --format log: line format preset: hdfs, syslog-rfc3164, syslog-rfc5424, jsonl (default hdfs)")
-    g.add_argument("--entity-regex", default=None, help=r"with --format log: regex naming the entity in a message (default blk_-?\d+)")
-    g.add_argument("--log-model", choices=("counts", "sequence"), default=None, help="with --format log: counts (template-count vectors, PCA per row kind; default) or sequence (causal Transformer over template ids)")
-    g.add_argument("--session-timeout", type=float, default=None, help="with --format log: seconds of inactivity that end an entity's session (default 86400 for counts, 3600 for sequence)")
-    g.add_argument("--idle-check", type=float, default=None, help="with --log-model counts: seconds of inactivity after which an entity's counts at rest are judged (default 600)")
-    g.add_argument("--context", type=int, default=None, help="with --format log: tokens the sequence model sees (default 32)")
-    g.add_argument("--threshold-margin", type=float, default=None, help="with --format log: factor on the calibrated session threshold (default 1.0)")
+    g.add_argument(
+        "--labels",
+        type=Path,
+        default=None,
+        help=(
+            "with --format log: label file (entity,label; anomalous entities are left out) or a list of normal "
+            "entities, one per line"
+        ),
+    )
+    g.add_argument(
+        "--log-format",
+        default=None,
+        help="with --format log: line format preset: hdfs, syslog-rfc3164, syslog-rfc5424, jsonl (default hdfs)",
+    )
+    g.add_argument(
+        "--entity-regex",
+        default=None,
+        help=r"with --format log: regex naming the entity in a message (default blk_-?\d+)",
+    )
+    g.add_argument(
+        "--log-model",
+        choices=("counts", "sequence"),
+        default=None,
+        help=(
+            "with --format log: counts (template-count vectors, PCA per row kind; default) or sequence (causal "
+            "Transformer over template ids)"
+        ),
+    )
+    g.add_argument(
+        "--session-timeout",
+        type=float,
+        default=None,
+        help=(
+            "with --format log: seconds of inactivity that end an entity's session (default 86400 for counts, 3600 for "
+            "sequence)"
+        ),
+    )
+    g.add_argument(
+        "--idle-check",
+        type=float,
+        default=None,
+        help=(
+            "with --log-model counts: seconds of inactivity after which an entity's counts at rest are judged (default "
+            "600)"
+        ),
+    )
+    g.add_argument(
+        "--context", type=int, default=None, help="with --format log: tokens the sequence model sees (default 32)"
+    )
+    g.add_argument(
+        "--threshold-margin",
+        type=float,
+        default=None,
+        help="with --format log: factor on the calibrated session threshold (default 1.0)",
+    )
 
 
 def log_settings_from_args(args: argparse.Namespace) -> LogFitSettings:
@@ -481,9 +669,16 @@ def log_settings_from_args(args: argparse.Namespace) -> LogFitSettings:
         v = getattr(args, name, None)
         if v is not None:
             values[name] = v
-    for name, flag in (("labels", "labels"), ("log_format", "log_format"), ("entity_regex", "entity_regex"),
-                       ("session_timeout_s", "session_timeout"), ("context", "context"), ("threshold_margin", "threshold_margin"),
-                       ("log_model", "log_model"), ("idle_check_s", "idle_check")):
+    for name, flag in (
+        ("labels", "labels"),
+        ("log_format", "log_format"),
+        ("entity_regex", "entity_regex"),
+        ("session_timeout_s", "session_timeout"),
+        ("context", "context"),
+        ("threshold_margin", "threshold_margin"),
+        ("log_model", "log_model"),
+        ("idle_check_s", "idle_check"),
+    ):
         v = getattr(args, flag, None)
         if v is not None:
             values[name] = v
@@ -494,7 +689,9 @@ def log_settings_from_args(args: argparse.Namespace) -> LogFitSettings:
         return LogFitSettings(**values)
     except ValidationError as e:
         err = e.errors()[0]
-        raise LogTrainingError(f"setting {'.'.join(map(str, err['loc']))!r}: {err['msg']} (got {err.get('input')!r}).") from None
+        raise LogTrainingError(
+            f"setting {'.'.join(map(str, err['loc']))!r}: {err['msg']} (got {err.get('input')!r})."
+        ) from None
 
 
 def handle_log_fit(args: argparse.Namespace, command_line: str) -> int:
@@ -512,8 +709,9 @@ def handle_log_fit(args: argparse.Namespace, command_line: str) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(
-        f"wrote {res.bundle_dir} (model_version {res.model_version}): {res.templates} templates, {res.train_rows} training / "
-        f"{res.val_rows} validation rows, {'' if math.isnan(res.best_val_loss) else f'best validation loss {res.best_val_loss:.4g}, '}"
+        f"wrote {res.bundle_dir} (model_version {res.model_version}): {res.templates} templates, "
+        f"{res.train_rows} training / {res.val_rows} validation rows, "
+        f"{'' if math.isnan(res.best_val_loss) else f'best validation loss {res.best_val_loss:.4g}, '}"
         f"ONNX parity {res.parity_max_abs_diff:.3g}, "
         f"session threshold {res.threshold:.4g}, {res.seconds:.1f} s"
     )

@@ -19,6 +19,8 @@ VARIANTS = ("plain", "masked")
 
 
 class TransformerAutoencoder(nn.Module):
+    keep: torch.Tensor  # a buffer (register_buffer), masked variant only
+
     def __init__(
         self,
         n_features: int,

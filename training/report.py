@@ -54,7 +54,10 @@ def render_report_png(bundle: Bundle) -> bytes:
         ax.bar(range(len(order)), np.asarray(fe)[order])
         ax.set_xticks(range(len(order)), [bundle.features[i] for i in order], rotation=90, fontsize=7)
     ax.set(title="mean validation error per feature (top 40)", ylabel="squared error")
-    fig.suptitle(f"{bundle.path.name}: {bundle.model.get('variant', '?')} model {bundle.model_version}, W={bundle.window}, F={bundle.n_features}")
+    fig.suptitle(
+        f"{bundle.path.name}: {bundle.model.get('variant', '?')} model {bundle.model_version}, W={bundle.window}, "
+        f"F={bundle.n_features}"
+    )
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
@@ -68,10 +71,14 @@ def summary_text(bundle: Bundle) -> str:
     q = bundle.calibration.quantiles
     lines = [
         f"bundle {bundle.path}: model_version {bundle.model_version}",
-        f"  model: {bundle.model.get('variant')} transformer, {bundle.model.get('parameters')} parameters, W={bundle.window}, F={bundle.n_features}, scoring positions {list(bundle.scoring.positions)}",
-        f"  data: {tr.get('data_source')} ({tr.get('rows')} rows, {tr.get('entities')} entities, {tr.get('train_windows')} train / {tr.get('val_windows')} validation windows)",
-        f"  training: {len(val_losses)} epochs, best epoch {tr.get('best_epoch')} val loss {tr.get('best_val_loss', float('nan')):.5g}"
-        f"{', interrupted' if tr.get('interrupted') else ''}{', early stop' if tr.get('early_stopped') else ''}, {tr.get('train_seconds', 0):.1f} s on {tr.get('device')}",
+        f"  model: {bundle.model.get('variant')} transformer, {bundle.model.get('parameters')} parameters, "
+        f"W={bundle.window}, F={bundle.n_features}, scoring positions {list(bundle.scoring.positions)}",
+        f"  data: {tr.get('data_source')} ({tr.get('rows')} rows, {tr.get('entities')} entities, "
+        f"{tr.get('train_windows')} train / {tr.get('val_windows')} validation windows)",
+        f"  training: {len(val_losses)} epochs, best epoch {tr.get('best_epoch')} val loss "
+        f"{tr.get('best_val_loss', float('nan')):.5g}"
+        f"{', interrupted' if tr.get('interrupted') else ''}{', early stop' if tr.get('early_stopped') else ''}, "
+        f"{tr.get('train_seconds', 0):.1f} s on {tr.get('device')}",
         f"  ONNX parity: max |ORT - PyTorch| = {tr.get('parity_max_abs_diff', float('nan')):.3g}",
         "  validation score quantiles: " + ", ".join(f"q{k}={v:.4g}" for k, v in q.items()),
         f"  suggested threshold: {bundle.calibration.threshold:.5g}",

@@ -79,7 +79,9 @@ def size_to_data(s: FitSettings, table: DataTable) -> Sizing:
         log.info(
             "%s, %d usable rows and %d training windows: %s (sized to the data; see training/sizing.py)",
             "short history" if n_train < SHORT_HISTORY else "history",
-            table.n_rows, n_train, ", ".join(f"{k} {v}" for k, v in chosen.items() if k != "window"),
+            table.n_rows,
+            n_train,
+            ", ".join(f"{k} {v}" for k, v in chosen.items() if k != "window"),
         )
     return Sizing(sized, plan, chosen)
 
@@ -141,7 +143,13 @@ def _log_window(plan: WindowPlan, what: str, refused: list[str]) -> None:
     why = f" ({'; '.join(refused)})" if refused else ""
     log.info(
         "window %d rows, chosen: %s, with %d training and %d validation windows (at least %d x W and %d needed)%s",
-        plan.window, what, plan.train_starts.size, plan.val_starts.size, TRAIN_WINDOWS_PER_STEP, MIN_VAL_WINDOWS, why,
+        plan.window,
+        what,
+        plan.train_starts.size,
+        plan.val_starts.size,
+        TRAIN_WINDOWS_PER_STEP,
+        MIN_VAL_WINDOWS,
+        why,
     )
 
 

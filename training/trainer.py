@@ -106,7 +106,9 @@ def train(
             model.train()
             order = gen.permutation(len(train_starts))[:per_epoch]
             starts_t = torch.as_tensor(train_starts[order], device=device)
-            bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False, unit="batch")
+            bar = tqdm(
+                range(steps_per_epoch), desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False, unit="batch"
+            )
             # The loss sum stays on the device: reading it every step would sync the GPU each batch.
             loss_sum = torch.zeros((), device=device)
             n_sum = 0
@@ -161,7 +163,9 @@ def train(
 
 
 @torch.no_grad()
-def evaluate_loss(model: TransformerAutoencoder, batches: WindowBatches, starts: torch.Tensor, pos: slice, chunk: int = 1024) -> float:
+def evaluate_loss(
+    model: TransformerAutoencoder, batches: WindowBatches, starts: torch.Tensor, pos: slice, chunk: int = 1024
+) -> float:
     model.eval()
     total, n = 0.0, 0
     for i in range(0, len(starts), chunk):

@@ -80,7 +80,8 @@ def plan_windows(table: DataTable, window: int, val_fraction: float, gap_factor:
         )
     if plan.val_starts.size == 0:
         raise WindowingError(
-            f"{table.source} gives no validation window of {window} rows; use more rows, a smaller window or a larger validation fraction."
+            f"{table.source} gives no validation window of {window} rows; use more rows, a smaller window or a larger "
+            "validation fraction."
         )
     return plan
 

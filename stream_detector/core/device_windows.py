@@ -81,9 +81,11 @@ def build_update_model(window_rows: int, n_features: int, opset: int = 17) -> by
     graph = h.make_graph(
         [h.make_node("ScatterND", [RING, INDICES, ROWS], [RING_OUT])],
         "sd_ring_update",
-        [h.make_tensor_value_info(RING, tp.FLOAT, ["capacity", window_rows, n_features]),
-         h.make_tensor_value_info(INDICES, tp.INT64, ["n", 2]),
-         h.make_tensor_value_info(ROWS, tp.FLOAT, ["n", n_features])],
+        [
+            h.make_tensor_value_info(RING, tp.FLOAT, ["capacity", window_rows, n_features]),
+            h.make_tensor_value_info(INDICES, tp.INT64, ["n", 2]),
+            h.make_tensor_value_info(ROWS, tp.FLOAT, ["n", n_features]),
+        ],
         [h.make_tensor_value_info(RING_OUT, tp.FLOAT, ["capacity", window_rows, n_features])],
     )
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", max(16, opset))])
@@ -98,8 +100,10 @@ def build_grow_model(window_rows: int, n_features: int, opset: int = 17) -> byte
     graph = h.make_graph(
         [h.make_node("Pad", [RING, PADS], [RING_OUT], mode="constant")],
         "sd_ring_grow",
-        [h.make_tensor_value_info(RING, tp.FLOAT, ["capacity", window_rows, n_features]),
-         h.make_tensor_value_info(PADS, tp.INT64, [6])],
+        [
+            h.make_tensor_value_info(RING, tp.FLOAT, ["capacity", window_rows, n_features]),
+            h.make_tensor_value_info(PADS, tp.INT64, [6]),
+        ],
         [h.make_tensor_value_info(RING_OUT, tp.FLOAT, ["new_capacity", window_rows, n_features])],
     )
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", max(13, opset))])
@@ -152,13 +156,23 @@ def build_score_model(bundle: Bundle, ring_rows: int) -> bytes:
         score_nodes.append(_reduce(h, op, FEATURE_ERRORS, SCORE, 1, opset, consts))
 
     nodes = gather + list(g.node) + score_nodes
-    inputs = [h.make_tensor_value_info(RING, tp.FLOAT, ["capacity", L, f]),
-              h.make_tensor_value_info(SLOT, tp.INT64, ["m"]),
-              h.make_tensor_value_info(END, tp.INT64, ["m"])]
-    outputs = [h.make_tensor_value_info(SCORE, tp.FLOAT, ["m"]),
-               h.make_tensor_value_info(FEATURE_ERRORS, tp.FLOAT, ["m", f])]
-    graph = h.make_graph(nodes, "sd_device_score", inputs, outputs, initializer=list(g.initializer) + consts,
-                         value_info=list(g.value_info))
+    inputs = [
+        h.make_tensor_value_info(RING, tp.FLOAT, ["capacity", L, f]),
+        h.make_tensor_value_info(SLOT, tp.INT64, ["m"]),
+        h.make_tensor_value_info(END, tp.INT64, ["m"]),
+    ]
+    outputs = [
+        h.make_tensor_value_info(SCORE, tp.FLOAT, ["m"]),
+        h.make_tensor_value_info(FEATURE_ERRORS, tp.FLOAT, ["m", f]),
+    ]
+    graph = h.make_graph(
+        nodes,
+        "sd_device_score",
+        inputs,
+        outputs,
+        initializer=list(g.initializer) + consts,
+        value_info=list(g.value_info),
+    )
     merged = h.make_model(graph, opset_imports=list(model.opset_import), producer_name="stream-detector device_windows")
     merged.ir_version = min(model.ir_version, ONNX_IR_VERSION_MAX)
     return merged.SerializeToString()
@@ -167,7 +181,7 @@ def build_score_model(bundle: Bundle, ring_rows: int) -> bytes:
 class DeviceWindows:
     """Device mirror of a `WindowStore`'s rings plus the scorer that reads them (see module doc)."""
 
-    def __init__(self, bundle: Bundle, scorer: "Scorer", ring_rows: int | None = None) -> None:
+    def __init__(self, bundle: Bundle, scorer: Scorer, ring_rows: int | None = None) -> None:
         import onnxruntime as ort
 
         self.bundle = bundle
@@ -181,13 +195,21 @@ class DeviceWindows:
         providers = scorer.session.get_providers()
         opts = scorer.session_options()
         try:
-            self._update = ort.InferenceSession(build_update_model(self.ring_rows, self.n_features), sess_options=opts, providers=providers)
-            self._grow = ort.InferenceSession(build_grow_model(self.ring_rows, self.n_features), sess_options=opts, providers=providers)
-            self._score = ort.InferenceSession(build_score_model(bundle, self.ring_rows), sess_options=opts, providers=providers)
+            self._update = ort.InferenceSession(
+                build_update_model(self.ring_rows, self.n_features), sess_options=opts, providers=providers
+            )
+            self._grow = ort.InferenceSession(
+                build_grow_model(self.ring_rows, self.n_features), sess_options=opts, providers=providers
+            )
+            self._score = ort.InferenceSession(
+                build_score_model(bundle, self.ring_rows), sess_options=opts, providers=providers
+            )
         except DeviceWindowsError:
             raise
         except Exception as e:  # onnxruntime raises its own exception types
-            raise DeviceWindowsError(f"ONNX Runtime cannot build the device-window graphs: {str(e).splitlines()[0]}") from None
+            raise DeviceWindowsError(
+                f"ONNX Runtime cannot build the device-window graphs: {str(e).splitlines()[0]}"
+            ) from None
         self.capacity = 0
         self._rings: list[Any] = []
         self.uploaded_rows = 0  # rows sent to the device since start (the host->device traffic)
@@ -203,7 +225,7 @@ class DeviceWindows:
         arr = host if host is not None else np.zeros((capacity, self.ring_rows, self.n_features), np.float32)
         return ort.OrtValue.ortvalue_from_numpy(arr, self._device[0], self._device[1])
 
-    def _sync_all(self, store: "WindowStore") -> None:
+    def _sync_all(self, store: WindowStore) -> None:
         """(Re)build the device ring from the host store, before a batch is ingested: at the
         first batch, after a model swap's renormalisation."""
         cap = store.capacity
@@ -230,7 +252,9 @@ class DeviceWindows:
         io = self._grow.io_binding()
         io.bind_ortvalue_input(RING, self._rings[0])
         io.bind_cpu_input(PADS, np.array([0, 0, 0, extra, 0, 0], np.int64))
-        out = ort.OrtValue.ortvalue_from_shape_and_type([capacity, self.ring_rows, self.n_features], np.float32, *self._device)
+        out = ort.OrtValue.ortvalue_from_shape_and_type(
+            [capacity, self.ring_rows, self.n_features], np.float32, *self._device
+        )
         io.bind_ortvalue_output(RING_OUT, out)
         self._grow.run_with_iobinding(io)
         self._rings = [out]
@@ -291,7 +315,7 @@ class DeviceWindows:
             errors[a:b] = fe.numpy()
         return scores, errors
 
-    def before_ingest(self, store: "WindowStore") -> None:
+    def before_ingest(self, store: WindowStore) -> None:
         """Bring the device ring up to the host store's state before a batch is ingested: built
         from the host at the first batch and after a renormalisation (model swap); whole windows
         re-sent for entities whose state was imported (changelog restore)."""
@@ -307,7 +331,7 @@ class DeviceWindows:
             self._resend(store, np.fromiter(store.rewritten, dtype=np.int64))
             store.rewritten.clear()
 
-    def process(self, store: "WindowStore", ing: "Ingested", rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def process(self, store: WindowStore, ing: Ingested, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Mirror one `WindowStore.ingest(..., gather=False)` on the device and score its due
         events: the counterpart of `scorer.score(ing.windows)`. `before_ingest` ran before it."""
         if store.capacity > self.capacity:
@@ -335,7 +359,7 @@ class DeviceWindows:
                 scores[d], errors[d] = self.score(ing.slots[ing.due[d]], positions[ing.due[d]])
         return scores, errors
 
-    def _resend(self, store: "WindowStore", slots: np.ndarray) -> None:
+    def _resend(self, store: WindowStore, slots: np.ndarray) -> None:
         """Send whole windows of slots whose host rows were replaced (restored state)."""
         counts = store.counts_of(slots)
         windows = store.windows_of(slots)

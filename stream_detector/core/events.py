@@ -7,8 +7,8 @@ calls. See docs/architecture.md for the field list.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -54,7 +54,7 @@ class EventBatch:
         topic: str | Sequence[str] = "",
         partition: int | np.ndarray | Sequence[int] = 0,
         offset: np.ndarray | Sequence[int] | None = None,
-    ) -> "EventBatch":
+    ) -> EventBatch:
         """Convenience constructor: scalars broadcast, missing times become NO_TIME, missing offsets
         become 0..n-1. Converts dtypes to the documented ones (copies only when needed)."""
         keys = list(keys)
@@ -72,7 +72,7 @@ class EventBatch:
         offs = np.arange(n, dtype=np.int64) if offset is None else np.asarray(offset, dtype=np.int64)
         return cls(keys, rows, times, topics, parts, offs)
 
-    def slice(self, start: int, stop: int) -> "EventBatch":
+    def slice(self, start: int, stop: int) -> EventBatch:
         """Events [start, stop) as a batch of their own (views where numpy allows)."""
         return EventBatch(
             self.keys[start:stop],
@@ -83,7 +83,7 @@ class EventBatch:
             self.offset[start:stop],
         )
 
-    def take(self, idx: np.ndarray) -> "EventBatch":
+    def take(self, idx: np.ndarray) -> EventBatch:
         """The events at positions `idx` (int array), as a batch of the same kind: a subclass that
         carries more columns (logs.stage.LogEventBatch) keeps them."""
         return EventBatch(

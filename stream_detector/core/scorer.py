@@ -70,8 +70,10 @@ class Scorer:
         self.bundle = bundle
         self.max_batch = int(max_batch)
         self.requested = provider
-        want_cuda = provider == "cuda" or require_cuda or (
-            provider == "auto" and CUDA in ort.get_available_providers() and nvidia_device_present()
+        want_cuda = (
+            provider == "cuda"
+            or require_cuda
+            or (provider == "auto" and CUDA in ort.get_available_providers() and nvidia_device_present())
         )
         providers: list[Any] = [(CUDA, {"device_id": device_id}), CPU] if want_cuda else [CPU]
         # A CUDA provider that cannot start logs several lines through ORT's default logger (not
@@ -131,9 +133,13 @@ class Scorer:
         n, f = max(1, min(int(windows), self.max_batch)), self.bundle.n_features
         scores, errors = self.score(np.zeros((n, self.bundle.window, f), dtype=np.float32))
         if np.shape(scores) != (n,) or np.shape(errors) != (n, f):
-            raise ScorerError(f"model {self.bundle.model_version} returned scores of shape {np.shape(scores)} for {n} windows.")
+            raise ScorerError(
+                f"model {self.bundle.model_version} returned scores of shape {np.shape(scores)} for {n} windows."
+            )
         if not (np.all(np.isfinite(scores)) and np.all(np.isfinite(errors))):
-            raise ScorerError(f"model {self.bundle.model_version} produced NaN or infinite scores for windows of zeros.")
+            raise ScorerError(
+                f"model {self.bundle.model_version} produced NaN or infinite scores for windows of zeros."
+            )
 
     def reconstruct(self, windows: np.ndarray) -> np.ndarray:
         """Model output for normalised windows [n, W, F], in chunks of max_batch."""

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import logging
 import zlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -141,7 +142,9 @@ class WindowStore:
         if rows.shape != (n, self.n_features):
             raise ValueError(f"rows must have shape ({n}, {self.n_features}), got {rows.shape}.")
         parts = np.asarray(partitions, dtype=np.int64)
-        times = np.full(n, NO_TIME, dtype=np.int64) if event_time_ms is None else np.asarray(event_time_ms, dtype=np.int64)
+        times = (
+            np.full(n, NO_TIME, dtype=np.int64) if event_time_ms is None else np.asarray(event_time_ms, dtype=np.int64)
+        )
         self._seq += 1
         empty = np.zeros(0, dtype=np.int64)
         if n == 0:
@@ -287,21 +290,31 @@ class WindowStore:
                 self._release(s)
                 self._last_time[s] = NO_TIME  # a free slot is never idle-evicted again
             self.evicted_idle += victims.size
-            log.info("evicted %d entities idle for more than %d ms (%d tracked)", victims.size, self.idle_timeout_ms, len(self))
+            log.info(
+                "evicted %d entities idle for more than %d ms (%d tracked)",
+                victims.size,
+                self.idle_timeout_ms,
+                len(self),
+            )
         return int(victims.size)
 
     def _evict_lru(self, k: int) -> int:
         candidates = np.flatnonzero(self._occupied_mask() & (self._last_seq != self._seq))
         if candidates.size < k:
             raise ValueError(
-                f"one batch holds more distinct entities than max_entities={self.max_entities}; split the batch or raise the cap."
+                f"one batch holds more distinct entities than max_entities={self.max_entities}; split the batch or "
+                "raise the cap."
             )
-        victims = candidates[np.argpartition(self._last_seq[candidates], k - 1)[:k]] if k < candidates.size else candidates
+        victims = (
+            candidates[np.argpartition(self._last_seq[candidates], k - 1)[:k]] if k < candidates.size else candidates
+        )
         for s in victims.tolist():
             self._release(s)
         self.evicted_lru += int(victims.size)
         log.warning(
-            "entity cap max_entities=%d reached: evicted the %d least recently seen entities", self.max_entities, victims.size
+            "entity cap max_entities=%d reached: evicted the %d least recently seen entities",
+            self.max_entities,
+            victims.size,
         )
         return int(victims.size)
 
@@ -338,7 +351,7 @@ class WindowStore:
             log.info("dropped window state of %d entities of partitions %s", len(freed), sorted(drop))
         return freed
 
-    def renormalise(self, old: "Normaliser", new: "Normaliser") -> None:
+    def renormalise(self, old: Normaliser, new: Normaliser) -> None:
         """Re-express every stored row under another normaliser (model hot reload): the buffers
         hold normalised rows, so a new bundle's centre/scale must be applied to them, in place."""
         buf = self._buf
@@ -363,7 +376,9 @@ class WindowStore:
         rows = np.asarray(state["rows"], dtype=np.float32).reshape(-1, self.n_features)
         count = int(state["count"])
         if rows.shape[0] != min(count, self.window):
-            raise ValueError(f"window state holds {rows.shape[0]} rows for a count of {count} with window {self.window}.")
+            raise ValueError(
+                f"window state holds {rows.shape[0]} rows for a count of {count} with window {self.window}."
+            )
         entity = (int(partition), key)
         slot = self._index.get(entity)
         if slot is None:

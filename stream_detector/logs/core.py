@@ -3,14 +3,18 @@ template, sample line) and, with a changelog, whose entity state carries the log
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Any, Sequence
+from typing import Any
 
 from stream_detector.core.events import EventBatch
 from stream_detector.logs.spec import LogModelSpec
 from stream_detector.logs.stage import END, IDLE, LINE, ROW_KINDS, START, LogEventBatch, LogStage, SavedSession
 
-def annotate_alerts(spec: LogModelSpec, batch: LogEventBatch, alerts: list[dict[str, Any]], alert_rows: Sequence[int]) -> None:
+
+def annotate_alerts(
+    spec: LogModelSpec, batch: LogEventBatch, alerts: list[dict[str, Any]], alert_rows: Sequence[int]
+) -> None:
     """Add a `log` object to each contract-3 alert: what kind of row raised it, the offending
     line's template (or "<session end>") and a sample line. `alert_rows[j]` is the batch row of alerts[j]."""
     for a, r in zip(alerts, alert_rows):
@@ -61,7 +65,8 @@ class LogDetectorCore:
         return state
 
     def restore(self, partition: int, key: str, state: dict[str, Any]) -> None:
-        saved = None if state.get("log") is None else SavedSession.from_state(state["log"])  # checked before anything is installed
+        # checked before anything is installed
+        saved = None if state.get("log") is None else SavedSession.from_state(state["log"])
         self._core.restore(partition, key, state)
         if saved is not None and self.stage is not None:
             self._sessions[(partition, key)] = saved
@@ -79,8 +84,15 @@ class LogDetectorCore:
     def _note(self, batch: LogEventBatch) -> None:
         """Each entity's session as of this batch (which the core has just applied)."""
         sessions = self._sessions
-        for p, k, kind, t, topic, offset, line in zip(batch.partition.tolist(), batch.keys, batch.kind.tolist(),
-                                                      batch.event_time_ms.tolist(), batch.topic, batch.offset.tolist(), batch.line):
+        for p, k, kind, t, topic, offset, line in zip(
+            batch.partition.tolist(),
+            batch.keys,
+            batch.kind.tolist(),
+            batch.event_time_ms.tolist(),
+            batch.topic,
+            batch.offset.tolist(),
+            batch.line,
+        ):
             s = sessions.get((p, k))
             if s is None or kind == START:
                 s = sessions[(p, k)] = SavedSession(t)

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
@@ -50,7 +51,7 @@ class LogFeatureConfig(BaseModel):
     idle_check_s: float | None = None
 
     @model_validator(mode="after")
-    def _check(self) -> "LogFeatureConfig":
+    def _check(self) -> LogFeatureConfig:
         if not self.session_timeout_s > 0:
             raise ValueError("session_timeout_s must be positive")
         if self.bucket_s is not None and not self.bucket_s > 0:
@@ -62,7 +63,7 @@ class LogFeatureConfig(BaseModel):
         return self
 
 
-def make_feature_config(**fields) -> LogFeatureConfig:
+def make_feature_config(**fields: Any) -> LogFeatureConfig:
     try:
         return LogFeatureConfig(**fields)
     except ValidationError as e:
@@ -145,7 +146,9 @@ class LogFeaturizer:
     def __len__(self) -> int:
         return len(self._state)
 
-    def add_batch(self, entities: Sequence[str], time_ms: Sequence[int] | np.ndarray, template_ids: Sequence[int] | np.ndarray) -> FeatureBatch:
+    def add_batch(
+        self, entities: Sequence[str], time_ms: Sequence[int] | np.ndarray, template_ids: Sequence[int] | np.ndarray
+    ) -> FeatureBatch:
         n = len(entities)
         if len(time_ms) != n or len(template_ids) != n:
             raise ValueError("entities, time_ms and template_ids must have the same length")
@@ -183,7 +186,7 @@ class LogFeaturizer:
                         self._emit_bucket(entity, st, out)
                     st.bucket = b
                     heapq.heappush(self._bucket_heap, ((b + 1) * bms, entity, b))
-                st.bucket_counts[tid] += 1
+                st.bucket_counts[tid] += 1  # type: ignore[index]  # allocated whenever buckets are on (bms set)
             if tid in self.end_ids:
                 self._close(entity, "end-template", out)
             elif st.earlier + len(st.ids) >= cfg.max_session_events:
@@ -202,9 +205,9 @@ class LogFeaturizer:
         heap = self._bucket_heap
         while heap and heap[0][0] <= now_ms:
             _, entity, b = heapq.heappop(heap)
-            st = state.get(entity)
-            if st is not None and st.bucket == b:
-                self._emit_bucket(entity, st, out)
+            held = state.get(entity)
+            if held is not None and held.bucket == b:
+                self._emit_bucket(entity, held, out)
         return out
 
     def resume(self, sessions: Iterable[tuple[str, int, int, int]]) -> None:
@@ -215,7 +218,9 @@ class LogFeaturizer:
         state = self._state
         for entity, start_ms, last_ms, events in sessions:
             if entity not in state:
-                st = state[entity] = _EntityState(int(start_ms), self.vocab_size, self._bucket_ms is not None, earlier=int(events))
+                st = state[entity] = _EntityState(
+                    int(start_ms), self.vocab_size, self._bucket_ms is not None, earlier=int(events)
+                )
                 st.last_ms = int(last_ms)
         # expiry and eviction walk from the front: least recently active first
         self._state = OrderedDict(sorted(state.items(), key=lambda kv: kv[1].last_ms))
@@ -235,20 +240,30 @@ class LogFeaturizer:
         return out
 
     def _emit_bucket(self, entity: str, st: _EntityState, out: FeatureBatch) -> None:
-        if st.bucket_counts is not None and st.bucket >= 0 and st.bucket_counts.any():
-            out.buckets.append(BucketCounts(entity, st.bucket * self._bucket_ms, st.bucket_counts.copy()))
+        bms = self._bucket_ms  # set exactly when the states hold bucket counts
+        if bms is not None and st.bucket_counts is not None and st.bucket >= 0 and st.bucket_counts.any():
+            out.buckets.append(BucketCounts(entity, st.bucket * bms, st.bucket_counts.copy()))
             st.bucket_counts[:] = 0
 
     def _close(self, entity: str, reason: SessionEnd, out: FeatureBatch) -> None:
         st = self._state.pop(entity)
         self._emit_bucket(entity, st, out)
         out.sessions.append(
-            Session(entity, st.start_ms, st.last_ms, reason, np.asarray(st.ids, dtype=np.int32), np.asarray(st.gaps, dtype=np.float32),
-                    st.earlier)
+            Session(
+                entity,
+                st.start_ms,
+                st.last_ms,
+                reason,
+                np.asarray(st.ids, dtype=np.int32),
+                np.asarray(st.gaps, dtype=np.float32),
+                st.earlier,
+            )
         )
 
 
-def explode(entities_per_line: Sequence[Sequence[str]], time_ms: Sequence[int], template_ids: Sequence[int]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+def explode(
+    entities_per_line: Sequence[Sequence[str]], time_ms: Sequence[int], template_ids: Sequence[int]
+) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
     """Lines → events: one event per (line, entity). Returns (entities, time_ms int64, template_ids
     int32, line index int64) for LogFeaturizer.add_batch."""
     ents: list[str] = []

@@ -30,7 +30,7 @@ from __future__ import annotations
 import calendar
 import re
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple
 
 import orjson
@@ -59,7 +59,9 @@ PRESET_TIMESTAMP_FORMAT: dict[str, str] = {
     "syslog-rfc5424": "iso8601",
 }
 SYSLOG_SEVERITY = ("EMERG", "ALERT", "CRIT", "ERR", "WARNING", "NOTICE", "INFO", "DEBUG")
-_MONTHS = {m: i for i, m in enumerate(("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), 1)}
+_MONTHS = {
+    m: i for i, m in enumerate(("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), 1)
+}
 _TIMESTAMP_CACHE_SIZE = 65536  # many lines share a second; parsing a timestamp once per second is enough
 
 
@@ -92,7 +94,7 @@ class LogParserConfig(BaseModel):
     max_line_bytes: int = 65536
 
     @model_validator(mode="after")
-    def _check(self) -> "LogParserConfig":
+    def _check(self) -> LogParserConfig:
         if self.format == "regex" and not self.line_regex:
             raise ValueError("format 'regex' needs line_regex")
         if self.entity == "json-field":
@@ -108,11 +110,14 @@ class LogParserConfig(BaseModel):
         return {"version": LOG_PARSER_VERSION, **self.model_dump()}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "LogParserConfig":
+    def from_json(cls, d: dict[str, Any]) -> LogParserConfig:
         d = dict(d)
         version = d.pop("version", None)
         if version != LOG_PARSER_VERSION:
-            raise LogConfigError(f"the log parser configuration has version {version!r}; this stream-detector reads version {LOG_PARSER_VERSION}.")
+            raise LogConfigError(
+                f"the log parser configuration has version {version!r}; this stream-detector reads version "
+                f"{LOG_PARSER_VERSION}."
+            )
         return make_config(**d)
 
 
@@ -231,7 +236,9 @@ class LineParser:
             entities = tuple(dict.fromkeys(found)) if len(found) > 1 else tuple(found)
         elif cfg.entity == "json-field":
             value = _field(obj or {}, cfg.entity_field or "")
-            entities = (str(value),) if isinstance(value, (str, int)) and not isinstance(value, bool) and value != "" else ()
+            entities = (
+                (str(value),) if isinstance(value, (str, int)) and not isinstance(value, bool) and value != "" else ()
+            )
         else:  # kafka-key
             if isinstance(key, (bytes, bytearray)):
                 try:
@@ -299,5 +306,5 @@ def _to_epoch_ms(raw: Any, fmt: str, year: int) -> int:
     else:
         dt = datetime.strptime(raw, fmt)
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
+        dt = dt.replace(tzinfo=UTC)
     return int(round(dt.timestamp() * 1000))

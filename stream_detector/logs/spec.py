@@ -156,7 +156,9 @@ def load_log_spec(bundle: Bundle) -> LogModelSpec:
         raise BundleError(f"{where} is not a log model (its bundle.json has no '{LOGS_SECTION}' section).")
     layout = sec.get("layout")
     if layout not in LAYOUTS:
-        raise BundleError(f"{where} has log input layout {layout!r}; this stream-detector reads {' or '.join(map(repr, LAYOUTS))}.")
+        raise BundleError(
+            f"{where} has log input layout {layout!r}; this stream-detector reads {' or '.join(map(repr, LAYOUTS))}."
+        )
     try:
         parser = LogParserConfig.from_json(sec["parser"])
         features = LogFeatureConfig(**sec["features"])
@@ -171,7 +173,10 @@ def load_log_spec(bundle: Bundle) -> LogModelSpec:
     except (TypeError, ValueError) as e:  # pydantic's ValidationError is a ValueError
         raise BundleError(f"{where}'s logs section has a malformed value ({str(e).splitlines()[0]}).") from None
     if tversion != TEMPLATE_SET_VERSION:
-        raise BundleError(f"{where} was trained with template set version {tversion!r}; this stream-detector reads version {TEMPLATE_SET_VERSION}.")
+        raise BundleError(
+            f"{where} was trained with template set version {tversion!r}; this stream-detector reads version "
+            f"{TEMPLATE_SET_VERSION}."
+        )
     path = bundle.path / fname
     if not path.is_file():
         raise BundleError(f"{where} has no template set file {fname}.")
@@ -180,15 +185,20 @@ def load_log_spec(bundle: Bundle) -> LogModelSpec:
     except TemplateConfigError as e:
         raise BundleError(f"{where}: {e}") from None
     if templates.fingerprint != fingerprint:
-        raise BundleError(f"{path} is not the template set the model was trained with (its fingerprint differs from bundle.json's).")
+        raise BundleError(
+            f"{path} is not the template set the model was trained with (its fingerprint differs from bundle.json's)."
+        )
     spec = LogModelSpec(parser, features, templates, context, layout)
     if bundle.window != WINDOW or tuple(bundle.features) != tuple(spec.feature_names()):
         what = f"{spec.vocab_size} template ids" if spec.counts else f"context {context}"
         raise BundleError(f"{where}'s window and features do not follow the log layout {layout} with {what}.")
     if sec.get("vocab_size") != spec.vocab_size:
-        raise BundleError(f"{where} was trained for {sec.get('vocab_size')!r} template ids but its template set has {spec.vocab_size}.")
+        raise BundleError(
+            f"{where} was trained for {sec.get('vocab_size')!r} template ids but its template set has "
+            f"{spec.vocab_size}."
+        )
     try:
-        spec.end_template_ids
+        _ = spec.end_template_ids  # the property checks the feature configuration against the template set
     except LogFeatureConfigError as e:
         raise BundleError(f"{where}: {e}") from None
     return spec

@@ -31,17 +31,17 @@ path; they never reach the model.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence, get_type_hints
+from typing import Any, get_type_hints
 
 import numpy as np
 
 from stream_detector.core.events import NO_TIME, EventBatch
-from collections import OrderedDict
-
-from stream_detector.logs.spec import IDLE_TOKEN, LogModelSpec, gap_feature
 from stream_detector.logs.features import LogFeaturizer, Session
 from stream_detector.logs.parse import LineParser, LogLineError
+from stream_detector.logs.spec import IDLE_TOKEN, LogModelSpec, gap_feature
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +58,20 @@ class LogEventBatch(EventBatch):
     line: list[str]  # [n]: the raw line (END: the session's last line)
     line_index: np.ndarray  # int64 [n]: index of the input line in the fed sequence (-1 for END/IDLE rows)
 
-    def take(self, idx: np.ndarray) -> "LogEventBatch":
+    def take(self, idx: np.ndarray) -> LogEventBatch:
         b = EventBatch.take(self, idx)
-        return LogEventBatch(b.keys, b.rows, b.event_time_ms, b.topic, b.partition, b.offset, kind=self.kind[idx],
-                             token=self.token[idx], line=[self.line[i] for i in idx.tolist()], line_index=self.line_index[idx])
+        return LogEventBatch(
+            b.keys,
+            b.rows,
+            b.event_time_ms,
+            b.topic,
+            b.partition,
+            b.offset,
+            kind=self.kind[idx],
+            token=self.token[idx],
+            line=[self.line[i] for i in idx.tolist()],
+            line_index=self.line_index[idx],
+        )
 
 
 @dataclass(frozen=True)
@@ -80,7 +90,7 @@ class _Context:
     def __init__(self, vocab_size: int = 0) -> None:
         self.tokens: list[int] = []
         self.gaps: list[float] = []
-        self.counts = np.zeros(vocab_size, dtype=np.float32) if vocab_size else None
+        self.counts = np.zeros(vocab_size, dtype=np.float32) if vocab_size else None  # count models only
         self.source: tuple[str, int, int] = ("", 0, 0)
         self.line = ""
         self.time_ms = 0
@@ -131,7 +141,11 @@ class LogStage:
         self._settle()
         n = len(lines)
         topics = [topic] * n if isinstance(topic, str) else list(topic)
-        parts = np.full(n, int(partition), dtype=np.int64) if np.isscalar(partition) else np.asarray(partition, dtype=np.int64)
+        parts = (
+            np.full(n, int(partition), dtype=np.int64)  # type: ignore[arg-type]  # np.isscalar does not narrow
+            if np.isscalar(partition)
+            else np.asarray(partition, dtype=np.int64)
+        )
         offs = np.arange(n, dtype=np.int64) if offset is None else np.asarray(offset, dtype=np.int64)
         out = _RowBuilder(self.spec)
         dead: list[tuple[int, str]] = []
@@ -186,7 +200,7 @@ class LogStage:
             return
         ctx = _Context(self.spec.vocab_size if self._counts else 0)
         if last_row is not None:
-            if self._counts:
+            if ctx.counts is not None:  # a count model
                 ctx.counts[:] = last_row[:-1]
             else:
                 k = self.spec.context
@@ -232,9 +246,11 @@ class LogStage:
                 newest[(t, p)] = o
         self._fences = {e: f for e, f in self._fences.items() if f[2] >= newest.get((f[0], f[1]), -1)}
 
-    def _idle_checks(self, out: "_RowBuilder", now_ms: int) -> None:
+    def _idle_checks(self, out: _RowBuilder, now_ms: int) -> None:
         """One idle-check row for each entity inactive for longer than idle_check_s by `now_ms`."""
         pending, idle = self._pending_idle, self._idle_ms
+        if idle is None:  # no idle checks: nothing is ever pending
+            return
         while pending:
             entity, last = next(iter(pending.items()))
             if now_ms - last <= idle:
@@ -242,12 +258,15 @@ class LogStage:
             del pending[entity]
             self._idle_row(out, entity, last)
 
-    def _idle_row(self, out: "_RowBuilder", entity: str, last_ms: int) -> None:
+    def _idle_row(self, out: _RowBuilder, entity: str, last_ms: int) -> None:
+        assert self._idle_ms is not None  # idle rows are made only with idle checks on
         ctx = self._ctx.get(entity)
         if ctx is not None:
             out.add(entity, ctx, IDLE, IDLE_TOKEN, last_ms + self._idle_ms, ctx.source, ctx.line, -1)
 
-    def _event(self, out: "_RowBuilder", entity: str, t: int, tid: int, src: tuple[str, int, int], text: str, i: int) -> None:
+    def _event(
+        self, out: _RowBuilder, entity: str, t: int, tid: int, src: tuple[str, int, int], text: str, i: int
+    ) -> None:
         fence = self._fences.get(entity)
         if fence is not None and fence[0] == src[0] and fence[1] == src[1]:
             if src[2] <= fence[2]:  # read again after a crash: the resumed session already holds it
@@ -271,7 +290,7 @@ class LogStage:
                 ctx.tokens.append(self.spec.bos_id)
                 ctx.gaps.append(0.0)
             out.add(entity, ctx, START, self.spec.bos_id, t, src, text, i)
-        if self._counts:
+        if ctx.counts is not None:  # a count model (self._counts)
             ctx.counts[tid] += 1.0
         else:
             ctx.tokens.append(tid)
@@ -284,7 +303,7 @@ class LogStage:
         if after:
             self._closed(out, after, end_gap=0.0)
 
-    def _closed(self, out: "_RowBuilder", sessions: list[Session], end_gap: float | None = None) -> None:
+    def _closed(self, out: _RowBuilder, sessions: list[Session], end_gap: float | None = None) -> None:
         for s in sessions:
             ctx = self._ctx.pop(s.entity, None)
             self._pending_idle.pop(s.entity, None)
@@ -318,7 +337,9 @@ class _RowBuilder:
         self.line: list[str] = []
         self.line_index: list[int] = []
 
-    def add(self, entity: str, ctx: _Context, kind: int, token: int, t: int, src: tuple[str, int, int], line: str, i: int) -> None:
+    def add(
+        self, entity: str, ctx: _Context, kind: int, token: int, t: int, src: tuple[str, int, int], line: str, i: int
+    ) -> None:
         if self.counts:
             row = np.empty(self.width, dtype=np.float32)
             row[:-1] = ctx.counts
@@ -336,7 +357,9 @@ class _RowBuilder:
         row[2 * k - m :] = ctx.gaps
         self._append(row, entity, kind, token, t, src, line, i)
 
-    def _append(self, row: np.ndarray, entity: str, kind: int, token: int, t: int, src: tuple[str, int, int], line: str, i: int) -> None:
+    def _append(
+        self, row: np.ndarray, entity: str, kind: int, token: int, t: int, src: tuple[str, int, int], line: str, i: int
+    ) -> None:
         self.rows.append(row)
         self.keys.append(entity)
         self.kind.append(kind)
@@ -382,7 +405,7 @@ class SavedSession:
     open: bool = True  # False after a session-end row: its next line starts a new session
 
     @classmethod
-    def from_state(cls, saved: Any) -> "SavedSession":
+    def from_state(cls, saved: Any) -> SavedSession:
         """ValueError (one sentence) for a saved session that is incomplete or of the wrong types."""
         types = get_type_hints(cls)  # field -> int, str or bool
         if not isinstance(saved, dict) or set(saved) != set(types):

@@ -39,7 +39,10 @@ UNKNOWN_TEMPLATE = "<unknown template>"
 # Built-in masks, applied in the order listed in TemplateConfig.masks. The look-arounds keep a mask
 # from biting into a longer alphanumeric token (drain3's own examples use the same guards).
 BUILTIN_MASKS: dict[str, str] = {
-    "uuid": r"(?<![0-9A-Za-z])[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}(?![0-9A-Za-z])",
+    "uuid": (
+        r"(?<![0-9A-Za-z])[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+        r"(?![0-9A-Za-z])"
+    ),
     "ip": r"(?<![0-9A-Za-z.])\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?::\d{1,5})?(?![0-9A-Za-z])",
     "hex": r"(?<![0-9A-Za-z])0[xX][0-9a-fA-F]+(?![0-9A-Za-z])",
     "num": r"(?<![0-9A-Za-z])[-+]?\d+(?:\.\d+)?(?![0-9A-Za-z])",
@@ -74,7 +77,7 @@ class TemplateConfig(BaseModel):
     match_cache_size: int = 100_000  # distinct masked messages remembered by TemplateSet.match
 
     @model_validator(mode="after")
-    def _check(self) -> "TemplateConfig":
+    def _check(self) -> TemplateConfig:
         if not 0.0 < self.sim_th <= 1.0:
             raise ValueError("sim_th must be in (0, 1]")
         if self.depth < 3:
@@ -131,12 +134,17 @@ class TemplateMiner:
         self._miner.add_log_message(message)
         self.n_learned += 1
 
-    def freeze(self) -> "TemplateSet":
+    def freeze(self) -> TemplateSet:
         """The learned templates (those seen at least min_template_count times) as a TemplateSet."""
         clusters = sorted(self._miner.drain.clusters, key=lambda c: c.cluster_id)
         kept = [c for c in clusters if c.size >= self.config.min_template_count]
         if len(kept) < len(clusters):
-            logger.info("left out %d of %d templates seen fewer than %d times", len(clusters) - len(kept), len(clusters), self.config.min_template_count)
+            logger.info(
+                "left out %d of %d templates seen fewer than %d times",
+                len(clusters) - len(kept),
+                len(clusters),
+                self.config.min_template_count,
+            )
         return TemplateSet(
             self.config,
             [(c.cluster_id, c.get_template(), c.size) for c in kept],
@@ -222,20 +230,28 @@ class TemplateSet:
         return hashlib.sha256(orjson.dumps(self.to_json(), option=orjson.OPT_SORT_KEYS)).hexdigest()
 
     @classmethod
-    def from_json(cls, d: Any) -> "TemplateSet":
+    def from_json(cls, d: Any) -> TemplateSet:
         if not isinstance(d, dict):
             raise TemplateConfigError("the template set must be a JSON object.")
         version = d.get("version")
         if version != TEMPLATE_SET_VERSION:
-            raise TemplateConfigError(f"the template set has version {version!r}; this stream-detector reads version {TEMPLATE_SET_VERSION}.")
+            raise TemplateConfigError(
+                f"the template set has version {version!r}; this stream-detector reads version {TEMPLATE_SET_VERSION}."
+            )
         if d.get("unknown_id") != UNKNOWN_TEMPLATE_ID:
-            raise TemplateConfigError(f"the template set's unknown-template id is {d.get('unknown_id')!r}, expected {UNKNOWN_TEMPLATE_ID}.")
+            raise TemplateConfigError(
+                f"the template set's unknown-template id is {d.get('unknown_id')!r}, expected {UNKNOWN_TEMPLATE_ID}."
+            )
         try:
             config = TemplateConfig(**d["config"])
-            rows = [(int(t["id"]), int(t["drain_cluster_id"]), str(t["template"]), int(t["count"])) for t in d["templates"]]
+            rows = [
+                (int(t["id"]), int(t["drain_cluster_id"]), str(t["template"]), int(t["count"])) for t in d["templates"]
+            ]
         except ValidationError as e:
             err = e.errors()[0]
-            raise TemplateConfigError(f"the template set has an invalid setting {'.'.join(map(str, err['loc']))}: {err['msg']}.") from None
+            raise TemplateConfigError(
+                f"the template set has an invalid setting {'.'.join(map(str, err['loc']))}: {err['msg']}."
+            ) from None
         except (KeyError, TypeError, ValueError) as e:
             raise TemplateConfigError(f"the template set is malformed ({e!r}).") from None
         if [r[0] for r in rows] != list(range(1, len(rows) + 1)):
@@ -245,7 +261,7 @@ class TemplateSet:
         return cls(config, [(cid, text, count) for _, cid, text, count in rows])
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "TemplateSet":
+    def from_bytes(cls, data: bytes) -> TemplateSet:
         try:
             return cls.from_json(orjson.loads(data))
         except orjson.JSONDecodeError as e:

@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import orjson
@@ -151,7 +152,9 @@ def _format_from_suffix(path: Path) -> str:
         return "jsonl"
     if suffix == ".txt":
         return "smd"
-    raise DataFileError(f"cannot tell the format of {path.name} from its suffix; pass the format (csv, parquet, jsonl or smd).")
+    raise DataFileError(
+        f"cannot tell the format of {path.name} from its suffix; pass the format (csv, parquet, jsonl or smd)."
+    )
 
 
 # Column readers: each returns {name: 1-D array}; numeric columns float64 (NaN for missing),
@@ -212,7 +215,9 @@ def _read_parquet(path: Path) -> dict[str, np.ndarray]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise DataFileError("reading Parquet needs pyarrow; install it (pip install 'stream-detector[train]').") from None
+        raise DataFileError(
+            "reading Parquet needs pyarrow; install it (pip install 'stream-detector[train]')."
+        ) from None
     try:
         table = pq.read_table(path)
     except Exception as e:  # pyarrow raises several types for unreadable files
@@ -227,7 +232,9 @@ def _read_parquet(path: Path) -> dict[str, np.ndarray]:
         if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t):
             columns[name] = np.asarray(col.cast(pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
         elif pa.types.is_timestamp(t):
-            columns[name] = np.asarray(col.cast(pa.timestamp("ms")).cast(pa.int64()).to_numpy(zero_copy_only=False), dtype=np.float64)
+            columns[name] = np.asarray(
+                col.cast(pa.timestamp("ms")).cast(pa.int64()).to_numpy(zero_copy_only=False), dtype=np.float64
+            )
         else:
             columns[name] = np.array([None if v is None else str(v) for v in col.to_pylist()], dtype=object).astype(str)
     return columns
@@ -264,7 +271,8 @@ def _read_jsonl(path: Path, features: Sequence[str] | None) -> dict[str, np.ndar
         elif features is not None and name in features:
             # A named feature with some non-numeric values: those count as missing values.
             columns[name] = np.array(
-                [v if isinstance(v, (int, float)) and not isinstance(v, bool) else np.nan for v in vals], dtype=np.float64
+                [v if isinstance(v, (int, float)) and not isinstance(v, bool) else np.nan for v in vals],
+                dtype=np.float64,
             )
         else:
             columns[name] = np.array(["" if v is None else str(v) for v in vals], dtype=object).astype(str)
@@ -321,7 +329,11 @@ def _build_table(
     if report.missing_values:
         log.warning(
             "%s: %d missing/non-finite values (%d forward-filled), %d rows dropped (policy %s)",
-            path.name, report.missing_values, report.filled_values, report.dropped_rows, nan_policy,
+            path.name,
+            report.missing_values,
+            report.filled_values,
+            report.dropped_rows,
+            nan_policy,
         )
     return DataTable(
         features=tuple(features),
@@ -334,7 +346,9 @@ def _build_table(
     )
 
 
-def _pick_column(path: Path, columns: dict[str, np.ndarray], given: str | None, candidates: Iterable[str], what: str) -> str | None:
+def _pick_column(
+    path: Path, columns: dict[str, np.ndarray], given: str | None, candidates: Iterable[str], what: str
+) -> str | None:
     if given is not None:
         if given not in columns:
             raise DataFileError(f"{path} has no {what} column {given!r}.")
@@ -357,7 +371,9 @@ def _timestamps_ms(path: Path, name: str, col: np.ndarray) -> np.ndarray:
     try:
         stamps = np.array([np.datetime64(s.rstrip("Z").replace(" ", "T"), "ms") for s in col.tolist()])
     except ValueError:
-        raise DataFileError(f"{path} timestamp column {name!r} holds values that are neither epoch numbers nor ISO-8601 times.") from None
+        raise DataFileError(
+            f"{path} timestamp column {name!r} holds values that are neither epoch numbers nor ISO-8601 times."
+        ) from None
     return stamps.astype(np.int64)
 
 
@@ -388,7 +404,10 @@ def _clean(
         return values, keys, timestamps, row_index, CleaningReport(policy, 0, 0, 0)
     if policy == "error":
         row = int(np.nonzero(bad.any(axis=1))[0][0])
-        raise DataFileError(f"{path} has {missing} missing or non-finite values (the first in data row {row + 1}) and the policy is 'error'.")
+        raise DataFileError(
+            f"{path} has {missing} missing or non-finite values (the first in data row {row + 1}) and the policy is "
+            "'error'."
+        )
     values = values.copy()
     values[bad] = np.nan
     filled = 0

@@ -58,7 +58,8 @@ def read_scores(path: str | Path) -> ScoresTable:
         raise EvaluationError(f"{path} has no data rows.")
     if np.any(table.row < 0):
         raise EvaluationError(
-            f"{path} has negative row numbers (a log replay's session-end rows: evaluate a log replay with --sessions on its entities.csv)."
+            f"{path} has negative row numbers (a log replay's session-end rows: evaluate a log replay with --sessions "
+            "on its entities.csv)."
         )
     if np.unique(table.row).size != table.n:
         raise EvaluationError(f"{path} lists some row numbers more than once.")
@@ -83,7 +84,9 @@ def read_labels(path: str | Path, n_rows: int) -> np.ndarray:
         return np.zeros(n_rows, dtype=bool)
     if all(ln in ("0", "1", "0.0", "1.0") for ln in lines):
         if len(lines) != n_rows:
-            raise EvaluationError(f"labels file {path} has {len(lines)} rows but the scores cover {n_rows} rows (0..{n_rows - 1}).")
+            raise EvaluationError(
+                f"labels file {path} has {len(lines)} rows but the scores cover {n_rows} rows (0..{n_rows - 1})."
+            )
         return np.asarray([ln.startswith("1") for ln in lines], dtype=bool)
     labels = np.zeros(n_rows, dtype=bool)
     for lineno, ln in enumerate(lines, 1):
@@ -94,9 +97,13 @@ def read_labels(path: str | Path, n_rows: int) -> np.ndarray:
             )
         start, end = int(m.group(1)), int(m.group(2))
         if end <= start:
-            raise EvaluationError(f"labels file {path} line {lineno}: the range {start}-{end} is empty (end is exclusive).")
+            raise EvaluationError(
+                f"labels file {path} line {lineno}: the range {start}-{end} is empty (end is exclusive)."
+            )
         if end > n_rows:
-            raise EvaluationError(f"labels file {path} line {lineno}: the range {start}-{end} goes past the {n_rows} scored rows.")
+            raise EvaluationError(
+                f"labels file {path} line {lineno}: the range {start}-{end} goes past the {n_rows} scored rows."
+            )
         labels[start:end] = True
     return labels
 
@@ -104,7 +111,9 @@ def read_labels(path: str | Path, n_rows: int) -> np.ndarray:
 def build_series(table: ScoresTable, labels: np.ndarray) -> list[Series]:
     """Split the scores per key (in order of first appearance), each in row order."""
     if labels.shape[0] <= int(table.row.max()):
-        raise EvaluationError(f"the labels cover {labels.shape[0]} rows but the scores go up to row {int(table.row.max())}.")
+        raise EvaluationError(
+            f"the labels cover {labels.shape[0]} rows but the scores go up to row {int(table.row.max())}."
+        )
     scored = table.score[~np.isnan(table.score)]
     floor = float(scored.min()) if scored.size else 0.0
     opens = np.asarray([e == "open" for e in table.event], dtype=bool)

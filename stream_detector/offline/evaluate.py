@@ -58,12 +58,33 @@ from stream_detector.offline.plots import load_signals, top_features_from_alerts
 from stream_detector.offline.scoresfile import ScoresTable
 
 __all__ = [
-    "PA_K_PERCENTS", "EvaluationError", "EvaluationSettings", "Evaluation", "ScoresTable", "Series",
-    "read_scores", "read_labels", "build_series", "forward_fill",
-    "segments", "average_precision", "buffered_labels", "range_pr_auc", "vus_pr", "point_metrics", "point_adjust",
-    "event_metrics", "summarise_events",
-    "evaluate_series", "evaluate_files", "format_summary", "top_features_from_alerts", "write_plots", "load_signals",
-    "register", "run",
+    "PA_K_PERCENTS",
+    "EvaluationError",
+    "EvaluationSettings",
+    "Evaluation",
+    "ScoresTable",
+    "Series",
+    "read_scores",
+    "read_labels",
+    "build_series",
+    "forward_fill",
+    "segments",
+    "average_precision",
+    "buffered_labels",
+    "range_pr_auc",
+    "vus_pr",
+    "point_metrics",
+    "point_adjust",
+    "event_metrics",
+    "summarise_events",
+    "evaluate_series",
+    "evaluate_files",
+    "format_summary",
+    "top_features_from_alerts",
+    "write_plots",
+    "load_signals",
+    "register",
+    "run",
 ]
 
 PA_K_PERCENTS = (20, 50)
@@ -113,7 +134,9 @@ def evaluate_series(series: list[Series], settings: EvaluationSettings) -> Evalu
             "vus_max_buffer": settings.vus_max_buffer,
             "vus_thresholds": settings.vus_thresholds or "all distinct scores",
             "pa_k_percents": list(PA_K_PERCENTS),
-            "unscored_rows_policy": "score forward-filled per series; before its first score, the lowest score in the file",
+            "unscored_rows_policy": (
+                "score forward-filled per series; before its first score, the lowest score in the file"
+            ),
         },
     }
     return Evaluation(overall=overall, per_series=per_series, info=info)
@@ -201,17 +224,57 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--labels",
         required=True,
         type=Path,
-        help="labels: one 0/1 per data row of the replayed file, or one range 'start-end' per line (0-based, end exclusive)",
+        help=(
+            "labels: one 0/1 per data row of the replayed file, or one range 'start-end' per line (0-based, end "
+            "exclusive)"
+        ),
     )
-    p.add_argument("--out", type=Path, default=None, help="where metrics.json and plots go (default: the scores file's directory)")
-    p.add_argument("--tolerance", type=int, default=EvaluationSettings.tolerance, help="rows either side of an incident within which an alert episode still counts as overlapping it (default %(default)s)")
-    p.add_argument("--vus-max-buffer", type=int, default=EvaluationSettings.vus_max_buffer, help="VUS-PR averages range-AUC-PR over buffers 0..L rows (default %(default)s)")
-    p.add_argument("--vus-thresholds", type=int, default=None, help="score thresholds for VUS-PR (default: every distinct score; 250 matches the VUS reference code)")
-    p.add_argument("--input", type=Path, default=None, help="the replayed data file, to plot the top features' signal (optional)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="where metrics.json and plots go (default: the scores file's directory)"
+    )
+    p.add_argument(
+        "--tolerance",
+        type=int,
+        default=EvaluationSettings.tolerance,
+        help=(
+            "rows either side of an incident within which an alert episode still counts as overlapping it (default "
+            "%(default)s)"
+        ),
+    )
+    p.add_argument(
+        "--vus-max-buffer",
+        type=int,
+        default=EvaluationSettings.vus_max_buffer,
+        help="VUS-PR averages range-AUC-PR over buffers 0..L rows (default %(default)s)",
+    )
+    p.add_argument(
+        "--vus-thresholds",
+        type=int,
+        default=None,
+        help="score thresholds for VUS-PR (default: every distinct score; 250 matches the VUS reference code)",
+    )
+    p.add_argument(
+        "--input", type=Path, default=None, help="the replayed data file, to plot the top features' signal (optional)"
+    )
     p.add_argument("--format", default="auto", help="format of --input: auto, csv, parquet, jsonl, smd (default auto)")
     p.add_argument("--no-plots", action="store_true", help="write metrics.json only")
-    p.add_argument("--sessions", action="store_true", help="logs: --scores is `replay --format log`'s entities.csv and --labels an entity,label CSV; report session-level precision/recall/F1 and time-to-detect (logeval.py)")
-    p.add_argument("--start-after-ms", type=int, default=None, help="with --sessions: evaluate only entities whose first line is after this epoch-ms time (e.g. the end of the training period)")
+    p.add_argument(
+        "--sessions",
+        action="store_true",
+        help=(
+            "logs: --scores is `replay --format log`'s entities.csv and --labels an entity,label CSV; report "
+            "session-level precision/recall/F1 and time-to-detect (logeval.py)"
+        ),
+    )
+    p.add_argument(
+        "--start-after-ms",
+        type=int,
+        default=None,
+        help=(
+            "with --sessions: evaluate only entities whose first line is after this epoch-ms time (e.g. the end of the "
+            "training period)"
+        ),
+    )
     p.set_defaults(func=run)
 
 

@@ -73,7 +73,14 @@ def prf(flag: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
     """`measures.point_metrics` over entities (flagged vs anomalous), rounded to 4 digits; an
     undefined precision or recall (nothing flagged, nothing anomalous) is reported as 0."""
     m = point_metrics(truth, flag)
-    return {"precision": _round(m["precision"]), "recall": _round(m["recall"]), "f1": _round(m["f1"]), "tp": m["tp"], "fp": m["fp"], "fn": m["fn"]}
+    return {
+        "precision": _round(m["precision"]),
+        "recall": _round(m["recall"]),
+        "f1": _round(m["f1"]),
+        "tp": m["tp"],
+        "fp": m["fp"],
+        "fn": m["fn"],
+    }
 
 
 def _round(v: float | None) -> float:
@@ -91,21 +98,30 @@ def session_metrics(dec: EntityDecisions, labels: dict[str, bool], start_after_m
     truth = np.array([labels[dec.keys[i]] for i in idx.tolist()], dtype=bool)
     flag = dec.alerted[idx]
     ap = average_precision(truth, dec.max_score[idx])  # entities with equal max scores count together
-    out = {"entities": int(idx.size), "anomalous": int(truth.sum()), **prf(flag, truth),
-           "average_precision": float("nan") if ap is None else round(ap, 4)}
+    out = {
+        "entities": int(idx.size),
+        "anomalous": int(truth.sum()),
+        **prf(flag, truth),
+        "average_precision": float("nan") if ap is None else round(ap, 4),
+    }
     det = idx[flag & truth]
     if det.size:
         ttd = (dec.first_alert_ms[det] - dec.first_ms[det]) / 1000.0
         out["time_to_detect_s"] = {
-            "median": round(float(np.median(ttd)), 1), "p90": round(float(np.quantile(ttd, 0.9)), 1), "max": round(float(ttd.max()), 1),
+            "median": round(float(np.median(ttd)), 1),
+            "p90": round(float(np.quantile(ttd, 0.9)), 1),
+            "max": round(float(ttd.max()), 1),
             "at_first_line": int((ttd <= 0).sum()),
         }
     return out
 
 
 def format_session_summary(m: dict[str, Any]) -> str:
-    s = (f"{m['entities']} entities ({m['anomalous']} anomalous): precision {m['precision']:.3f}, recall {m['recall']:.3f}, "
-         f"F1 {m['f1']:.3f} (tp {m['tp']}, fp {m['fp']}, fn {m['fn']}); average precision {m['average_precision']}")
+    s = (
+        f"{m['entities']} entities ({m['anomalous']} anomalous): precision {m['precision']:.3f}, "
+        f"recall {m['recall']:.3f}, "
+        f"F1 {m['f1']:.3f} (tp {m['tp']}, fp {m['fp']}, fn {m['fn']}); average precision {m['average_precision']}"
+    )
     if "time_to_detect_s" in m:
         t = m["time_to_detect_s"]
         s += f"; time to detect median {t['median']} s, p90 {t['p90']} s ({t['at_first_line']} at their first line)"

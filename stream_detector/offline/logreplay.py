@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,11 @@ import numpy as np
 import orjson
 
 from stream_detector.core.bundle import Bundle
-from stream_detector.logs.spec import LogModelSpec, log_detection_settings
-from stream_detector.logs.core import LogDetectorCore
-from stream_detector.logs.stage import LINE, LogStage, ROW_KINDS
 from stream_detector.core.pipeline import DetectionSettings, DetectorCore
 from stream_detector.core.scorer import Scorer
+from stream_detector.logs.core import LogDetectorCore
+from stream_detector.logs.spec import LogModelSpec, log_detection_settings
+from stream_detector.logs.stage import LINE, ROW_KINDS, LogStage
 from stream_detector.offline.scoresfile import LOG_COLUMNS, SCORES_FILE, write_scores
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,17 @@ class _ScoreRows:
         self.kind: list[str] = []
         self.template_id: list[int] = []
 
-    def add(self, row: int, key: str, score: float, threshold: float, alert: bool, event: str | None, kind: str, template_id: int) -> None:
+    def add(
+        self,
+        row: int,
+        key: str,
+        score: float,
+        threshold: float,
+        alert: bool,
+        event: str | None,
+        kind: str,
+        template_id: int,
+    ) -> None:
         self.row.append(row)
         self.key.append(key)
         self.score.append(score)
@@ -90,12 +101,19 @@ class _ScoreRows:
         self.template_id.append(template_id)
 
     def write(self, path: Path) -> None:
-        extra = dict(zip(LOG_COLUMNS, (self.kind, self.template_id)))
+        columns: tuple[Sequence[object], ...] = (self.kind, self.template_id)
+        extra = dict(zip(LOG_COLUMNS, columns))
         write_scores(path, self.row, self.key, self.score, self.threshold, self.alert, self.event, extra)
 
 
 def replay_log(
-    bundle: Bundle, spec: LogModelSpec, scorer: Scorer, settings: DetectionSettings, input_path: Path, out_dir: Path, batch_lines: int = 4096
+    bundle: Bundle,
+    spec: LogModelSpec,
+    scorer: Scorer,
+    settings: DetectionSettings,
+    input_path: Path,
+    out_dir: Path,
+    batch_lines: int = 4096,
 ) -> LogReplaySummary:
     lines = input_path.read_bytes().splitlines()
     core = LogDetectorCore(DetectorCore(bundle, scorer, settings), spec)
@@ -130,7 +148,9 @@ def replay_log(
             if kind == LINE:
                 e.lines += 1
                 e.last_ms = max(e.last_ms, t)
-        for i, sc, thr, open_, ev in zip(res.index.tolist(), res.score.tolist(), res.threshold.tolist(), res.alert_open.tolist(), res.alert_event):
+        for i, sc, thr, open_, ev in zip(
+            res.index.tolist(), res.score.tolist(), res.threshold.tolist(), res.alert_open.tolist(), res.alert_event
+        ):
             k = batch.keys[i]
             kind = int(batch.kind[i])
             e = entities[k]
@@ -138,7 +158,16 @@ def replay_log(
             if ev == "open" and e.first_alert_ms is None:
                 e.first_alert_ms = int(batch.event_time_ms[i])
                 e.first_alert_template = spec.token_text(int(batch.token[i]))
-            scores.add(int(batch.offset[i]) if kind == LINE else -1, k, sc, thr, open_, ev, ROW_KINDS[kind], int(batch.token[i]))
+            scores.add(
+                int(batch.offset[i]) if kind == LINE else -1,
+                k,
+                sc,
+                thr,
+                open_,
+                ev,
+                ROW_KINDS[kind],
+                int(batch.token[i]),
+            )
         alerts.extend(res.alerts)
     seconds = time.perf_counter() - t0
 
@@ -155,10 +184,13 @@ def replay_log(
         for k, e in entities.items():
             fa = "" if e.first_alert_ms is None else str(e.first_alert_ms)
             tmpl = e.first_alert_template.replace('"', '""')
-            f.write(f'{k},{e.first_ms},{e.last_ms},{e.lines},{int(e.first_alert_ms is not None)},{fa},"{tmpl}",{e.max_score:.6g}\n')
+            alerted_flag = int(e.first_alert_ms is not None)
+            f.write(f'{k},{e.first_ms},{e.last_ms},{e.lines},{alerted_flag},{fa},"{tmpl}",{e.max_score:.6g}\n')
     opens = sum(a["state"] == "open" for a in alerts)
     alerted = sum(e.first_alert_ms is not None for e in entities.values())
-    return LogReplaySummary(len(lines), rows, scored, len(dead), len(entities), alerted, opens, seconds, stage_s, scorer.provider)
+    return LogReplaySummary(
+        len(lines), rows, scored, len(dead), len(entities), alerted, opens, seconds, stage_s, scorer.provider
+    )
 
 
 def run_log_replay_cli(args: Any) -> int:
@@ -179,7 +211,15 @@ def run_log_replay_cli(args: Any) -> int:
         if not args.input.is_file():
             raise ValueError(f"input log file {args.input} does not exist.")
         scorer = Scorer.from_settings(bundle, settings)
-        s = replay_log(bundle, spec, scorer, log_detection_settings(detection, spec), args.input, args.out, batch_lines=settings.runtime.max_batch)
+        s = replay_log(
+            bundle,
+            spec,
+            scorer,
+            log_detection_settings(detection, spec),
+            args.input,
+            args.out,
+            batch_lines=settings.runtime.max_batch,
+        )
     except (ConfigError, BundleError, ScorerError, ValueError) as e:
         print(f"stream-detector replay: {e}", file=sys.stderr)
         return 2
@@ -187,7 +227,8 @@ def run_log_replay_cli(args: Any) -> int:
         print(f"stream-detector replay: cannot read or write a file ({e.strerror}: {e.filename}).", file=sys.stderr)
         return 2
     print(
-        f"replayed {s.lines} lines of {args.input.name} on {s.provider}: {s.entities} entities, {s.dead} unparseable lines, "
+        f"replayed {s.lines} lines of {args.input.name} on {s.provider}: {s.entities} entities, {s.dead} unparseable "
+        "lines, "
         f"{s.rows} rows, {s.scored} scored; {s.alerted} entities alerted ({s.opens} alerts opened); "
         f"{s.lines_per_s:,.0f} lines/s end to end ({s.stage_seconds:.2f} s log stage, {s.seconds:.2f} s total)"
     )

@@ -19,7 +19,8 @@ order of the input. This is scikit-learn's rule for `average_precision_score` an
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -156,9 +157,12 @@ def range_pr_auc(labels: Arrays, scores: Arrays, buffer: int, n_thresholds: int 
 
 def vus_pr(labels: Arrays, scores: Arrays, max_buffer: int, n_thresholds: int | None = None) -> float | None:
     """VUS-PR: the mean of `range_pr_auc` over buffer lengths l = 0, 1, ..., max_buffer."""
-    values = [range_pr_auc(labels, scores, buffer, n_thresholds) for buffer in range(max_buffer + 1)]
-    if values[0] is None:
-        return None
+    values: list[float] = []
+    for buffer in range(max_buffer + 1):
+        value = range_pr_auc(labels, scores, buffer, n_thresholds)
+        if value is None:  # no positives: the same for every buffer
+            return None
+        values.append(value)
     return float(np.mean(values))
 
 
@@ -190,7 +194,7 @@ def event_metrics(labels: np.ndarray, alerted: np.ndarray, tolerance: int) -> di
         )
     else:
         overlap = np.zeros((len(episodes), len(incidents)), dtype=bool)
-    detected = overlap.any(axis=0)
+    detected: np.ndarray = np.any(overlap, axis=0)  # (numpy's stubs type the method form as maybe a scalar)
     false_episodes = int(np.sum(~overlap.any(axis=1)))
     delays = []
     for i in np.flatnonzero(detected):

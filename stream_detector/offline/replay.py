@@ -26,11 +26,11 @@ import orjson
 
 from stream_detector.config import ConfigError, Settings, add_settings_arguments, settings_from_args
 from stream_detector.core.bundle import Bundle, BundleError, load_bundle
-from stream_detector.offline.datafiles import FORMATS, DataFileError, DataTable, read_table
-from stream_detector.offline.scoresfile import SCORES_FILE, write_scores
 from stream_detector.core.events import NO_TIME, EventBatch
 from stream_detector.core.pipeline import DetectorCore
 from stream_detector.core.scorer import Scorer, ScorerError
+from stream_detector.offline.datafiles import FORMATS, DataFileError, DataTable, read_table
+from stream_detector.offline.scoresfile import SCORES_FILE, write_scores
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,9 @@ class ReplaySummary:
         return self.scored / self.seconds if self.seconds > 0 else float("inf")
 
 
-def replay_table(core: DetectorCore, table: DataTable, out_dir: Path, batch_size: int = 4096, topic: str | None = None) -> ReplaySummary:
+def replay_table(
+    core: DetectorCore, table: DataTable, out_dir: Path, batch_size: int = 4096, topic: str | None = None
+) -> ReplaySummary:
     """Feed a table through `core` and write scores.csv and alerts.jsonl into out_dir."""
     if tuple(table.features) != tuple(core.bundle.features):
         raise ReplayError("the input's feature columns do not match the model bundle's features.")
@@ -106,14 +108,25 @@ def replay_table(core: DetectorCore, table: DataTable, out_dir: Path, batch_size
         for a in alerts:
             f.write(orjson.dumps(a))
             f.write(b"\n")
-    return ReplaySummary(n, scored, len(alerts), sum(a["state"] == "open" for a in alerts), seconds, core.scorer.provider)
+    return ReplaySummary(
+        n, scored, len(alerts), sum(a["state"] == "open" for a in alerts), seconds, core.scorer.provider
+    )
 
 
-def _write_scores(path: Path, table: DataTable, score, threshold, alert_open, event) -> None:
+def _write_scores(
+    path: Path, table: DataTable, score: np.ndarray, threshold: np.ndarray, alert_open: np.ndarray, event: list[str]
+) -> None:
     by_row = np.argsort(table.row_index, kind="stable")
     keys = table.keys
-    write_scores(path, table.row_index[by_row], [keys[i] for i in by_row.tolist()], score[by_row], threshold[by_row],
-                 alert_open[by_row], [event[i] for i in by_row.tolist()])
+    write_scores(
+        path,
+        table.row_index[by_row],
+        [keys[i] for i in by_row.tolist()],
+        score[by_row],
+        threshold[by_row],
+        alert_open[by_row],
+        [event[i] for i in by_row.tolist()],
+    )
 
 
 # ---------------------------------------------------------------------- command line
@@ -123,12 +136,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="score a file with a model bundle, offline (backtesting): scores.csv + alerts.jsonl",
         description="Feed a CSV/JSONL/SMD/Parquet file (or raw log lines) through the same windows, scorer, thresholds "
         "and alert logic as the Kafka service, with the same settings: the TOML of `run` (--config), its "
-        "SD_SECTION__KEY environment variables and its --section.key flags. Writes OUT/scores.csv and OUT/alerts.jsonl.",
+        "SD_SECTION__KEY environment variables and its --section.key flags. Writes OUT/scores.csv and "
+        "OUT/alerts.jsonl.",
     )
     p.add_argument("--model", type=Path, help="model bundle directory (default: [model] bundle of the settings)")
     p.add_argument("--input", required=True, type=Path, help="data file to replay")
     p.add_argument("--out", required=True, type=Path, help="output directory (created)")
-    p.add_argument("--format", default="auto", choices=(*FORMATS, "log"), help="input format (default: from the suffix); 'log': raw log lines for a log model bundle (logreplay.py)")
+    p.add_argument(
+        "--format",
+        default="auto",
+        choices=(*FORMATS, "log"),
+        help="input format (default: from the suffix); 'log': raw log lines for a log model bundle (logreplay.py)",
+    )
     add_settings_arguments(p)
     p.set_defaults(func=run_cli)
 
@@ -151,8 +170,13 @@ def run_cli(args: argparse.Namespace) -> int:
         settings, path = replay_settings(args)
         bundle: Bundle = load_bundle(path)
         detection = settings.detection.to_core()
-        table = read_table(args.input, args.format, features=bundle.features, key_field=settings.input.key_field,
-                           timestamp_field=settings.input.timestamp_field)
+        table = read_table(
+            args.input,
+            args.format,
+            features=bundle.features,
+            key_field=settings.input.key_field,
+            timestamp_field=settings.input.timestamp_field,
+        )
         core = DetectorCore(bundle, Scorer.from_settings(bundle, settings), detection)
         summary = replay_table(core, table, args.out, batch_size=settings.runtime.max_batch)
     except (ConfigError, BundleError, DataFileError, ScorerError, ReplayError, ValueError) as e:

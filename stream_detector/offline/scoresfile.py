@@ -26,10 +26,11 @@ import csv
 import math
 import os
 import uuid
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence, TextIO
+from typing import TextIO
 
 import numpy as np
 
@@ -133,14 +134,18 @@ def read_scores(path: str | Path) -> ScoresTable:
             reader = csv.reader(f)
             header = next(reader, None)
             if header is None or tuple(h.strip() for h in header[: len(COLUMNS)]) != COLUMNS:
-                raise ScoresFileError(f"{path} does not start with the header {','.join(COLUMNS)} (is it replay's scores.csv?).")
+                raise ScoresFileError(
+                    f"{path} does not start with the header {','.join(COLUMNS)} (is it replay's scores.csv?)."
+                )
             extra_names = [h.strip() for h in header[len(COLUMNS) :]]
             extra: dict[str, list[str]] = {name: [] for name in extra_names}
             for rec in reader:
                 if not rec:
                     continue
                 if len(rec) < len(header):
-                    raise ScoresFileError(f"{path} line {reader.line_num} has {len(rec)} cells, expected {len(header)}.")
+                    raise ScoresFileError(
+                        f"{path} line {reader.line_num} has {len(rec)} cells, expected {len(header)}."
+                    )
                 try:
                     rows.append(int(rec[0]))
                     scores.append(float(rec[2]) if rec[2].strip() else math.nan)

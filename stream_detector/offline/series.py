@@ -49,7 +49,10 @@ class SeriesSpec:
             raise ValueError("a series needs at least 1 feature, 1 entity, 10 history rows and 500 test rows.")
         unknown = [k for k in self.kinds if k not in INCIDENT_KINDS]
         if unknown or (("pattern" in self.kinds) and self.season <= 0):
-            raise ValueError(f"incident kinds must be from {', '.join(INCIDENT_KINDS)} ('pattern' needs a season), got {list(self.kinds)}.")
+            raise ValueError(
+                f"incident kinds must be from {', '.join(INCIDENT_KINDS)} ('pattern' needs a season), got "
+                f"{list(self.kinds)}."
+            )
         if self.noise not in ("gauss", "t3"):
             raise ValueError(f"noise must be 'gauss' or 't3', got {self.noise!r}.")
 
@@ -142,7 +145,12 @@ def _plan(spec: SeriesSpec, rng: np.random.Generator) -> list[Incident]:
         k = int(rng.integers(1, min(2, spec.features) + 1))
         fi = tuple(sorted(int(i) for i in rng.choice(spec.features, size=k, replace=False)))
         sign = float(rng.choice((-1.0, 1.0)))
-        size = {"spike": sign * rng.uniform(6, 10), "level_shift": sign * rng.uniform(3, 6), "variance": 4.0, "pattern": 0.0}[kind]
+        size = {
+            "spike": sign * rng.uniform(6, 10),
+            "level_shift": sign * rng.uniform(3, 6),
+            "variance": 4.0,
+            "pattern": 0.0,
+        }[kind]
         out.append(Incident(kind, start, end, fi, float(size)))
         gap = max(300, (spec.length - 200) // (spec.incidents + 1))
         start = end + int(rng.integers(gap // 2, gap + 1))

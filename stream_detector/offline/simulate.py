@@ -33,9 +33,10 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import orjson
@@ -48,7 +49,13 @@ KEY_FIELD = "entity"
 TIME_FIELD = "ts"
 
 # (min, max) duration in ticks, and how many sensors are affected, per kind.
-_DURATION = {"spike": (1, 3), "level_shift": (40, 80), "drift": (60, 150), "correlation_break": (40, 100), "stuck": (40, 100)}
+_DURATION = {
+    "spike": (1, 3),
+    "level_shift": (40, 80),
+    "drift": (60, 150),
+    "correlation_break": (40, 100),
+    "stuck": (40, 100),
+}
 _SENSORS = {"spike": (2, 5), "level_shift": (3, 8), "drift": (3, 8), "correlation_break": (3, 6), "stuck": (2, 6)}
 
 
@@ -94,7 +101,11 @@ class Anomaly:
     size: float = field(default=0.0, repr=False)
 
     def to_json(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k not in ("entity_index", "feature_index", "sign", "size")}
+        return {
+            k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in asdict(self).items()
+            if k not in ("entity_index", "feature_index", "sign", "size")
+        }
 
 
 def feature_names(n: int) -> list[str]:
@@ -111,15 +122,15 @@ class Simulator:
         plan_seq, fleet_seq, noise_seq = np.random.SeedSequence(c.seed).spawn(3)
         fleet = np.random.default_rng(fleet_seq)
         self._rng = np.random.default_rng(noise_seq)
-        n, f, l = c.entities, c.features, c.latent
-        mix = fleet.normal(size=(f, l))
+        n, f, k = c.entities, c.features, c.latent
+        mix = fleet.normal(size=(f, k))
         self._mix = mix / np.linalg.norm(mix, axis=1, keepdims=True)  # each sensor's latent part has unit variance
-        self._harmonic = fleet.integers(1, 3, size=l)  # daily and half-daily cycles
-        self._phase = fleet.uniform(0, 2 * np.pi, size=(n, l))
+        self._harmonic = fleet.integers(1, 3, size=k)  # daily and half-daily cycles
+        self._phase = fleet.uniform(0, 2 * np.pi, size=(n, k))
         self._offset = fleet.normal(50.0, 10.0, size=(n, f))
         self._scale = fleet.uniform(2.0, 8.0, size=(1, f)) * fleet.uniform(0.8, 1.25, size=(n, f))
         self._ar_rho = 0.95
-        self._ar = np.zeros((n, l))
+        self._ar = np.zeros((n, k))
         self._prev_clean = np.zeros((n, f))
         self.truth = plan_anomalies(c, self.n_ticks, np.random.default_rng(plan_seq), self.keys, self.features)
         self._starting: dict[int, list[Anomaly]] = {}
@@ -185,7 +196,9 @@ def encode_event(key: str, ts: int, names: Sequence[str], row: Sequence[float]) 
     return orjson.dumps(obj)
 
 
-def plan_anomalies(c: SimConfig, n_ticks: int, rng: np.random.Generator, keys: Sequence[str], names: Sequence[str]) -> list[Anomaly]:
+def plan_anomalies(
+    c: SimConfig, n_ticks: int, rng: np.random.Generator, keys: Sequence[str], names: Sequence[str]
+) -> list[Anomaly]:
     """Non-overlapping anomalies per entity: gaps are geometric with mean 1000 / anomaly_rate ticks."""
     out: list[Anomaly] = []
     if c.anomaly_rate <= 0:
@@ -203,10 +216,25 @@ def plan_anomalies(c: SimConfig, n_ticks: int, rng: np.random.Generator, keys: S
             k = int(rng.integers(min(k_lo, c.features), min(k_hi, c.features) + 1))
             fi = tuple(sorted(int(i) for i in rng.choice(c.features, size=k, replace=False)))
             sign = float(rng.choice((-1.0, 1.0)))
-            size = c.magnitude * float(rng.uniform(1.0, 1.5)) if kind == "spike" else c.magnitude * float(rng.uniform(0.7, 1.0))
+            size = (
+                c.magnitude * float(rng.uniform(1.0, 1.5))
+                if kind == "spike"
+                else c.magnitude * float(rng.uniform(0.7, 1.0))
+            )
             out.append(
-                Anomaly(key, kind, t, end, c.start_ms + t * c.interval_ms, c.start_ms + end * c.interval_ms,
-                        tuple(names[i] for i in fi), e, fi, sign, size)
+                Anomaly(
+                    key,
+                    kind,
+                    t,
+                    end,
+                    c.start_ms + t * c.interval_ms,
+                    c.start_ms + end * c.interval_ms,
+                    tuple(names[i] for i in fi),
+                    e,
+                    fi,
+                    sign,
+                    size,
+                )
             )
             t = end + c.min_gap + int(rng.geometric(p)) - 1
     out.sort(key=lambda a: (a.start, a.entity_index))
@@ -245,8 +273,15 @@ def write_file(sim: Simulator, path: str | Path) -> int:
     return n
 
 
-def produce(sim: Simulator, bootstrap: str, topic: str, rate: float, producer_config: dict[str, Any] | None = None,
-            truth_topic: str | None = None, stop: Any = None) -> int:
+def produce(
+    sim: Simulator,
+    bootstrap: str,
+    topic: str,
+    rate: float,
+    producer_config: dict[str, Any] | None = None,
+    truth_topic: str | None = None,
+    stop: Any = None,
+) -> int:
     """Stream the simulation to `topic` (key = entity) at `rate` events/s (0 = as fast as possible);
     ground truth goes to `truth_topic` when given. Returns the number of events acknowledged."""
     from confluent_kafka import Producer
@@ -257,7 +292,9 @@ def produce(sim: Simulator, bootstrap: str, topic: str, rate: float, producer_co
         if err is not None and not errors:
             errors.append(err.str())
 
-    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "enable.idempotence": True, **(producer_config or {})})
+    p = Producer(
+        {"bootstrap.servers": bootstrap, "linger.ms": 20, "enable.idempotence": True, **(producer_config or {})}
+    )
     n_entities = sim.config.entities
     t0 = time.monotonic()
     sent = 0
@@ -298,9 +335,14 @@ def handle(args: argparse.Namespace) -> int:
         kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
         rate_default = 0.0 if args.out else 2.0
         cfg = SimConfig(
-            entities=args.entities, features=args.features, period=args.period, seed=args.seed,
-            anomaly_rate=rate_default if args.anomaly_rate is None else args.anomaly_rate, kinds=kinds,
-            magnitude=args.magnitude, interval_ms=args.interval_ms,
+            entities=args.entities,
+            features=args.features,
+            period=args.period,
+            seed=args.seed,
+            anomaly_rate=rate_default if args.anomaly_rate is None else args.anomaly_rate,
+            kinds=kinds,
+            magnitude=args.magnitude,
+            interval_ms=args.interval_ms,
         )
         cfg.validate()
     except ValueError as e:
@@ -310,19 +352,30 @@ def handle(args: argparse.Namespace) -> int:
         ticks = args.ticks if args.ticks else 1000
     else:
         if not (args.bootstrap and args.topic):
-            print("simulate: give --bootstrap and --topic to stream to Kafka, or --out FILE to write a file.", file=sys.stderr)
+            print(
+                "simulate: give --bootstrap and --topic to stream to Kafka, or --out FILE to write a file.",
+                file=sys.stderr,
+            )
             return 2
         if args.duration is None or args.duration <= 0 or args.rate < 0:
             print("simulate: --duration must be positive and --rate not negative.", file=sys.stderr)
             return 2
-        ticks = args.ticks if args.ticks else max(1, round(args.rate * args.duration / cfg.entities)) if args.rate > 0 else 1000
+        ticks = (
+            args.ticks
+            if args.ticks
+            else max(1, round(args.rate * args.duration / cfg.entities))
+            if args.rate > 0
+            else 1000
+        )
     sim = Simulator(cfg, ticks)
     if args.truth:
         write_truth(args.truth, sim.truth)
     try:
         if args.out:
             n = write_file(sim, args.out)
-            print(f"wrote {n} events ({cfg.entities} entities x {ticks} ticks, {len(sim.truth)} anomalies) to {args.out}")
+            print(
+                f"wrote {n} events ({cfg.entities} entities x {ticks} ticks, {len(sim.truth)} anomalies) to {args.out}"
+            )
             return 0
         n = produce(sim, args.bootstrap, args.topic, args.rate, truth_topic=args.truth_topic)
     except (ValueError, RuntimeError, OSError) as e:
@@ -333,14 +386,22 @@ def handle(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("simulate", help="stream a simulated sensor fleet with injected anomalies (or write it to a file)",
-                              description=__doc__.split("\n\n")[0])
+    p = subparsers.add_parser(
+        "simulate",
+        help="stream a simulated sensor fleet with injected anomalies (or write it to a file)",
+        description=__doc__.split("\n\n")[0],
+    )
     p.add_argument("--bootstrap", help="Kafka bootstrap servers to stream to")
     p.add_argument("--topic", help="topic for the events (message key = entity)")
     p.add_argument("--out", help="write events to this .csv or .jsonl file instead of Kafka")
     p.add_argument("--entities", type=int, default=50, help="number of entities (default 50)")
     p.add_argument("--features", type=int, default=38, help="sensors per entity (default 38)")
-    p.add_argument("--rate", type=float, default=1000.0, help="events per second over all entities, 0 = as fast as possible (default 1000)")
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=1000.0,
+        help="events per second over all entities, 0 = as fast as possible (default 1000)",
+    )
     p.add_argument("--duration", type=float, help="seconds to stream (ticks = rate x duration / entities)")
     p.add_argument("--ticks", type=int, help="events per entity (overrides --duration; file mode default 1000)")
     p.add_argument("--period", type=int, default=288, help="ticks per simulated day (default 288)")
@@ -348,7 +409,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--anomaly-rate", type=float, help="anomalies per entity per 1,000 ticks (default 2; 0 with --out)")
     p.add_argument("--kinds", default=",".join(KINDS), help=f"anomaly kinds (default {','.join(KINDS)})")
-    p.add_argument("--magnitude", type=float, default=6.0, help="anomaly size in signal standard deviations (default 6)")
+    p.add_argument(
+        "--magnitude", type=float, default=6.0, help="anomaly size in signal standard deviations (default 6)"
+    )
     p.add_argument("--truth", help="write the ground truth (one anomaly per line) to this JSONL file")
     p.add_argument("--truth-topic", help="also send the ground truth to this topic")
     p.set_defaults(func=handle)

@@ -54,7 +54,9 @@ def decode_work(decoder: Any, msgs: list[Any]) -> Work:
         by_topic[m.topic()] += 1
     batch, dead = decoder.decode(msgs)
     times = batch.event_time_ms[batch.event_time_ms != NO_TIME]
-    return Work(positions, dead, len(msgs), dict(by_topic), batch, oldest_event_ms=int(times.min()) if times.size else None)
+    return Work(
+        positions, dead, len(msgs), dict(by_topic), batch, oldest_event_ms=int(times.min()) if times.size else None
+    )
 
 
 def restrict(work: Work, allowed: set[tuple[str, int]]) -> Work:
@@ -74,7 +76,14 @@ def publish(sink: Any, work: Work, result: BatchResult | None, ticket: Any) -> l
     """Produce a processed batch's dead letters and alerts (kafka_io.KafkaSink, counted by
     `ticket`); returns the alerts."""
     for d in work.dead:
-        log.warning("dead letter %s[%d]@%d: %s (%s)", d.message.topic(), d.message.partition(), d.message.offset(), d.reason, d.detail)
+        log.warning(
+            "dead letter %s[%d]@%d: %s (%s)",
+            d.message.topic(),
+            d.message.partition(),
+            d.message.offset(),
+            d.reason,
+            d.detail,
+        )
         sink.dead_letter(d, ticket)
     alerts = result.alerts if result is not None else []
     for a in alerts:
@@ -82,14 +91,29 @@ def publish(sink: Any, work: Work, result: BatchResult | None, ticket: Any) -> l
     return alerts
 
 
-def count_batch(stats: RunStats, metrics: Metrics, work: Work, result: BatchResult | None, alerts: list[dict],
-                inference_s: float, max_batch: int, published_ms: int) -> None:
+def count_batch(
+    stats: RunStats,
+    metrics: Metrics,
+    work: Work,
+    result: BatchResult | None,
+    alerts: list[dict],
+    inference_s: float,
+    max_batch: int,
+    published_ms: int,
+) -> None:
     """The bookkeeping of a delivered batch (in exactly-once mode its transaction may still abort;
     the counts are then redone)."""
     for a in alerts:
         stats.alerts[a["state"]] += 1
         metrics.observe_alert(a["state"], iso_to_ms(a.get("event_time")), published_ms)
-        log.info("alert %s %s key=%s score=%.4g threshold=%.4g", a["state"], a["alert_id"][:12], a["key"], a["score"], a["threshold"])
+        log.info(
+            "alert %s %s key=%s score=%.4g threshold=%.4g",
+            a["state"],
+            a["alert_id"][:12],
+            a["key"],
+            a["score"],
+            a["threshold"],
+        )
     if result is not None:
         metrics.evicted(result.evicted)
     scored = result.n_scored if result is not None else 0

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -41,8 +42,17 @@ from stream_detector.service.kafka_config import admin_config, restorer_config
 
 # The record layout's names stay importable from here (the changelog's public surface).
 __all__ = [
-    "HISTORY_CHUNK", "ROW_CHUNK", "ChangelogError", "ChangelogRecord", "Restorer", "StateAssembler", "StateTracker",
-    "decode_state", "encode_state", "ensure_changelog_topic", "history_slots",
+    "HISTORY_CHUNK",
+    "ROW_CHUNK",
+    "ChangelogError",
+    "ChangelogRecord",
+    "Restorer",
+    "StateAssembler",
+    "StateTracker",
+    "decode_state",
+    "encode_state",
+    "ensure_changelog_topic",
+    "history_slots",
 ]
 
 log = logging.getLogger(__name__)
@@ -95,7 +105,9 @@ class StateTracker:
         for w in self._live.values():
             w.valid = False
 
-    def snapshot(self, core: Any, owned: Iterable[int], emit: Callable[[ChangelogRecord], None] | None = None) -> list[ChangelogRecord]:
+    def snapshot(
+        self, core: Any, owned: Iterable[int], emit: Callable[[ChangelogRecord], None] | None = None
+    ) -> list[ChangelogRecord]:
         """Records for every entity changed since the last call (new rows, touched history chunks,
         then its meta record), including any checkpoint still being written in slices, and
         tombstones for every key of entities the core no longer tracks. With `emit`, each record
@@ -127,14 +139,19 @@ class StateTracker:
         tracked = set(core.entities())
         gone: list[ChangelogRecord] = []
         for e in [e for e in self._live if e not in tracked]:
-            w = self._live.pop(e)
+            held = self._live.pop(e)
             if e[0] in owned:
-                tombstones(gone, e[0], e[1], w)
+                tombstones(gone, e[0], e[1], held)
         for r in gone:
             emit(r)
 
-    def write_some(self, core: Any, emit: Callable[[ChangelogRecord], None], budget_s: float | None,
-                   max_entities: int | None = None) -> bool:
+    def write_some(
+        self,
+        core: Any,
+        emit: Callable[[ChangelogRecord], None],
+        budget_s: float | None,
+        max_entities: int | None = None,
+    ) -> bool:
         """Write entities of the checkpoint begun, until `budget_s` seconds passed (None: no time
         limit) or `max_entities` were written (None: no count limit); True once none is left. An
         entity that changed again since `begin` is written with its current state, covering those
@@ -152,7 +169,9 @@ class StateTracker:
                 noted += later[1]
             state = core.state_of(*e)
             if state is not None:
-                self._live[e] = write_entity(out, e[0], e[1], state, applied, noted, self._live.get(e), self.row_slots, self.chunk_slots)  # type: ignore[arg-type]
+                self._live[e] = write_entity(
+                    out, e[0], e[1], state, applied, noted, self._live.get(e), self.row_slots, self.chunk_slots
+                )
             if deadline is not None and time.perf_counter() >= deadline:
                 break
         return not writing
@@ -179,8 +198,14 @@ class StateTracker:
         self._live = {e: w for e, w in self._live.items() if e[0] not in drop}
         self._fences = {e: f for e, f in self._fences.items() if e[0] not in drop}
 
-    def restored(self, partition: int, key: str, applied: dict[str, int], committed: dict[str, int],
-                 state: dict[str, Any] | None = None) -> None:
+    def restored(
+        self,
+        partition: int,
+        key: str,
+        applied: dict[str, int],
+        committed: dict[str, int],
+        state: dict[str, Any] | None = None,
+    ) -> None:
         """An entity's state was installed from the changelog; fence the events it already holds
         beyond the committed input offsets ({topic: next offset to read} of this partition). The
         next write of the entity is whole (earlier lives may have left other keys: all are
@@ -230,8 +255,14 @@ def ensure_changelog_topic(settings: Any, partitions: int) -> str:
     try:
         meta = admin.list_topics(timeout=timeout)
         if topic not in meta.topics or meta.topics[topic].error is not None:
-            fut = admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=-1,
-                                                config={"cleanup.policy": "compact"})], operation_timeout=timeout)
+            fut = admin.create_topics(
+                [
+                    NewTopic(
+                        topic, num_partitions=partitions, replication_factor=-1, config={"cleanup.policy": "compact"}
+                    )
+                ],
+                operation_timeout=timeout,
+            )
             try:
                 fut[topic].result(timeout=timeout)
                 log.info("created the state changelog topic %s (%d partitions, compacted)", topic, partitions)
@@ -239,7 +270,8 @@ def ensure_changelog_topic(settings: Any, partitions: int) -> str:
             except KafkaException as e:
                 if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                     raise ChangelogError(
-                        f"the state changelog topic {topic} does not exist and could not be created ({e.args[0].str()});"
+                        f"the state changelog topic {topic} does not exist and could not be created "
+                        f"({e.args[0].str()});"
                         f" create it compacted with {partitions} partitions, or set processing.changelog = false."
                     ) from None
             # Already exists: another member was quicker, or the metadata we read was stale
@@ -247,11 +279,17 @@ def ensure_changelog_topic(settings: Any, partitions: int) -> str:
             meta = admin.list_topics(topic=topic, timeout=timeout)
         have = len(meta.topics[topic].partitions)
         if have < partitions:
-            raise ChangelogError(f"the state changelog topic {topic} has {have} partitions, but the input has {partitions}; it needs at least as many.")
+            raise ChangelogError(
+                f"the state changelog topic {topic} has {have} partitions, but the input has {partitions}; it needs at "
+                "least as many."
+            )
         res = ConfigResource(ConfigResource.Type.TOPIC, topic)
         policy = admin.describe_configs([res])[res].result(timeout=timeout)["cleanup.policy"].value
         if "compact" not in policy:
-            raise ChangelogError(f"the state changelog topic {topic} has cleanup.policy={policy}; it must be compacted (cleanup.policy=compact).")
+            raise ChangelogError(
+                f"the state changelog topic {topic} has cleanup.policy={policy}; it must be compacted "
+                "(cleanup.policy=compact)."
+            )
         return topic
     except KafkaException as e:
         raise ChangelogError(f"checking the state changelog topic {topic} failed ({e.args[0].str()}).") from None
@@ -313,9 +351,9 @@ class Restorer:
         done: dict[int, StateAssembler] = {}
         for m in self._consumer.consume(max_records, timeout):
             p = m.partition()
-            latest = self._latest.get(p)
-            if latest is None:
-                continue  # cancelled meanwhile
+            latest = None if p is None else self._latest.get(p)
+            if p is None or latest is None:
+                continue  # cancelled meanwhile, or a client-wide error (no partition)
             err = m.error()
             if err is not None:
                 if err.code() == KafkaError._PARTITION_EOF:

@@ -23,8 +23,9 @@ widened again on decoding, so a round trip is bit-exact.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Protocol
 
 import numpy as np
 import orjson
@@ -155,7 +156,9 @@ def _encode_chunk(q: int, first: int, values: np.ndarray) -> bytes:
     return _CHUNK.pack(q, first, 8) + values.astype(np.float64).tobytes()
 
 
-def _join_chunks(chunks: dict[int, tuple[int, np.ndarray]], start: int, stop: int, size: int, out: np.ndarray, item: str) -> np.ndarray:
+def _join_chunks(
+    chunks: dict[int, tuple[int, np.ndarray]], start: int, stop: int, size: int, out: np.ndarray, item: str
+) -> np.ndarray:
     """Entries [start, stop) of a sequence stored in chunks of `size` ({chunk index: (absolute index
     of its first entry, entries)}) copied into `out`; ChangelogError naming the first missing or
     partly written entry."""
@@ -196,8 +199,23 @@ class Written:
     valid: bool = True  # False: rewrite everything next time (model swap, restore)
 
 
-def write_entity(out: list[ChangelogRecord], p: int, k: str, state: dict[str, Any], applied: dict[str, int], noted: int,
-                 prev: Written | None, row_slots: int, chunk_slots: int) -> Written:
+class RecordOut(Protocol):
+    """Where `write_entity` puts its records: a list, or anything with `append` (changelog.py's emitter)."""
+
+    def append(self, record: ChangelogRecord, /) -> None: ...
+
+
+def write_entity(
+    out: RecordOut,
+    p: int,
+    k: str,
+    state: dict[str, Any],
+    applied: dict[str, int],
+    noted: int,
+    prev: Written | None,
+    row_slots: int,
+    chunk_slots: int,
+) -> Written:
     """Append the records of entity (p, k) to `out`: its new window rows and touched history chunks,
     its alert record if it changed, then its meta record. `prev`: what the changelog holds of it
     (None: nothing known, write it whole); `noted`: events applied to it since `prev` was written.
@@ -207,14 +225,20 @@ def write_entity(out: list[ChangelogRecord], p: int, k: str, state: dict[str, An
     # Incremental only when the count moved by exactly the events noted: otherwise the entity was
     # evicted and came back (a new life), or a core feeds it other rows (log stage): write it whole.
     same_life = prev is not None and prev.valid and count == prev.count + noted
-    new = min(count - prev.count, rows.shape[0]) if same_life else rows.shape[0]
+    new = min(count - prev.count, rows.shape[0]) if same_life and prev is not None else rows.shape[0]
     oldest = count - rows.shape[0]  # position of rows[0]
     rows_hi = prev.row_slots if prev is not None else 0
     if new > 0:
         for q in range((count - new) // ROW_CHUNK, (count - 1) // ROW_CHUNK + 1):
             a, b = max(q * ROW_CHUNK, oldest), min((q + 1) * ROW_CHUNK, count)
             slot = q % row_slots
-            out.append(ChangelogRecord(p, _part_key(k, "w", slot), _ROWS.pack(q, a, rows.shape[1]) + rows[a - oldest : b - oldest].tobytes()))
+            out.append(
+                ChangelogRecord(
+                    p,
+                    _part_key(k, "w", slot),
+                    _ROWS.pack(q, a, rows.shape[1]) + rows[a - oldest : b - oldest].tobytes(),
+                )
+            )
             rows_hi = max(rows_hi, slot + 1)
     meta = dict(state)
     meta["window"] = {x: v for x, v in win.items() if x != "rows"}
@@ -230,7 +254,9 @@ def write_entity(out: list[ChangelogRecord], p: int, k: str, state: dict[str, An
             for q in range(lo // HISTORY_CHUNK, (seen_now - 1) // HISTORY_CHUNK + 1):
                 a, b = max(q * HISTORY_CHUNK, first), min((q + 1) * HISTORY_CHUNK, seen_now)
                 slot = q % chunk_slots
-                out.append(ChangelogRecord(p, _part_key(k, "h", slot), _encode_chunk(q, a, hist[a - first : b - first])))
+                out.append(
+                    ChangelogRecord(p, _part_key(k, "h", slot), _encode_chunk(q, a, hist[a - first : b - first]))
+                )
                 chunks_hi = max(chunks_hi, slot + 1)
         meta["threshold"] = {**{x: v for x, v in thr.items() if x != "history"}, "history_len": n}
         seen = seen_now
@@ -312,7 +338,9 @@ class StateAssembler:
                 win["rows"] = np.zeros((0, 0), dtype=np.float32)
             else:
                 width = next(iter(chunks.values()))[1].shape[1] if chunks else 0
-                win["rows"] = _join_chunks(chunks, count - k, count, ROW_CHUNK, np.empty((k, width), dtype=np.float32), "window row")
+                win["rows"] = _join_chunks(
+                    chunks, count - k, count, ROW_CHUNK, np.empty((k, width), dtype=np.float32), "window row"
+                )
         thr = state.get("threshold")
         if isinstance(thr, dict) and "history_len" in thr:
             n, seen = int(thr.pop("history_len")), int(thr["seen"])
@@ -320,6 +348,10 @@ class StateAssembler:
             for v in self._chunks.get(entity, {}).values():
                 if v is not None:
                     q, first, width = _CHUNK.unpack_from(v)
-                    chunks[q] = (first, np.frombuffer(v, dtype=np.float32 if width == 4 else np.float64, offset=_CHUNK.size))
-            thr["history"] = _join_chunks(chunks, seen - n, seen, HISTORY_CHUNK, np.empty(n, dtype=np.float64), "threshold history entry")
-
+                    chunks[q] = (
+                        first,
+                        np.frombuffer(v, dtype=np.float32 if width == 4 else np.float64, offset=_CHUNK.size),
+                    )
+            thr["history"] = _join_chunks(
+                chunks, seen - n, seen, HISTORY_CHUNK, np.empty(n, dtype=np.float64), "threshold history entry"
+            )

@@ -13,8 +13,8 @@ import logging
 import sys
 from dataclasses import dataclass
 
-from stream_detector.core.bundle import Bundle, BundleError, load_bundle
 from stream_detector.config import ConfigError, Settings, add_settings_arguments, settings_from_args
+from stream_detector.core.bundle import Bundle, BundleError, load_bundle
 from stream_detector.service.kafka_config import check_client_configs
 from stream_detector.service.kafka_io import KafkaIOError, check_broker
 
@@ -61,9 +61,18 @@ def handle(args: argparse.Namespace) -> int:
         return 1
     b = result.bundle
     inputs = ", ".join(f"{t} ({result.partitions[t]} partitions)" for t in settings.kafka.topics)
-    print(f"config ok: group {settings.kafka.group_id}, hop {settings.detection.hop}, max_batch {settings.runtime.max_batch}")
-    print(f"bundle ok: {b.path} model {b.model_version}, window {b.window}, {b.n_features} features, scoring on {result.provider}")
-    print(f"broker ok: {settings.kafka.bootstrap_servers}; input {inputs}; alerts {settings.kafka.alerts_topic}; dead letters {settings.kafka.dlq_topic}")
+    print(
+        f"config ok: group {settings.kafka.group_id}, hop {settings.detection.hop}, "
+        f"max_batch {settings.runtime.max_batch}"
+    )
+    print(
+        f"bundle ok: {b.path} model {b.model_version}, window {b.window}, {b.n_features} features, "
+        f"scoring on {result.provider}"
+    )
+    print(
+        f"broker ok: {settings.kafka.bootstrap_servers}; input {inputs}; alerts {settings.kafka.alerts_topic}; "
+        f"dead letters {settings.kafka.dlq_topic}"
+    )
     return 0
 
 

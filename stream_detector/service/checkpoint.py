@@ -32,8 +32,9 @@ import os
 import signal
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol, TypeVar
 
 from stream_detector.service.changelog import ChangelogRecord, StateTracker
 from stream_detector.service.kafka_io import KafkaIOError, TransactionAborted
@@ -72,10 +73,14 @@ class OffsetSource(Protocol):
     def group_metadata(self) -> Any: ...
 
 
-class RecordSink(Protocol):
-    """What the checkpointer needs of the producer (kafka_io.KafkaSink)."""
+TicketT = TypeVar("TicketT", bound=Ticket)
 
-    def ticket(self) -> Ticket: ...
+
+class RecordSink(Protocol[TicketT]):
+    """What the checkpointer needs of the producer (kafka_io.KafkaSink). A sink takes back only the
+    tickets it hands out (its own ticket type)."""
+
+    def ticket(self) -> TicketT: ...
 
     def poll(self, timeout: float = 0.0) -> None: ...
 
@@ -83,9 +88,9 @@ class RecordSink(Protocol):
 
     def raise_if_failed(self) -> None: ...
 
-    def changelog(self, partition: int, key: str, value: bytes | None, ticket: Ticket | None = None) -> None: ...
+    def changelog(self, partition: int, key: str, value: bytes | None, ticket: TicketT | None = None) -> None: ...
 
-    def changelog_records(self, records: Sequence[ChangelogRecord], ticket: Ticket) -> int: ...
+    def changelog_records(self, records: Sequence[ChangelogRecord], ticket: TicketT) -> int: ...
 
     def commit_transaction(self, offsets: dict[TP, int], group_metadata: Any, timeout: float | None = None) -> None: ...
 
@@ -130,9 +135,21 @@ class Checkpointer:
     now: assigned and not being restored (partitions.PartitionOwner.active). `tracker`/`core`:
     the changelog's bookkeeping and the core whose state it writes (None: no changelog)."""
 
-    def __init__(self, source: OffsetSource, sink: RecordSink, *, exactly_once: bool, tracker: StateTracker | None, core: Any,
-                 active: Callable[[], set[TP]], stats: RunStats, metrics: Any, commit_interval_s: float, kill_at: int = 0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        source: OffsetSource,
+        sink: RecordSink[Any],
+        *,
+        exactly_once: bool,
+        tracker: StateTracker | None,
+        core: Any,
+        active: Callable[[], set[TP]],
+        stats: RunStats,
+        metrics: Any,
+        commit_interval_s: float,
+        kill_at: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.source, self.sink = source, sink
         self.exactly_once = exactly_once
         self.tracker, self.core = tracker, core
@@ -314,7 +331,11 @@ class Checkpointer:
         self._checkpoints_with_alerts += 1
         if self._checkpoints_with_alerts == self._kill_at:
             self.sink.flush(30.0)  # exactly-once: written inside the open transaction, invisible to read_committed
-            log.error("%s=%d: killing this process between producing alerts and committing", FAULT_KILL_BEFORE_COMMIT, self._kill_at)
+            log.error(
+                "%s=%d: killing this process between producing alerts and committing",
+                FAULT_KILL_BEFORE_COMMIT,
+                self._kill_at,
+            )
             os.kill(os.getpid(), signal.SIGKILL)
 
     # ------------------------------------------------------------------ partitions, aborts
@@ -345,11 +366,16 @@ class Checkpointer:
         parts = [f"submitted={self.submitted_seq} stored={self.stored_seq}"]
         if self._unstored:
             head = self._unstored[0]
-            parts.append(f"unstored={len(self._unstored)} (oldest batch {head.seq}: {head.ticket.pending if head.ticket else '-'} unacknowledged)")
+            parts.append(
+                f"unstored={len(self._unstored)} (oldest batch {head.seq}: "
+                f"{head.ticket.pending if head.ticket else '-'} unacknowledged)"
+            )
         ck = self._sliced
         if ck is not None:
-            parts.append(f"sliced checkpoint: after batch {ck.seq}, {now - ck.begun_at if ck.seq >= 0 else 0:.1f} s, "
-                         f"written={ck.written}, held slices={len(ck.held)}, unacknowledged={ck.ticket.pending}")
+            parts.append(
+                f"sliced checkpoint: after batch {ck.seq}, {now - ck.begun_at if ck.seq >= 0 else 0:.1f} s, "
+                f"written={ck.written}, held slices={len(ck.held)}, unacknowledged={ck.ticket.pending}"
+            )
         if self._txn_positions:
             parts.append(f"open transaction over {len(self._txn_positions)} partition(s)")
         return parts

@@ -16,11 +16,10 @@ names the exact dead-letter reason; without msgspec installed every message take
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import Any, Sequence
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
@@ -66,7 +65,7 @@ class DeadLetter:
 class Decoder:
     """Decodes batches for one feature schema (the bundle's feature order) and input mapping."""
 
-    def __init__(self, features: Sequence[str], settings: "InputSettings", typed: bool = True) -> None:
+    def __init__(self, features: Sequence[str], settings: InputSettings, typed: bool = True) -> None:
         self.features = tuple(features)
         self.settings = settings
         self._get = itemgetter(*self.features)
@@ -85,6 +84,7 @@ class Decoder:
         dead-letter reasons and event order are exactly that path's."""
         s = self.settings
         max_bytes, key_field, ts_field = s.max_message_bytes, s.key_field, s.timestamp_field
+        assert self._typed is not None  # decode() takes this path only with a typed decoder
         decode_one, get_row = self._typed
         errors = (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError)
         scale = self._scale_ts
@@ -129,8 +129,9 @@ class Decoder:
         with np.errstate(over="ignore", invalid="ignore"):  # float32 overflow (e.g. 1e39) becomes inf, caught later
             return np.array(values, dtype=np.float32).reshape(len(values), n_features)
 
-    def _finish(self, kept: list[Any], keys: list[str], times: list[int], rows: np.ndarray,
-                dead: list[DeadLetter]) -> tuple[EventBatch, list[DeadLetter]]:
+    def _finish(
+        self, kept: list[Any], keys: list[str], times: list[int], rows: np.ndarray, dead: list[DeadLetter]
+    ) -> tuple[EventBatch, list[DeadLetter]]:
         finite = np.isfinite(rows).all(axis=1)
         if not finite.all():
             for i in np.flatnonzero(~finite):
@@ -161,6 +162,8 @@ class Decoder:
         keys: list[str] = []
         times: list[int] = []
         values: list[Any] = []
+        key: Any  # a str once checked; before that, whatever the JSON field holds
+        ts: Any  # an int once checked; before that, whatever the JSON field holds
 
         for m in messages:
             value = m.value()
@@ -238,7 +241,7 @@ class _Unusual(Exception):
     """A message the typed fast path leaves to the orjson path."""
 
 
-def _typed_decoder(features: tuple[str, ...], settings: "InputSettings") -> tuple[Any, Any] | None:
+def _typed_decoder(features: tuple[str, ...], settings: InputSettings) -> tuple[Any, Any] | None:
     """(decode(bytes) -> struct, struct -> feature tuple) of a msgspec decoder typed for these
     features (float, bool refused) and the key/time fields; None without msgspec or if the names
     clash (the orjson path then does everything)."""
@@ -267,8 +270,8 @@ def _typed_decoder(features: tuple[str, ...], settings: "InputSettings") -> tupl
     return decoder.decode, get_row
 
 
-def dead_letter_headers(d: DeadLetter) -> list[tuple[str, bytes]]:
-    """The original headers plus where the message came from and why it was rejected."""
+def dead_letter_headers(d: DeadLetter) -> list[tuple[str, str | bytes | None]]:
+    """The original headers (a value may be None) plus where the message came from and why it was rejected."""
     m = d.message
     headers = list(m.headers() or [])
     headers += [

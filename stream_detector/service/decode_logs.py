@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from stream_detector.core.events import NO_TIME
 from stream_detector.logs.spec import LogModelSpec
@@ -30,7 +31,9 @@ class LogDecoder:
             if value is None or len(value) == 0:
                 dead.append(DeadLetter(m, "empty-value", "the message has no value"))
             elif len(value) > self.max_message_bytes:
-                dead.append(DeadLetter(m, "oversize", f"{len(value)} bytes exceed max_message_bytes {self.max_message_bytes}"))
+                dead.append(
+                    DeadLetter(m, "oversize", f"{len(value)} bytes exceed max_message_bytes {self.max_message_bytes}")
+                )
             else:
                 kept.append(m)
         times = []

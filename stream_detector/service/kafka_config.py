@@ -54,17 +54,26 @@ _PRODUCER_DEFAULTS = {
 # was full: with a bounded queue and a fast reader that wait, not the broker or decoding, set the
 # ingest rate (bench/e2e.py's consume + decode alone: 31k events/s at 1,000 ms, 147k at 5 ms;
 # docs/performance.md "Phase 3"). The user's kafka.consumer settings override these.
-CONSUMER_DEFAULTS = {"queued.max.messages.kbytes": 32_768, "fetch.max.bytes": 20_971_520, "receive.message.max.bytes": 31_457_280,
-                     "fetch.queue.backoff.ms": 5}
+CONSUMER_DEFAULTS = {
+    "queued.max.messages.kbytes": 32_768,
+    "fetch.max.bytes": 20_971_520,
+    "receive.message.max.bytes": 31_457_280,
+    "fetch.queue.backoff.ms": 5,
+}
 # The restorer reads whole changelog partitions: a smaller prefetch, the same short fetch backoff.
-RESTORER_DEFAULTS = {"queued.max.messages.kbytes": 16_384, "fetch.queue.backoff.ms": CONSUMER_DEFAULTS["fetch.queue.backoff.ms"]}
+RESTORER_DEFAULTS = {
+    "queued.max.messages.kbytes": 16_384,
+    "fetch.queue.backoff.ms": CONSUMER_DEFAULTS["fetch.queue.backoff.ms"],
+}
 
 
 def _merge(user: dict[str, Any], fixed: dict[str, Any], section: str) -> dict[str, Any]:
     conf = dict(user)
     for k, v in fixed.items():
         if k in conf and str(conf[k]).lower() != str(v).lower():
-            raise ConfigError(f"kafka.{section} sets '{k}={conf[k]}', but the service needs '{k}={v}' for its delivery guarantees.")
+            raise ConfigError(
+                f"kafka.{section} sets '{k}={conf[k]}', but the service needs '{k}={v}' for its delivery guarantees."
+            )
         conf[k] = v
     return conf
 
@@ -85,11 +94,13 @@ def client_config(settings: Settings, role: Role) -> dict[str, Any]:
         return _merge({**base, **common, **kafka.consumer}, fixed, "consumer")
     if role == "restorer":
         conf = _merge({**RESTORER_DEFAULTS, **common, **kafka.consumer}, fixed, "consumer")
-        conf.update({
-            "group.id": f"{kafka.group_id}-restore",  # required by the client; never joined
-            "enable.partition.eof": True,  # a partition is restored once its end is reached
-            "isolation.level": "read_committed",  # records of open or aborted transactions are never restored
-        })
+        conf.update(
+            {
+                "group.id": f"{kafka.group_id}-restore",  # required by the client; never joined
+                "enable.partition.eof": True,  # a partition is restored once its end is reached
+                "isolation.level": "read_committed",  # records of open or aborted transactions are never restored
+            }
+        )
         return conf
     raise ValueError(f"unknown Kafka client role {role!r}")
 
@@ -114,4 +125,4 @@ def check_client_configs(settings: Settings) -> None:
     """Build every client's settings once, so that a `kafka.consumer`/`kafka.producer` value the
     service cannot work with fails at start-up, before anything is consumed (ConfigError)."""
     for role in ("consumer", "producer", "admin", "restorer"):
-        client_config(settings, role)  # type: ignore[arg-type]
+        client_config(settings, role)

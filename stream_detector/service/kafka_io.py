@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
@@ -115,13 +116,13 @@ class KafkaSource:
         """Up to n messages within timeout seconds; partition EOF skipped, errors logged or raised."""
         batch = self._consumer.consume(num_messages=n, timeout=timeout)
         if self._callback_error is not None:
-            err, self._callback_error = self._callback_error, None
-            raise err
+            failure, self._callback_error = self._callback_error, None
+            raise failure
         if self._fatal is not None:
             raise KafkaIOError(f"the Kafka consumer hit a fatal error: {self._fatal.str()}.")
         if not batch or all(m.error() is None for m in batch):
             return batch
-        good = []
+        good: list[Any] = []
         for m in batch:
             err = m.error()
             if err is None:
@@ -129,7 +130,9 @@ class KafkaSource:
             elif err.code() == KafkaError._PARTITION_EOF:
                 continue
             elif err.fatal():
-                raise KafkaIOError(f"the Kafka consumer hit a fatal error on {m.topic()}[{m.partition()}]: {err.str()}.")
+                raise KafkaIOError(
+                    f"the Kafka consumer hit a fatal error on {m.topic()}[{m.partition()}]: {err.str()}."
+                )
             else:
                 log.warning("consume error on %s[%s]: %s", m.topic(), m.partition(), err.str())
         return good
@@ -160,7 +163,9 @@ class KafkaSource:
             if positions is None:
                 self._consumer.commit(asynchronous=False)
             else:
-                self._consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in positions.items()], asynchronous=False)
+                self._consumer.commit(
+                    offsets=[TopicPartition(t, p, o) for (t, p), o in positions.items()], asynchronous=False
+                )
         except KafkaException as e:
             err = e.args[0]
             if err.code() == KafkaError._NO_OFFSET:
@@ -173,14 +178,14 @@ class KafkaSource:
 
     # -- flow control, rewind, transactions --------------------------------------------------
     def pause(self, tps: Iterable[tuple[str, int]]) -> None:
-        tps = [TopicPartition(t, p) for t, p in tps if (t, p) in self.assignment]
-        if tps:
-            self._consumer.pause(tps)
+        owned = [TopicPartition(t, p) for t, p in tps if (t, p) in self.assignment]
+        if owned:
+            self._consumer.pause(owned)
 
     def resume(self, tps: Iterable[tuple[str, int]]) -> None:
-        tps = [TopicPartition(t, p) for t, p in tps if (t, p) in self.assignment]
-        if tps:
-            self._consumer.resume(tps)
+        owned = [TopicPartition(t, p) for t, p in tps if (t, p) in self.assignment]
+        if owned:
+            self._consumer.resume(owned)
 
     def committed_offsets(self, tps: Iterable[tuple[str, int]], timeout: float = 30.0) -> dict[tuple[str, int], int]:
         """Committed next-offset per partition (negative = none committed). In exactly-once mode
@@ -218,7 +223,11 @@ class KafkaSource:
 
     def committed(self, timeout: float = 10.0) -> dict[tuple[str, int], int]:
         tps = [TopicPartition(t, p) for t, p in sorted(self.assignment)]
-        return {(tp.topic, tp.partition): tp.offset for tp in self._consumer.committed(tps, timeout=timeout)} if tps else {}
+        return (
+            {(tp.topic, tp.partition): tp.offset for tp in self._consumer.committed(tps, timeout=timeout)}
+            if tps
+            else {}
+        )
 
     def lag(self) -> dict[tuple[str, int], int]:
         """Messages behind per assigned partition: high watermark (as of the last fetch, no broker
@@ -247,7 +256,7 @@ class DeliveryTicket:
 
     __slots__ = ("pending", "failed", "_sink")
 
-    def __init__(self, sink: "KafkaSink") -> None:
+    def __init__(self, sink: KafkaSink) -> None:
         self.pending = 0
         self.failed = False
         self._sink = sink
@@ -285,7 +294,9 @@ class KafkaSink:
         self.delivered = 0
         if self.transactional:
             # Fences an earlier incarnation with the same id and aborts its open transaction.
-            self._txn_call(lambda: self._producer.init_transactions(max(self._timeout, 30.0)), "initialising transactions")
+            self._txn_call(
+                lambda: self._producer.init_transactions(max(self._timeout, 30.0)), "initialising transactions"
+            )
 
     def _on_error(self, err: KafkaError) -> None:
         if err.fatal() and self._first_error is None:
@@ -301,14 +312,22 @@ class KafkaSink:
         elif self.transactional:  # the transaction turns abortable; commit_transaction reports it
             log.warning("delivery to %s failed inside a transaction: %s", msg.topic(), err.str())
 
-    def _produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]] | None,
-                 partition: int | None = None, ticket: DeliveryTicket | None = None, poll: bool = True) -> None:
+    def _produce(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, str | bytes | None]] | None,
+        partition: int | None = None,
+        ticket: DeliveryTicket | None = None,
+        poll: bool = True,
+    ) -> None:
         """Produce one record, waiting for room in the bounded local queue; `poll`: serve delivery
         reports right after (a caller producing many records at once polls once at the end)."""
         if self.transactional and not self._in_txn:
             self._txn_call(self._producer.begin_transaction, "beginning a transaction")
             self._in_txn = True
-        kwargs = {} if partition is None else {"partition": partition}
+        kwargs: dict[str, Any] = {} if partition is None else {"partition": partition}
         callback: Callable[[Any, Any], None] = self._on_delivery if ticket is None else ticket
         while True:
             try:
@@ -345,7 +364,15 @@ class KafkaSink:
         checkpoint makes thousands per second); returns the bytes produced."""
         size = 0
         for r in records:
-            self._produce(self._changelog_topic, r.key.encode("utf-8"), r.value, None, partition=r.partition, ticket=ticket, poll=False)
+            self._produce(
+                self._changelog_topic,
+                r.key.encode("utf-8"),
+                r.value,
+                None,
+                partition=r.partition,
+                ticket=ticket,
+                poll=False,
+            )
             size += len(r.value) if r.value is not None else 0
         self._producer.poll(0)
         return size
@@ -363,11 +390,15 @@ class KafkaSink:
             self._producer.flush(1.0 if deadline is None else min(1.0, max(0.0, deadline - time.monotonic())))
             self.raise_if_failed()
             if deadline is not None and time.monotonic() >= deadline and len(self._producer) > 0:
-                raise DeliveryError(f"{len(self._producer)} alert/dead-letter record(s) were not acknowledged within {timeout:g} s.")
+                raise DeliveryError(
+                    f"{len(self._producer)} alert/dead-letter record(s) were not acknowledged within {timeout:g} s."
+                )
         self.raise_if_failed()
 
     # -- exactly-once ----------------------------------------------------------------------------
-    def commit_transaction(self, offsets: dict[tuple[str, int], int], group_metadata: Any, timeout: float | None = None) -> None:
+    def commit_transaction(
+        self, offsets: dict[tuple[str, int], int], group_metadata: Any, timeout: float | None = None
+    ) -> None:
         """Add the consumer offsets to the open transaction and commit it. Retriable errors (broker
         away, timeout) are retried until `timeout` (None: until it works or turns abortable/fatal).
         Raises TransactionAborted after aborting on an abortable error, KafkaIOError when fatal
@@ -383,8 +414,12 @@ class KafkaSink:
             # Not retried: librdkafka 2.16 can block forever in a repeated send_offsets_to_transaction
             # once the group coordinator went away (librdkafka issue #5456, timeout ignored). A failure
             # aborts instead; the caller rewinds and redoes the batch, so nothing is lost.
-            self._retrying(lambda: self._producer.send_offsets_to_transaction(tps, group_metadata, self._timeout),
-                           "adding offsets to the transaction", deadline, retry=False)
+            self._retrying(
+                lambda: self._producer.send_offsets_to_transaction(tps, group_metadata, self._timeout),
+                "adding offsets to the transaction",
+                deadline,
+                retry=False,
+            )
         self._retrying(lambda: self._producer.commit_transaction(self._timeout), "committing the transaction", deadline)
         self._in_txn = False
 
@@ -402,7 +437,10 @@ class KafkaSink:
             except KafkaException as e:
                 err = e.args[0]
                 if err.fatal():
-                    raise KafkaIOError(f"{what} failed fatally: {err.str()} (another instance with this transactional.id may have taken over).") from None
+                    raise KafkaIOError(
+                        f"{what} failed fatally: {err.str()} (another instance with this transactional.id may have "
+                        "taken over)."
+                    ) from None
                 if err.txn_requires_abort():
                     log.warning("%s failed (%s): aborting the transaction", what, err.str())
                     self.abort_transaction()
@@ -463,7 +501,10 @@ def check_broker(settings: Settings, topics: Sequence[str], timeout: float | Non
                 f" of user '{conf.get('sasl.username', '')}' ({auth_error[0]})."
             ) from None
         why = last_error[-1] if last_error else e.args[0].str()
-        raise KafkaIOError(f"cannot reach the Kafka broker at {settings.kafka.bootstrap_servers} within {timeout:g} s ({why}).") from None
+        raise KafkaIOError(
+            f"cannot reach the Kafka broker at {settings.kafka.bootstrap_servers} within {timeout:g} s ({why})."
+        ) from None
+
     def missing_from(meta: Any) -> list[str]:
         return [t for t in topics if t not in meta.topics or meta.topics[t].error is not None]
 

@@ -40,13 +40,13 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import ExitStack
 from typing import Any
 
+from stream_detector.config import ConfigError, Settings
 from stream_detector.core.bundle import Bundle
 from stream_detector.core.pipeline import BatchResult, DetectorCore
 from stream_detector.core.scorer import Scorer
 from stream_detector.service.batches import Work, count_batch, decode_work, publish, restrict
 from stream_detector.service.changelog import Restorer, StateTracker, ensure_changelog_topic
 from stream_detector.service.checkpoint import FAULT_KILL_BEFORE_COMMIT, Checkpointer
-from stream_detector.config import ConfigError, Settings
 from stream_detector.service.decode import Decoder
 from stream_detector.service.health import Health
 from stream_detector.service.kafka_config import check_client_configs
@@ -84,15 +84,25 @@ class Detector:
         self._fence_rows = True  # at-least-once replays: skip rows that restored state holds (changelog.py)
         self._use_log_stage_if_log_bundle(settings)
         self.metrics = metrics if metrics is not None else Metrics()  # process_* (RSS, CPU, fds) included
-        self.health = health if health is not None else Health(stall_after_s=max(30.0, 10 * settings.runtime.max_wait_ms / 1000))
-        partitions = check_broker(settings, [*settings.kafka.topics, settings.kafka.alerts_topic, settings.kafka.dlq_topic])
+        self.health = (
+            health if health is not None else Health(stall_after_s=max(30.0, 10 * settings.runtime.max_wait_ms / 1000))
+        )
+        partitions = check_broker(
+            settings, [*settings.kafka.topics, settings.kafka.alerts_topic, settings.kafka.dlq_topic]
+        )
         proc = settings.processing
         self.exactly_once = proc.guarantee == "exactly_once"
-        self.changelog_topic = ensure_changelog_topic(settings, max(partitions[t] for t in settings.kafka.topics)) if proc.changelog else None
+        self.changelog_topic = (
+            ensure_changelog_topic(settings, max(partitions[t] for t in settings.kafka.topics))
+            if proc.changelog
+            else None
+        )
         self.tracker = StateTracker(self.bundle.window, settings.detection.history) if proc.changelog else None
         self.health.broker_reachable()
         self.health.model_loaded(self.bundle.model_version)
-        self.metrics.set_model(self.bundle.model_version, self.scorer.provider, self.bundle.window, self.bundle.n_features)
+        self.metrics.set_model(
+            self.bundle.model_version, self.scorer.provider, self.bundle.window, self.bundle.n_features
+        )
         # operations hooks (ops.py: systemd READY/WATCHDOG/STOPPING, hot model reload)
         self.ops = Operations(settings, self.bundle, self._build_scorer, self.metrics)
         self.reloader = self.ops.reloader
@@ -119,8 +129,8 @@ class Detector:
     def _use_log_stage_if_log_bundle(self, settings: Settings) -> None:
         """A log model bundle (issue 8): messages are raw log lines, turned into rows by the log
         stage (logs/stage.py), and alerts carry the offending template and a sample line."""
-        from stream_detector.logs.spec import is_log_bundle, load_log_spec, log_detection_settings
         from stream_detector.logs.core import LogDetectorCore
+        from stream_detector.logs.spec import is_log_bundle, load_log_spec, log_detection_settings
         from stream_detector.service.decode_logs import LogDecoder
 
         if is_log_bundle(self.bundle):
@@ -153,12 +163,17 @@ class Detector:
             return f"{now - t:.1f} s ago" if t else "never"
 
         committed_at = offsets.committed_at if offsets is not None else 0.0
-        parts = [f"consumed={self.stats.consumed} (last {ago(self._consumed_at)}) scored={self.stats.scored} "
-                 f"commits={self.stats.commits} (last {ago(committed_at)}) batches={self.stats.batches}",
-                 f"forming={len(self._forming)} ready={len(self._ready)} held={self._held()}"]
+        parts = [
+            f"consumed={self.stats.consumed} (last {ago(self._consumed_at)}) scored={self.stats.scored} "
+            f"commits={self.stats.commits} (last {ago(committed_at)}) batches={self.stats.batches}",
+            f"forming={len(self._forming)} ready={len(self._ready)} held={self._held()}",
+        ]
         if pending is not None:
             running = pending.future is not None and not pending.future.done()
-            parts.append(f"in-flight batch {pending.seq}: {pending.n_messages} msgs, {now - pending.started:.1f} s, {'running' if running else 'finished'}")
+            parts.append(
+                f"in-flight batch {pending.seq}: {pending.n_messages} msgs, {now - pending.started:.1f} s, "
+                f"{'running' if running else 'finished'}"
+            )
         if offsets is not None:
             parts += offsets.describe(now)
         if owner is not None:
@@ -190,13 +205,31 @@ class Detector:
                 restorer = Restorer(self.settings, self.changelog_topic, self.bundle.window)
                 stack.callback(restorer.close)
             # the rebalance callbacks run inside consume(), so only once the parts below exist
-            self._source = source = KafkaSource(self.settings, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost)
+            self._source = source = KafkaSource(
+                self.settings, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+            )
             stack.callback(source.close)
-            self.partitions = owner = PartitionOwner(source, self.core, tracker=self.tracker, restorer=restorer, stats=self.stats,
-                                                     restore_chunk=proc.restore_chunk, fence_rows=self._fence_rows)
-            self.offsets = offsets = Checkpointer(source, sink, exactly_once=self.exactly_once, tracker=self.tracker, core=self.core,
-                                                  active=owner.active, stats=self.stats, metrics=self.metrics,
-                                                  commit_interval_s=rt.commit_interval_s, kill_at=self._kill_at)
+            self.partitions = owner = PartitionOwner(
+                source,
+                self.core,
+                tracker=self.tracker,
+                restorer=restorer,
+                stats=self.stats,
+                restore_chunk=proc.restore_chunk,
+                fence_rows=self._fence_rows,
+            )
+            self.offsets = offsets = Checkpointer(
+                source,
+                sink,
+                exactly_once=self.exactly_once,
+                tracker=self.tracker,
+                core=self.core,
+                active=owner.active,
+                stats=self.stats,
+                metrics=self.metrics,
+                commit_interval_s=rt.commit_interval_s,
+                kill_at=self._kill_at,
+            )
             # every holder of per-partition state forgets a partition when it is dropped
             owner.on_drop(offsets.forget)
             owner.on_drop(lambda gone, _: self.health.revoked(gone))
@@ -207,7 +240,9 @@ class Detector:
             loop_done = threading.Event()  # ends the stall guard with this run (tests run the loop in-process)
             stack.callback(loop_done.set)
             if rt.stall_exit_s > 0:
-                threading.Thread(target=self._stall_guard, args=(rt.stall_exit_s, loop_done), name="sd-stall-guard", daemon=True).start()
+                threading.Thread(
+                    target=self._stall_guard, args=(rt.stall_exit_s, loop_done), name="sd-stall-guard", daemon=True
+                ).start()
             # What exists now (modules, clients, the model) lives as long as the loop: out of the
             # collector's sight, a full collection walks only what the loop made since, instead of
             # pausing it for tens of ms (docs/performance.md, "Phase 4").
@@ -232,7 +267,9 @@ class Detector:
                     except TransactionAborted as e:
                         self._rewind(str(e))
                 self.health.stopping()
-                self.ops.stopping(f"draining: finishing the batch, delivering, committing (grace {rt.shutdown_grace_s:g} s)")
+                self.ops.stopping(
+                    f"draining: finishing the batch, delivering, committing (grace {rt.shutdown_grace_s:g} s)"
+                )
                 try:
                     self._process_rest()
                     self._checkpoint()
@@ -306,8 +343,9 @@ class Detector:
         rt = self.settings.runtime
         sink, offsets = self._sink, self.offsets
         assert offsets is not None
-        forming_due = self._forming and (len(self._forming) >= rt.max_batch
-                                         or time.monotonic() >= self._forming_since + rt.max_wait_ms / 1000)
+        forming_due = self._forming and (
+            len(self._forming) >= rt.max_batch or time.monotonic() >= self._forming_since + rt.max_wait_ms / 1000
+        )
         done = self._pending
         if done is not None and done.future is not None and not done.future.done():
             if forming_due and not self._ready and rt.max_inflight > 1:
@@ -399,7 +437,16 @@ class Detector:
         ticket = offsets.ticket()
         alerts = publish(sink, work, result, ticket)
         offsets.delivered(work.seq, work.positions, ticket, len(alerts))
-        count_batch(self.stats, self.metrics, work, result, alerts, inference_s, self.settings.runtime.max_batch, int(time.time() * 1000))
+        count_batch(
+            self.stats,
+            self.metrics,
+            work,
+            result,
+            alerts,
+            inference_s,
+            self.settings.runtime.max_batch,
+            int(time.time() * 1000),
+        )
 
     # ------------------------------------------------------------------ checkpoints (checkpoint.py)
     def _checkpoint(self) -> None:
@@ -498,6 +545,12 @@ class Detector:
             self.tracker.invalidate()  # thresholds restarted, rows may be renormalised: next writes are whole
         self.bundle, self.scorer = loaded.bundle, loaded.scorer
         self.health.model_loaded(loaded.bundle.model_version)
-        self.metrics.set_model(loaded.bundle.model_version, loaded.scorer.provider, loaded.bundle.window, loaded.bundle.n_features)
-        log.info("model %s replaced by %s; alerts from the next batch on carry the new version", old, loaded.bundle.model_version)
+        self.metrics.set_model(
+            loaded.bundle.model_version, loaded.scorer.provider, loaded.bundle.window, loaded.bundle.n_features
+        )
+        log.info(
+            "model %s replaced by %s; alerts from the next batch on carry the new version",
+            old,
+            loaded.bundle.model_version,
+        )
         self._notify_ready()

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 from prometheus_client import (
@@ -86,7 +87,10 @@ class Metrics:
             f"{p}_event_lag_seconds", "wall clock minus event time of the oldest event in the last batch", registry=r
         )
         self.consumer_lag = Gauge(
-            f"{p}_consumer_lag_messages", "high watermark minus position, per assigned partition", ["topic", "partition"], registry=r
+            f"{p}_consumer_lag_messages",
+            "high watermark minus position, per assigned partition",
+            ["topic", "partition"],
+            registry=r,
         )
         self.alerts = Counter(f"{p}_alerts", "alert events published, by state", ["state"], registry=r)
         self.open_alerts = Gauge(f"{p}_open_alerts", "entities currently in an open alert", registry=r)
@@ -97,7 +101,9 @@ class Metrics:
         )
         self.paused_partitions = Gauge(f"{p}_paused_partitions", "partitions paused for backpressure", registry=r)
         self.offsets_committed = Counter(f"{p}_offsets_committed", "offset commits that succeeded", registry=r)
-        self.delivery_errors = Counter(f"{p}_delivery_errors", "alert or dead-letter records the broker rejected", registry=r)
+        self.delivery_errors = Counter(
+            f"{p}_delivery_errors", "alert or dead-letter records the broker rejected", registry=r
+        )
         self.model = Info(f"{p}_model", "the active model and execution provider", registry=r)
         self.model_reloads = Counter(f"{p}_model_reloads", "model hot reloads, by result", ["result"], registry=r)
         self.loop_last_tick = Gauge(
@@ -197,7 +203,7 @@ class Metrics:
     def tick(self, now_s: float) -> None:
         self.loop_last_tick.set(now_s)
 
-    def track_readiness(self, health: "Health") -> None:
+    def track_readiness(self, health: Health) -> None:
         """Make `stream_detector_ready` follow the health object at scrape time."""
         self.ready.set_function(lambda: 1.0 if health.readiness().ok else 0.0)
 
@@ -217,7 +223,7 @@ class MetricsServer:
     `port=0` binds a free port (tests); `.port` tells which. `stop()` shuts the server down and
     closes the socket."""
 
-    def __init__(self, metrics: Metrics, health: "Health | None" = None, host: str = "0.0.0.0", port: int = 9464) -> None:
+    def __init__(self, metrics: Metrics, health: Health | None = None, host: str = "0.0.0.0", port: int = 9464) -> None:
         self.metrics = metrics
         self.health = health
         if health is not None:
@@ -234,7 +240,7 @@ class MetricsServer:
     def port(self) -> int:
         return int(self._server.server_address[1])
 
-    def start(self) -> "MetricsServer":
+    def start(self) -> MetricsServer:
         self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
         self._thread.start()
         log.info("metrics, /healthz and /readyz on port %d", self.port)
@@ -247,14 +253,14 @@ class MetricsServer:
             self._thread = None
         self._server.server_close()
 
-    def __enter__(self) -> "MetricsServer":
+    def __enter__(self) -> MetricsServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
-def _make_handler(metrics: Metrics, health: "Health | None") -> type[BaseHTTPRequestHandler]:
+def _make_handler(metrics: Metrics, health: Health | None) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "stream-detector"
 
@@ -286,7 +292,9 @@ def _make_handler(metrics: Metrics, health: "Health | None") -> type[BaseHTTPReq
             if not getattr(self, "_head_only", False):
                 self.wfile.write(body)
 
-        def log_message(self, format: str, *args: object) -> None:  # scrapes every few seconds: keep them out of the log
+        def log_message(
+            self, format: str, *args: object
+        ) -> None:  # scrapes every few seconds: keep them out of the log
             log.debug("http %s", format % args)
 
     return Handler

@@ -19,7 +19,7 @@ import logging
 import os
 import socket
 import time
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,11 @@ class SystemdNotifier:
             # Said once, then silent: a vanished notify socket must not take the service down or
             # flood the log at every loop iteration.
             self._failed = True
-            log.warning("cannot reach systemd's notify socket %s (%s); notifications are off from now on", _show(self._address), e)
+            log.warning(
+                "cannot reach systemd's notify socket %s (%s); notifications are off from now on",
+                _show(self._address),
+                e,
+            )
             return False
 
     def ready(self, status: str | None = None) -> bool:

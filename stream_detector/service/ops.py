@@ -11,10 +11,11 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from stream_detector.core.bundle import Bundle
 from stream_detector.config import Settings
+from stream_detector.core.bundle import Bundle
 from stream_detector.service.health import Health
 from stream_detector.service.metrics import Metrics
 from stream_detector.service.notify import SystemdNotifier
@@ -24,12 +25,23 @@ READY_AFTER_S = 60.0  # READY=1 without an assignment after this long: joined, b
 
 
 class Operations:
-    def __init__(self, settings: Settings, bundle: Bundle, build_scorer: Callable[[Bundle], Any], metrics: Metrics,
-                 notifier: SystemdNotifier | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        bundle: Bundle,
+        build_scorer: Callable[[Bundle], Any],
+        metrics: Metrics,
+        notifier: SystemdNotifier | None = None,
+    ) -> None:
         self.notifier = notifier if notifier is not None else SystemdNotifier()
+        assert settings.model.bundle is not None, "load_model refuses settings without a bundle path"
         self.reloader = ModelReloader(
-            settings.model.bundle, bundle, build_scorer, watch=settings.model.watch,
-            watch_interval_s=settings.model.watch_interval_s, on_result=lambda ok, _: metrics.reload_result(ok),
+            settings.model.bundle,
+            bundle,
+            build_scorer,
+            watch=settings.model.watch,
+            watch_interval_s=settings.model.watch_interval_s,
+            on_result=lambda ok, _: metrics.reload_result(ok),
         )
         self.ready_sent = False
 
@@ -62,6 +74,10 @@ def stall_guard(health: Health, stop: threading.Event, limit_s: float, loop_done
             return
         stalled = health.since_tick()
         if stalled > limit_s:
-            print(f"run: the main loop has not ticked for {stalled:.0f} s (runtime.stall_exit_s = {limit_s:g}); "
-                  "exiting so that the supervisor restarts this member from its committed offsets.", file=sys.stderr, flush=True)
+            print(
+                f"run: the main loop has not ticked for {stalled:.0f} s (runtime.stall_exit_s = {limit_s:g}); "
+                "exiting so that the supervisor restarts this member from its committed offsets.",
+                file=sys.stderr,
+                flush=True,
+            )
             os._exit(1)

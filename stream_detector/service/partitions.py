@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
 
 from stream_detector.service.changelog import ChangelogError, StateAssembler, StateTracker
 from stream_detector.service.stats import RunStats
@@ -78,8 +79,17 @@ class PartitionOwner:
     `fence_rows`: fence restored entities' events by offset (False for log models, whose stage
     skips lines itself)."""
 
-    def __init__(self, source: PartitionSource, core: Any, *, tracker: StateTracker | None, restorer: StateRestorer | None,
-                 stats: RunStats, restore_chunk: int = 2000, fence_rows: bool = True) -> None:
+    def __init__(
+        self,
+        source: PartitionSource,
+        core: Any,
+        *,
+        tracker: StateTracker | None,
+        restorer: StateRestorer | None,
+        stats: RunStats,
+        restore_chunk: int = 2000,
+        fence_rows: bool = True,
+    ) -> None:
         self.source, self.core = source, core
         self.tracker, self.restorer = tracker, restorer
         self.stats = stats
@@ -190,7 +200,12 @@ class PartitionOwner:
             except (ChangelogError, ValueError, KeyError) as e:
                 cold += 1
                 if cold == 1:
-                    log.warning("changelog state of %s in partition %d is not usable (%s); such entities start cold", key, partition, e)
+                    log.warning(
+                        "changelog state of %s in partition %d is not usable (%s); such entities start cold",
+                        key,
+                        partition,
+                        e,
+                    )
                 continue
             tracker.restored(partition, key, applied if self.fence_rows else {}, by_topic, state)
             restored += 1
@@ -201,8 +216,14 @@ class PartitionOwner:
                 source.seek(tp, first)
         source.resume(tps)
         self.stats.restored_entities += restored
-        log.info("restored %d entities of partition %d from %s in %.2f s (%d cold)", restored, partition, self.restorer.topic,
-                 time.monotonic() - t, cold)
+        log.info(
+            "restored %d entities of partition %d from %s in %.2f s (%d cold)",
+            restored,
+            partition,
+            self.restorer.topic,
+            time.monotonic() - t,
+            cold,
+        )
 
     # ------------------------------------------------------------------ exactly-once rewind
     def rewind(self) -> None:

@@ -25,9 +25,10 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from stream_detector.core.bundle import BUNDLE_FILE, MODEL_FILE, Bundle, BundleError, load_bundle
 
@@ -171,7 +172,9 @@ class ModelReloader:
         try:
             new = load_bundle(self.path)
             if new.model_sha256 == old.model_sha256 and new.model_version == old.model_version:
-                log.info("model reload (%s): %s still holds model %s; nothing to do", reason, self.path, old.model_version)
+                log.info(
+                    "model reload (%s): %s still holds model %s; nothing to do", reason, self.path, old.model_version
+                )
                 return
             check_compatible(old, new)
             try:
@@ -194,7 +197,9 @@ class ModelReloader:
         self.last_error = None
         with self._lock:
             self._ready = LoadedModel(new, scorer)
-        log.info("model reload (%s): model %s verified and warmed up; switching at the next batch", reason, new.model_version)
+        log.info(
+            "model reload (%s): model %s verified and warmed up; switching at the next batch", reason, new.model_version
+        )
         self._report(True, new.model_version)
 
     def _report(self, ok: bool, detail: str) -> None:

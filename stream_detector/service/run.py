@@ -21,10 +21,10 @@ from typing import Any
 
 import orjson
 
+from stream_detector.config import ConfigError, add_settings_arguments, settings_from_args
 from stream_detector.core.bundle import BundleError
 from stream_detector.core.scorer import ScorerError
 from stream_detector.service.changelog import ChangelogError
-from stream_detector.config import ConfigError, add_settings_arguments, settings_from_args
 from stream_detector.service.kafka_io import KafkaIOError
 from stream_detector.service.loop import Detector
 
@@ -61,12 +61,20 @@ def handle(args: argparse.Namespace) -> int:
         return 1
 
     def on_signal(signum: int, frame: Any) -> None:
-        log.info("%s: finishing the current batch, then deliver, commit and close (again to kill)", signal.Signals(signum).name)
+        log.info(
+            "%s: finishing the current batch, then deliver, commit and close (again to kill)",
+            signal.Signals(signum).name,
+        )
         detector.stop()
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, signal.SIG_DFL)  # a second signal kills
         grace = settings.runtime.shutdown_grace_s
-        timer = threading.Timer(grace, lambda: (log.error("shutdown exceeded the %g s grace period; exiting", grace), os._exit(1)))
+
+        def give_up() -> None:
+            log.error("shutdown exceeded the %g s grace period; exiting", grace)
+            os._exit(1)
+
+        timer = threading.Timer(grace, give_up)
         timer.daemon = True
         timer.start()
 
@@ -81,13 +89,24 @@ def handle(args: argparse.Namespace) -> int:
         return 1
     log.info(
         "stopped: %d consumed, %d dead letters, %d scored, alerts %s, %d commits in %.1f s",
-        stats.consumed, stats.dead_letters, stats.scored, dict(stats.alerts), stats.commits, stats.elapsed_s,
+        stats.consumed,
+        stats.dead_letters,
+        stats.scored,
+        dict(stats.alerts),
+        stats.commits,
+        stats.elapsed_s,
     )
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("run", help="run the detector: consume observations, publish alerts",
-                              description="Consume observations from Kafka, score every entity's window with the bundle's model and publish alert events.")
+    p = subparsers.add_parser(
+        "run",
+        help="run the detector: consume observations, publish alerts",
+        description=(
+            "Consume observations from Kafka, score every entity's window with the bundle's model and publish alert "
+            "events."
+        ),
+    )
     add_settings_arguments(p)
     p.set_defaults(func=handle)
