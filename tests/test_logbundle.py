@@ -46,6 +46,52 @@ def test_fit_writes_parser_and_template_set(tiny_bundle):
     assert spec.templates.match("writeBlock blk_1 received exception java.io.IOException: x") == 0
 
 
+COMMON_TRAINING_FIELDS = {"data_source", "data_format", "rows", "entities", "seed", "settings", "versions", "command_line", "created_at", "seconds"}
+
+
+def test_sequence_bundle_records_the_shared_training_metadata_and_a_quantile_calibration(tiny_bundle):
+    bundle = load_bundle(tiny_bundle)
+    tr = bundle.training
+    assert COMMON_TRAINING_FIELDS <= set(tr) and tr["model"] == "sequence" and tr["data_format"] == "log"
+    assert {"python", "numpy", "onnx", "onnxruntime", "torch"} <= set(tr["versions"])
+    # trained by the shared loop: its history, best epoch and stop reason are recorded as fit's are
+    assert len(tr["history"]["val_loss"]) == tr["epochs"] and 1 <= tr["best_epoch"] <= tr["epochs"]
+    assert tr["best_val_loss"] == min(tr["history"]["val_loss"]) and tr["interrupted"] is False
+    # per-session quantile threshold: no fitted tail, no run section
+    assert bundle.calibration.tail is None and bundle.calibration.run is None
+    assert "session_1.0" in bundle.calibration.quantiles
+
+
+def test_ctrl_c_during_sequence_training_keeps_the_best_weights(monkeypatch, tmp_path):
+    import training.trainer as trainer
+
+    calls = {"n": 0}
+    real = trainer.evaluate_loss
+
+    def interrupt_on_second_epoch(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(trainer, "evaluate_loss", interrupt_on_second_epoch)
+    tr = load_bundle(train_tiny_bundle(tmp_path, epochs=5)).training
+    assert tr["interrupted"] is True and tr["best_epoch"] == 1 and tr["epochs"] == 1
+
+
+def test_ctrl_c_before_the_first_sequence_epoch_writes_nothing(monkeypatch, tmp_path):
+    import training.trainer as trainer
+    from training.logs import LogTrainingError
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "evaluate_loss", boom)
+    with pytest.raises(LogTrainingError, match="nothing was written"):
+        train_tiny_bundle(tmp_path)
+    assert not (tmp_path / "bundle").exists()
+
+
 def test_loader_refuses_a_template_set_that_is_not_the_trained_one(tiny_bundle, tmp_path):
     b = _copy(tiny_bundle, tmp_path)
     d = orjson.loads((b / TEMPLATES_FILE).read_bytes())

@@ -109,6 +109,10 @@ def test_bundle_loads_and_refuses_features_of_another_layout(counts_bundle, tmp_
     assert spec.counts and bundle.extra[LOGS_SECTION]["layout"] == COUNTS_LAYOUT
     assert list(bundle.features) == count_feature_names(spec.vocab_size) and bundle.model_version.startswith("logcounts-")
     assert spec.features.idle_check_s == 300.0
+    tr = bundle.training  # the shared training metadata (training/meta.py), versions included
+    assert {"data_source", "rows", "entities", "seed", "settings", "versions", "command_line", "created_at", "seconds"} <= set(tr)
+    assert tr["model"] == "counts" and {"python", "numpy", "onnx", "onnxruntime"} <= set(tr["versions"])
+    assert bundle.calibration.tail is None and "session_1.0" in bundle.calibration.quantiles
     dst = tmp_path / "b"
     shutil.copytree(counts_bundle, dst)
     meta = orjson.loads((dst / "bundle.json").read_bytes())

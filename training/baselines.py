@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
-import platform
 import shlex
 import sys
 import time
@@ -45,6 +44,7 @@ from stream_detector.core.bundle import (
     write_bundle,
 )
 from stream_detector.offline.datafiles import DataFileError, read_table
+from training.meta import training_meta as build_training_meta
 from training.windows import WindowingError, plan_windows
 
 log = logging.getLogger(__name__)
@@ -203,23 +203,22 @@ def fit_baseline(s: BaselineSettings, command_line: str | None = None) -> Path:
     calibration = calibrate(val.scores, s.threshold_quantile, plan.val_starts)
     sha = hashlib.sha256(onnx_bytes).hexdigest()
     model_version = f"{s.kind}-{sha[:12]}"
-    training_meta = {
-        "data_source": str(Path(table.source).resolve()),
-        "data_format": s.format,
-        "rows": table.n_rows,
-        "entities": len(set(table.keys)),
-        "train_rows": int(plan.train_rows.sum()),
-        "val_windows": int(plan.val_starts.size),
-        "missing_values": table.cleaning.to_json(),
-        "seed": None,  # deterministic: no randomness in either baseline
-        "epochs": 0,
-        "threshold_quantile": s.threshold_quantile,
-        "settings": s.model_dump(mode="json"),
-        "versions": _versions(),
-        "command_line": command_line or "python API: training.baselines.fit_baseline()",
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
+    training_meta = build_training_meta(
+        data_source=table.source,
+        data_format=s.format,
+        rows=table.n_rows,
+        entities=len(set(table.keys)),
+        seed=None,  # deterministic: no randomness in either baseline
+        settings=s,
+        command_line=command_line,
+        api="training.baselines.fit_baseline()",
+        started=t0,
+        train_rows=int(plan.train_rows.sum()),
+        val_windows=int(plan.val_starts.size),
+        missing_values=table.cleaning.to_json(),
+        epochs=0,
+        threshold_quantile=s.threshold_quantile,
+    )
     write_bundle(
         s.out,
         onnx_bytes,
@@ -235,18 +234,6 @@ def fit_baseline(s: BaselineSettings, command_line: str | None = None) -> Path:
     load_bundle(s.out)  # the service's own checks, on what was written
     log.info("%s baseline: %s, threshold %.5g", s.kind, model_meta, calibration.threshold)
     return Path(s.out)
-
-
-def _versions() -> dict[str, str]:
-    import onnx
-    import onnxruntime
-
-    return {
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
-    }
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import platform
 import shlex
 import sys
 import time
@@ -27,6 +26,7 @@ import numpy as np
 from stream_detector.core.bundle import (INPUT_NAME, OUTPUT_NAME, SCHEMA_VERSION, Bundle, BundleError, Normaliser, ScoringRule, load_bundle,
                                         write_bundle)
 from stream_detector.offline.datafiles import DataFileError, read_table
+from training.meta import training_meta as build_training_meta
 from training.settings import FitSettings, SettingsError, add_fit_arguments, settings_from_args
 from training.sizing import size_to_data
 from training.windows import WindowingError
@@ -106,39 +106,32 @@ def fit(settings: FitSettings, command_line: str | None = None) -> FitResult:
 
     sha = hashlib.sha256(onnx_bytes).hexdigest()
     model_version = s.model_version or f"{s.variant}-{sha[:12]}"
-    training_meta = {
-        "data_source": str(Path(table.source).resolve()),
-        "data_format": s.format,
-        "rows": table.n_rows,
-        "entities": n_entities,
-        "segments": plan.n_segments,
-        "gaps": plan.n_gaps,
-        "missing_values": table.cleaning.to_json(),
-        "train_windows": int(plan.train_starts.size),
-        "val_windows": int(plan.val_starts.size),
-        "seed": s.seed,
-        "epochs": len(result.train_loss),
-        "best_epoch": result.best_epoch,
-        "best_val_loss": result.best_val_loss,
-        "interrupted": result.interrupted,
-        "early_stopped": result.early_stopped,
-        "history": {"train_loss": result.train_loss, "val_loss": result.val_loss},
-        "device": result.device,
-        "train_seconds": round(result.seconds, 2),
-        "train_windows_per_s": round(result.windows_per_s, 1),
-        "parity_max_abs_diff": parity,
-        "parity_windows": int(len(parity_windows)),
-        "threshold_quantile": s.threshold_quantile,
-        "validation": {
+    training_meta = build_training_meta(
+        data_source=table.source, data_format=s.format, rows=table.n_rows, entities=n_entities, seed=s.seed, settings=s,
+        command_line=command_line, api="training.fit.fit()", started=t0,
+        segments=plan.n_segments,
+        gaps=plan.n_gaps,
+        missing_values=table.cleaning.to_json(),
+        train_windows=int(plan.train_starts.size),
+        val_windows=int(plan.val_starts.size),
+        epochs=len(result.train_loss),
+        best_epoch=result.best_epoch,
+        best_val_loss=result.best_val_loss,
+        interrupted=result.interrupted,
+        early_stopped=result.early_stopped,
+        history={"train_loss": result.train_loss, "val_loss": result.val_loss},
+        device=result.device,
+        train_seconds=round(result.seconds, 2),
+        train_windows_per_s=round(result.windows_per_s, 1),
+        parity_max_abs_diff=parity,
+        parity_windows=int(len(parity_windows)),
+        threshold_quantile=s.threshold_quantile,
+        validation={
             "score_histogram": score_histogram(val.scores),
             "feature_error_mean": [float(v) for v in val.feature_errors.mean(axis=0)],
         },
-        "settings": s.model_dump(mode="json"),
-        "sized_to_data": sizing.chosen,  # settings not given and chosen unlike the defaults (a short history)
-        "versions": _library_versions(),
-        "command_line": command_line or "python API: training.fit.fit()",
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+        sized_to_data=sizing.chosen,  # settings not given and chosen unlike the defaults (a short history)
+    )
     bundle = Bundle(
         path=Path(s.out),
         schema_version=SCHEMA_VERSION,
@@ -217,27 +210,6 @@ def _check_output(out: Path) -> None:
         raise SettingsError(f"cannot create the output's parent directory {parent} ({(e.strerror or str(e)).lower()}).") from None
     if not os.access(parent, os.W_OK | os.X_OK):
         raise SettingsError(f"cannot write in {parent}, where the bundle would go.")
-
-
-def _library_versions() -> dict[str, str]:
-    import numpy
-    import onnx
-    import onnxruntime
-    import torch
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        own = version("stream-detector")
-    except PackageNotFoundError:
-        own = "unknown"
-    return {
-        "python": platform.python_version(),
-        "stream_detector": own,
-        "torch": torch.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "numpy": numpy.__version__,
-    }
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

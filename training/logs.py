@@ -2,27 +2,25 @@
 
 Two models (`log_model`): `counts` (the default; training/logcounts.py: cumulative template-count
 vectors per entity, PCA reconstruction per row kind, idle checks; layout `template-counts/1`) and
-`sequence` (below; layout `template-context/1`). The default was chosen by measurement on the
+`sequence` (training/logseq.py: a causal Transformer over template ids trained by the shared loop
+of training/trainer.py; layout `template-context/1`). The default was chosen by measurement on the
 HDFS benchmark (docs/quality.md, Logs).
 
 Steps: read the lines; drop the entities a label file marks anomalous (or keep only a list of
 normal ones); mine templates with drain3 on the kept lines (`TemplateMiner`), freeze them; run the
 kept lines through the very `LogStage` the service uses, which gives the model's input rows
 (layout in stream_detector/logs/spec.py); hold out the entities whose first event is latest
-(`val_fraction`) for early stopping and calibration; train `LogSequenceModel`; export to ONNX and
-prove parity; calibrate on the held-out sessions; write the bundle with its `logs` section and
+(`val_fraction`) for early stopping and calibration; fit the model; export to ONNX and prove
+parity; calibrate on the held-out sessions; write the bundle with its `logs` section and
 templates.json.
-
-`LogSequenceModel` is a causal Transformer over the last K tokens of a session (template-id
-embedding + a projection of log1p(gap) + a learned position embedding); it is trained to predict
-each token from the ones before it (cross-entropy), and its exported graph outputs, at
-[-1, K-1], the negative log-likelihood of the row's newest token: high for an unknown template, a
-template in an unusual place, or a session that ends too early.
 
 Calibration is per session, because an entity is flagged when any of its events alerts: the
 suggested threshold is the `threshold_quantile` quantile of the held-out sessions' largest event
-score (their end rows included) times `threshold_margin`, and at least `threshold_floor` nats (an
-event the model gives 1 % or more never alerts, however regular the training data was).
+score (their end rows included) times `threshold_margin`, and at least the model's floor
+(`threshold_floor` nats for the sequence model: an event the model gives 1 % or more never alerts,
+however regular the training data was; `count_threshold_floor` for the count model). Both models
+share this calibration (`session_calibration`), the bundle writer (`write_log_bundle`) and the
+`training` metadata (training/meta.py).
 """
 
 from __future__ import annotations
@@ -32,11 +30,10 @@ import csv
 import hashlib
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -44,12 +41,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from stream_detector.core.bundle import Calibration, Normaliser, ScoringRule, load_bundle, write_bundle
 from stream_detector.logs.features import LogFeatureConfigError, make_feature_config
 from stream_detector.logs.parse import LineParser, LogConfigError, LogLineError, make_config
-from stream_detector.logs.spec import COUNTS_LAYOUT, LAYOUT, WINDOW, LogModelSpec, feature_names
+from stream_detector.logs.spec import COUNTS_LAYOUT, LAYOUT, WINDOW, LogModelSpec
 from stream_detector.logs.stage import START, LogStage
 from stream_detector.logs.templates import TemplateConfigError, TemplateMiner, make_template_config
-
-if TYPE_CHECKING:
-    import torch  # imported where used: the count models train without it
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +68,9 @@ class LogFitSettings(BaseModel):
     idle_check_s: float | None = Field(600.0, gt=0)  # counts: judge an entity at rest after this much inactivity
     count_variance: float = Field(0.99, gt=0, le=1)  # counts: variance kept by the principal subspace
     count_scale_floor: float = Field(0.2, gt=0)  # counts: floor of a feature's std of log1p(count)
-    # counts: smallest calibration scale (residual sum of squares scoring 1.0)
-    count_min_scale: float = Field(1.0, gt=0)
+    count_min_scale: float = Field(
+        1.0, gt=0
+    )  # counts: smallest calibration scale (residual sum of squares scoring 1.0)
     # counts: a score below this never alerts (when the held-out entities all score ~0, as on very regular data)
     count_threshold_floor: float = Field(0.5, ge=0)
     context: int = Field(32, ge=2)
@@ -168,125 +163,24 @@ def _keep_lines(
     return kept, parsed, unusable
 
 
-def build_model(spec: LogModelSpec, s: LogFitSettings) -> torch.nn.Module:
-    import torch
-    from torch import nn
+@dataclass(frozen=True)
+class LogTrainingData:
+    """What either log model is fitted and calibrated on: the log stage's rows for the kept lines,
+    and which of them belong to the held-out entities."""
 
-    class _CausalBlock(nn.Module):
-        """Pre-norm Transformer block with causal self-attention, written out with plain matmuls:
-        nn.TransformerEncoder's mask checks do not survive torch.export with a data-dependent input."""
-
-        def __init__(self, d: int, heads: int, ff: int, dropout: float) -> None:
-            super().__init__()
-            self.heads, self.dh = heads, d // heads
-            self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-            self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-            self.ff = nn.Sequential(nn.Linear(d, ff), nn.GELU(), nn.Linear(ff, d))
-            self.drop = nn.Dropout(dropout)
-
-        def forward(self, h: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
-            b, k, d = h.shape
-            q, kk, v = self.qkv(self.ln1(h)).reshape(b, k, 3, self.heads, self.dh).permute(2, 0, 3, 1, 4)
-            att = torch.softmax(q @ kk.transpose(-1, -2) * (self.dh**-0.5) + causal, dim=-1)
-            a = (self.drop(att) @ v).transpose(1, 2).reshape(b, k, d)
-            h = h + self.drop(self.proj(a))
-            return h + self.drop(self.ff(self.ln2(h)))
-
-    class LogSequenceModel(nn.Module):
-        causal: torch.Tensor  # buffers (register_buffer)
-        eye: torch.Tensor
-        slots: torch.Tensor
-        slot: torch.Tensor
-
-        def __init__(self) -> None:
-            super().__init__()
-            k, d = spec.context, s.d_model
-            self.k, self.n_out, self.n_tokens = k, spec.vocab_size + 1, spec.n_tokens
-            self.embedding = nn.Embedding(spec.n_tokens, d)
-            self.gap_proj = nn.Linear(1, d)
-            self.pos = nn.Embedding(k, d)  # position in the session (relative to its start row), not the slot
-            self.blocks = nn.ModuleList(_CausalBlock(d, s.n_heads, s.ff_dim, s.dropout) for _ in range(s.n_layers))
-            self.norm = nn.LayerNorm(d)
-            self.head = nn.Linear(d, self.n_out)
-            self.register_buffer("causal", torch.triu(torch.ones(k, k, dtype=torch.bool), diagonal=1), persistent=False)
-            self.register_buffer("eye", torch.eye(k, dtype=torch.bool), persistent=False)
-            self.register_buffer("slots", torch.arange(k), persistent=False)
-            slot = torch.zeros(1, WINDOW, 2 * k)
-            slot[0, -1, k - 1] = 1.0
-            self.register_buffer("slot", slot, persistent=False)
-
-        def logits(self, row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            tok = torch.clamp(torch.round(row[:, : self.k]), 0, self.n_tokens - 1).long()
-            # Rows are left-padded by a varying amount: positions count from the first real token and
-            # padding is masked out of attention (each position still sees itself, so no row is all
-            # masked), which makes a token's prediction independent of how the row was aligned.
-            is_pad = tok == self.n_tokens - 1
-            n_pad = is_pad.long().sum(dim=1, keepdim=True)
-            pos = torch.clamp(self.slots.unsqueeze(0) - n_pad, min=0)
-            h = self.embedding(tok) + self.gap_proj(row[:, self.k :].unsqueeze(-1)) + self.pos(pos)
-            blocked = self.causal.unsqueeze(0) | (is_pad.unsqueeze(1) & ~self.eye.unsqueeze(0))
-            bias = (blocked.float() * -1e9).unsqueeze(1)  # [b, 1, k, k], broadcast over heads
-            for block in self.blocks:
-                h = block(h, bias)
-            return self.head(self.norm(h)), tok
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            logits, tok = self.logits(x[:, -1, :])
-            logp = torch.log_softmax(logits[:, -2, :], dim=-1)
-            target = tok[:, -1:]
-            valid = (target < self.n_out).float()  # start / padding tokens are not predicted: NLL 0
-            nll = -torch.gather(logp, 1, torch.clamp(target, max=self.n_out - 1)) * valid
-            # An unknown template never occurred in training: its surprise is not something the
-            # softmax can estimate, so it is set to a fixed, large value (the issue's "explicit
-            # unknown-template token"); learned templates keep their model NLL.
-            nll = torch.where(target == 0, torch.full_like(nll, s.unknown_template_nats), nll)
-            return nll.unsqueeze(-1) * self.slot
-
-    return LogSequenceModel()
-
-
-def _lm_loss(model: Any, rows: torch.Tensor, n_out: int, pad_id: int) -> torch.Tensor:
-    import torch
-
-    logits, tok = model.logits(rows)
-    target = tok[:, 1:]
-    ok = (target < n_out) & (tok[:, :-1] != pad_id)
-    ce = torch.nn.functional.cross_entropy(
-        logits[:, :-1, :].reshape(-1, n_out), torch.clamp(target, max=n_out - 1).reshape(-1), reduction="none"
-    )
-    ok = ok.reshape(-1).float()
-    return (ce * ok).sum() / ok.sum().clamp(min=1.0)
-
-
-def _training_rows(keys: list[str], kind: np.ndarray, context: int) -> np.ndarray:
-    """Rows that cover every session with few overlaps. The loss is taken at every position of a
-    row, and the model is invariant to left padding, so a session's last row covers everything up
-    to it while the session fits the context; once it is longer, every row is taken (a full row's
-    positions count from its first slot, so each offset into a long session is its own case)."""
-    n = len(keys)
-    pick = np.zeros(n, dtype=bool)
-    last_of: dict[str, int] = {}
-    pos: dict[str, int] = {}
-    for i, (k, kd) in enumerate(zip(keys, kind.tolist())):
-        if kd == START:
-            if k in last_of:
-                pick[last_of.pop(k)] = True
-            pos[k] = 0
-            continue
-        pos[k] = pos.get(k, 0) + 1
-        last_of[k] = i
-        if pos[k] >= context - 1:  # the row holds `context` tokens: no padding, no start token
-            pick[i] = True
-    for i in last_of.values():
-        pick[i] = True
-    return pick
+    spec: LogModelSpec
+    batch: Any  # the LogStage's output: rows, kind, keys, event_time_ms
+    is_val: np.ndarray  # [n] bool: the row belongs to a held-out entity
+    val_all: np.ndarray  # indices of every scored row of the held-out sessions
+    lines: int
+    lines_used: int
+    lines_unparseable: int
+    entities: int
+    validation_entities: int
+    started: float  # time.perf_counter() when the fit began
 
 
 def fit_log(s: LogFitSettings, command_line: str | None = None) -> LogFitResult:
-    import torch
-
-    from training.export import check_parity, export_onnx, ort_session
-
     t0 = time.perf_counter()
     counts = s.log_model == "counts"
     timeout = s.session_timeout_s or (86_400.0 if counts else 3_600.0)
@@ -324,7 +218,6 @@ def fit_log(s: LogFitSettings, command_line: str | None = None) -> LogFitResult:
     stage = LogStage(spec)
     batch, _ = stage.feed(kept)
     stage.flush()
-    use = _training_rows(batch.keys, batch.kind, spec.context)
     first_seen: dict[str, int] = {}
     for k, t in zip(batch.keys, batch.event_time_ms.tolist()):
         first_seen.setdefault(k, t)
@@ -332,196 +225,129 @@ def fit_log(s: LogFitSettings, command_line: str | None = None) -> LogFitResult:
     n_val = max(1, int(round(len(order) * s.val_fraction)))
     if len(order) - n_val < 1:
         raise LogTrainingError(
-            f"only {len(order)} entities in the training lines: too few to hold {s.val_fraction:.0%} out for "
-            "calibration."
+            f"only {len(order)} entities in the training lines: "
+            f"too few to hold {s.val_fraction:.0%} out for calibration."
         )
     val_entities = set(order[-n_val:])
     is_val = np.fromiter((k in val_entities for k in batch.keys), dtype=bool, count=batch.n)
-    rows = batch.rows
-    train_idx = np.flatnonzero(use & ~is_val)
-    val_idx = np.flatnonzero(use & is_val)
     val_all = np.flatnonzero(is_val & (batch.kind != START))  # every scored row of the held-out sessions
+    d = LogTrainingData(spec, batch, is_val, val_all, len(lines), len(kept), unusable, len(order), n_val, t0)
     if counts:
-        return _fit_counts(s, spec, batch, is_val, val_all, lines, kept, unusable, len(order), n_val, command_line, t0)
+        return _fit_counts(s, d, command_line)
+    from training.logseq import fit_sequence
 
-    torch.manual_seed(s.seed)
-    rng = np.random.default_rng(s.seed)
-    torch.set_num_threads(s.threads or os.cpu_count() or 1)
-    model = build_model(spec, s)
-    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-    xt = torch.from_numpy(rows)
-    n_out, pad = spec.vocab_size + 1, spec.pad_id
-    best, best_state, bad_epochs, history = math.inf, None, 0, []
-    for epoch in range(s.epochs):
-        model.train()
-        perm = rng.permutation(train_idx)
-        total = 0.0
-        for i in range(0, perm.size, s.batch_size):
-            loss = _lm_loss(model, xt[perm[i : i + s.batch_size]], n_out, pad)
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            total += loss.item() * min(s.batch_size, perm.size - i)
-        model.eval()
-        with torch.no_grad():
-            val = sum(
-                float(_lm_loss(model, xt[val_idx[i : i + 4096]], n_out, pad)) * min(4096, val_idx.size - i)
-                for i in range(0, val_idx.size, 4096)
-            ) / max(1, val_idx.size)
-        history.append((total / max(1, train_idx.size), val))
-        log.info("epoch %d: train loss %.4f, validation loss %.4f", epoch + 1, history[-1][0], val)
-        if val < best - 1e-4:
-            best, bad_epochs = val, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            bad_epochs += 1
-            if bad_epochs >= s.patience:
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model.eval()
+    return fit_sequence(s, d, command_line)
 
-    K2 = 2 * spec.context
-    onnx_bytes = export_onnx(model, WINDOW, K2, s.opset)
-    sample = rng.choice(val_idx, size=min(512, val_idx.size), replace=False)
-    windows = np.stack([rows[sample], rows[sample]], axis=1)
-    parity = check_parity(onnx_bytes, model, windows, s.parity_tolerance)
 
-    # Calibration on held-out sessions, through ONNX Runtime as the service scores.
-    sess = ort_session(onnx_bytes)
-    scores = np.zeros(val_all.size, dtype=np.float32)
-    for i in range(0, val_all.size, 2048):
-        part = val_all[i : i + 2048]
+def score_rows(session: Any, rows: np.ndarray, idx: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores [n], newest output rows [n, F]) of the rows at `idx`, each fed as a window of two
+    copies of itself, through ONNX Runtime and the bundle's scoring rule as the service scores."""
+    scores = np.zeros(idx.size, dtype=np.float32)
+    newest = np.zeros((idx.size, rows.shape[1]), dtype=np.float32)
+    for i in range(0, idx.size, chunk):
+        part = idx[i : i + chunk]
         x = np.ascontiguousarray(np.stack([rows[part], rows[part]], axis=1))
-        r = sess.run(None, {"x": x})[0]
+        r = session.run(None, {"x": x})[0]
+        newest[i : i + part.size] = r[:, -1, :]
         scores[i : i + part.size] = LOG_SCORING.scores(x, r)[0]
-    per_entity: dict[str, float] = {}
-    for k, sc in zip((batch.keys[i] for i in val_all.tolist()), scores.tolist()):
-        per_entity[k] = max(per_entity.get(k, 0.0), sc)
-    session_max = np.asarray(list(per_entity.values()), dtype=np.float64)
-    threshold = float(np.quantile(session_max, s.threshold_quantile)) * s.threshold_margin
-    qs = {str(q): float(np.quantile(scores, q)) for q in (0.9, 0.99, 0.999, 0.9999)}
-    qs["1.0"] = float(scores.max())
-    qs.update({f"session_{q}": float(np.quantile(session_max, q)) for q in (0.5, 0.9, 0.99, 1.0)})
-    calibration = Calibration(qs, max(threshold, s.threshold_floor, 1e-6), int(scores.size))
+    return scores, newest
 
-    sha = hashlib.sha256(onnx_bytes).hexdigest()
-    model_version = s.model_version or f"logseq-{sha[:12]}"
-    extra, extra_files = spec.to_extra()
-    K = spec.context
-    arch = {
-        "kind": "log_sequence_transformer",
-        "context": K,
-        "tokens": spec.n_tokens,
-        "d_model": s.d_model,
-        "n_heads": s.n_heads,
-        "n_layers": s.n_layers,
-        "ff_dim": s.ff_dim,
-        "unknown_template_nats": s.unknown_template_nats,
-        "parameters": sum(p.numel() for p in model.parameters()),
-    }
-    training_meta = {
-        "data_source": str(s.data.resolve()),
-        "data_format": "log",
-        "lines": len(lines),
-        "lines_used": len(kept),
-        "lines_unparseable": unusable,
-        "labels": None if s.labels is None else str(s.labels),
-        "entities": len(order),
-        "validation_entities": n_val,
-        "train_rows": int(train_idx.size),
-        "val_rows": int(val_idx.size),
-        "seed": s.seed,
-        "epochs": len(history),
-        "best_val_loss": best,
-        "history": history,
-        "parity_max_abs_diff": parity,
-        "settings": s.model_dump(mode="json"),
-        "command_line": command_line or "python API: training.logs.fit_log()",
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    # ids must reach the graph as they are
-    identity = Normaliser(np.zeros(K2, np.float32), np.ones(K2, np.float32), 1e-3)
+
+def session_calibration(keys: list[str], scores: np.ndarray, s: LogFitSettings, floor: float) -> Calibration:
+    """Calibration per session (an entity is flagged when any of its events alerts): the suggested
+    threshold is the `threshold_quantile` quantile of the held-out sessions' largest score times
+    `threshold_margin`, at least `floor`. No fitted tail: log bundles use the quantile threshold."""
+    from training.logcounts import entity_max
+
+    session_max = entity_max(keys, scores) if scores.size else np.zeros(1)
+    threshold = float(np.quantile(session_max, s.threshold_quantile)) * s.threshold_margin
+    qs = {str(q): float(np.quantile(scores, q)) for q in (0.9, 0.99, 0.999, 0.9999)} if scores.size else {}
+    qs["1.0"] = float(scores.max(initial=0.0))
+    qs.update({f"session_{q}": float(np.quantile(session_max, q)) for q in (0.5, 0.9, 0.99, 1.0)})
+    return Calibration(qs, max(threshold, floor, 1e-6), int(scores.size))
+
+
+def write_log_bundle(
+    s: LogFitSettings,
+    d: LogTrainingData,
+    onnx_bytes: bytes,
+    prefix: str,
+    features: list[str],
+    calibration: Calibration,
+    arch: dict[str, Any],
+    command_line: str | None,
+    **extras: Any,
+) -> str:
+    """Write a log model's bundle (its `logs` section and templates.json, identity normaliser: ids
+    and counts reach the graph as they are), check it as the service will; returns the model version."""
+    from stream_detector.logs.spec import load_log_spec
+    from training.meta import training_meta
+
+    model_version = s.model_version or f"{prefix}-{hashlib.sha256(onnx_bytes).hexdigest()[:12]}"
+    extra, extra_files = d.spec.to_extra()
+    meta = training_meta(
+        data_source=s.data,
+        data_format="log",
+        rows=d.batch.n,
+        entities=d.entities,
+        seed=s.seed,
+        settings=s,
+        command_line=command_line,
+        api="training.logs.fit_log()",
+        started=d.started,
+        model=s.log_model,
+        lines=d.lines,
+        lines_used=d.lines_used,
+        lines_unparseable=d.lines_unparseable,
+        labels=None if s.labels is None else str(s.labels),
+        validation_entities=d.validation_entities,
+        **extras,
+    )
+    f = len(features)
+    identity = Normaliser(np.zeros(f, np.float32), np.ones(f, np.float32), 1e-3)
     write_bundle(
         s.out,
         onnx_bytes,
         model_version=model_version,
-        features=feature_names(K),
+        features=features,
         window=WINDOW,
         normaliser=identity,
         scoring=LOG_SCORING,
         calibration=calibration,
         model=arch,
-        training=training_meta,
+        training=meta,
         extra=extra,
         extra_files=extra_files,
     )
-    from stream_detector.logs.spec import load_log_spec
-
     load_log_spec(load_bundle(s.out))  # the service's own checks, on what was written
-    return LogFitResult(
-        Path(s.out),
-        model_version,
-        templates.vocab_size - 1,
-        int(train_idx.size),
-        int(val_idx.size),
-        best,
-        calibration.threshold,
-        parity,
-        time.perf_counter() - t0,
-    )
+    return model_version
 
 
-def _fit_counts(
-    s: LogFitSettings,
-    spec: LogModelSpec,
-    batch: Any,
-    is_val: np.ndarray,
-    val_all: np.ndarray,
-    lines: list,
-    kept: list,
-    unusable: int,
-    n_entities: int,
-    n_val: int,
-    command_line: str | None,
-    t0: float,
-) -> LogFitResult:
+def _fit_counts(s: LogFitSettings, d: LogTrainingData, command_line: str | None) -> LogFitResult:
     from training.export import ort_session
-    from training.logcounts import count_model_onnx, entity_max, fit_count_branches, reference_errors
+    from training.logcounts import count_model_onnx, fit_count_branches, reference_errors
 
-    rows = batch.rows
+    spec, batch, rows = d.spec, d.batch, d.batch.rows
     try:
         line, idle, info = fit_count_branches(
-            rows, batch.kind, batch.keys, is_val, s.count_variance, s.count_scale_floor, s.count_min_scale
+            rows, batch.kind, batch.keys, d.is_val, s.count_variance, s.count_scale_floor, s.count_min_scale
         )
     except ValueError as e:
         raise LogTrainingError(str(e)) from None
     onnx_bytes = count_model_onnx(line, idle, spec.vocab_size)
-    sess = ort_session(onnx_bytes)
-    scores = np.zeros(val_all.size, dtype=np.float32)
+    scores, newest = score_rows(ort_session(onnx_bytes), rows, d.val_all, 4096)
     parity = 0.0
-    for i in range(0, val_all.size, 4096):
-        part = val_all[i : i + 4096]
-        x = np.ascontiguousarray(np.stack([rows[part], rows[part]], axis=1))
-        r = sess.run(None, {"x": x})[0]
-        parity = max(parity, float(np.abs(r[:, -1, :] - reference_errors(rows[part], line, idle)).max(initial=0.0)))
-        scores[i : i + part.size] = LOG_SCORING.scores(x, r)[0]
+    for i in range(0, d.val_all.size, 4096):
+        part = d.val_all[i : i + 4096]
+        parity = max(
+            parity, float(np.abs(newest[i : i + part.size] - reference_errors(rows[part], line, idle)).max(initial=0.0))
+        )
     if parity > s.parity_tolerance:
         raise LogTrainingError(
-            f"the count model's ONNX graph differs from its numpy reference by {parity:.3g} (tolerance "
-            f"{s.parity_tolerance})."
+            f"the count model's ONNX graph differs from its numpy reference by {parity:.3g} "
+            f"(tolerance {s.parity_tolerance})."
         )
-    session_max = entity_max([batch.keys[i] for i in val_all.tolist()], scores) if val_all.size else np.zeros(1)
-    threshold = float(np.quantile(session_max, s.threshold_quantile)) * s.threshold_margin
-    qs = {str(q): float(np.quantile(scores, q)) for q in (0.9, 0.99, 0.999, 0.9999)} if scores.size else {}
-    qs["1.0"] = float(scores.max(initial=0.0))
-    qs.update({f"session_{q}": float(np.quantile(session_max, q)) for q in (0.5, 0.9, 0.99, 1.0)})
-    calibration = Calibration(qs, max(threshold, s.count_threshold_floor, 1e-6), int(scores.size))
-
-    sha = hashlib.sha256(onnx_bytes).hexdigest()
-    model_version = s.model_version or f"logcounts-{sha[:12]}"
-    extra, extra_files = spec.to_extra()
+    calibration = session_calibration([batch.keys[i] for i in d.val_all.tolist()], scores, s, s.count_threshold_floor)
     arch = {
         "kind": "log_template_counts_pca",
         "templates": spec.vocab_size,
@@ -530,54 +356,30 @@ def _fit_counts(
         "min_scale": s.count_min_scale,
         "branches": info,
     }
-    n_train = int(((batch.kind != START) & ~is_val).sum())
-    training_meta = {
-        "data_source": str(s.data.resolve()),
-        "data_format": "log",
-        "model": "counts",
-        "lines": len(lines),
-        "lines_used": len(kept),
-        "lines_unparseable": unusable,
-        "labels": None if s.labels is None else str(s.labels),
-        "entities": n_entities,
-        "validation_entities": n_val,
-        "train_rows": n_train,
-        "val_rows": int(val_all.size),
-        "seed": s.seed,
-        "parity_max_abs_diff": parity,
-        "settings": s.model_dump(mode="json"),
-        "command_line": command_line or "python API: training.logs.fit_log()",
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    f = spec.n_features
-    identity = Normaliser(np.zeros(f, np.float32), np.ones(f, np.float32), 1e-3)  # counts reach the graph as they are
-    write_bundle(
-        s.out,
+    n_train = int(((batch.kind != START) & ~d.is_val).sum())
+    model_version = write_log_bundle(
+        s,
+        d,
         onnx_bytes,
-        model_version=model_version,
-        features=spec.feature_names(),
-        window=WINDOW,
-        normaliser=identity,
-        scoring=LOG_SCORING,
-        calibration=calibration,
-        model=arch,
-        training=training_meta,
-        extra=extra,
-        extra_files=extra_files,
+        "logcounts",
+        spec.feature_names(),
+        calibration,
+        arch,
+        command_line,
+        train_rows=n_train,
+        val_rows=int(d.val_all.size),
+        parity_max_abs_diff=parity,
     )
-    from stream_detector.logs.spec import load_log_spec
-
-    load_log_spec(load_bundle(s.out))  # the service's own checks, on what was written
     return LogFitResult(
         Path(s.out),
         model_version,
         spec.vocab_size - 1,
         n_train,
-        int(val_all.size),
+        int(d.val_all.size),
         math.nan,
         calibration.threshold,
         parity,
-        time.perf_counter() - t0,
+        time.perf_counter() - d.started,
     )
 
 
@@ -610,10 +412,8 @@ def add_log_arguments(parser: argparse.ArgumentParser) -> None:
         "--labels",
         type=Path,
         default=None,
-        help=(
-            "with --format log: label file (entity,label; anomalous entities are left out) or a list of normal "
-            "entities, one per line"
-        ),
+        help="with --format log: label file (entity,label; anomalous entities are left out) "
+        "or a list of normal entities, one per line",
     )
     g.add_argument(
         "--log-format",
@@ -629,28 +429,22 @@ def add_log_arguments(parser: argparse.ArgumentParser) -> None:
         "--log-model",
         choices=("counts", "sequence"),
         default=None,
-        help=(
-            "with --format log: counts (template-count vectors, PCA per row kind; default) or sequence (causal "
-            "Transformer over template ids)"
-        ),
+        help="with --format log: counts (template-count vectors, PCA per row kind; default) "
+        "or sequence (causal Transformer over template ids)",
     )
     g.add_argument(
         "--session-timeout",
         type=float,
         default=None,
-        help=(
-            "with --format log: seconds of inactivity that end an entity's session (default 86400 for counts, 3600 for "
-            "sequence)"
-        ),
+        help="with --format log: seconds of inactivity that end an entity's session "
+        "(default 86400 for counts, 3600 for sequence)",
     )
     g.add_argument(
         "--idle-check",
         type=float,
         default=None,
-        help=(
-            "with --log-model counts: seconds of inactivity after which an entity's counts at rest are judged (default "
-            "600)"
-        ),
+        help="with --log-model counts: seconds of inactivity after which an entity's counts at rest are judged "
+        "(default 600)",
     )
     g.add_argument(
         "--context", type=int, default=None, help="with --format log: tokens the sequence model sees (default 32)"
@@ -710,7 +504,8 @@ def handle_log_fit(args: argparse.Namespace, command_line: str) -> int:
         return 1
     print(
         f"wrote {res.bundle_dir} (model_version {res.model_version}): {res.templates} templates, "
-        f"{res.train_rows} training / {res.val_rows} validation rows, "
+        f"{res.train_rows} training / "
+        f"{res.val_rows} validation rows, "
         f"{'' if math.isnan(res.best_val_loss) else f'best validation loss {res.best_val_loss:.4g}, '}"
         f"ONNX parity {res.parity_max_abs_diff:.3g}, "
         f"session threshold {res.threshold:.4g}, {res.seconds:.1f} s"

@@ -1,6 +1,11 @@
 """The training loop: AdamW, warm-up + cosine learning rate, gradient clipping, early stopping on
 validation loss, best weights kept. Ctrl-C stops after the current batch and keeps the best
-weights seen so far (a second Ctrl-C during export kills as usual)."""
+weights seen so far (a second Ctrl-C during export kills as usual).
+
+What is minimised is an objective: how a batch is built from the training data and what its loss
+is. The default, `Reconstruction`, is the autoencoder's (windows of normalised rows, mean squared
+error at the model's loss positions); the sequence log model (training/logseq.py) brings its own
+(rows of template ids, next-token cross-entropy)."""
 
 from __future__ import annotations
 
@@ -8,7 +13,9 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -48,6 +55,42 @@ class WindowBatches:
         return self.data[starts[:, None] + self.offsets]
 
 
+class Objective(Protocol):
+    """A batch builder and a loss: `batch` turns indices (into the training data) into the model's
+    input, `loss` is the batch's mean loss (what is minimised), `loss_sum` its sum over the batch
+    (validation loss = sum over the held-out indices / their number, taken `chunk` at a time)."""
+
+    chunk: int
+
+    def batch(self, idx: torch.Tensor) -> torch.Tensor: ...
+
+    def loss(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor: ...
+
+    def loss_sum(self, model: torch.nn.Module, x: torch.Tensor) -> float: ...
+
+
+class Reconstruction:
+    """The autoencoder's objective: [B, W, F] windows starting at the indices, mean squared
+    reconstruction error at the model's loss positions."""
+
+    chunk = 1024
+
+    def __init__(self, model: TransformerAutoencoder, data: np.ndarray, device: torch.device) -> None:
+        self.batches = WindowBatches(data, model.window, device)
+        self.pos = model.loss_positions()
+
+    def batch(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.batches.gather(idx)
+
+    def loss(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        recon = model(x)
+        return torch.mean((recon[:, self.pos] - x[:, self.pos]) ** 2)
+
+    def loss_sum(self, model: torch.nn.Module, x: torch.Tensor) -> float:
+        recon = model(x)
+        return float(torch.sum(torch.mean((recon[:, self.pos] - x[:, self.pos]) ** 2, dim=(1, 2))))
+
+
 def pick_device(requested: str) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
         from training.settings import SettingsError
@@ -59,7 +102,7 @@ def pick_device(requested: str) -> torch.device:
 
 
 def train(
-    model: TransformerAutoencoder,
+    model: torch.nn.Module,
     data: np.ndarray,
     train_starts: np.ndarray,
     val_starts: np.ndarray,
@@ -74,12 +117,17 @@ def train(
     seed: int,
     device: torch.device,
     progress: bool = True,
+    objective: Callable[..., Objective] = Reconstruction,
+    min_improvement: float = 1e-9,
 ) -> TrainResult:
-    """Train in place; on return the model holds the best weights (lowest validation loss)."""
+    """Train in place; on return the model holds the best weights (lowest validation loss).
+    `train_starts` / `val_starts` index `data` as `objective(model, data, device)` reads it; an
+    epoch counts as an improvement when its validation loss is below the best by more than
+    `min_improvement`."""
     torch.manual_seed(seed)
     gen = np.random.default_rng(seed)
     model.to(device)
-    batches = WindowBatches(data, model.window, device)
+    obj = objective(model, data, device)
     val_t = torch.as_tensor(val_starts, device=device)
     per_epoch = min(len(train_starts), max_windows_per_epoch) if max_windows_per_epoch else len(train_starts)
     steps_per_epoch = math.ceil(per_epoch / batch_size)
@@ -94,7 +142,6 @@ def train(
         return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    pos = model.loss_positions()
     result = TrainResult(device=str(device))
     best_state = None
     since_best = 0
@@ -115,9 +162,7 @@ def train(
             t0 = time.perf_counter()
             for b in bar:
                 idx = starts_t[b * batch_size : (b + 1) * batch_size]
-                x = batches.gather(idx)
-                recon = model(x)
-                loss = torch.mean((recon[:, pos] - x[:, pos]) ** 2)
+                loss = obj.loss(model, obj.batch(idx))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -132,10 +177,10 @@ def train(
             train_loss = float(loss_sum) / max(n_sum, 1)  # also waits for the device to finish the epoch
             train_seconds += time.perf_counter() - t0
             trained_windows += n_sum
-            val_loss = evaluate_loss(model, batches, val_t, pos)
+            val_loss = evaluate_loss(model, obj, val_t)
             result.train_loss.append(train_loss)
             result.val_loss.append(val_loss)
-            improved = val_loss < result.best_val_loss - 1e-9
+            improved = val_loss < result.best_val_loss - min_improvement
             if improved:
                 result.best_val_loss, result.best_epoch = val_loss, epoch
                 best_state = copy.deepcopy(model.state_dict())
@@ -163,14 +208,11 @@ def train(
 
 
 @torch.no_grad()
-def evaluate_loss(
-    model: TransformerAutoencoder, batches: WindowBatches, starts: torch.Tensor, pos: slice, chunk: int = 1024
-) -> float:
+def evaluate_loss(model: torch.nn.Module, objective: Objective, starts: torch.Tensor) -> float:
     model.eval()
     total, n = 0.0, 0
-    for i in range(0, len(starts), chunk):
-        x = batches.gather(starts[i : i + chunk])
-        recon = model(x)
-        total += float(torch.sum(torch.mean((recon[:, pos] - x[:, pos]) ** 2, dim=(1, 2))))
+    for i in range(0, len(starts), objective.chunk):
+        x = objective.batch(starts[i : i + objective.chunk])
+        total += objective.loss_sum(model, x)
         n += x.shape[0]
     return total / max(n, 1)
