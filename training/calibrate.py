@@ -20,7 +20,9 @@ class ValidationScores:
     feature_errors: np.ndarray  # float32 [n, F]
 
 
-def score_windows(onnx_bytes: bytes, data: np.ndarray, starts: np.ndarray, window: int, scoring: ScoringRule, chunk: int = 1024) -> ValidationScores:
+def score_windows(
+    onnx_bytes: bytes, data: np.ndarray, starts: np.ndarray, window: int, scoring: ScoringRule, chunk: int = 1024
+) -> ValidationScores:
     """Scores of the windows starting at `starts` in normalised `data` [N, F], through ONNX Runtime."""
     session = ort_session(onnx_bytes)
     offsets = np.arange(window)

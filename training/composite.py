@@ -60,7 +60,11 @@ class Components:
 
     def describe(self) -> dict[str, Any]:
         """For bundle.json's model section."""
-        d: dict[str, Any] = {"detectors": list(self.detectors), "scales": self.scales, "combine": "max of score / scale"}
+        d: dict[str, Any] = {
+            "detectors": list(self.detectors),
+            "scales": self.scales,
+            "combine": "max of score / scale",
+        }
         if self.pca_projector is not None:
             d["pca_components"] = int(round(float(np.trace(self.pca_projector))))
         if self.flat_max_run is not None:
@@ -73,7 +77,9 @@ def fit_components(detectors: tuple[str, ...], train_windows: np.ndarray, positi
     """The detectors' parameters from normalised training windows [n, W, F] (scales come later)."""
     unknown = [d for d in detectors if d not in DETECTORS]
     if unknown or not detectors or detectors[0] != "transformer":
-        raise ValueError(f"detectors must start with 'transformer' and come from {', '.join(DETECTORS)}, got {list(detectors)}.")
+        raise ValueError(
+            f"detectors must start with 'transformer' and come from {', '.join(DETECTORS)}, got {list(detectors)}."
+        )
     w = train_windows.shape[1]
     mean = projector = max_run = None
     if "pca" in detectors:
@@ -98,7 +104,7 @@ def raw_scores(c: Components, windows: np.ndarray, recon: np.ndarray) -> dict[st
     d = x[:, idx, :] - recon[:, idx, :]
     e_t = np.mean(d * d, axis=1)
     out = {"transformer": (e_t.mean(axis=1), e_t)}
-    if c.pca_projector is not None:
+    if c.pca_projector is not None and c.pca_mean is not None:
         dp = x[:, -1, :] - c.pca_mean
         r = dp - dp @ c.pca_projector
         e_p = r * r
@@ -116,7 +122,11 @@ def raw_scores(c: Components, windows: np.ndarray, recon: np.ndarray) -> dict[st
 
 def with_scales(c: Components, windows: np.ndarray, recon: np.ndarray) -> Components:
     """The components with each detector's scale: its 99 % quantile on these (validation) windows."""
-    scales = {k: max(float(np.quantile(s, 0.99)), 1e-9) for k, (s, _) in raw_scores(c, windows, recon).items() if k != "flatline"}
+    scales = {
+        k: max(float(np.quantile(s, 0.99)), 1e-9)
+        for k, (s, _) in raw_scores(c, windows, recon).items()
+        if k != "flatline"
+    }
     if c.flat_max_run is not None:
         scales["flatline"] = FLAT_ROWS / FLAT_RATIO  # excess rows per unit of ratio (no validation scale: normal is 0)
     return Components(c.detectors, c.positions, c.window, scales, c.pca_mean, c.pca_projector, c.flat_max_run)
@@ -129,7 +139,10 @@ def combined(c: Components, windows: np.ndarray, recon: np.ndarray) -> np.ndarra
     best = ratios.max(axis=1, keepdims=True)
     winner = (ratios == best).astype(np.float32)
     winner /= winner.sum(axis=1, keepdims=True)
-    shares = sum(winner[:, i : i + 1] * parts[k][1] / (parts[k][1].sum(axis=1, keepdims=True) + _TINY) for i, k in enumerate(c.detectors))
+    shares = sum(
+        winner[:, i : i + 1] * parts[k][1] / (parts[k][1].sum(axis=1, keepdims=True) + _TINY)
+        for i, k in enumerate(c.detectors)
+    )
     out = np.zeros(windows.shape, dtype=np.float32)
     out[:, -1, :] = best * shares
     return out
@@ -148,8 +161,8 @@ def composite_onnx(transformer: bytes, c: Components, n_features: int) -> bytes:
     g = model.graph
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     inner = "transformer_output"
-    for node in g.node:
-        node.output[:] = [inner if o == OUTPUT_NAME else o for o in node.output]
+    for existing in g.node:
+        existing.output[:] = [inner if o == OUTPUT_NAME else o for o in existing.output]
     del g.output[:]
     consts: list[Any] = []
     nodes: list[Any] = []
@@ -175,27 +188,77 @@ def composite_onnx(transformer: bytes, c: Components, n_features: int) -> bytes:
     d = node("Sub", [xp, rp], "t_diff")
     errors = {"transformer": reduce("ReduceMean", node("Mul", [d, d], "t_sq"), 1, "t_err", 0)}
     row_shape = const("row_shape", [-1, n_features], np.int64)
-    newest = node("Reshape", [node("Gather", [INPUT_NAME, const("last", [w - 1], np.int64)], "x_last3", axis=1), row_shape], "x_last")
+    newest = node(
+        "Reshape",
+        [node("Gather", [INPUT_NAME, const("last", [w - 1], np.int64)], "x_last3", axis=1), row_shape],
+        "x_last",
+    )
     if c.pca_projector is not None:
         dp = node("Sub", [newest, const("pca_mean", c.pca_mean)], "p_centred")
         r = node("Sub", [dp, node("MatMul", [dp, const("pca_projector", c.pca_projector)], "p_proj")], "p_resid")
         errors["pca"] = node("Mul", [r, r], "p_err")
     if "zscore" in c.detectors:
-        earlier = node("Slice", [INPUT_NAME, const("z_zero", [0], np.int64), const("z_end", [w - 1], np.int64), const("z_axis", [1], np.int64)], "z_earlier")
+        earlier = node(
+            "Slice",
+            [
+                INPUT_NAME,
+                const("z_zero", [0], np.int64),
+                const("z_end", [w - 1], np.int64),
+                const("z_axis", [1], np.int64),
+            ],
+            "z_earlier",
+        )
         mean = reduce("ReduceMean", earlier, 1, "z_mean3", 1)  # [B, 1, F]
         dev = node("Sub", [earlier, mean], "z_dev")
         std = node("Sqrt", [reduce("ReduceMean", node("Mul", [dev, dev], "z_sq"), 1, "z_var", 0)], "z_std")  # [B, F]
-        z = node("Div", [node("Sub", [newest, node("Reshape", [mean, row_shape], "z_mean")], "z_num"),
-                         node("Max", [std, const("z_floor", ZSCORE_FLOOR)], "z_std_floored")], "z")
+        z = node(
+            "Div",
+            [
+                node("Sub", [newest, node("Reshape", [mean, row_shape], "z_mean")], "z_num"),
+                node("Max", [std, const("z_floor", ZSCORE_FLOOR)], "z_std_floored"),
+            ],
+            "z",
+        )
         errors["zscore"] = node("Mul", [z, z], "z_err")
     if c.flat_max_run is not None:
         # changed[t] = x[t] != x[newest]; the trailing rows with no change since are the run
-        changed = node("Cast", [node("Not", [node("Equal", [INPUT_NAME, node("Gather", [INPUT_NAME, const("newest", [w - 1], np.int64)], "f_newest", axis=1)],
-                                                  "f_same")], "f_diff")], "f_changed", to=onnx.TensorProto.FLOAT)
+        changed = node(
+            "Cast",
+            [
+                node(
+                    "Not",
+                    [
+                        node(
+                            "Equal",
+                            [
+                                INPUT_NAME,
+                                node("Gather", [INPUT_NAME, const("newest", [w - 1], np.int64)], "f_newest", axis=1),
+                            ],
+                            "f_same",
+                        )
+                    ],
+                    "f_diff",
+                )
+            ],
+            "f_changed",
+            to=onnx.TensorProto.FLOAT,
+        )
         since = node("CumSum", [changed, const("f_axis", 1, np.int64)], "f_since", reverse=1)
-        run = reduce("ReduceSum", node("Cast", [node("Equal", [since, const("f_zero", 0.0)], "f_unchanged")], "f_unchanged_f",
-                                       to=onnx.TensorProto.FLOAT), 1, "f_run", 0)
-        errors["flatline"] = node("Relu", [node("Sub", [run, const("flat_max_run", c.flat_max_run)], "f_excess_raw")], "f_excess")
+        run = reduce(
+            "ReduceSum",
+            node(
+                "Cast",
+                [node("Equal", [since, const("f_zero", 0.0)], "f_unchanged")],
+                "f_unchanged_f",
+                to=onnx.TensorProto.FLOAT,
+            ),
+            1,
+            "f_run",
+            0,
+        )
+        errors["flatline"] = node(
+            "Relu", [node("Sub", [run, const("flat_max_run", c.flat_max_run)], "f_excess_raw")], "f_excess"
+        )
     ratios, shares = [], []
     for k in c.detectors:
         e = errors[k]
@@ -207,13 +270,28 @@ def composite_onnx(transformer: bytes, c: Components, n_features: int) -> bytes:
     best = reduce("ReduceMax", stacked, 1, "best", 1)  # [B, 1]
     win = node("Cast", [node("Equal", [stacked, best], "is_best")], "win", to=onnx.TensorProto.FLOAT)
     win = node("Div", [win, reduce("ReduceSum", win, 1, "n_best", 1)], "win_norm")
-    mixed = None
-    for i, sh in enumerate(shares):
-        wi = node("Gather", [win, const(f"k{i}", [i], np.int64)], f"win_{i}", axis=1)  # [B, 1]
-        part = node("Mul", [wi, sh], f"share_{i}")
-        mixed = part if mixed is None else node("Add", [mixed, part], f"mixed_{i}")
-    last = node("Reshape", [node("Mul", [best, mixed], "contrib"), const("last_shape", [-1, 1, n_features], np.int64)], "contrib3")
-    earlier = node("Slice", [INPUT_NAME, const("zero", [0], np.int64), const("before_last", [w - 1], np.int64), const("axis1", [1], np.int64)], "earlier")
+    parts = [
+        node("Mul", [node("Gather", [win, const(f"k{i}", [i], np.int64)], f"win_{i}", axis=1), sh], f"share_{i}")
+        for i, sh in enumerate(shares)
+    ]  # each detector's shares, weighted by whether it won ([B, 1] x [B, F])
+    mixed = parts[0]
+    for i, part in enumerate(parts[1:], 1):
+        mixed = node("Add", [mixed, part], f"mixed_{i}")
+    last = node(
+        "Reshape",
+        [node("Mul", [best, mixed], "contrib"), const("last_shape", [-1, 1, n_features], np.int64)],
+        "contrib3",
+    )
+    earlier = node(
+        "Slice",
+        [
+            INPUT_NAME,
+            const("zero", [0], np.int64),
+            const("before_last", [w - 1], np.int64),
+            const("axis1", [1], np.int64),
+        ],
+        "earlier",
+    )
     zeros = node("Mul", [earlier, const("zero_f", 0.0)], "zeros")
     nodes.append(helper.make_node("Concat", [zeros, last], [OUTPUT_NAME], name="composite_output", axis=1))
     g.node.extend(nodes)

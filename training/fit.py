@@ -23,8 +23,17 @@ from typing import Any
 
 import numpy as np
 
-from stream_detector.core.bundle import (INPUT_NAME, OUTPUT_NAME, SCHEMA_VERSION, Bundle, BundleError, Normaliser, ScoringRule, load_bundle,
-                                        write_bundle)
+from stream_detector.core.bundle import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    SCHEMA_VERSION,
+    Bundle,
+    BundleError,
+    Normaliser,
+    ScoringRule,
+    load_bundle,
+    write_bundle,
+)
 from stream_detector.offline.datafiles import DataFileError, read_table
 from training.meta import training_meta as build_training_meta
 from training.settings import FitSettings, SettingsError, add_fit_arguments, settings_from_args
@@ -69,8 +78,15 @@ def fit(settings: FitSettings, command_line: str | None = None) -> FitResult:
     n_entities = len(set(table.keys))
     log.info(
         "%s: %d rows, %d features, %d entities, %d segments (%d gaps); %d training / %d validation windows of %d",
-        table.source, table.n_rows, len(table.features), n_entities, plan.n_segments, plan.n_gaps,
-        plan.train_starts.size, plan.val_starts.size, s.window,
+        table.source,
+        table.n_rows,
+        len(table.features),
+        n_entities,
+        plan.n_segments,
+        plan.n_gaps,
+        plan.train_starts.size,
+        plan.val_starts.size,
+        s.window,
     )
 
     device = pick_device(s.device)
@@ -81,15 +97,27 @@ def fit(settings: FitSettings, command_line: str | None = None) -> FitResult:
         len(table.features), s.window, s.d_model, s.n_heads, s.n_layers, s.ff_dim, s.dropout, s.variant, s.mask_steps
     )
     result = train(
-        model, data, plan.train_starts, plan.val_starts,
-        epochs=s.epochs, patience=s.patience, batch_size=s.batch_size, lr=s.lr, weight_decay=s.weight_decay,
-        grad_clip=s.grad_clip, max_windows_per_epoch=s.max_windows_per_epoch, seed=s.seed, device=device,
+        model,
+        data,
+        plan.train_starts,
+        plan.val_starts,
+        epochs=s.epochs,
+        patience=s.patience,
+        batch_size=s.batch_size,
+        lr=s.lr,
+        weight_decay=s.weight_decay,
+        grad_clip=s.grad_clip,
+        max_windows_per_epoch=s.max_windows_per_epoch,
+        seed=s.seed,
+        device=device,
         progress=s.progress,
     )
     model.to("cpu").eval()
 
     onnx_bytes = export_onnx(model, s.window, len(table.features), s.opset)
-    sample = np.random.default_rng(s.seed).choice(plan.val_starts, size=min(PARITY_WINDOWS, plan.val_starts.size), replace=False)
+    sample = np.random.default_rng(s.seed).choice(
+        plan.val_starts, size=min(PARITY_WINDOWS, plan.val_starts.size), replace=False
+    )
     parity_windows = data[np.sort(sample)[:, None] + np.arange(s.window)]
     parity = check_parity(onnx_bytes, model, parity_windows, s.parity_tolerance)
     log.info("ONNX parity on %d held-out windows: max |ORT - PyTorch| = %.3g", len(parity_windows), parity)
@@ -97,7 +125,9 @@ def fit(settings: FitSettings, command_line: str | None = None) -> FitResult:
     scoring = ScoringRule(model.scoring_positions)
     architecture = model.architecture()
     if tuple(s.detectors) != ("transformer",):  # the Transformer and simple detectors in one graph
-        onnx_bytes, scoring, composite = build_composite(onnx_bytes, s.detectors, model.scoring_positions, data, plan, s)
+        onnx_bytes, scoring, composite = build_composite(
+            onnx_bytes, s.detectors, model.scoring_positions, data, plan, s
+        )
         architecture = {**architecture, "composite": composite}
     val = score_windows(onnx_bytes, data, plan.val_starts, s.window, scoring)
     calibration = calibrate(val.scores, s.threshold_quantile, plan.val_starts)
@@ -107,8 +137,15 @@ def fit(settings: FitSettings, command_line: str | None = None) -> FitResult:
     sha = hashlib.sha256(onnx_bytes).hexdigest()
     model_version = s.model_version or f"{s.variant}-{sha[:12]}"
     training_meta = build_training_meta(
-        data_source=table.source, data_format=s.format, rows=table.n_rows, entities=n_entities, seed=s.seed, settings=s,
-        command_line=command_line, api="training.fit.fit()", started=t0,
+        data_source=table.source,
+        data_format=s.format,
+        rows=table.n_rows,
+        entities=n_entities,
+        seed=s.seed,
+        settings=s,
+        command_line=command_line,
+        api="training.fit.fit()",
+        started=t0,
         segments=plan.n_segments,
         gaps=plan.n_gaps,
         missing_values=table.cleaning.to_json(),
@@ -154,9 +191,16 @@ def fit(settings: FitSettings, command_line: str | None = None) -> FitResult:
         log.warning("matplotlib is not installed: no report.png")
         extra_files = {}
     write_bundle(
-        s.out, onnx_bytes,
-        model_version=model_version, features=list(table.features), window=s.window, normaliser=normaliser,
-        scoring=scoring, calibration=calibration, model=architecture, training=training_meta,
+        s.out,
+        onnx_bytes,
+        model_version=model_version,
+        features=list(table.features),
+        window=s.window,
+        normaliser=normaliser,
+        scoring=scoring,
+        calibration=calibration,
+        model=architecture,
+        training=training_meta,
         extra_files=extra_files,
     )
     load_bundle(s.out)  # the service's own checks, on what was written
@@ -173,8 +217,14 @@ def fit(settings: FitSettings, command_line: str | None = None) -> FitResult:
     )
 
 
-def build_composite(onnx_bytes: bytes, detectors: tuple[str, ...], positions: tuple[int, ...], data: np.ndarray, plan: Any,
-                    s: FitSettings) -> tuple[bytes, ScoringRule, dict[str, Any]]:
+def build_composite(
+    onnx_bytes: bytes,
+    detectors: tuple[str, ...],
+    positions: tuple[int, ...],
+    data: np.ndarray,
+    plan: Any,
+    s: FitSettings,
+) -> tuple[bytes, ScoringRule, dict[str, Any]]:
     """The composite graph (training/composite.py): detectors fitted on the training windows,
     scaled on the validation windows, and proven against their numpy reference."""
     from training.composite import SCORING, combined, composite_onnx, fit_components, with_scales
@@ -182,11 +232,17 @@ def build_composite(onnx_bytes: bytes, detectors: tuple[str, ...], positions: tu
 
     rng = np.random.default_rng(s.seed)
     offsets = np.arange(s.window)
-    train = plan.train_starts if plan.train_starts.size <= 20000 else np.sort(rng.choice(plan.train_starts, 20000, replace=False))
+    train = (
+        plan.train_starts
+        if plan.train_starts.size <= 20000
+        else np.sort(rng.choice(plan.train_starts, 20000, replace=False))
+    )
     comps = fit_components(tuple(detectors), data[train[:, None] + offsets], positions)
     session = ort_session(onnx_bytes)
     val_x = np.ascontiguousarray(data[plan.val_starts[:, None] + offsets], dtype=np.float32)
-    val_r = np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: val_x[i : i + 1024]})[0] for i in range(0, len(val_x), 1024)])
+    val_r = np.concatenate(
+        [session.run([OUTPUT_NAME], {INPUT_NAME: val_x[i : i + 1024]})[0] for i in range(0, len(val_x), 1024)]
+    )
     comps = with_scales(comps, val_x, val_r)
     graph = composite_onnx(onnx_bytes, comps, data.shape[1])
     k = min(len(val_x), PARITY_WINDOWS)
@@ -194,9 +250,14 @@ def build_composite(onnx_bytes: bytes, detectors: tuple[str, ...], positions: tu
     want = combined(comps, val_x[:k], val_r[:k])
     diff = float(np.max(np.abs(got - want) / (1.0 + np.abs(want)))) if k else 0.0
     if diff > 1e-3:
-        raise BundleError(f"the composite graph differs from its numpy reference by {diff:.3g} (relative); not written.")
-    log.info("detectors %s, each divided by its validation 99%% quantile %s", ", ".join(comps.detectors),
-             {k: round(v, 6) for k, v in comps.scales.items()})
+        raise BundleError(
+            f"the composite graph differs from its numpy reference by {diff:.3g} (relative); not written."
+        )
+    log.info(
+        "detectors %s, each divided by its validation 99%% quantile %s",
+        ", ".join(comps.detectors),
+        {k: round(v, 6) for k, v in comps.scales.items()},
+    )
     return graph, SCORING, comps.describe()
 
 
@@ -207,7 +268,9 @@ def _check_output(out: Path) -> None:
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise SettingsError(f"cannot create the output's parent directory {parent} ({(e.strerror or str(e)).lower()}).") from None
+        raise SettingsError(
+            f"cannot create the output's parent directory {parent} ({(e.strerror or str(e)).lower()})."
+        ) from None
     if not os.access(parent, os.W_OK | os.X_OK):
         raise SettingsError(f"cannot write in {parent}, where the bundle would go.")
 

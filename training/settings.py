@@ -27,43 +27,103 @@ class FitSettings(BaseModel):
     data: Path = Field(description="input file of normal operation")
     out: Path = Field(description="bundle directory to write (replaced atomically)")
     format: Literal["auto", "csv", "parquet", "jsonl", "smd"] = Field("auto", description="input format")
-    features: tuple[str, ...] | None = Field(None, description="feature columns in order (comma-separated); default: all numeric")
+    features: tuple[str, ...] | None = Field(
+        None, description="feature columns in order (comma-separated); default: all numeric"
+    )
     key_field: str | None = Field(None, description="entity-key column; default: 'key' or 'entity' if present")
-    timestamp_field: str | None = Field(None, description="timestamp column; default: 'timestamp', 'time', 'ts' or 'event_time' if present")
-    nan_policy: Literal["ffill", "drop", "error"] = Field("ffill", description="missing/non-finite values: forward-fill per entity (leading rows dropped), drop rows, or refuse")
+    timestamp_field: str | None = Field(
+        None, description="timestamp column; default: 'timestamp', 'time', 'ts' or 'event_time' if present"
+    )
+    nan_policy: Literal["ffill", "drop", "error"] = Field(
+        "ffill",
+        description="missing/non-finite values: forward-fill per entity (leading rows dropped), drop rows, or refuse",
+    )
     # windows
-    window: int = Field(64, ge=2, description="window length W (rows); not given: the largest of 64, 32, 16, 8 the data supports, i.e. with at least 4 x W training and 20 validation windows (logged); given but not supported: refused, naming the largest window that is")
-    val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="last fraction of each entity held out for validation and calibration")
-    gap_factor: float = Field(3.0, gt=1.0, description="a time step longer than this x the median step is a gap windows never cross")
+    window: int = Field(
+        64,
+        ge=2,
+        description="window length W (rows); not given: the largest of 64, 32, 16, 8 the data supports, i.e. "
+        "with at least 4 x W training and 20 validation windows (logged); given but not supported: refused, "
+        "naming the largest window that is",
+    )
+    val_fraction: float = Field(
+        0.2, gt=0.0, lt=1.0, description="last fraction of each entity held out for validation and calibration"
+    )
+    gap_factor: float = Field(
+        3.0, gt=1.0, description="a time step longer than this x the median step is a gap windows never cross"
+    )
     stride: int = Field(1, ge=1, description="step between training window starts")
     scale_floor: float = Field(1e-3, gt=0.0, description="smallest normaliser scale (constant features)")
-    scale_floor_range: float = Field(0.03, ge=0.0, lt=1.0, description="also floor each feature's normaliser scale at this fraction of its training range (max - min), so a feature nearly constant in training cannot dominate scores later (docs/quality.md); 0: off")
+    scale_floor_range: float = Field(
+        0.03,
+        ge=0.0,
+        lt=1.0,
+        description="also floor each feature's normaliser scale at this fraction of its training range (max - "
+        "min), so a feature nearly constant in training cannot dominate scores later (docs/quality.md); 0: off",
+    )
     # model
-    variant: Literal["plain", "masked"] = Field("masked", description="'masked' predicts the newest mask_steps rows from context; 'plain' reconstructs all rows")
+    variant: Literal["plain", "masked"] = Field(
+        "masked", description="'masked' predicts the newest mask_steps rows from context; 'plain' reconstructs all rows"
+    )
     mask_steps: int = Field(1, ge=1, description="rows masked and scored by the 'masked' variant")
     detectors: tuple[Literal["transformer", "pca", "zscore", "flatline"], ...] = Field(
-        ("transformer",), description="detectors in the bundle's graph, comma-separated, 'transformer' first; each scaled by its validation 99%% quantile, the largest wins (training/composite.py)")
-    d_model: int = Field(64, ge=4, description="Transformer width; not given: the largest of 64, 32, 16, 8 whose square is at most the number of usable rows")
+        ("transformer",),
+        description="detectors in the bundle's graph, comma-separated, 'transformer' first; each scaled by its "
+        "validation 99%% quantile, the largest wins (training/composite.py)",
+    )
+    d_model: int = Field(
+        64,
+        ge=4,
+        description="Transformer width; not given: the largest of 64, 32, 16, 8 whose square is at most the "
+        "number of usable rows",
+    )
     n_heads: int = Field(4, ge=1, description="attention heads")
     n_layers: int = Field(2, ge=1, description="encoder layers")
-    ff_dim: int = Field(128, ge=4, description="feed-forward width; not given: 2 x d_model when d_model is sized to the data")
+    ff_dim: int = Field(
+        128, ge=4, description="feed-forward width; not given: 2 x d_model when d_model is sized to the data"
+    )
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout")
     # optimisation
-    epochs: int = Field(15, ge=1, description="maximum epochs; not given, with fewer than 2048 training windows: enough for about 480 optimiser steps")
-    patience: int = Field(3, ge=1, description="early stopping: epochs without validation improvement; not given, with fewer than 2048 training windows: a fifth of the epochs, at least 3")
-    batch_size: int = Field(256, ge=1, description="training batch size; not given, with fewer than 2048 training windows: the largest power of two up to 1/8 of the windows drawn per epoch, at least 16")
+    epochs: int = Field(
+        15,
+        ge=1,
+        description="maximum epochs; not given, with fewer than 2048 training windows: enough for about 480 "
+        "optimiser steps",
+    )
+    patience: int = Field(
+        3,
+        ge=1,
+        description="early stopping: epochs without validation improvement; not given, with fewer than 2048 "
+        "training windows: a fifth of the epochs, at least 3",
+    )
+    batch_size: int = Field(
+        256,
+        ge=1,
+        description="training batch size; not given, with fewer than 2048 training windows: the largest power "
+        "of two up to 1/8 of the windows drawn per epoch, at least 16",
+    )
     lr: float = Field(1e-3, gt=0.0, description="peak learning rate (AdamW; linear warm-up, cosine decay)")
     weight_decay: float = Field(1e-4, ge=0.0, description="AdamW weight decay")
     grad_clip: float = Field(1.0, gt=0.0, description="gradient norm clip")
-    max_windows_per_epoch: int = Field(8192, ge=0, description="training windows drawn at random per epoch, so an epoch takes seconds on a CPU (0: all)")
+    max_windows_per_epoch: int = Field(
+        8192,
+        ge=0,
+        description="training windows drawn at random per epoch, so an epoch takes seconds on a CPU (0: all)",
+    )
     seed: int = Field(0, description="random seed (torch, numpy, sampling)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto': CUDA when available, else CPU")
     threads: int = Field(0, ge=0, description="CPU threads for torch (0: all cores)")
     # export and calibration
     opset: int = Field(18, ge=17, description="ONNX opset")
-    parity_tolerance: float = Field(1e-4, gt=0.0, description="largest allowed |ONNX Runtime - PyTorch| on held-out windows")
-    threshold_quantile: float = Field(0.999, gt=0.0, lt=1.0, description="validation score quantile used as the suggested threshold")
-    model_version: str | None = Field(None, description="model_version in the bundle (default: variant + sha256 prefix of model.onnx)")
+    parity_tolerance: float = Field(
+        1e-4, gt=0.0, description="largest allowed |ONNX Runtime - PyTorch| on held-out windows"
+    )
+    threshold_quantile: float = Field(
+        0.999, gt=0.0, lt=1.0, description="validation score quantile used as the suggested threshold"
+    )
+    model_version: str | None = Field(
+        None, description="model_version in the bundle (default: variant + sha256 prefix of model.onnx)"
+    )
     progress: bool = Field(True, description="show a progress bar")
 
     @field_validator("features", "detectors", mode="before")
@@ -73,13 +133,14 @@ class FitSettings(BaseModel):
             v = [s.strip() for s in v.split(",") if s.strip()]
         return v
 
-
     @model_validator(mode="after")
-    def _consistent(self) -> "FitSettings":
+    def _consistent(self) -> FitSettings:
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
         if not self.detectors or self.detectors[0] != "transformer" or len(set(self.detectors)) != len(self.detectors):
-            raise ValueError(f"detectors must list 'transformer' first and each detector once, got {','.join(self.detectors)}")
+            raise ValueError(
+                f"detectors must list 'transformer' first and each detector once, got {','.join(self.detectors)}"
+            )
         if self.variant == "masked" and self.mask_steps >= self.window:
             raise ValueError(f"mask_steps ({self.mask_steps}) must be smaller than the window ({self.window})")
         return self
@@ -90,7 +151,9 @@ _REQUIRED = ("data", "out")
 
 
 def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="TOML file with any of the options below (flat keys, e.g. window = 64)")
+    parser.add_argument(
+        "--config", type=Path, help="TOML file with any of the options below (flat keys, e.g. window = 64)"
+    )
     for name, info in FitSettings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         help_text = f"{info.description} (config key '{name}'"
@@ -123,7 +186,9 @@ def load_toml(path: Path) -> dict[str, Any]:
         raise SettingsError(f"config file {path} is not valid TOML ({e}).") from None
     unknown = sorted(set(data) - set(FitSettings.model_fields))
     if unknown:
-        raise SettingsError(f"config file {path} has unknown key {unknown[0]!r}; run 'stream-detector-train fit --help' for the keys.")
+        raise SettingsError(
+            f"config file {path} has unknown key {unknown[0]!r}; run 'stream-detector-train fit --help' for the keys."
+        )
     return data
 
 

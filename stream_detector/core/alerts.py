@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Sequence
+from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 
@@ -63,7 +64,16 @@ class AlertState:
     """The lifecycle of one entity's alerts. `step` is pure bookkeeping; ids and JSON are built
     by the caller only when it returns an event."""
 
-    __slots__ = ("alert_id", "opened_by", "normal_run", "since_report", "reported_score", "peak_score", "n_anomalous", "cooldown_left")
+    __slots__ = (
+        "alert_id",
+        "opened_by",
+        "normal_run",
+        "since_report",
+        "reported_score",
+        "peak_score",
+        "n_anomalous",
+        "cooldown_left",
+    )
 
     def __init__(self) -> None:
         self.alert_id: str | None = None  # set while an alert is open
@@ -134,7 +144,7 @@ class AlertState:
         }
 
     @classmethod
-    def from_state(cls, d: dict[str, Any]) -> "AlertState":
+    def from_state(cls, d: dict[str, Any]) -> AlertState:
         s = cls()
         s.alert_id = d["alert_id"]
         ob = d.get("opened_by")
@@ -149,7 +159,9 @@ class AlertState:
 
 
 def make_alert_id(model_version: str, key: str, source: Source) -> str:
-    h = hashlib.sha256("\x1f".join((model_version, key, source.topic, str(source.partition), str(source.offset))).encode())
+    h = hashlib.sha256(
+        "\x1f".join((model_version, key, source.topic, str(source.partition), str(source.offset))).encode()
+    )
     return h.hexdigest()[:32]
 
 
@@ -160,7 +172,7 @@ def make_event_id(alert_id: str, state: str, source: Source) -> str:
 
 def iso_utc(ms: int | float) -> str:
     """ISO-8601 UTC with millisecond precision and a 'Z' suffix."""
-    dt = datetime.fromtimestamp(ms / 1000.0, tz=timezone.utc)
+    dt = datetime.fromtimestamp(ms / 1000.0, tz=UTC)
     return dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -206,7 +218,9 @@ def alert_event(
         "detected_at": iso_utc(detected_at_ms),
         "score": float(score),
         "threshold": float(threshold),
-        "calibrated_score": None if calibrated is None or not math.isfinite(calibrated) else round(float(calibrated), 4),
+        "calibrated_score": None
+        if calibrated is None or not math.isfinite(calibrated)
+        else round(float(calibrated), 4),
         "calibrated_threshold": calibrated_threshold,
         "peak_score": float(alert.peak_score),
         "anomalous_scores": int(alert.n_anomalous),

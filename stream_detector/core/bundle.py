@@ -48,7 +48,7 @@ class Normaliser:
     scale_floor: float
 
     @classmethod
-    def fit(cls, rows: np.ndarray, scale_floor: float = 1e-3, range_fraction: float = 0.0) -> "Normaliser":
+    def fit(cls, rows: np.ndarray, scale_floor: float = 1e-3, range_fraction: float = 0.0) -> Normaliser:
         """Mean and std per feature; the std is floored at `scale_floor` and at `range_fraction` x the
         feature's range (max - min) in `rows`: a feature that barely moves in training (but spikes
         now and then) otherwise gets a tiny scale, and any later change dominates every score."""
@@ -76,13 +76,14 @@ class Normaliser:
         }
 
     @classmethod
-    def from_json(cls, d: dict[str, Any], n_features: int) -> "Normaliser":
+    def from_json(cls, d: dict[str, Any], n_features: int) -> Normaliser:
         center = np.asarray(d["center"], dtype=np.float32)
         scale = np.asarray(d["scale"], dtype=np.float32)
         floor = float(d["scale_floor"])
         if center.shape != (n_features,) or scale.shape != (n_features,):
             raise BundleError(
-                f"the normaliser has {center.size} centres and {scale.size} scales but the bundle lists {n_features} features."
+                f"the normaliser has {center.size} centres and {scale.size} scales but the bundle lists "
+                f"{n_features} features."
             )
         if not (np.all(np.isfinite(center)) and np.all(np.isfinite(scale)) and np.all(scale >= floor) and floor > 0):
             raise BundleError("the normaliser has non-finite values or a scale below its floor.")
@@ -102,17 +103,21 @@ class ScoringRule:
 
     def validate(self, window: int) -> None:
         if not self.positions or any(not (-window <= p < 0) for p in self.positions):
-            raise BundleError(f"scoring positions {list(self.positions)} must be negative indices within a window of {window}.")
+            raise BundleError(
+                f"scoring positions {list(self.positions)} must be negative indices within a window of {window}."
+            )
         if self.reduction not in SCORING_REDUCTIONS:
-            raise BundleError(f"unknown scoring reduction {self.reduction!r}; this version knows {', '.join(SCORING_REDUCTIONS)}.")
+            raise BundleError(
+                f"unknown scoring reduction {self.reduction!r}; this version knows {', '.join(SCORING_REDUCTIONS)}."
+            )
 
     def feature_errors(self, x: np.ndarray, reconstruction: np.ndarray) -> np.ndarray:
         """Squared error per feature at the scoring positions, averaged over them: [batch, F]."""
         idx = list(self.positions)
         if self.reduction == "model_error":  # the output is the error already
-            return np.mean(reconstruction[:, idx, :], axis=1, dtype=np.float32)
+            return np.asarray(np.mean(reconstruction[:, idx, :], axis=1, dtype=np.float32))
         diff = x[:, idx, :] - reconstruction[:, idx, :]
-        return np.mean(diff * diff, axis=1, dtype=np.float32)
+        return np.asarray(np.mean(diff * diff, axis=1, dtype=np.float32))
 
     def scores(self, x: np.ndarray, reconstruction: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(score [batch], per-feature error [batch, F]) for normalised windows and their reconstruction."""
@@ -127,10 +132,12 @@ class ScoringRule:
         return {"positions": list(self.positions), "reduction": self.reduction}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "ScoringRule":
+    def from_json(cls, d: dict[str, Any]) -> ScoringRule:
         reduction = str(d.get("reduction", "mean_squared_error"))
         if reduction not in SCORING_REDUCTIONS:
-            raise BundleError(f"unknown scoring reduction {reduction!r}; this version knows {', '.join(SCORING_REDUCTIONS)}.")
+            raise BundleError(
+                f"unknown scoring reduction {reduction!r}; this version knows {', '.join(SCORING_REDUCTIONS)}."
+            )
         return cls(tuple(int(p) for p in d["positions"]), reduction)
 
 
@@ -158,7 +165,7 @@ class Calibration:
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "Calibration":
+    def from_json(cls, d: dict[str, Any]) -> Calibration:
         q = _numbers(d["quantiles"], "score quantiles")
         thr = float(d["threshold"])
         if not math.isfinite(thr) or thr <= 0:
@@ -196,8 +203,16 @@ def _tail(t: Any, quantiles: dict[str, float]) -> dict[str, float]:
             tail["fit_level"] = float(t["fit_level"])
     except (KeyError, TypeError, ValueError):
         raise BundleError("the calibration's tail needs a level, a shape and a scale.") from None
-    if not (0 < tail["level"] < 1 and math.isfinite(tail["shape"]) and tail["shape"] >= 0 and math.isfinite(tail["scale"]) and tail["scale"] > 0):
-        raise BundleError("the calibration's tail has a level outside (0, 1), a negative shape or a scale that is not positive.")
+    if not (
+        0 < tail["level"] < 1
+        and math.isfinite(tail["shape"])
+        and tail["shape"] >= 0
+        and math.isfinite(tail["scale"])
+        and tail["scale"] > 0
+    ):
+        raise BundleError(
+            "the calibration's tail has a level outside (0, 1), a negative shape or a scale that is not positive."
+        )
     if not any(abs(float(k) - tail["level"]) < 1e-12 for k in quantiles if k.replace(".", "", 1).isdigit()):
         raise BundleError(f"the calibration has no score quantile at its tail level {tail['level']}.")
     return tail
@@ -230,19 +245,26 @@ class Bundle:
         """Check an onnxruntime.InferenceSession against W and F; one sentence on mismatch."""
         inputs, outputs = session.get_inputs(), session.get_outputs()
         if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
-            raise BundleError(f"model.onnx must have one input named '{INPUT_NAME}', it has {[i.name for i in inputs]}.")
+            raise BundleError(
+                f"model.onnx must have one input named '{INPUT_NAME}', it has {[i.name for i in inputs]}."
+            )
         if len(outputs) < 1 or outputs[0].name != OUTPUT_NAME:
-            raise BundleError(f"model.onnx's first output must be named '{OUTPUT_NAME}', it has {[o.name for o in outputs]}.")
+            raise BundleError(
+                f"model.onnx's first output must be named '{OUTPUT_NAME}', it has {[o.name for o in outputs]}."
+            )
         for what, arg in (("input", inputs[0]), ("output", outputs[0])):
             if arg.type != "tensor(float)":
                 raise BundleError(f"model.onnx's {what} is {arg.type}, expected float32.")
             shape = list(arg.shape)
             if len(shape) != 3 or shape[1] != self.window or shape[2] != self.n_features:
                 raise BundleError(
-                    f"model.onnx's {what} shape {shape} does not match the bundle's window {self.window} and {self.n_features} features."
+                    f"model.onnx's {what} shape {shape} does not match the bundle's window {self.window} and "
+                    f"{self.n_features} features."
                 )
             if isinstance(shape[0], int) and shape[0] > 0 and shape[0] != -1:
-                raise BundleError(f"model.onnx's {what} has a fixed batch size {shape[0]}; the batch axis must be dynamic.")
+                raise BundleError(
+                    f"model.onnx's {what} has a fixed batch size {shape[0]}; the batch axis must be dynamic."
+                )
 
 
 def sha256_file(path: Path) -> str:
@@ -272,7 +294,9 @@ def load_bundle(path: str | os.PathLike[str], check_model: bool = True) -> Bundl
         raise BundleError(f"{meta_path} must hold a JSON object.")
     version = meta.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise BundleError(f"model bundle {path} has schema version {version!r}; this stream-detector reads version {SCHEMA_VERSION}.")
+        raise BundleError(
+            f"model bundle {path} has schema version {version!r}; this stream-detector reads version {SCHEMA_VERSION}."
+        )
     try:
         features = tuple(str(f) for f in meta["features"])
         window = int(meta["window"])
@@ -303,7 +327,8 @@ def load_bundle(path: str | os.PathLike[str], check_model: bool = True) -> Bundl
     actual_sha = sha256_file(bundle.model_path)
     if actual_sha != expected_sha:
         raise BundleError(
-            f"{bundle.model_path} does not match the sha256 recorded in {BUNDLE_FILE} (the model file was altered or replaced)."
+            f"{bundle.model_path} does not match the sha256 recorded in {BUNDLE_FILE} (the model file was "
+            f"altered or replaced)."
         )
     if check_model:
         bundle.check_session_io(open_cpu_session(bundle.model_path))

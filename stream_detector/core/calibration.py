@@ -25,8 +25,9 @@ y = log(max(score, TINY)) with thresholds precomputed from `log_score_at`.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -67,11 +68,15 @@ class ScoreDistribution:
     scale: float
 
     @classmethod
-    def from_json(cls, quantiles: Mapping[str, float], tail: Mapping[str, float]) -> "ScoreDistribution":
+    def from_json(cls, quantiles: Mapping[str, float], tail: Mapping[str, float]) -> ScoreDistribution:
         """From the bundle's {level: score} quantiles up to the tail level and its tail
         {"level", "shape", "scale"} (the tail threshold is the quantile at "level")."""
         level = float(tail["level"])
-        pts = sorted((lv, float(v)) for lv, v in ((_level(k), v) for k, v in quantiles.items()) if lv is not None and 0.0 < lv <= level)
+        pts = sorted(
+            (lv, float(v))
+            for lv, v in ((_level(k), v) for k, v in quantiles.items())
+            if lv is not None and 0.0 < lv <= level
+        )
         if not pts or pts[-1][0] != level:
             raise ValueError(f"the calibration has no quantile at its tail level {level}.")
         y = np.maximum.accumulate(np.array([log_score(p[1]) for p in pts]))
@@ -115,7 +120,7 @@ class ScoreReference:
     run_floor: float = -math.inf  # log-score below which a score enters a run as this value
 
     @classmethod
-    def from_calibration(cls, calibration: Any) -> "ScoreReference | None":
+    def from_calibration(cls, calibration: Any) -> ScoreReference | None:
         """From a `bundle.Calibration`; None for a calibration without a fitted tail (older bundles,
         and the log models, whose threshold is a per-session decision): those keep the quantile method."""
         if calibration.tail is None:
@@ -210,8 +215,12 @@ def run_means(scores: np.ndarray, segment_starts: np.ndarray, length: int, floor
     return np.exp(np.concatenate(out)) if out else np.zeros(0)
 
 
-def calibrate_scores(scores: np.ndarray, threshold_quantile: float, segment_starts: np.ndarray | None = None,
-                     run_length: int = RUN_LENGTH) -> Any:
+def calibrate_scores(
+    scores: np.ndarray,
+    threshold_quantile: float,
+    segment_starts: np.ndarray | None = None,
+    run_length: int = RUN_LENGTH,
+) -> Any:
     """A `bundle.Calibration` of normal validation scores, in stream order: the point distribution,
     the run distribution (runs never cross `segment_starts`; none with fewer than MIN_DISJOINT_RUNS
     disjoint runs)

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +26,13 @@ from stream_detector.core.calibration import ScoreReference
 from stream_detector.core.device_windows import DeviceWindows
 from stream_detector.core.events import EventBatch
 from stream_detector.core.scorer import Scorer
-from stream_detector.core.thresholds import Threshold, ThresholdParams, make_threshold, resolve_method, threshold_from_state
+from stream_detector.core.thresholds import (
+    Threshold,
+    ThresholdParams,
+    make_threshold,
+    resolve_method,
+    threshold_from_state,
+)
 from stream_detector.core.windows import WindowStore
 
 log = logging.getLogger(__name__)
@@ -128,10 +135,14 @@ class DetectorCore:
         the result also says for every batch event whether its entity is in an open alert after it
         (what `replay` writes for rows that were not scored)."""
         if batch.n_features != self.bundle.n_features:
-            raise ValueError(f"the batch has {batch.n_features} features per event; the model expects {self.bundle.n_features}.")
+            raise ValueError(
+                f"the batch has {batch.n_features} features per event; the model expects {self.bundle.n_features}."
+            )
         cap = self.settings.max_entities
         if batch.n > cap:  # a sub-batch of <= cap events never holds more entities than the store may track
-            parts = [self.process(batch.slice(i, min(batch.n, i + cap)), row_alert_state) for i in range(0, batch.n, cap)]
+            parts = [
+                self.process(batch.slice(i, min(batch.n, i + cap)), row_alert_state) for i in range(0, batch.n, cap)
+            ]
             return _concat_results(parts)
 
         rows = self.bundle.normaliser.apply(batch.rows)
@@ -162,7 +173,12 @@ class DetectorCore:
         params = self.settings.alerts
         model_version = self.bundle.model_version
         thr_by_slot, alert_by_slot = self._thresholds, self._alerts
-        thr_params, initial, method, reference = self.settings.threshold, self._initial_threshold, self.threshold_method, self._reference
+        thr_params, initial, method, reference = (
+            self.settings.threshold,
+            self._initial_threshold,
+            self.threshold_method,
+            self._reference,
+        )
         calibrated = method == "calibrated"
         surprise: dict[int, float] = {}
         due_list = ing.due.tolist()
@@ -187,11 +203,12 @@ class DetectorCore:
                 needs_alert_step.append(j)
                 stepping.add(s)  # its later events in this batch follow its (possibly new) alert
                 if calibrated:  # its calibrated value as of this event (the run moves on with later ones)
-                    surprise[j] = thr.surprise(score)  # type: ignore[attr-defined]
+                    surprise[j] = thr.surprise(score)
         thresholds[:] = thr_values
         for j in needs_alert_step:
             i, s = due_list[j], int(ing.slots[due_list[j]])
             score, t, a = float(scores[j]), thr_values[j], alert_by_slot[s]
+            assert a is not None  # made in the loop above
             anom = bool(anomalous[j])
             ev = a.step(score, anom, params)
             if ev is not None:
@@ -225,7 +242,9 @@ class DetectorCore:
         open_after = None
         if row_alert_state:
             open_after = _row_open_state(ing.slots, ing.due, alert_open, start_open)
-        return BatchResult(batch.n, ing.due, scores, thresholds, anomalous, alert_open, emitted, alerts, open_after, ing.evicted)
+        return BatchResult(
+            batch.n, ing.due, scores, thresholds, anomalous, alert_open, emitted, alerts, open_after, ing.evicted
+        )
 
     def _ensure_capacity(self) -> None:
         extra = self.store.capacity - len(self._thresholds)
@@ -267,7 +286,11 @@ class DetectorCore:
         `max_thresholds` entities) for the metrics; call it only between batches."""
         alerts = [a for a in self._alerts if a is not None]
         thresholds = [t.threshold() for t in self._thresholds[: max(0, 4 * max_thresholds)] if t is not None]
-        return len(self.store.entities()), sum(a.is_open for a in alerts), np.asarray(thresholds[:max_thresholds], dtype=np.float64)
+        return (
+            len(self.store.entities()),
+            sum(a.is_open for a in alerts),
+            np.asarray(thresholds[:max_thresholds], dtype=np.float64),
+        )
 
     def state_of(self, partition: int, key: str) -> dict[str, Any] | None:
         """One entity's complete detection state (window, threshold, alert lifecycle), JSON-ready
@@ -300,12 +323,16 @@ class DetectorCore:
         t = state.get("threshold")
         a = state.get("alert")
         # a state of another method (the setting changed since it was saved) starts the threshold afresh
-        fresh = t is None or t.get("kind") != self.threshold_method
-        self._thresholds[slot] = None if fresh else threshold_from_state(self.settings.threshold, t, self._reference)
+        if t is None or t.get("kind") != self.threshold_method:
+            self._thresholds[slot] = None
+        else:
+            self._thresholds[slot] = threshold_from_state(self.settings.threshold, t, self._reference)
         self._alerts[slot] = None if a is None else AlertState.from_state(a)
 
 
-def _row_open_state(slots: np.ndarray, due: np.ndarray, due_open: np.ndarray, start_open: dict[int, bool]) -> np.ndarray:
+def _row_open_state(
+    slots: np.ndarray, due: np.ndarray, due_open: np.ndarray, start_open: dict[int, bool]
+) -> np.ndarray:
     """For every batch event: is its entity in an open alert after it? Alert state only changes at
     scored events, so it is the state after the entity's latest scored event at or before this one,
     or the state at batch start. Forward-filled per entity with numpy."""
@@ -334,7 +361,7 @@ def _concat_results(parts: list[BatchResult]) -> BatchResult:
     offsets = np.cumsum([0] + [p.n_events for p in parts[:-1]])
     open_after = None
     if all(p.open_after is not None for p in parts):
-        open_after = np.concatenate([p.open_after for p in parts])  # type: ignore[misc]
+        open_after = np.concatenate([p.open_after for p in parts if p.open_after is not None])
     return BatchResult(
         n_events=sum(p.n_events for p in parts),
         index=np.concatenate([p.index + off for p, off in zip(parts, offsets)]),

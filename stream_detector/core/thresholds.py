@@ -66,7 +66,9 @@ class ThresholdParams:
         if not self.max_shift >= 1.0:
             raise ValueError(f"threshold max_shift must be at least 1, got {self.max_shift}.")
         if not 0.0 < self.learn_level < self.alert_level:
-            raise ValueError(f"learn_level ({self.learn_level}) must be positive and below alert_level ({self.alert_level}).")
+            raise ValueError(
+                f"learn_level ({self.learn_level}) must be positive and below alert_level ({self.alert_level})."
+            )
         if self.warmup < 1:
             raise ValueError(f"threshold warm-up must be at least 1 score, got {self.warmup}.")
         if not 0.0 < self.quantile <= 1.0:
@@ -99,11 +101,15 @@ def resolve_method(params: ThresholdParams, reference: ScoreReference | None) ->
     if params.method == "auto":
         return "calibrated" if reference is not None else "quantile"
     if params.method == "calibrated" and reference is None:
-        raise ValueError("the model bundle's calibration predates calibrated thresholds; retrain it or choose the 'quantile' method.")
+        raise ValueError(
+            "the model bundle's calibration predates calibrated thresholds; retrain it or choose the 'quantile' method."
+        )
     return params.method
 
 
-def make_threshold(method: str, params: ThresholdParams, initial: float, reference: ScoreReference | None = None) -> Threshold:
+def make_threshold(
+    method: str, params: ThresholdParams, initial: float, reference: ScoreReference | None = None
+) -> Threshold:
     """A fresh threshold of a resolved method (`resolve_method`)."""
     if method == "calibrated":
         assert reference is not None
@@ -113,11 +119,15 @@ def make_threshold(method: str, params: ThresholdParams, initial: float, referen
     return RollingQuantile(initial, params)
 
 
-def threshold_from_state(params: ThresholdParams, state: dict[str, Any], reference: ScoreReference | None = None) -> Threshold:
+def threshold_from_state(
+    params: ThresholdParams, state: dict[str, Any], reference: ScoreReference | None = None
+) -> Threshold:
     kind = state.get("kind")
     if kind == "calibrated":
         if reference is None:
-            raise ValueError("a calibrated threshold state cannot be restored for a bundle without a calibrated score distribution.")
+            raise ValueError(
+                "a calibrated threshold state cannot be restored for a bundle without a calibrated score distribution."
+            )
         return Calibrated.from_state(reference, params, state)
     if kind == "spot":
         return Spot.from_state(params, state)
@@ -169,7 +179,7 @@ class _SortedRing:
         return np.roll(self.ring, -self.head)
 
     @classmethod
-    def of(cls, size: int, values: np.ndarray) -> "_SortedRing":
+    def of(cls, size: int, values: np.ndarray) -> _SortedRing:
         r = cls(size)
         values = np.asarray(values, dtype=np.float64)[-size:]
         k = values.size
@@ -255,10 +265,15 @@ class Calibrated:
     def state(self) -> dict[str, Any]:
         n = self._run.size
         run = np.roll(self._run, -self._run_head)[n - self._run_count :] if n else self._run
-        return {"kind": "calibrated", "seen": self._seen, "history": self._hist.in_order(), "run": [float(v) for v in run]}
+        return {
+            "kind": "calibrated",
+            "seen": self._seen,
+            "history": self._hist.in_order(),
+            "run": [float(v) for v in run],
+        }
 
     @classmethod
-    def from_state(cls, reference: ScoreReference, params: ThresholdParams, state: dict[str, Any]) -> "Calibrated":
+    def from_state(cls, reference: ScoreReference, params: ThresholdParams, state: dict[str, Any]) -> Calibrated:
         t = cls(reference, params)
         t._hist = _SortedRing.of(params.history, np.asarray(state["history"], dtype=np.float64))
         t._seen = int(state["seen"])
@@ -306,7 +321,7 @@ class RollingQuantile:
         return {"kind": "quantile", "initial": self.initial, "seen": self._seen, "history": self._hist.in_order()}
 
     @classmethod
-    def from_state(cls, params: ThresholdParams, state: dict[str, Any]) -> "RollingQuantile":
+    def from_state(cls, params: ThresholdParams, state: dict[str, Any]) -> RollingQuantile:
         t = cls(float(state["initial"]), params)
         t._hist = _SortedRing.of(params.history, np.asarray(state["history"], dtype=np.float64))
         t._seen = int(state["seen"])
@@ -401,7 +416,7 @@ class Spot:
         }
 
     @classmethod
-    def from_state(cls, params: ThresholdParams, state: dict[str, Any]) -> "Spot":
+    def from_state(cls, params: ThresholdParams, state: dict[str, Any]) -> Spot:
         s = cls(float(state["initial"]), params)
         s._init = [float(x) for x in np.asarray(state["init"], dtype=np.float64)]
         s._t = None if state["t"] is None else float(state["t"])
