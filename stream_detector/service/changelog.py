@@ -278,6 +278,10 @@ def ensure_changelog_topic(settings: Any, partitions: int) -> str:
             # (a topic created a moment ago); check the one that exists like any other.
             meta = admin.list_topics(topic=topic, timeout=timeout)
         have = len(meta.topics[topic].partitions)
+        deadline = time.monotonic() + timeout
+        while have == 0 and time.monotonic() < deadline:  # a topic created a moment ago: no partitions in metadata yet
+            time.sleep(0.2)
+            have = len(admin.list_topics(topic=topic, timeout=timeout).topics[topic].partitions)
         if have < partitions:
             raise ChangelogError(
                 f"the state changelog topic {topic} has {have} partitions, but the input has {partitions}; it needs at "
