@@ -60,20 +60,50 @@ def test_defaults_train_300_rows_and_replay_of_the_rest_alerts_on_a_level_shift(
     train_csv = write_csv(tmp_path / "train.csv", series[:300])
     rest_csv = write_csv(tmp_path / "rest.csv", rest)
     caplog.set_level(logging.INFO)
-    code = train_main(["fit", "--data", str(train_csv), "--out", str(tmp_path / "b"), "--threads", "1", "--no-progress"])
+    code = train_main(
+        ["fit", "--data", str(train_csv), "--out", str(tmp_path / "b"), "--threads", "1", "--no-progress"]
+    )
     assert code == 0, capsys.readouterr().err
     # The rule: 240 training rows give 241 - W training windows and 60 validation windows; 64 gives
     # 177 < 4 x 64, 32 gives 209 >= 4 x 32. 300 rows: d_model 16 (16^2 <= 300 < 32^2), ff_dim 32;
     # 209 training windows: batch 16 (<= 209 / 8), 14 steps a pass, 35 epochs (480 steps), patience 7.
     b = load_bundle(tmp_path / "b")
     assert b.window == 32 and b.model["d_model"] == 16 and b.model["ff_dim"] == 32
-    assert b.training["sized_to_data"] == {"window": 32, "d_model": 16, "ff_dim": 32, "batch_size": 16, "epochs": 35, "patience": 7}
-    assert b.training["settings"]["window"] == 32 and b.training["train_windows"] == 209 and b.training["val_windows"] == 60
+    assert b.training["sized_to_data"] == {
+        "window": 32,
+        "d_model": 16,
+        "ff_dim": 32,
+        "batch_size": 16,
+        "epochs": 35,
+        "patience": 7,
+    }
+    assert "composite" not in b.model  # one feature, but a short history: the Transformer alone
+    assert (
+        b.training["settings"]["window"] == 32
+        and b.training["train_windows"] == 209
+        and b.training["val_windows"] == 60
+    )
     chosen = [r.getMessage() for r in caplog.records if r.name == "training.sizing" and "chosen" in r.getMessage()]
-    assert len(chosen) == 1 and chosen[0].startswith("window 32 rows, chosen") and "64 gives 177 training windows, fewer than 256" in chosen[0]
+    assert (
+        len(chosen) == 1
+        and chosen[0].startswith("window 32 rows, chosen")
+        and "64 gives 177 training windows, fewer than 256" in chosen[0]
+    )
 
     out = tmp_path / "replay"
-    code = sd_main(["replay", "--model", str(tmp_path / "b"), "--input", str(rest_csv), "--out", str(out), "--model.provider", "cpu"])
+    code = sd_main(
+        [
+            "replay",
+            "--model",
+            str(tmp_path / "b"),
+            "--input",
+            str(rest_csv),
+            "--out",
+            str(out),
+            "--model.provider",
+            "cpu",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     alerts = [orjson.loads(line) for line in (out / "alerts.jsonl").read_bytes().splitlines()]
     opened = [a["source"]["offset"] for a in alerts if a["state"] == "open"]
@@ -83,7 +113,9 @@ def test_defaults_train_300_rows_and_replay_of_the_rest_alerts_on_a_level_shift(
 def test_an_explicit_window_the_data_cannot_support_names_the_largest_that_it_can(tmp_path, rng, capsys):
     data = write_csv(tmp_path / "train.csv", sine(rng, 300))
     out = tmp_path / "b"
-    code = train_main(["fit", "--data", str(data), "--out", str(out), "--window", "64", "--threads", "1", "--no-progress"])
+    code = train_main(
+        ["fit", "--data", str(data), "--out", str(out), "--window", "64", "--threads", "1", "--no-progress"]
+    )
     # 241 - W >= 4 W up to W = 48
     line = one_sentence_error(code, capsys.readouterr().err, "cannot support a window of 64 rows")
     assert "the largest window it supports is 48 rows (--window 48" in line
@@ -92,8 +124,13 @@ def test_an_explicit_window_the_data_cannot_support_names_the_largest_that_it_ca
     assert size_to_data(make_settings({"data": data, "out": out, "window": 48}), table).plan.window == 48  # and it is
 
 
-@pytest.mark.parametrize("rows, fragment", [(20, "too few to train on: even a window of 8 gives 9 training and 4 validation"),
-                                            (5, "fewer than one window of 8, too few to train on")])
+@pytest.mark.parametrize(
+    "rows, fragment",
+    [
+        (20, "too few to train on: even a window of 8 gives 9 training and 4 validation"),
+        (5, "fewer than one window of 8, too few to train on"),
+    ],
+)
 def test_a_history_too_short_for_any_window_is_one_sentence(tmp_path, rng, capsys, rows, fragment):
     data = write_csv(tmp_path / "tiny.csv", sine(rng, rows))
     code = train_main(["fit", "--data", str(data), "--out", str(tmp_path / "b"), "--threads", "1", "--no-progress"])
@@ -108,7 +145,9 @@ def test_a_long_history_keeps_every_default(tmp_path, rng):
     s = make_settings({"data": data, "out": tmp_path / "b"})
     sized = size_to_data(s, table)
     assert sized.chosen == {}
-    assert sized.settings.model_dump() == s.model_dump()  # window 64, d_model 64, ff_dim 128, batch 256, 15 epochs, patience 3
+    assert (
+        sized.settings.model_dump() == s.model_dump()
+    )  # window 64, d_model 64, ff_dim 128, batch 256, 15 epochs, patience 3
     want = plan_windows(table, 64, s.val_fraction, s.gap_factor, s.stride)
     np.testing.assert_array_equal(sized.plan.train_starts, want.train_starts)
     np.testing.assert_array_equal(sized.plan.val_starts, want.val_starts)
@@ -131,7 +170,14 @@ def test_given_settings_are_kept_and_the_window_stays_above_mask_steps(tmp_path,
     table = read_table(data)
     given = {"d_model": 32, "batch_size": 64, "epochs": 3}
     s = size_to_data(make_settings({"data": data, "out": tmp_path / "b", **given}), table).settings
-    assert (s.window, s.d_model, s.ff_dim, s.batch_size, s.epochs, s.patience) == (32, 32, 128, 64, 3, 3)  # ff_dim follows only a chosen d_model
+    assert (s.window, s.d_model, s.ff_dim, s.batch_size, s.epochs, s.patience) == (
+        32,
+        32,
+        128,
+        64,
+        3,
+        3,
+    )  # ff_dim follows only a chosen d_model
     # masked with 40 steps: of the ladder only 64 is above it, and 300 rows cannot support 64; 48 is the largest that fits
     caplog.set_level(logging.INFO)
     assert size_to_data(make_settings({"data": data, "out": tmp_path / "b", "mask_steps": 40}), table).plan.window == 48
@@ -145,3 +191,24 @@ def test_model_width_grows_with_the_rows(rows, width):
     from training.sizing import _choose_width
 
     assert _choose_width(rows, 4) == width
+
+
+def test_a_single_series_gets_the_zscore_detector_unless_short_or_detectors_are_given(tmp_path, rng):
+    one = tmp_path / "one.csv"
+    one.write_text("a\n" + "".join(f"{a:.4f}\n" for a in rng.standard_normal(5000)))
+    short = tmp_path / "short.csv"
+    short.write_text("a\n" + "".join(f"{a:.4f}\n" for a in rng.standard_normal(1500)))
+    two = tmp_path / "two.csv"
+    two.write_text("a,b\n" + "".join(f"{a:.4f},{b:.4f}\n" for a, b in rng.standard_normal((5000, 2))))
+    assert size_to_data(make_settings({"data": one, "out": tmp_path / "b"}), read_table(one)).settings.detectors == (
+        "transformer",
+        "zscore",
+    )
+    assert size_to_data(make_settings({"data": two, "out": tmp_path / "b"}), read_table(two)).settings.detectors == (
+        "transformer",
+    )
+    assert size_to_data(
+        make_settings({"data": short, "out": tmp_path / "b"}), read_table(short)
+    ).settings.detectors == ("transformer",)
+    given = make_settings({"data": one, "out": tmp_path / "b", "detectors": "transformer"})
+    assert size_to_data(given, read_table(one)).settings.detectors == ("transformer",)
