@@ -156,7 +156,7 @@ def test_fit_cli_labels_exclude_anomalous_blocks(tmp_path, capsys):
     "args, message",
     [
         (["--data", "{tmp}/nope.log"], "log file {tmp}/nope.log does not exist."),
-        (["--data", "{tmp}/garbage.log"], "no usable training lines"),
+        (["--data", "{tmp}/garbage.log"], "none of the first 2 lines of {tmp}/garbage.log parses with these settings"),
         (["--data", "{tmp}/garbage.log", "--labels", "{tmp}/bad_labels.csv"], "has several columns but none named 'Label'"),
         (["--data", "{tmp}/garbage.log", "--context", "1"], "setting 'context'"),
     ],

@@ -169,3 +169,83 @@ def test_replay_catches_unknown_at_the_line_and_truncated_at_the_idle_check(coun
         assert opened[b]["log"]["row"] == "idle-check" and opened[b]["log"]["template"] == "<idle check>"
     false = {b for b in opened if kinds[b] == "normal"}
     assert not false, f"normal blocks alerted: {false}"
+
+
+# ---------------------------------------------------------------- counts per time bucket (layout template-bucket-counts/1)
+
+
+def _bucket_spec(bucket_s: float = 600.0, idle_s: float | None = None) -> LogModelSpec:
+    from stream_detector.logs.spec import BUCKET_COUNTS_LAYOUT
+
+    base = _spec()
+    feats = make_feature_config(session_timeout_s=86_400.0, idle_check_s=idle_s, bucket_s=bucket_s)
+    return LogModelSpec(base.parser, feats, base.templates, 0, BUCKET_COUNTS_LAYOUT)
+
+
+def test_bucketed_rows_count_the_current_bucket_only():
+    spec = _bucket_spec(600.0)
+    assert spec.counts and spec.bucketed
+    stage = LogStage(spec)
+    r = spec.templates.match(RECV.format(t="0").split(": ", 1)[1])
+    p = spec.templates.match(TERM.format(t="0").split(": ", 1)[1])
+    # 20:36:15 and 20:38:00 share the bucket 20:30-20:40 (epoch-aligned); 20:41:00 starts the next
+    batch, dead = stage.feed([RECV.format(t="203615"), TERM.format(t="203800"), RECV.format(t="204100"), RECV.format(t="204900")])
+    assert not dead and batch.kind.tolist() == [START, LINE, LINE, LINE, LINE]  # one session, no idle checks
+    counts = batch.rows[:, :-1]
+    assert counts[1, r] == 1 and counts[2, r] == 1 and counts[2, p] == 1
+    assert counts[3, r] == 1 and counts[3, p] == 0  # a new bucket counts afresh
+    assert counts[4, r] == 2
+    # a late line (older than its entity's bucket) counts in the current one
+    batch, _ = stage.feed([TERM.format(t="203000")])
+    assert batch.rows[0, p] == 1 and batch.rows[0, r] == 2
+
+
+def test_a_resumed_bucketed_session_carries_on_its_bucket():
+    from stream_detector.logs.stage import SavedSession
+
+    spec = _bucket_spec(600.0)
+    first = LogStage(spec)
+    batch, _ = first.feed([RECV.format(t="203615"), RECV.format(t="203700")])
+    saved = SavedSession(start_ms=int(batch.event_time_ms[0]), events=2, line="x", line_ms=int(batch.event_time_ms[-1]), topic="t", offset=1)
+    moved = LogStage(spec)
+    moved.resume(BLK, 0, saved, batch.rows[-1])
+    r = spec.templates.match(RECV.format(t="0").split(": ", 1)[1])
+    same, _ = moved.feed([RECV.format(t="203800")], topic="t", offset=[2])
+    assert same.kind.tolist() == [LINE] and same.rows[0, r] == 3  # same bucket: counts carry on
+    nxt, _ = moved.feed([RECV.format(t="204000")], topic="t", offset=[3])
+    assert nxt.rows[0, r] == 1  # 20:40:00 opens the next bucket
+
+
+def test_bucketed_graph_scores_are_zero_below_the_floor():
+    import onnxruntime as ort
+
+    from training.logcounts import count_model_onnx, fit_count_branches, reference_errors
+
+    rng = np.random.default_rng(3)
+    n, v = 300, 5
+    counts = rng.poisson([0.2, 3, 1, 2, 1], size=(n, v)).astype(np.float32)
+    kinds = rng.choice([LINE, START], size=n, p=[0.9, 0.1]).astype(np.int8)
+    rows = np.concatenate([counts, kinds[:, None].astype(np.float32)], axis=1)
+    keys = [f"e{i % 30}" for i in range(n)]
+    line, idle, _ = fit_count_branches(rows, kinds, keys, np.array([int(k[1:]) >= 24 for k in keys]), 0.8, 0.2, 1.0)
+    plain = reference_errors(rows, line, idle).sum(axis=1)
+    floor = float(np.quantile(plain[plain > 0], 0.5))
+    sess = ort.InferenceSession(count_model_onnx(line, idle, v, floor), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"x": np.stack([rows, rows], axis=1)})[0][:, -1].sum(axis=1)
+    want = reference_errors(rows, line, idle, floor).sum(axis=1)
+    clear = np.abs(plain - floor) > 1e-4 * (1 + floor)
+    np.testing.assert_allclose(got[clear], want[clear], rtol=1e-4, atol=1e-5)
+    assert np.all((got == 0) | (got >= floor * (1 - 1e-5))) and (got == 0).sum() > (plain == 0).sum()
+
+
+def test_loader_refuses_a_bucketed_layout_without_a_bucket(counts_bundle, tmp_path):
+    import shutil
+
+    dst = tmp_path / "b"
+    shutil.copytree(counts_bundle, dst)
+    meta = orjson.loads((dst / "bundle.json").read_bytes())
+    meta[LOGS_SECTION]["layout"] = "template-bucket-counts/1"
+    (dst / "bundle.json").write_bytes(orjson.dumps(meta))
+    with pytest.raises(BundleError, match="needs a bucket length") as e:
+        load_log_spec(load_bundle(dst))
+    assert "\n" not in str(e.value)

@@ -161,3 +161,159 @@ def test_config_round_trips_through_json_and_pins_its_version():
         LogParserConfig.from_json(d)
     with pytest.raises(Exception):  # frozen
         cfg.format = "hdfs"  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------- presets beyond HDFS and syslog (issue 23)
+
+
+def test_logfmt_preset_reads_pairs_quotes_and_escapes():
+    p = LineParser(make_config(format="logfmt", entity="field", entity_field="user"))
+    line = 'time=2024-01-02T03:04:05.250Z level=warn logger=auth msg="login failed for \\"bob\\"" user=bob attempt=3 tls'
+    r = p.parse(line)
+    assert r == (utc_ms(2024, 1, 2, 3, 4, 5) + 250, "warn", "auth", 'login failed for "bob"', ("bob",))
+    # go-kit style: ts= and no logger; the fields are settings like jsonl's
+    q = LineParser(make_config(format="logfmt", timestamp_field="ts", timestamp_format="epoch_ms", component_field="", entity_regex=r"job=(\d+)"))
+    assert q.parse("ts=1700000000123 level=info msg=\"done job=7\" caller=main.go:12") == (1700000000123, "info", None, "done job=7", ("7",))
+
+
+@pytest.mark.parametrize("line, reason", [
+    ('time=2024-01-02T03:04:05Z msg="unterminated', "not logfmt"),
+    ("just some words", "has no string field 'msg'"),
+    ("msg=hi", "no timestamp field 'time'"),
+])
+def test_logfmt_bad_lines(line, reason):
+    with pytest.raises(LogLineError, match=reason):
+        LineParser(make_config(format="logfmt", default_entity="x")).parse(line)
+
+
+def _access_lines():
+    """Combined and common log format lines, as Apache's and Nginx's default access logs write them."""
+    combined = '{ip} - {user} [{t}] "{method} {path} HTTP/1.1" {status} {size} "https://example.com/start" "Mozilla/5.0 (X11; Linux)"'
+    common = '{ip} - {user} [{t}] "{method} {path} HTTP/1.0" {status} {size}'
+    return [
+        combined.format(ip="10.0.0.7", user="-", t="10/Oct/2000:13:55:36 -0700", method="GET", path="/api/orders/17", status=200, size=2326),
+        common.format(ip="192.168.1.20", user="frank", t="11/Oct/2000:01:02:03 +0000", method="POST", path="/login", status=503, size="-"),
+        combined.format(ip="10.0.0.8", user="-", t="12/Oct/2000:00:00:00 +0200", method="GET", path="/missing", status=404, size=0),
+    ]
+
+
+def test_access_log_preset_combined_and_common():
+    p = LineParser(make_config(format="access-log", entity="field", entity_field="client"))
+    a, b, c = (p.parse(x) for x in _access_lines())
+    assert a == (utc_ms(2000, 10, 10, 20, 55, 36), "INFO", None, "success GET /api/orders/17 HTTP/1.1", ("10.0.0.7",))
+    assert b == (utc_ms(2000, 10, 11, 1, 2, 3), "ERROR", None, "server-error POST /login HTTP/1.0", ("192.168.1.20",))
+    assert c.level == "WARN" and c.message == "client-error GET /missing HTTP/1.1" and c.timestamp_ms == utc_ms(2000, 10, 11, 22, 0, 0)
+    # the status class is a word: drain3 keeps 2xx, 4xx and 5xx requests apart (it treats tokens with digits as variables)
+    from stream_detector.logs.templates import TemplateMiner
+
+    m = TemplateMiner()
+    for r in (a, b, c):
+        m.learn(r.message)
+    assert len(m.freeze().templates()) - 1 == 3
+    with pytest.raises(LogLineError, match="does not match the access-log line format"):
+        p.parse("10.0.0.7 - - [10/Oct/2000:13:55:36 -0700] GET / 200")
+
+
+def test_python_preset_reads_lines_written_by_the_logging_module():
+    import io
+    import logging
+    import time
+
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    handler.setFormatter(logging.Formatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s"))
+    handler.formatter.converter = time.gmtime  # UTC, as the parser reads zone-less times
+    lg = logging.getLogger("shop.orders")
+    lg.propagate, lg.level = False, logging.DEBUG
+    lg.addHandler(handler)
+    try:
+        before = int(time.time() * 1000)
+        lg.warning("order %d - payment declined", 17)
+        lg.error("worker %s died", "w-3")
+    finally:
+        lg.removeHandler(handler)
+    lines = buf.getvalue().splitlines()
+    p = LineParser(make_config(format="python", entity="regex", entity_regex=r"(?:order|worker) (\S+)"))
+    r1, r2 = (p.parse(x) for x in lines)
+    assert r1.level == "WARNING" and r1.component == "shop.orders" and r1.message == "order 17 - payment declined"
+    assert r1.entities == ("17",) and r2.entities == ("w-3",) and r2.level == "ERROR"
+    assert before - 1000 <= r1.timestamp_ms <= before + 5000
+
+
+@pytest.mark.parametrize("stamp, ms", [
+    ("2024-03-01 12:00:01.042", utc_ms(2024, 3, 1, 12, 0, 1) + 42),   # log4j2 %d{yyyy-MM-dd HH:mm:ss.SSS}
+    ("2024-03-01 12:00:01,042", utc_ms(2024, 3, 1, 12, 0, 1) + 42),   # log4j's %d (ISO8601 with a comma)
+    ("2024-03-01T12:00:01.042", utc_ms(2024, 3, 1, 12, 0, 1) + 42),
+])
+def test_log4j_pattern_layout(stamp, ms):
+    # %d [%t] %-5level %logger{36} - %msg: INFO and WARN are padded to five characters
+    p = LineParser(make_config(format="log4j", entity="field", entity_field="thread"))
+    r = p.parse(f"{stamp} [pool-1-thread-3] {'INFO':<5} c.e.shop.OrderService - order 17 shipped")
+    assert r == (ms, "INFO", "c.e.shop.OrderService", "order 17 shipped", ("pool-1-thread-3",))
+    assert p.parse(f"{stamp} [main] ERROR c.e.App - boom").level == "ERROR"
+
+
+# ---------------------------------------------------------------- entity from a regex group; one sentence per mistake
+
+BGL = "1117838570 2005.06.03 R02-M1-N0-C:J12-U11 2005-06-03-15.42.50.675872 R02-M1-N0-C:J12-U11 RAS KERNEL INFO instruction cache parity error corrected"
+BGL_REGEX = r"(?P<timestamp>\d+) \S+ (?P<node>\S+) \S+ \S+ (?P<type>\S+) (?P<component>\S+) (?P<level>[A-Z]+) (?P<message>.*)"
+
+
+def test_bluegene_line_with_a_regex_epoch_seconds_and_the_node_as_entity():
+    p = LineParser(make_config(format="regex", line_regex=BGL_REGEX, timestamp_format="epoch_s", entity="field", entity_field="node"))
+    assert p.parse(BGL) == (1117838570000, "INFO", "KERNEL", "instruction cache parity error corrected", ("R02-M1-N0-C:J12-U11",))
+    # the microsecond local time of the same line, read with a strptime format instead
+    q = LineParser(make_config(format="regex", line_regex=r"\d+ \S+ (?P<node>\S+) (?P<timestamp>\S+) .* (?P<message>\S+ \S+)$",
+                               timestamp_format="%Y-%m-%d-%H.%M.%S.%f", entity="field", entity_field="node"))
+    assert q.parse(BGL).timestamp_ms == utc_ms(2005, 6, 3, 15, 42, 50) + 676
+
+
+@pytest.mark.parametrize("fields, reason", [
+    ({"format": "jsonl", "line_regex": "(?P<message>.*)"}, "line_regex does not apply to format 'jsonl'"),
+    ({"format": "regex", "line_regex": "(?P<message>.*)", "timestamp_field": "ts"}, "timestamp_field applies only to formats 'jsonl' and 'logfmt'"),
+    ({"entity": "field"}, "entity 'field' needs entity_field"),
+    ({"entity_field": "node"}, "entity_field applies only to entity 'field'"),
+    ({"format": "jsonl", "message_field": ""}, "message_field must not be empty"),
+    ({"format": "regex"}, "format 'regex' needs line_regex"),
+])
+def test_settings_that_do_not_go_together_are_one_sentence(fields, reason):
+    with pytest.raises(LogConfigError) as e:
+        make_config(**fields)
+    msg = str(e.value)
+    assert reason in msg and msg.endswith(".") and "\n" not in msg
+
+
+@pytest.mark.parametrize("fields, reason", [
+    ({"format": "regex", "line_regex": BGL_REGEX, "entity": "field", "entity_field": "host"}, "entity_field 'host' is not a named group"),
+    ({"format": "regex", "line_regex": "(?P<message>.*)", "timestamp_format": "epoch_s"}, "no named group 'timestamp'"),
+    ({"timestamp_format": "epoch"}, "neither a strptime format"),
+    ({"format": "jsonl", "timestamp_format": "epoch_s"}, "there is no timestamp_field"),
+])
+def test_parser_refuses_settings_that_cannot_read_a_line(fields, reason):
+    with pytest.raises(LogConfigError, match=reason):
+        LineParser(make_config(**fields))
+
+
+def test_empty_strings_mean_none_and_logfmt_has_its_own_field_defaults():
+    cfg = make_config(format="jsonl", level_field="", component_field="", default_entity="")
+    assert (cfg.level_field, cfg.component_field, cfg.default_entity) == (None, None, None)
+    lf = make_config(format="logfmt")
+    assert (lf.message_field, lf.timestamp_field) == ("msg", "time")
+    assert make_config(format="logfmt", timestamp_field="").timestamp_field is None
+
+
+def test_first_lines_check_names_the_line_whose_timestamp_does_not_read():
+    from stream_detector.logs.parse import check_first_lines
+
+    p = LineParser(make_config(format="regex", line_regex=BGL_REGEX, timestamp_format="epoch_s", entity="field", entity_field="node"))
+    assert check_first_lines(p, [BGL, "a stray line"], "x.log") == (1, 1)  # a stray line alone is tolerated
+    with pytest.raises(LogConfigError, match="none of the first 2 lines of x.log parses .*line 1: log line does not match"):
+        check_first_lines(p, ["nope", "nor this"], "x.log")
+    # the timestamp group on the wrong column (the local time, not the epoch seconds)
+    wrong = BGL_REGEX.replace(r"(?P<timestamp>\d+) \S+ (?P<node>\S+) \S+", r"\d+ \S+ (?P<node>\S+) (?P<timestamp>\S+)")
+    q = LineParser(make_config(format="regex", line_regex=wrong, timestamp_format="epoch_s", entity="field", entity_field="node"))
+    with pytest.raises(LogConfigError) as e:
+        check_first_lines(q, ["a stray line", BGL], "x.log")
+    msg = str(e.value)
+    assert msg.startswith("line 2 of x.log: timestamp '2005-06-03-15.42.50.675872' does not read as epoch_s")
+    assert "\n" not in msg and msg.endswith(".")

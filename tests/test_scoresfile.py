@@ -1,6 +1,7 @@
 """scoresfile.py: the one scores.csv writer (replay and the log replay) and reader (evaluate) —
-awkward keys round-trip, the log rows' extra columns come after the common six, and a write is
-atomic: a failure half way leaves the existing file as it was and no temporary file behind."""
+awkward keys round-trip, the log rows' extra columns come after the common six (and evaluate reads a
+log replay per line), and a write is atomic: a failure half way leaves the existing file as it was
+and no temporary file behind."""
 
 from __future__ import annotations
 
@@ -54,7 +55,11 @@ def test_log_rows_put_their_extra_columns_after_the_common_six(tmp_path):
     table = read_scores(path)
     assert table.key == keys and table.row.tolist() == [0, -1, 1] and table.event == ["", "open", ""]
     assert table.extra == {"kind": ["line", "session-end", "line"], "template_id": ["3", "7", "0"]}
-    # a row-level evaluation refuses the session-end row in one sentence (those go to --sessions)
+    # a row-level evaluation of a log replay is per line: the session-end row is left out
+    lines = ev.read_scores(path)
+    assert lines.row.tolist() == [0, 1] and lines.key == ["blk,1", 'blk"2'] and lines.extra["kind"] == ["line", "line"]
+    # the same rows without the log columns are no log replay: the negative row is refused in one sentence
+    write_scores(path, [0, -1, 1], keys, [0.25, 2.0, 0.5], [1.0, 1.0, 1.0], [False, True, False], [None, "open", None])
     with pytest.raises(ev.EvaluationError, match="negative row numbers") as e:
         ev.read_scores(path)
     assert "\n" not in str(e.value)
@@ -113,3 +118,28 @@ def test_replay_then_evaluate_with_a_comma_and_a_quote_in_the_keys(tmp_path, rng
     assert main(["evaluate", "--scores", str(out / "scores.csv"), "--labels", str(tmp_path / "labels.txt"), "--no-plots"]) == 0
     metrics = orjson.loads((out / "metrics.json").read_bytes())
     assert sorted(metrics["per_series"]) == sorted(names)
+
+
+def test_evaluate_scores_a_log_replay_per_line(tmp_path):
+    """Per-line labels of the log file: a line naming two entities is a row in each entity's series;
+    start and idle-check rows are left out; the labels may run past the last scored line (its last
+    lines did not parse)."""
+    path = tmp_path / "scores.csv"
+    rows = [-1, 0, 1, -1, 1, 2, 3, -1, 4]
+    keys = ["a", "a", "a", "b", "b", "b", "a", "b", "b"]
+    kinds = ["session-start", "line", "line", "session-start", "line", "line", "line", "idle-check", "line"]
+    score = [0, 0.1, 9.0, 0, 9.0, 0.2, 0.1, 5.0, 0.1]
+    alert = [0, 0, 1, 0, 1, 0, 0, 1, 0]
+    event = [None, None, "open", None, "open", "resolved", "resolved", "open", None]
+    write_scores(path, rows, keys, score, [1.0] * 9, alert, event, extra=dict(zip(LOG_COLUMNS, (kinds, [0] * 9))))
+    (tmp_path / "labels.txt").write_text("0\n1\n0\n0\n0\n0\n0\n")  # 7 lines in the log, line 1 (both a and b) anomalous
+    evaluation, series = ev.evaluate_files(path, tmp_path / "labels.txt")
+    assert evaluation.info["rows"] == 6 and evaluation.info["anomalous_rows"] == 2 and "log lines" in evaluation.info["rows_are"]
+    assert {s.key: s.rows.tolist() for s in series} == {"a": [0, 1, 3], "b": [1, 2, 4]}
+    e = evaluation.overall["event"]
+    assert e["incidents"] == 2 and e["incidents_alerted"] == 2 and e["false_episodes"] == 0  # the idle-check alert is no line
+    (tmp_path / "ranges.txt").write_text("1-2\n9-12\n")  # ranges may go past the scored lines too
+    assert ev.evaluate_files(path, tmp_path / "ranges.txt")[0].info["anomalous_rows"] == 2
+    (tmp_path / "short.txt").write_text("0\n1\n")
+    with pytest.raises(ev.EvaluationError, match="has 2 rows but the scores cover 5 rows"):
+        ev.evaluate_files(path, tmp_path / "short.txt")

@@ -36,7 +36,7 @@ from stream_detector.core.bundle import (
 )
 from stream_detector.offline.datafiles import DataFileError, read_table
 from training.meta import training_meta as build_training_meta
-from training.settings import FitSettings, SettingsError, add_fit_arguments, settings_from_args
+from training.settings import FitSettings, SettingsError, add_fit_arguments, read_toml, settings_from_args
 from training.sizing import size_to_data
 from training.windows import WindowingError
 
@@ -296,12 +296,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def handle(args: argparse.Namespace) -> int:
     from training.export import ExportError
+    from training.logs import log_only_options_given
     from training.trainer import TrainingInterrupted
 
-    if getattr(args, "format", None) == "log":
+    fmt = getattr(args, "format", None)
+    if fmt is None and getattr(args, "config", None) is not None:
+        try:  # format = "log" in the TOML file selects the log path too
+            fmt = read_toml(args.config).get("format")
+        except SettingsError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    if fmt == "log":
         from training.logs import handle_log_fit
 
         return handle_log_fit(args, shlex.join(["stream-detector-train", *sys.argv[1:]]))
+    given = log_only_options_given(args)
+    if given:
+        print(f"error: the option {given[0]} applies only to --format log.", file=sys.stderr)
+        return 2
     try:
         settings = settings_from_args(args)
         res = fit(settings, command_line=shlex.join(["stream-detector-train", *sys.argv[1:]]))

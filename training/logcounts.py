@@ -14,6 +14,9 @@ constant in training, e.g. exactly 3 replicas, or absent, count heavily when it 
 the squared residual outside the k leading principal components (k for `variance` of the
 variance), divided by the row kind's calibration scale (the largest residual among held-out
 training entities, at least `min_scale`), so one threshold serves both kinds. Start rows score 0.
+Layout `template-bucket-counts/1` (`--bucket`): the same model on the counts of the current time
+bucket; its graph also zeroes a row scoring below `count_threshold_floor` (`score_floor`), so a score
+is exactly 0 or at least the floor.
 
 The graph is built by hand with onnx.helper (a few MatMul/Where nodes); its output at [-1, :V] is
 each template's share of the score (reduction `model_error`), so an alert's `top_features` name
@@ -113,17 +116,21 @@ def fit_count_branches(
     return out["line"], out.get("idle", out["line"]), info
 
 
-def reference_errors(rows: np.ndarray, line: Branch, idle: Branch) -> np.ndarray:
+def reference_errors(rows: np.ndarray, line: Branch, idle: Branch, score_floor: float = 0.0) -> np.ndarray:
     """What the graph outputs at [-1, :] for rows [n, V+1] (numpy; the parity reference)."""
     counts = rows[:, :-1].astype(np.float64)
     kind = rows[:, -1]
     e = np.where((kind == IDLE)[:, None], idle.spe(counts) / idle.q, line.spe(counts) / line.q)
     e[kind == START] = 0.0
+    if score_floor > 0:
+        e[e.sum(axis=1) < score_floor] = 0.0
     return np.concatenate([e, np.zeros((len(rows), 1))], axis=1).astype(np.float32)
 
 
-def count_model_onnx(line: Branch, idle: Branch, vocab_size: int) -> bytes:
-    """x [b, 2, V+1] -> [b, 2, V+1]: zeros, except [-1, :V] = the newest row's per-template error."""
+def count_model_onnx(line: Branch, idle: Branch, vocab_size: int, score_floor: float = 0.0) -> bytes:
+    """x [b, 2, V+1] -> [b, 2, V+1]: zeros, except [-1, :V] = the newest row's per-template error.
+    `score_floor` > 0: a row whose errors sum to less is all zeros (its score is exactly 0), so that a
+    per-entity rolling threshold of the service never learns from numerical noise (bucketed layout)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -172,7 +179,16 @@ def count_model_onnx(line: Branch, idle: Branch, vocab_size: int) -> bytes:
         helper.make_node("Equal", ["kind", "idle_kind"], ["is_idle"]),
         helper.make_node("Equal", ["kind", "start_kind"], ["is_start"]),
         helper.make_node("Where", ["is_idle", "idle_err", "line_err"], ["err_kind"]),
-        helper.make_node("Where", ["is_start", "zeros_v", "err_kind"], ["err_v"]),
+        helper.make_node("Where", ["is_start", "zeros_v", "err_kind"], ["err_raw" if score_floor > 0 else "err_v"]),
+    ]
+    if score_floor > 0:
+        inits.append(c(score_floor, "score_floor"))
+        nodes += [
+            helper.make_node("ReduceSum", ["err_raw", "ax1"], ["err_sum"], keepdims=1),  # [b, 1]
+            helper.make_node("Less", ["err_sum", "score_floor"], ["below_floor"]),
+            helper.make_node("Where", ["below_floor", "zeros_v", "err_raw"], ["err_v"]),
+        ]
+    nodes += [
         helper.make_node("Slice", ["zeros_f", "cv", "cf", "ax1"], ["zero_col"]),
         helper.make_node("Concat", ["err_v", "zero_col"], ["err_f"], axis=1),
         helper.make_node("Unsqueeze", ["err_f", "unsq"], ["err_row"]),

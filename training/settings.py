@@ -26,13 +26,17 @@ class FitSettings(BaseModel):
     # data
     data: Path = Field(description="input file of normal operation")
     out: Path = Field(description="bundle directory to write (replaced atomically)")
-    format: Literal["auto", "csv", "parquet", "jsonl", "smd"] = Field("auto", description="input format")
+    format: Literal["auto", "csv", "parquet", "jsonl", "smd"] = Field(
+        "auto", description="input format; 'log': raw log lines, with the 'logs' options below"
+    )
     features: tuple[str, ...] | None = Field(
         None, description="feature columns in order (comma-separated); default: all numeric"
     )
     key_field: str | None = Field(None, description="entity-key column; default: 'key' or 'entity' if present")
     timestamp_field: str | None = Field(
-        None, description="timestamp column; default: 'timestamp', 'time', 'ts' or 'event_time' if present"
+        None,
+        description="timestamp column; default: 'timestamp', 'time', 'ts' or 'event_time' if present (--format log "
+        "with --log-format jsonl or logfmt: the line's timestamp field)",
     )
     nan_policy: Literal["ffill", "drop", "error"] = Field(
         "ffill",
@@ -176,16 +180,27 @@ def settings_from_args(args: argparse.Namespace) -> FitSettings:
     return make_settings(values)
 
 
-def load_toml(path: Path) -> dict[str, Any]:
+def read_toml(path: Path) -> dict[str, Any]:
+    """The TOML file's keys as they are (SettingsError: one sentence if it cannot be read)."""
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f)
     except FileNotFoundError:
         raise SettingsError(f"config file {path} does not exist.") from None
+    except IsADirectoryError:
+        raise SettingsError(f"config file {path} is a directory.") from None
     except tomllib.TOMLDecodeError as e:
         raise SettingsError(f"config file {path} is not valid TOML ({e}).") from None
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    data = read_toml(path)
     unknown = sorted(set(data) - set(FitSettings.model_fields))
     if unknown:
+        from training.logs import LogFitSettings
+
+        if unknown[0] in LogFitSettings.model_fields:
+            raise SettingsError(f"config file {path} has the log setting {unknown[0]!r}, but no format = 'log'.")
         raise SettingsError(
             f"config file {path} has unknown key {unknown[0]!r}; run 'stream-detector-train fit --help' for the keys."
         )

@@ -17,6 +17,13 @@ starts with a start row (never scored as an event of its own: its NLL is 0), so 
 event of a session is scored too; a session that ended by inactivity gets an end row, so a block
 that stops early (missing events) is scored when its session times out.
 
+Input rows (layout `template-bucket-counts/1`, the count-vector option per time bucket): as
+`template-counts/1` below, except that the counts are those of the entity's lines in the current
+time bucket of `features.bucket_s` seconds (aligned to the epoch; a line older than its entity's
+current bucket counts in it), so a row judges a line against what its entity did in the same bucket
+so far. For logs whose incidents are single lines of long-lived entities (a node of a cluster), not
+whole sessions: the counts never grow with the entity's age. Idle checks are optional.
+
 Input rows (layout `template-counts/1`, the count-vector option): W = 2 rows of F = V + 1 features
 (`count_feature_names`): the entity's cumulative count of each template id over its session so
 far (raw counts; the model takes log1p and standardises inside its graph), then `row:kind`, the
@@ -49,7 +56,8 @@ from stream_detector.logs.templates import TEMPLATE_SET_VERSION, TemplateConfigE
 LOGS_SECTION = "logs"
 LAYOUT = "template-context/1"  # sequence model: the last K tokens and gaps
 COUNTS_LAYOUT = "template-counts/1"  # count-vector model: cumulative template counts of the session
-LAYOUTS = (LAYOUT, COUNTS_LAYOUT)
+BUCKET_COUNTS_LAYOUT = "template-bucket-counts/1"  # count-vector model: template counts of the current time bucket
+LAYOUTS = (LAYOUT, COUNTS_LAYOUT, BUCKET_COUNTS_LAYOUT)
 TEMPLATES_FILE = "templates.json"
 IDLE_TOKEN = -1  # the token of an idle-check row (count layout)
 WINDOW = 2  # previous row + the event's own row; the row carries the context
@@ -107,7 +115,13 @@ class LogModelSpec:
 
     @property
     def counts(self) -> bool:
-        return self.layout == COUNTS_LAYOUT
+        """A count-vector layout (cumulative per session, or per time bucket)."""
+        return self.layout in (COUNTS_LAYOUT, BUCKET_COUNTS_LAYOUT)
+
+    @property
+    def bucketed(self) -> bool:
+        """Counts per time bucket (`features.bucket_s`) rather than over the whole session."""
+        return self.layout == BUCKET_COUNTS_LAYOUT
 
     def feature_names(self) -> list[str]:
         return count_feature_names(self.vocab_size) if self.counts else feature_names(self.context)
@@ -189,6 +203,11 @@ def load_log_spec(bundle: Bundle) -> LogModelSpec:
             f"{path} is not the template set the model was trained with (its fingerprint differs from bundle.json's)."
         )
     spec = LogModelSpec(parser, features, templates, context, layout)
+    if spec.bucketed != (features.bucket_s is not None):
+        raise BundleError(
+            f"{where} has log input layout {layout} but features.bucket_s {features.bucket_s!r}: a bucketed count "
+            "layout needs a bucket length and only it may have one."
+        )
     if bundle.window != WINDOW or tuple(bundle.features) != tuple(spec.feature_names()):
         what = f"{spec.vocab_size} template ids" if spec.counts else f"context {context}"
         raise BundleError(f"{where}'s window and features do not follow the log layout {layout} with {what}.")

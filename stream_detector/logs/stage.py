@@ -14,6 +14,10 @@ Besides one row per (line, entity), the stage adds two kinds of rows:
   scores how likely the session was to end there, which is how a block that stops early (missing
   events) is caught. Sessions still open when the input ends (`flush`) are incomplete: no end row.
 
+With a bucketed count-vector bundle (layout `template-bucket-counts/1`) a row carries the counts of
+the entity's lines in the current time bucket (`features.bucket_s`, aligned to the epoch) instead:
+each line is judged against what its entity did in the same bucket so far.
+
 With a count-vector bundle (layout `template-counts/1`) a row carries the session's cumulative
 template counts instead, and there are no end rows: the session is the entity's whole life (a
 long `session_timeout_s` only evicts state), so a pause (HDFS: hours between a block's write and
@@ -85,12 +89,13 @@ class SessionRecord:
 
 
 class _Context:
-    __slots__ = ("tokens", "gaps", "counts", "source", "line", "time_ms")
+    __slots__ = ("tokens", "gaps", "counts", "bucket", "source", "line", "time_ms")
 
     def __init__(self, vocab_size: int = 0) -> None:
         self.tokens: list[int] = []
         self.gaps: list[float] = []
         self.counts = np.zeros(vocab_size, dtype=np.float32) if vocab_size else None  # count models only
+        self.bucket = -1  # bucketed count layout: the time bucket `counts` belong to
         self.source: tuple[str, int, int] = ("", 0, 0)
         self.line = ""
         self.time_ms = 0
@@ -103,7 +108,11 @@ class LogStage:
         self.spec = spec
         self.parser = LineParser(spec.parser)
         self.templates = spec.templates
-        self.featurizer = LogFeaturizer(spec.vocab_size, spec.features, spec.end_template_ids)
+        # the featurizer keeps sessions only: the stage counts per time bucket itself (bucketed layout)
+        sessions_only = spec.features.model_copy(update={"bucket_s": None})
+        self.featurizer = LogFeaturizer(spec.vocab_size, sessions_only, spec.end_template_ids)
+        bucket = spec.features.bucket_s if spec.bucketed else None
+        self._bucket_ms = None if bucket is None else int(round(bucket * 1000))
         self._ctx: dict[str, _Context] = {}
         self._timeout_ms = int(round(spec.features.session_timeout_s * 1000))
         self._end_gap = gap_feature(spec.features.session_timeout_s)
@@ -210,6 +219,8 @@ class LogStage:
                 ctx.gaps = [float(x) for x in last_row[2 * k - m :]] if m else []
         ctx.source = (saved.topic, int(partition), saved.offset)
         ctx.line, ctx.time_ms = saved.line, saved.line_ms
+        if self._bucket_ms is not None:  # the restored counts are those of its last line's bucket
+            ctx.bucket = saved.line_ms // self._bucket_ms
         self._ctx[entity] = ctx
         self._resumed.append((entity, saved.start_ms, saved.line_ms, saved.events))
         if self._idle_ms is not None and saved.idle_pending:
@@ -291,6 +302,12 @@ class LogStage:
                 ctx.gaps.append(0.0)
             out.add(entity, ctx, START, self.spec.bos_id, t, src, text, i)
         if ctx.counts is not None:  # a count model (self._counts)
+            if self._bucket_ms is not None:
+                b = t // self._bucket_ms
+                if b > ctx.bucket:  # a new time bucket: count afresh (a late line counts in the current one)
+                    if ctx.bucket >= 0:
+                        ctx.counts[:] = 0.0
+                    ctx.bucket = b
             ctx.counts[tid] += 1.0
         else:
             ctx.tokens.append(tid)

@@ -12,6 +12,11 @@ then checked for a row-level evaluation), the labels, and the per-entity `Series
 Labels (`read_labels`): either one `0`/`1` per line, aligned with the replayed file's data rows
 (`row` in scores.csv), or one range per line, `start-end[:anything]`, 0-based with `end`
 exclusive — the format of SMD's `interpretation_label` files.
+
+A log replay's scores.csv (`replay --format log`, with the `kind` column) is evaluated per log line:
+labels are per line of the replayed log file (0-based), each series is one entity's lines, and the
+rows that are no line (session start and end, idle checks) are left out. Entity-level labels go to
+`evaluate --sessions` (logeval.py) instead.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stream_detector.offline.scoresfile import ScoresFileError, ScoresTable
+from stream_detector.offline.scoresfile import LOG_COLUMNS, ScoresFileError, ScoresTable
 from stream_detector.offline.scoresfile import read_scores as read_scores_file
 
 log = logging.getLogger(__name__)
@@ -49,19 +54,30 @@ class Series:
 
 
 def read_scores(path: str | Path) -> ScoresTable:
-    """scores.csv for a row-level evaluation: every row number once, none negative, finite scores."""
+    """scores.csv for a row-level evaluation: every row number once (per key, for a log replay), none
+    negative, finite scores. A log replay's scores.csv (`kind` column) is evaluated per line: its rows
+    that are no line (session start and end, idle checks) are left out, and a line that names several
+    entities has one row per entity (each in its entity's series)."""
     try:
         table = read_scores_file(path)
     except ScoresFileError as e:
         raise EvaluationError(str(e)) from None
     if table.n == 0:
         raise EvaluationError(f"{path} has no data rows.")
+    log_rows = is_log_table(table)
+    if log_rows:
+        table = line_rows(table)
+        if table.n == 0:
+            raise EvaluationError(f"{path} has no scored log lines (only session or idle-check rows).")
     if np.any(table.row < 0):
         raise EvaluationError(
             f"{path} has negative row numbers (a log replay's session-end rows: evaluate a log replay with --sessions "
             "on its entities.csv)."
         )
-    if np.unique(table.row).size != table.n:
+    if log_rows:
+        if len(set(zip(table.key, table.row.tolist()))) != table.n:
+            raise EvaluationError(f"{path} lists some line of some entity more than once.")
+    elif np.unique(table.row).size != table.n:
         raise EvaluationError(f"{path} lists some row numbers more than once.")
     finite = table.score[~np.isnan(table.score)]
     if not np.all(np.isfinite(finite)):
@@ -69,8 +85,30 @@ def read_scores(path: str | Path) -> ScoresTable:
     return table
 
 
-def read_labels(path: str | Path, n_rows: int) -> np.ndarray:
-    """Labels for rows 0..n_rows-1 as a bool array; see the module docstring for the two formats."""
+def is_log_table(table: ScoresTable) -> bool:
+    """A scores.csv written by `replay --format log` (it has the log columns)."""
+    return LOG_COLUMNS[0] in table.extra
+
+
+def line_rows(table: ScoresTable) -> ScoresTable:
+    """The rows of a log replay's scores.csv that stand for a line (kind `line`)."""
+    keep = np.flatnonzero(np.asarray(table.extra[LOG_COLUMNS[0]]) == "line")
+    ids = keep.tolist()
+    return ScoresTable(
+        row=table.row[keep],
+        key=[table.key[i] for i in ids],
+        score=table.score[keep],
+        threshold=table.threshold[keep],
+        alert=table.alert[keep],
+        event=[table.event[i] for i in ids],
+        extra={name: [col[i] for i in ids] for name, col in table.extra.items()},
+    )
+
+
+def read_labels(path: str | Path, n_rows: int, exact: bool = True) -> np.ndarray:
+    """Labels for rows 0..n_rows-1 as a bool array; see the module docstring for the two formats.
+    `exact=False` (a log replay, whose last lines may not have been scored): the labels may go on past
+    `n_rows` (one per line of the log file), and the array is as long as they are."""
     path = Path(path)
     if not path.is_file():
         raise EvaluationError(f"labels file {path} does not exist.")
@@ -83,12 +121,12 @@ def read_labels(path: str | Path, n_rows: int) -> np.ndarray:
         log.warning("labels file %s is empty: evaluating as if no row were anomalous", path)
         return np.zeros(n_rows, dtype=bool)
     if all(ln in ("0", "1", "0.0", "1.0") for ln in lines):
-        if len(lines) != n_rows:
+        if len(lines) != n_rows and (exact or len(lines) < n_rows):
             raise EvaluationError(
                 f"labels file {path} has {len(lines)} rows but the scores cover {n_rows} rows (0..{n_rows - 1})."
             )
         return np.asarray([ln.startswith("1") for ln in lines], dtype=bool)
-    labels = np.zeros(n_rows, dtype=bool)
+    ranges = []
     for lineno, ln in enumerate(lines, 1):
         m = _RANGE_LINE.match(ln)
         if not m:
@@ -100,10 +138,13 @@ def read_labels(path: str | Path, n_rows: int) -> np.ndarray:
             raise EvaluationError(
                 f"labels file {path} line {lineno}: the range {start}-{end} is empty (end is exclusive)."
             )
-        if end > n_rows:
+        if end > n_rows and exact:
             raise EvaluationError(
                 f"labels file {path} line {lineno}: the range {start}-{end} goes past the {n_rows} scored rows."
             )
+        ranges.append((start, end))
+    labels = np.zeros(max([n_rows, *(e for _, e in ranges)]), dtype=bool)
+    for start, end in ranges:
         labels[start:end] = True
     return labels
 

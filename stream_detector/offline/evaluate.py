@@ -40,6 +40,7 @@ from stream_detector.offline.evalinputs import (
     Series,
     build_series,
     forward_fill,
+    is_log_table,
     read_labels,
     read_scores,
 )
@@ -180,9 +181,13 @@ def evaluate_files(
     settings: EvaluationSettings | None = None,
 ) -> tuple[Evaluation, list[Series]]:
     table = read_scores(scores_path)
-    labels = read_labels(labels_path, int(table.row.max()) + 1)
+    log_lines = is_log_table(table)
+    labels = read_labels(labels_path, int(table.row.max()) + 1, exact=not log_lines)
     series = build_series(table, labels)
-    return evaluate_series(series, settings or EvaluationSettings()), series
+    ev = evaluate_series(series, settings or EvaluationSettings())
+    if log_lines:
+        ev.info["rows_are"] = "log lines: one series per entity, rows = line numbers; session and idle rows left out"
+    return ev, series
 
 
 def format_summary(ev: Evaluation) -> str:
@@ -226,7 +231,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=Path,
         help=(
             "labels: one 0/1 per data row of the replayed file, or one range 'start-end' per line (0-based, end "
-            "exclusive)"
+            "exclusive); for a log replay's scores.csv, per line of the log file (each entity's lines are a series)"
         ),
     )
     p.add_argument(
