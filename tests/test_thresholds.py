@@ -12,7 +12,15 @@ import orjson
 import pytest
 
 from stream_detector.core.calibration import ScoreReference, calibrate_scores
-from stream_detector.core.thresholds import Calibrated, RollingQuantile, Spot, ThresholdParams, make_threshold, resolve_method, threshold_from_state
+from stream_detector.core.thresholds import (
+    Calibrated,
+    RollingQuantile,
+    Spot,
+    ThresholdParams,
+    make_threshold,
+    resolve_method,
+    threshold_from_state,
+)
 
 PARAMS = {
     "calibrated": ThresholdParams(method="calibrated", warmup=50, history=200),
@@ -76,7 +84,10 @@ def test_scores_before_learning_and_ignores_anomalies(rng, method):
     if method != "calibrated":  # (the calibrated threshold's run holds the score, judged or not)
         assert orjson.dumps(t.state(), option=orjson.OPT_SERIALIZE_NUMPY) == before  # nothing learned
     else:
-        assert orjson.loads(orjson.dumps(t.state(), option=orjson.OPT_SERIALIZE_NUMPY))["seen"] == orjson.loads(before)["seen"]
+        assert (
+            orjson.loads(orjson.dumps(t.state(), option=orjson.OPT_SERIALIZE_NUMPY))["seen"]
+            == orjson.loads(before)["seen"]
+        )
     thr, anomalous = t.observe(float("nan"))
     assert anomalous and t.threshold() == thr_before
 
@@ -107,7 +118,9 @@ def test_deterministic(method):
 
 
 def test_rolling_quantile_matches_numpy_on_the_last_history(rng):
-    p = ThresholdParams(method="quantile", warmup=10, history=64, quantile=0.9, multiplier=1.0)
+    p = ThresholdParams(
+        method="quantile", warmup=10, history=64, quantile=0.9, multiplier=1.0, max_shift=1e12
+    )  # (no bound)
     t = RollingQuantile(1e9, p)
     learned: list[float] = []
     for x in rng.normal(5, 1, size=500):
@@ -121,7 +134,7 @@ def test_rolling_quantile_matches_numpy_on_the_last_history(rng):
 
 
 def test_rolling_quantile_multiplier():
-    p = ThresholdParams(method="quantile", warmup=3, history=10, quantile=1.0, multiplier=2.0)
+    p = ThresholdParams(method="quantile", warmup=3, history=10, quantile=1.0, multiplier=2.0, max_shift=1e12)
     t = RollingQuantile(100.0, p)
     for x in (1.0, 3.0, 2.0):
         t.observe(x)
@@ -129,7 +142,7 @@ def test_rolling_quantile_multiplier():
 
 
 def test_spot_threshold_is_a_far_tail_quantile(rng):
-    p = ThresholdParams(method="spot", warmup=2000, risk=1e-3, init_quantile=0.95, max_peaks=2000)
+    p = ThresholdParams(method="spot", warmup=2000, risk=1e-3, init_quantile=0.95, max_peaks=2000, max_shift=1e12)
     t = Spot(1e9, p)
     data = rng.exponential(1.0, size=20000)
     for x in data:
@@ -247,6 +260,17 @@ def test_calibrated_surprise_is_the_calibrated_value(rng):
     for _ in range(20):
         t.observe(low)
     assert 0.0 < t.surprise(low) < 1.0
+
+
+@pytest.mark.parametrize("method", ["quantile", "spot"])
+def test_near_zero_normal_scores_do_not_take_the_bar_to_zero(method, rng):
+    """A count model's normal scores are about 0: the rolling bar stops at 1 / max_shift of its start."""
+    p = BOUNDED[method]
+    t = make_threshold(method, p, 1.0, None)
+    for x in rng.uniform(0, 1e-12, size=5000):
+        t.observe(float(x))
+    assert t.threshold() == pytest.approx(1.0 / p.max_shift)
+    assert not t.observe(0.1)[1]  # a score a tenth of the calibrated bar is not an alert
 
 
 def test_method_resolution():

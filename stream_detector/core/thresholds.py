@@ -4,7 +4,8 @@ Every threshold follows the same contract (river's anomaly filters): `observe(sc
 the score against the current threshold, then learns from it only if it was judged normal, so an
 incident never raises its own bar. Until `warmup` normal scores have been seen, the threshold is
 the bundle's calibrated one. No threshold ever rises above `max_shift` times its calibrated
-starting value: a stream that drifts upward ends in an alert once its scores pass that bound, or
+starting value, or falls below 1 / `max_shift` of it (a stream of near-zero normal scores, such
+as a count model's, would otherwise take a rolling quantile to 0, where anything alerts): a stream that drifts upward ends in an alert once its scores pass that bound, or
 in a re-baselining bounded by it (docs/quality.md, "Thresholds that cannot ratchet").
 
 - `Calibrated` (the default for bundles whose calibration describes their score distribution,
@@ -306,7 +307,8 @@ class RollingQuantile:
         if self._seen < self.params.warmup:
             return self.initial
         q = self._hist.quantile(self.params.quantile) * self.params.multiplier
-        return min(q, self.initial * self.params.max_shift)
+        bound = self.params.max_shift
+        return min(max(q, self.initial / bound), self.initial * bound)
 
     def observe(self, score: float) -> tuple[float, bool]:
         thr = self.threshold()
@@ -397,7 +399,8 @@ class Spot:
             z = self._t + sigma / gamma * (r ** (-gamma) - 1.0)
         else:
             z = self._t - sigma * math.log(r)
-        self._z = float(min(max(z, self._t), self.initial * self.params.max_shift))
+        bound = self.params.max_shift
+        self._z = float(min(max(z, self._t, self.initial / bound), self.initial * bound))
 
     def state(self) -> dict[str, Any]:
         if self._n_peaks < self.params.max_peaks:
