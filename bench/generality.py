@@ -50,6 +50,8 @@ from stream_detector.offline.replay import replay_table  # noqa: E402
 from stream_detector.offline.measures import segments  # noqa: E402
 from stream_detector.offline.series import SUITE, generate, write_dataset  # noqa: E402
 
+from quality import MemoScorer  # noqa: E402  (bench/quality.py: scores each distinct batch once)
+
 log = logging.getLogger("bench.generality")
 
 BEGIN, END = "<!-- generality-table:begin -->", "<!-- generality-table:end -->"
@@ -70,23 +72,6 @@ CANDIDATES = {  # --candidates: the composites measured to choose fit's default 
 FIVE_X = 5.0
 SMD_MACHINES = ("machine-1-7", "machine-2-1", "machine-3-2")  # 3-2 is the held-out check: settings come from 1-7 and 2-1
 MAX_FALSE_PER_ROWS = 5000
-
-
-class MemoScorer:
-    """Scores each distinct batch of windows once (old and new thresholds replay the same stream)."""
-
-    def __init__(self, scorer: Scorer) -> None:
-        self._scorer = scorer
-        self.bundle = scorer.bundle
-        self.provider = scorer.provider
-        self.on_cuda = False
-        self._memo: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
-
-    def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        key = hashlib.blake2b(np.ascontiguousarray(windows).tobytes(), digest_size=16).digest()
-        if key not in self._memo:
-            self._memo[key] = self._scorer.score(windows)
-        return self._memo[key]
 
 
 def train(variant: str, data: Path, fmt: str, work: Path, args: argparse.Namespace) -> Path:

@@ -297,7 +297,9 @@ def write_report(
         f"{args.n_layers} layers, {args.n_heads} heads, {args.epochs} epochs x {args.max_windows_per_epoch} windows, seed {args.seed}. "
         f"Baselines: pca (W=2, {args.pca_variance:.0%} variance), zscore (W={args.zscore_window}, floor {args.zscore_floor}). "
         f"Normaliser (every variant): std floored at {args.scale_floor:g} and at {args.scale_floor_range:g} x the feature's training range. "
-        f"Threshold: {settings.threshold.method}, quantile {settings.threshold.quantile}, multiplier {settings.threshold.multiplier}, "
+        f"Threshold: {settings.threshold.method} (calibrated where the bundle allows: alert level {settings.threshold.alert_level}, "
+        f"learn level {settings.threshold.learn_level}, max shift {settings.threshold.max_shift}; else quantile "
+        f"{settings.threshold.quantile} x {settings.threshold.multiplier}), "
         f"history {settings.threshold.history}, warm-up {settings.threshold.warmup}; alerts resolve after "
         f"{settings.alerts.resolve_after}, cool-down {settings.alerts.cooldown}. Evaluation: tolerance {args.tolerance} rows, "
         f"VUS buffers 0..{args.vus_max_buffer}, thresholds {'every distinct score' if args.vus_thresholds is None else args.vus_thresholds}.",
