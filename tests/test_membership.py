@@ -85,3 +85,8 @@ def test_leave_group_says_in_one_sentence_that_the_broker_cannot_be_reached():
     assert r.returncode == 1, r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("leave-group: cannot describe group 'stream-detector' on 127.0.0.1:1"), r.stderr
+
+
+def test_leave_group_refuses_a_group_instance_id_of_its_own_in_one_sentence():
+    r = _cli("leave-group", "--processing.instance-id", "d1", "--kafka.consumer", "group.instance.id=x")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "derives it from processing.instance_id" in r.stderr

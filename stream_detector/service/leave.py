@@ -32,7 +32,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaException, Producer
 
 from stream_detector.config import ConfigError, Settings, add_settings_arguments, settings_from_args
-from stream_detector.service.kafka_config import admin_config, client_config, producer_config
+from stream_detector.service.kafka_config import admin_config, check_client_configs, client_config, producer_config
 from stream_detector.service.kafka_errors import KafkaIOError
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,7 @@ def leave_group(settings: Settings, timeout: float | None = None) -> str:
 def handle(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
+        check_client_configs(settings)
     except ConfigError as e:
         print(f"leave-group: {e}", file=sys.stderr)
         return 2
