@@ -16,6 +16,7 @@ SUBCOMMAND_MODULES: list[str] = [
     "stream_detector.offline.evaluate",
     "stream_detector.offline.simulate",
     "stream_detector.service.run",
+    "stream_detector.service.leave",
     "stream_detector.offline.replay",
 ]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextvars
+import re
 import socket
 import tomllib
 from pathlib import Path
@@ -229,6 +230,18 @@ class RuntimeSettings(_Section):
             "exit 1 (supervisor restarts from committed offsets) when the main loop has not ticked this long; 0 = off"
         ),
     )
+    broker_unready_after_s: float = Field(
+        30.0,
+        ge=0,
+        description=(
+            "/readyz answers not ready once the broker has been unreachable this long (librdkafka's errors and "
+            "statistics, the loop's failed commits); ready again as soon as a connection is up"
+        ),
+    )
+
+
+# What the broker accepts as a group.instance.id (Kafka's JoinGroupRequest.validateGroupInstanceId).
+_GROUP_INSTANCE_ID = re.compile(r"[A-Za-z0-9._-]{1,249}")
 
 
 class ProcessingSettings(_Section):
@@ -243,9 +256,19 @@ class ProcessingSettings(_Section):
     )
     instance_id: str | None = Field(
         None,
+        min_length=1,
         description=(
-            "stable id of this group member (transactional.id = group_id-instance_id); unset = the host name. Unique "
-            "per running process"
+            "stable id of this group member, the same across its restarts and unique per running process: "
+            "transactional.id = group_id-instance_id and, with static membership, group.instance.id = instance_id; "
+            "unset = the host name"
+        ),
+    )
+    static_membership: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description=(
+            "static group membership (group.instance.id = instance_id): a member restarted within the session "
+            "timeout gets its partitions back at once, and a stopped one keeps them until the timeout (or "
+            "`stream-detector leave-group`); auto = on when instance_id is set, off when it falls back to the host name"
         ),
     )
     changelog: bool = Field(
@@ -281,11 +304,33 @@ class ProcessingSettings(_Section):
             raise ValueError("exactly_once needs the state changelog (processing.changelog = true)")
         return self
 
+    @model_validator(mode="after")
+    def _instance_id_fits_the_broker(self) -> ProcessingSettings:
+        gid = self.group_instance_id()
+        if gid is not None and not _GROUP_INSTANCE_ID.fullmatch(gid):
+            raise ValueError(
+                f"the instance id {gid!r} cannot name a static group member (group.instance.id: letters, digits, '.', "
+                "'_' and '-', at most 249); change processing.instance_id or set processing.static_membership = off"
+            )
+        return self
+
     def changelog_topic_for(self, group_id: str) -> str:
         return self.changelog_topic or f"{group_id}-changelog"
 
+    def member_id(self) -> str:
+        """This member's stable id: `instance_id`, or the host name when unset."""
+        return self.instance_id or socket.gethostname()
+
     def transactional_id_for(self, group_id: str) -> str:
-        return f"{group_id}-{self.instance_id or socket.gethostname()}"
+        return f"{group_id}-{self.member_id()}"
+
+    def group_instance_id(self) -> str | None:
+        """The consumer's `group.instance.id` (static membership), or None for a dynamic member. `auto` takes
+        static membership only from an id set on purpose: a host name can change with every container, and a
+        static member that never comes back holds its partitions until the session timeout."""
+        if self.static_membership == "off" or (self.static_membership == "auto" and self.instance_id is None):
+            return None
+        return self.member_id()
 
 
 class Settings(BaseSettings):
@@ -384,6 +429,8 @@ def _one_sentence(e: ValidationError, config_file: str | Path | None) -> str:
     more = f" (and {e.error_count() - 1} more problem(s))" if e.error_count() > 1 else ""
     if err["type"] == "extra_forbidden":
         return f"unknown configuration key '{loc}'{where} (or env {_env_name(err['loc'])}){more}."
+    if err["type"] == "value_error" and len(err["loc"]) <= 1:  # a rule across the keys of a section
+        return f"configuration section '{loc}'{where}: {err.get('ctx', {}).get('error', err['msg'])}{more}."
     return f"configuration key '{loc}'{where}: {err['msg']} (got {err.get('input')!r}){more}."
 
 

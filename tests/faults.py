@@ -1,7 +1,8 @@
-"""Helpers for the fault-injection suite (tests/test_reliability_faults.py): `stream-detector run`
-as a subprocess, topic reading and committed-progress probes against a real broker, a second
-broker that may be stopped, and the results table (`SD_RELIABILITY_REPORT=path` appends one JSON
-line per scenario; bench/reliability.py turns them into the table of docs/reliability.md)."""
+"""Helpers for the fault-injection suite (tests/test_reliability_faults.py, tests/test_recovery.py):
+`stream-detector run` as a subprocess, per-scenario topics (`Env`) and the simulated stream's bundle,
+topic reading and committed-progress probes against a real broker, a second broker that may be
+stopped, and the results table (`SD_RELIABILITY_REPORT=path` appends one JSON line per scenario;
+bench/reliability.py turns them into the table of docs/reliability.md)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import orjson
 from confluent_kafka import Consumer, Producer, TopicPartition
 
@@ -293,3 +295,46 @@ class SecondBroker:
 
     def stop(self) -> None:
         self._run("stop")
+
+
+# ---- the simulated stream's model and per-scenario topics ------------------------------------------
+
+DETECTION = ["--detection.warmup", "100", "--detection.history", "500", "--detection.quantile", "0.995",
+             "--detection.multiplier", "3.0", "--detection.resolve-after", "10", "--detection.cooldown", "50",
+             "--input.timestamp-field", "ts"]
+SEED = int(os.environ.get("SD_TEST_SEED", "12345"))
+
+
+def stream_bundle(path: Path, features: list[str], window: int = 8):
+    """The test bundle factory's "mean" model for the simulated fleet, its threshold at twice the 99.9th
+    percentile of normal scores."""
+    from bundle_factory import make_bundle
+    from stream_detector.core.events import EventBatch
+    from stream_detector.core.pipeline import DetectionSettings, DetectorCore
+    from stream_detector.core.scorer import Scorer
+    from stream_detector.offline.simulate import SimConfig, Simulator
+
+    n_features = len(features)
+    clean = Simulator(SimConfig(entities=50, features=n_features, seed=SEED + 99), 400).frame()[2]
+    center, scale = clean.mean(0), clean.std(0)
+    probe = make_bundle(path, features, window, "mean", 1.0, name="probe", center=center, scale=scale)
+    keys, times, rows = Simulator(SimConfig(entities=50, features=n_features, seed=SEED + 98), 300).frame()
+    normal = DetectorCore(probe, Scorer(probe, provider="cpu"), DetectionSettings()).process(EventBatch.build(keys, rows, times)).score
+    return make_bundle(path, features, window, "mean", 2.0 * float(np.quantile(normal, 0.999)), center=center, scale=scale)
+
+
+class Env:
+    """Per-scenario topics (alerts, dead letters, compacted changelog) on a broker, removed afterwards."""
+
+    def __init__(self, bootstrap: str, partitions: int = 6) -> None:
+        u = uuid.uuid4().hex[:10]
+        self.bootstrap = bootstrap
+        self.group, self.alerts, self.dlq, self.changelog = f"g-{u}", f"alerts-{u}", f"dlq-{u}", f"state-{u}"
+        create_topics(bootstrap, {self.alerts: (1, {}), self.dlq: (1, {}), self.changelog: (partitions, {"cleanup.policy": "compact"})})
+
+    def args(self, topic: str, bundle: Path, guarantee: str, instance: str = "i0", extra: list[str] | None = None, commit_s: float = 0.5) -> list[str]:
+        return run_args(self.bootstrap, self.group, topic, self.alerts, self.dlq, self.changelog, bundle, guarantee, instance,
+                        commit_s=commit_s, extra=[*DETECTION, *(extra or [])])
+
+    def drop(self) -> None:
+        delete_topics(self.bootstrap, [self.alerts, self.dlq, self.changelog])

@@ -113,3 +113,69 @@ def test_http_probes_follow_the_health_object():
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(req, timeout=5)
         assert e.value.code == 503
+
+
+# ---- the broker's reachability over time (runtime.broker_unready_after_s, brokerwatch.py) -----------
+
+
+def test_the_broker_counts_as_unreachable_only_after_the_configured_time():
+    clock = Clock()
+    h = Health(stall_after_s=100, clock=clock, broker_unready_after_s=5)
+    h.tick(), h.model_loaded("v1"), h.broker_reachable(), h.assigned([("obs", 0)])
+    h.broker_unreachable("first failure")
+    clock.t += 4.9
+    h.tick()
+    h.broker_unreachable("a later failure")  # the outage still counts from its first report
+    assert h.readiness().ok
+    clock.t += 0.2
+    h.tick()
+    st = h.readiness()
+    assert not st.ok and st.reasons == ("the Kafka broker has been unreachable for 5s (a later failure)",)
+    h.broker_reachable()
+    assert h.readiness().ok
+    h.broker_unreachable("again")  # a new outage starts a new count
+    clock.t += 4
+    h.tick()
+    assert h.readiness().ok
+
+
+def test_before_the_broker_was_reached_it_is_not_ready_whatever_the_grace():
+    h = Health(stall_after_s=10, clock=Clock(), broker_unready_after_s=60)
+    h.tick(), h.model_loaded("v1"), h.assigned([("obs", 0)])
+    assert h.readiness().reasons == ("the broker has not been reached yet",)
+
+
+def _stats(*states: str) -> str:
+    import orjson
+
+    return orjson.dumps({"name": "c", "brokers": {f"b{i}": {"name": f"b{i}:9092/{i}", "state": s} for i, s in enumerate(states)}}).decode()
+
+
+def test_broker_watch_reads_librdkafka_errors_and_statistics():
+    from confluent_kafka import KafkaError
+
+    from stream_detector.service.brokerwatch import BrokerWatch
+
+    clock = Clock()
+    h = Health(stall_after_s=100, clock=clock, broker_unready_after_s=2)
+    h.tick(), h.model_loaded("v1"), h.broker_reachable(), h.assigned([("obs", 0)])
+    watch = BrokerWatch(h)
+    watch.on_error(KafkaError(KafkaError._MSG_TIMED_OUT, "not about reachability"))
+    watch.on_stats(_stats("UP"))
+    clock.t += 10
+    assert h.readiness().ok
+    watch.on_error(KafkaError(KafkaError._TRANSPORT, "b0:9092/0: Connection refused"))
+    watch.on_stats(_stats("CONNECT", "DOWN"))
+    clock.t += 2
+    st = h.readiness()
+    assert not st.ok and "unreachable for 2s (b0:9092/0: Connection refused)" in st.text()
+    watch.on_stats("{not json")  # ignored
+    watch.on_stats(_stats("DOWN", "UP"))  # one connection up again: reachable
+    assert h.readiness().ok
+    watch.on_stats(_stats("DOWN", "TRY_CONNECT"))  # no error callback this time: the statistics alone
+    clock.t += 3
+    assert "no broker connection is up (b0:9092/0 DOWN, b1:9092/1 TRY_CONNECT)" in h.readiness().text()
+    watch.reachable()
+    watch.failed("committing offsets failed: Coordinator not available")
+    clock.t += 2
+    assert "committing offsets failed" in h.readiness().text()

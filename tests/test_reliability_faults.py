@@ -25,14 +25,10 @@ import numpy as np
 import orjson
 import pytest
 
-from bundle_factory import make_bundle
 from faults import (
-    Progress, Row, SecondBroker, Service, alerts_of, committed_total, compare, create_topics, delete_topics, produce, read_topic,
-    record, run_args, wait_until,
+    Env, Progress, Row, SecondBroker, Service, alerts_of, committed_total, compare, create_topics, delete_topics, produce, read_topic,
+    record, stream_bundle, wait_until,
 )
-from stream_detector.core.events import EventBatch
-from stream_detector.core.pipeline import DetectionSettings, DetectorCore
-from stream_detector.core.scorer import Scorer
 from stream_detector.service.loop import FAULT_KILL_BEFORE_COMMIT
 from stream_detector.offline.simulate import SimConfig, Simulator
 
@@ -40,36 +36,8 @@ pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 F, W, E, T, P = 8, 8, 200, 500, 6
 N = E * T  # 100,000 events
-DETECTION = ["--detection.warmup", "100", "--detection.history", "500", "--detection.quantile", "0.995",
-             "--detection.multiplier", "3.0", "--detection.resolve-after", "10", "--detection.cooldown", "50",
-             "--input.timestamp-field", "ts"]
 SEED = int(os.environ.get("SD_TEST_SEED", "12345"))
-
-
-def _bundle(path: Path, features: list[str]):
-    clean = Simulator(SimConfig(entities=50, features=F, seed=SEED + 99), 400).frame()[2]
-    center, scale = clean.mean(0), clean.std(0)
-    probe = make_bundle(path, features, W, "mean", 1.0, name="probe", center=center, scale=scale)
-    keys, times, rows = Simulator(SimConfig(entities=50, features=F, seed=SEED + 98), 300).frame()
-    normal = DetectorCore(probe, Scorer(probe, provider="cpu"), DetectionSettings()).process(EventBatch.build(keys, rows, times)).score
-    return make_bundle(path, features, W, "mean", 2.0 * float(np.quantile(normal, 0.999)), center=center, scale=scale)
-
-
-class Env:
-    """Per-scenario topics (alerts, dead letters, compacted changelog) on a broker, removed afterwards."""
-
-    def __init__(self, bootstrap: str, partitions: int = P) -> None:
-        u = uuid.uuid4().hex[:10]
-        self.bootstrap = bootstrap
-        self.group, self.alerts, self.dlq, self.changelog = f"g-{u}", f"alerts-{u}", f"dlq-{u}", f"state-{u}"
-        create_topics(bootstrap, {self.alerts: (1, {}), self.dlq: (1, {}), self.changelog: (partitions, {"cleanup.policy": "compact"})})
-
-    def args(self, topic: str, bundle: Path, guarantee: str, instance: str = "i0", extra: list[str] | None = None, commit_s: float = 0.5) -> list[str]:
-        return run_args(self.bootstrap, self.group, topic, self.alerts, self.dlq, self.changelog, bundle, guarantee, instance,
-                        commit_s=commit_s, extra=[*DETECTION, *(extra or [])])
-
-    def drop(self) -> None:
-        delete_topics(self.bootstrap, [self.alerts, self.dlq, self.changelog])
+_bundle = stream_bundle  # the stream's bundle (faults.py)
 
 
 RATE = 2500.0  # events/s of the live stream: 100k events take 40 s, so faults land mid-stream even when restarts are slow (a loaded CI machine)

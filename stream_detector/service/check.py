@@ -61,8 +61,11 @@ def handle(args: argparse.Namespace) -> int:
         return 1
     b = result.bundle
     inputs = ", ".join(f"{t} ({result.partitions[t]} partitions)" for t in settings.kafka.topics)
+    proc = settings.processing
+    static = proc.group_instance_id()
+    member = f"static member '{static}'" if static is not None else f"dynamic member ('{proc.member_id()}')"
     print(
-        f"config ok: group {settings.kafka.group_id}, hop {settings.detection.hop}, "
+        f"config ok: group {settings.kafka.group_id}, {member}, {proc.guarantee}, hop {settings.detection.hop}, "
         f"max_batch {settings.runtime.max_batch}"
     )
     print(

@@ -10,7 +10,9 @@ from here, on its own thread, so every read and write takes the lock.
   grace of the same length, so a slow start is not killed as a stuck one.
 - ready: live, the model is loaded, the broker is reachable and at least one partition is assigned.
   A group member without partitions (more members than partitions) is alive but not ready, which is
-  the honest answer for a load balancer or a rollout that waits for readiness.
+  the honest answer for a load balancer or a rollout that waits for readiness. "Reachable": not
+  reported unreachable (brokerwatch.py) without a break for `broker_unready_after_s` or longer
+  (0: at once); before the broker was first reached it is not.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+
+from stream_detector.config import RuntimeSettings
 
 
 @dataclass(frozen=True)
@@ -31,10 +35,18 @@ class Status:
 
 
 class Health:
-    def __init__(self, stall_after_s: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        stall_after_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        broker_unready_after_s: float = 0.0,
+    ) -> None:
         if stall_after_s <= 0:
             raise ValueError(f"stall_after_s must be positive, got {stall_after_s}.")
+        if broker_unready_after_s < 0:
+            raise ValueError(f"broker_unready_after_s must not be negative, got {broker_unready_after_s}.")
         self.stall_after_s = float(stall_after_s)
+        self.broker_unready_after_s = float(broker_unready_after_s)
         self._clock = clock
         self._lock = threading.Lock()
         self._started = clock()
@@ -43,7 +55,16 @@ class Health:
         self._model_version: str | None = None
         self._broker_ok = False
         self._broker_reason = "the broker has not been reached yet"
+        self._broker_down_since: float | None = None  # clock() of the first report of the current outage
         self._stopping = False
+
+    @classmethod
+    def for_runtime(cls, runtime: RuntimeSettings) -> Health:
+        """The service's: a stall is 30 s or 10 batch waits, whichever is longer; `broker_unready_after_s`."""
+        return cls(
+            stall_after_s=max(30.0, 10 * runtime.max_wait_ms / 1000),
+            broker_unready_after_s=runtime.broker_unready_after_s,
+        )
 
     # ---- what the loop reports ------------------------------------------------------------
     def tick(self) -> None:
@@ -70,9 +91,13 @@ class Health:
     def broker_reachable(self) -> None:
         with self._lock:
             self._broker_ok = True
+            self._broker_down_since = None
 
     def broker_unreachable(self, reason: str) -> None:
+        """The broker could not be reached (again): not ready once that has lasted `broker_unready_after_s`."""
         with self._lock:
+            if self._broker_down_since is None:
+                self._broker_down_since = self._clock()
             self._broker_ok = False
             self._broker_reason = reason
 
@@ -116,7 +141,11 @@ class Health:
             if self._model_version is None:
                 reasons.append("no model is loaded")
             if not self._broker_ok:
-                reasons.append(self._broker_reason)
+                since = self._broker_down_since
+                if since is None:  # never reached yet
+                    reasons.append(self._broker_reason)
+                elif (away := self._clock() - since) >= self.broker_unready_after_s:
+                    reasons.append(f"the Kafka broker has been unreachable for {away:.0f}s ({self._broker_reason})")
             if not self._partitions:
                 reasons.append("no partitions are assigned to this member")
             return Status(not reasons, tuple(reasons))

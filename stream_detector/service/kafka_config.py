@@ -8,7 +8,9 @@ every client. Then, per role:
 
 - consumer (the service's group consumer): `CONSUMER_DEFAULTS`, `group.id`, `auto.offset.reset`,
   the user's `kafka.consumer` (which override the defaults), then the settings the delivery
-  guarantees depend on (`_CONSUMER_FIXED`; `isolation.level=read_committed` in exactly-once mode).
+  guarantees depend on (`_CONSUMER_FIXED`; `isolation.level=read_committed` in exactly-once mode),
+  and with static membership `group.instance.id` from `processing.instance_id` (one id names the
+  member and its transactions, so `kafka.consumer` may not set its own: ConfigError).
 - restorer (the changelog reader, `changelog.Restorer`: assign only, never joins a group, never
   commits): the same user `kafka.consumer` settings under the same merge guard as the consumer (a
   consumer-only security setting reaches it too, and a setting refused for one is refused for both),
@@ -59,6 +61,9 @@ CONSUMER_DEFAULTS = {
     "fetch.max.bytes": 20_971_520,
     "receive.message.max.bytes": 31_457_280,
     "fetch.queue.backoff.ms": 5,
+    # librdkafka's statistics, once a second: which broker connections are up, the one signal that a broker is back
+    # when no message is flowing (brokerwatch.py, /readyz). A few hundred µs of parsing per second.
+    "statistics.interval.ms": 1000,
 }
 # The restorer reads whole changelog partitions: a smaller prefetch, the same short fetch backoff.
 RESTORER_DEFAULTS = {
@@ -90,10 +95,20 @@ def client_config(settings: Settings, role: Role) -> dict[str, Any]:
     if settings.processing.guarantee == "exactly_once":  # never read another producer's aborted records
         fixed["isolation.level"] = "read_committed"
     if role == "consumer":
+        if "group.instance.id" in kafka.consumer:
+            raise ConfigError(
+                "kafka.consumer sets 'group.instance.id', but the service derives it from processing.instance_id "
+                "(static membership: processing.static_membership); set the instance id there instead."
+            )
         base = {"group.id": kafka.group_id, "auto.offset.reset": kafka.auto_offset_reset, **CONSUMER_DEFAULTS}
-        return _merge({**base, **common, **kafka.consumer}, fixed, "consumer")
+        conf = _merge({**base, **common, **kafka.consumer}, fixed, "consumer")
+        instance = settings.processing.group_instance_id()
+        if instance is not None:
+            conf["group.instance.id"] = instance
+        return conf
     if role == "restorer":
-        conf = _merge({**RESTORER_DEFAULTS, **common, **kafka.consumer}, fixed, "consumer")
+        user = {k: v for k, v in kafka.consumer.items() if k != "statistics.interval.ms"}  # no one reads its statistics
+        conf = _merge({**RESTORER_DEFAULTS, **common, **user}, fixed, "consumer")
         conf.update(
             {
                 "group.id": f"{kafka.group_id}-restore",  # required by the client; never joined

@@ -9,6 +9,10 @@ store and commit is checkpoint.py's; the clients' settings come from kafka_confi
 
 librdkafka callbacks never raise (an exception there is lost or corrupts the client): the delivery
 callback records the first error and the loop raises it at the next `flush()`/`raise_if_failed()`.
+Both clients report to a `BrokerWatch` (brokerwatch.py: error callback, consumer statistics, failed
+and successful commits) for `/readyz`. Fenced by another process with the same instance id (static
+membership's `group.instance.id`, or the transactional id): `MemberFenced`, which `run` ends with
+exit 2 so that a supervisor does not restart it into fencing the other one in turn.
 """
 
 from __future__ import annotations
@@ -21,21 +25,37 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from stream_detector.config import Settings
+from stream_detector.service.broker_check import NEW_TOPIC_GRACE_S, check_broker
+from stream_detector.service.brokerwatch import BrokerWatch
 from stream_detector.service.decode import DeadLetter, dead_letter_headers
-from stream_detector.service.kafka_config import admin_config, consumer_config, producer_config
+from stream_detector.service.kafka_config import consumer_config, producer_config
+from stream_detector.service.kafka_errors import (
+    DeliveryError,
+    KafkaIOError,
+    MemberFenced,
+    TransactionAborted,
+    fenced,
+    is_fenced,
+)
 
 log = logging.getLogger(__name__)
 client_log = logging.getLogger("stream_detector.librdkafka")
 
 PartitionsCallback = Callable[[list[TopicPartition]], None]
 
-
-class KafkaIOError(Exception):
-    """A broker-side failure the service cannot handle by itself; one sentence for the operator."""
-
-
-class DeliveryError(KafkaIOError):
-    """An alert or dead letter was not acknowledged: the batch's offsets must not be stored."""
+__all__ = [  # the errors and the broker check live in modules of their own; importers find them here too
+    "NEW_TOPIC_GRACE_S",
+    "DeliveryError",
+    "DeliveryTicket",
+    "KafkaIOError",
+    "KafkaSink",
+    "KafkaSource",
+    "MemberFenced",
+    "TransactionAborted",
+    "check_broker",
+    "consumer_config",
+    "producer_config",
+]
 
 
 class KafkaSource:
@@ -47,11 +67,15 @@ class KafkaSource:
         on_assign: PartitionsCallback | None = None,
         on_revoke: PartitionsCallback | None = None,
         on_lost: PartitionsCallback | None = None,
+        watch: BrokerWatch | None = None,
     ) -> None:
         self._settings = settings
         self._on_assign_cb, self._on_revoke_cb, self._on_lost_cb = on_assign, on_revoke, on_lost
+        self._watch = watch
         conf = consumer_config(settings)
         conf.update({"error_cb": self._on_error, "logger": client_log})
+        if watch is not None:
+            conf["stats_cb"] = watch.on_stats
         self._consumer = Consumer(conf)
         self._stored: dict[tuple[str, int], int] = {}  # next offset to read, per partition, as stored
         self.assignment: set[tuple[str, int]] = set()
@@ -63,6 +87,8 @@ class KafkaSource:
 
     # -- callbacks (run inside consume(); they must not raise into librdkafka) -----------------
     def _on_error(self, err: KafkaError) -> None:
+        if self._watch is not None:
+            self._watch.on_error(err)
         if err.fatal():
             self._fatal = err
             log.error("fatal Kafka consumer error: %s", err)
@@ -119,6 +145,8 @@ class KafkaSource:
             failure, self._callback_error = self._callback_error, None
             raise failure
         if self._fatal is not None:
+            if is_fenced(self._fatal):
+                raise fenced(self._settings, "the group membership", self._fatal)
             raise KafkaIOError(f"the Kafka consumer hit a fatal error: {self._fatal.str()}.")
         if not batch or all(m.error() is None for m in batch):
             return batch
@@ -129,7 +157,9 @@ class KafkaSource:
                 good.append(m)
             elif err.code() == KafkaError._PARTITION_EOF:
                 continue
-            elif err.fatal():
+            elif is_fenced(err):  # a static member replaced by a newer one: librdkafka's `_FATAL` message error
+                raise fenced(self._settings, "the group membership", err)
+            elif err.fatal() or err.code() == KafkaError._FATAL:
                 raise KafkaIOError(
                     f"the Kafka consumer hit a fatal error on {m.topic()}[{m.partition()}]: {err.str()}."
                 )
@@ -170,10 +200,16 @@ class KafkaSource:
             err = e.args[0]
             if err.code() == KafkaError._NO_OFFSET:
                 return True
+            if is_fenced(err):
+                raise fenced(self._settings, "committing offsets", err) from None
             if err.fatal():
                 raise KafkaIOError(f"committing offsets failed: {err.str()}.") from None
             log.warning("committing offsets failed (%s); they stay stored and go with the next commit", err.str())
+            if self._watch is not None:
+                self._watch.failed(f"committing offsets failed: {err.str()}")
             return False
+        if self._watch is not None:
+            self._watch.reachable()
         return True
 
     # -- flow control, rewind, transactions --------------------------------------------------
@@ -246,10 +282,6 @@ class KafkaSource:
         self._consumer.close()
 
 
-class TransactionAborted(KafkaIOError):
-    """The transaction had to be aborted (an abortable error); rewind to the committed offsets and retry."""
-
-
 class DeliveryTicket:
     """Counts one batch's alerts and dead letters until the broker acknowledged them all, so the
     loop stores the batch's offsets as soon as that happened, without a flush (at-least-once)."""
@@ -277,7 +309,12 @@ class KafkaSink:
     changelog records. With a `transactional_id` (exactly-once mode) everything produced between
     two `commit_transaction` calls, plus the consumer offsets handed to it, commits atomically."""
 
-    def __init__(self, settings: Settings, transactional_id: str | None = None) -> None:
+    def __init__(
+        self, settings: Settings, transactional_id: str | None = None, watch: BrokerWatch | None = None
+    ) -> None:
+        self._settings = settings
+        self._watch = watch
+        self._fenced: MemberFenced | None = None
         self._alerts_topic = settings.kafka.alerts_topic
         self._dlq_topic = settings.kafka.dlq_topic
         self._changelog_topic = settings.processing.changelog_topic_for(settings.kafka.group_id)
@@ -299,6 +336,10 @@ class KafkaSink:
             )
 
     def _on_error(self, err: KafkaError) -> None:
+        if self._watch is not None:
+            self._watch.on_error(err)
+        if err.fatal() and is_fenced(err) and self._fenced is None:
+            self._fenced = fenced(self._settings, "the transactional producer", err)
         if err.fatal() and self._first_error is None:
             self._first_error = f"the Kafka producer hit a fatal error: {err.str()}"
         log.warning("Kafka producer: %s", err)
@@ -378,6 +419,8 @@ class KafkaSink:
         return size
 
     def raise_if_failed(self) -> None:
+        if self._fenced is not None:
+            raise self._fenced
         if self._first_error is not None:
             raise DeliveryError(self._first_error + ".")
 
@@ -436,6 +479,8 @@ class KafkaSink:
                 return
             except KafkaException as e:
                 err = e.args[0]
+                if is_fenced(err):
+                    raise fenced(self._settings, what, err) from None
                 if err.fatal():
                     raise KafkaIOError(
                         f"{what} failed fatally: {err.str()} (another instance with this transactional.id may have "
@@ -452,6 +497,8 @@ class KafkaSink:
                 if not err.retriable() or (deadline is not None and time.monotonic() >= deadline):
                     raise KafkaIOError(f"{what} failed: {err.str()}.") from None
                 log.warning("%s: %s; retrying", what, err.str())
+                if self._watch is not None:
+                    self._watch.failed(f"{what} failed: {err.str()}")
                 time.sleep(0.5)
 
     def _txn_call(self, call: Callable[[], Any], what: str) -> None:
@@ -459,6 +506,8 @@ class KafkaSink:
             call()
         except KafkaException as e:
             err = e.args[0]
+            if is_fenced(err):
+                raise fenced(self._settings, what, err) from None
             raise KafkaIOError(f"{what} failed: {err.str()}.") from None
 
     def close(self, timeout: float) -> None:
@@ -468,60 +517,6 @@ class KafkaSink:
             self._producer.flush(timeout)
         except KafkaException as e:  # closing after a fatal error: the error was already reported
             log.warning("closing the producer: %s", e.args[0].str())
-
-
-NEW_TOPIC_GRACE_S = 5.0  # how long check_broker waits for a topic to appear in the metadata
-
-
-def check_broker(settings: Settings, topics: Sequence[str], timeout: float | None = None) -> dict[str, int]:
-    """Connect, list topics within a bounded time, and check `topics` exist (a topic created a
-    moment ago gets up to NEW_TOPIC_GRACE_S to appear in the broker's metadata). Returns
-    {topic: partitions}; KafkaIOError with one sentence otherwise (unreachable broker included)."""
-    from confluent_kafka.admin import AdminClient
-
-    timeout = settings.kafka.timeout_s if timeout is None else timeout
-    last_error: list[str] = []
-    auth_error: list[str] = []
-
-    def on_error(err: KafkaError) -> None:  # librdkafka retries forever; keep the reason for the sentence
-        last_error.append(err.str())
-        if err.code() == KafkaError._AUTHENTICATION:
-            auth_error.append(err.str())
-
-    conf = admin_config(settings)
-    conf.update({"error_cb": on_error, "log_level": 0, "logger": client_log})
-    admin = AdminClient(conf)
-    try:
-        meta = admin.list_topics(timeout=timeout)
-    except KafkaException as e:
-        admin.poll(0)  # error_cb runs only from poll(): collect why the metadata request failed
-        if auth_error:  # wrong SASL user/password: say so instead of "brokers are down"
-            raise KafkaIOError(
-                f"the Kafka broker at {settings.kafka.bootstrap_servers} rejected the SASL credentials"
-                f" of user '{conf.get('sasl.username', '')}' ({auth_error[0]})."
-            ) from None
-        why = last_error[-1] if last_error else e.args[0].str()
-        raise KafkaIOError(
-            f"cannot reach the Kafka broker at {settings.kafka.bootstrap_servers} within {timeout:g} s ({why})."
-        ) from None
-
-    def missing_from(meta: Any) -> list[str]:
-        return [t for t in topics if t not in meta.topics or meta.topics[t].error is not None]
-
-    missing = missing_from(meta)
-    # A topic created a moment ago (a deployment script, a broker just started) can be missing
-    # from this broker's metadata for a while yet: ask again for a few seconds before refusing.
-    deadline = time.monotonic() + min(timeout, NEW_TOPIC_GRACE_S)
-    while missing and time.monotonic() < deadline:
-        time.sleep(0.25)
-        try:
-            meta = admin.list_topics(timeout=max(0.1, deadline - time.monotonic()))
-        except KafkaException:
-            break
-        missing = missing_from(meta)
-    if missing:
-        raise KafkaIOError(f"topic(s) {', '.join(missing)} do not exist on {settings.kafka.bootstrap_servers}.")
-    return {t: len(meta.topics[t].partitions) for t in topics}
 
 
 def _fmt(partitions: Iterable[TopicPartition]) -> str:

@@ -45,6 +45,7 @@ from stream_detector.core.bundle import Bundle
 from stream_detector.core.pipeline import BatchResult, DetectorCore
 from stream_detector.core.scorer import Scorer
 from stream_detector.service.batches import Work, count_batch, decode_work, publish, restrict
+from stream_detector.service.brokerwatch import BrokerWatch
 from stream_detector.service.changelog import Restorer, StateTracker, ensure_changelog_topic
 from stream_detector.service.checkpoint import FAULT_KILL_BEFORE_COMMIT, Checkpointer
 from stream_detector.service.decode import Decoder
@@ -84,9 +85,8 @@ class Detector:
         self._fence_rows = True  # at-least-once replays: skip rows that restored state holds (changelog.py)
         self._use_log_stage_if_log_bundle(settings)
         self.metrics = metrics if metrics is not None else Metrics()  # process_* (RSS, CPU, fds) included
-        self.health = (
-            health if health is not None else Health(stall_after_s=max(30.0, 10 * settings.runtime.max_wait_ms / 1000))
-        )
+        self.health = health if health is not None else Health.for_runtime(settings.runtime)
+        self.broker = BrokerWatch(self.health)  # librdkafka's errors and statistics, failed commits -> /readyz
         partitions = check_broker(
             settings, [*settings.kafka.topics, settings.kafka.alerts_topic, settings.kafka.dlq_topic]
         )
@@ -198,7 +198,7 @@ class Detector:
         next_commit = t0 + rt.commit_interval_s
         with ExitStack() as stack:
             txn_id = proc.transactional_id_for(self.settings.kafka.group_id) if self.exactly_once else None
-            self._sink = sink = KafkaSink(self.settings, transactional_id=txn_id)
+            self._sink = sink = KafkaSink(self.settings, transactional_id=txn_id, watch=self.broker)
             stack.callback(sink.close, rt.shutdown_grace_s)
             restorer = None
             if self.changelog_topic is not None:
@@ -206,7 +206,7 @@ class Detector:
                 stack.callback(restorer.close)
             # the rebalance callbacks run inside consume(), so only once the parts below exist
             self._source = source = KafkaSource(
-                self.settings, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+                self.settings, self._on_assign, self._on_revoke, self._on_lost, watch=self.broker
             )
             stack.callback(source.close)
             self.partitions = owner = PartitionOwner(

@@ -1,7 +1,10 @@
 """`stream-detector run`: the command-line handler of the service (loop.py's `Detector`).
 
 Builds the settings and the `Detector` (bad settings, bundle or changelog topic: exit 2 with one
-sentence; broker unreachable: exit 1), installs the signal handlers, runs the loop until stopped:
+sentence; broker unreachable: exit 1), installs the signal handlers, runs the loop until stopped.
+A broker failure while running ends it with exit 1 (the supervisor restarts it); fenced by another
+live process with the same instance id (`MemberFenced`) with exit 2, which a supervisor must not
+restart: the restarted process would fence the other one in turn. Signals:
 - SIGINT/SIGTERM: `Detector.stop()` (finish the batch, deliver, commit, close) within
   `runtime.shutdown_grace_s`, else exit 1; a second signal kills;
 - SIGHUP: hot model reload (reload.py);
@@ -25,7 +28,7 @@ from stream_detector.config import ConfigError, add_settings_arguments, settings
 from stream_detector.core.bundle import BundleError
 from stream_detector.core.scorer import ScorerError
 from stream_detector.service.changelog import ChangelogError
-from stream_detector.service.kafka_io import KafkaIOError
+from stream_detector.service.kafka_io import KafkaIOError, MemberFenced
 from stream_detector.service.loop import Detector
 
 log = logging.getLogger(__name__)
@@ -84,6 +87,9 @@ def handle(args: argparse.Namespace) -> int:
     _log_state_on_sigusr1(detector)
     try:
         stats = detector.run()
+    except MemberFenced as e:  # a duplicate instance id is a configuration error: not restarted (exit 2)
+        print(f"run: {e}", file=sys.stderr)
+        return 2
     except (KafkaIOError, ChangelogError) as e:
         print(f"run: {e}", file=sys.stderr)
         return 1
