@@ -46,7 +46,18 @@ def test_fit_writes_parser_and_template_set(tiny_bundle):
     assert spec.templates.match("writeBlock blk_1 received exception java.io.IOException: x") == 0
 
 
-COMMON_TRAINING_FIELDS = {"data_source", "data_format", "rows", "entities", "seed", "settings", "versions", "command_line", "created_at", "seconds"}
+COMMON_TRAINING_FIELDS = {
+    "data_source",
+    "data_format",
+    "rows",
+    "entities",
+    "seed",
+    "settings",
+    "versions",
+    "command_line",
+    "created_at",
+    "seconds",
+}
 
 
 def test_sequence_bundle_records_the_shared_training_metadata_and_a_quantile_calibration(tiny_bundle):
@@ -81,7 +92,7 @@ def test_ctrl_c_during_sequence_training_keeps_the_best_weights(monkeypatch, tmp
 
 def test_ctrl_c_before_the_first_sequence_epoch_writes_nothing(monkeypatch, tmp_path):
     import training.trainer as trainer
-    from training.logs import LogTrainingError
+    from training.logsettings import LogTrainingError
 
     def boom(*a, **k):
         raise KeyboardInterrupt
@@ -105,7 +116,10 @@ def test_loader_refuses_a_template_set_that_is_not_the_trained_one(tiny_bundle, 
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda m: m[LOGS_SECTION]["parser"].__setitem__("version", LOG_PARSER_VERSION + 1), "log parser configuration has version"),
+        (
+            lambda m: m[LOGS_SECTION]["parser"].__setitem__("version", LOG_PARSER_VERSION + 1),
+            "log parser configuration has version",
+        ),
         (lambda m: m[LOGS_SECTION].__setitem__("template_set_version", 99), "template set version 99"),
         (lambda m: m[LOGS_SECTION].__setitem__("layout", "counts/7"), "log input layout 'counts/7'"),
         (lambda m: m[LOGS_SECTION].__setitem__("vocab_size", 3), "trained for 3 template ids"),
@@ -140,13 +154,42 @@ def test_fit_cli_labels_exclude_anomalous_blocks(tmp_path, capsys):
     data = tmp_path / "train.log"
     data.write_text("\n".join(lines) + "\n")
     labels = tmp_path / "labels.csv"
-    labels.write_text("BlockId,Label\n" + "".join(f"{b},{'Anomaly' if k != 'normal' else 'Normal'}\n" for b, k in kinds.items()))
+    labels.write_text(
+        "BlockId,Label\n" + "".join(f"{b},{'Anomaly' if k != 'normal' else 'Normal'}\n" for b, k in kinds.items())
+    )
     out = tmp_path / "bundle"
-    rc = main(["fit", "--format", "log", "--data", str(data), "--out", str(out), "--labels", str(labels), "--context", "8",
-               "--d-model", "8", "--n-heads", "2", "--n-layers", "1", "--ff-dim", "16", "--epochs", "1", "--threads", "1"])
+    rc = main(
+        [
+            "fit",
+            "--format",
+            "log",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--labels",
+            str(labels),
+            "--context",
+            "8",
+            "--d-model",
+            "8",
+            "--n-heads",
+            "2",
+            "--n-layers",
+            "1",
+            "--ff-dim",
+            "16",
+            "--epochs",
+            "1",
+            "--threads",
+            "1",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     spec = load_log_spec(load_bundle(out))
-    assert spec.templates.match("writeBlock blk_1 received exception java.io.IOException: Could not read from stream") == 0
+    assert (
+        spec.templates.match("writeBlock blk_1 received exception java.io.IOException: Could not read from stream") == 0
+    )
     anomalous_lines = sum(any(b in line for b, k in kinds.items() if k != "normal") for line in lines)
     assert anomalous_lines > 0
     assert load_bundle(out).training["lines_used"] == len(lines) - anomalous_lines
@@ -157,7 +200,10 @@ def test_fit_cli_labels_exclude_anomalous_blocks(tmp_path, capsys):
     [
         (["--data", "{tmp}/nope.log"], "log file {tmp}/nope.log does not exist."),
         (["--data", "{tmp}/garbage.log"], "none of the first 2 lines of {tmp}/garbage.log parses with these settings"),
-        (["--data", "{tmp}/garbage.log", "--labels", "{tmp}/bad_labels.csv"], "has several columns but none named 'Label'"),
+        (
+            ["--data", "{tmp}/garbage.log", "--labels", "{tmp}/bad_labels.csv"],
+            "has several columns but none named 'Label'",
+        ),
         (["--data", "{tmp}/garbage.log", "--context", "1"], "setting 'context'"),
     ],
 )

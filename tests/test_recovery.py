@@ -20,7 +20,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from pathlib import Path
+
 
 import pytest
 

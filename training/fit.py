@@ -288,7 +288,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "with plenty of data these are the defaults listed below. bundle.json records what was chosen.",
     )
     add_fit_arguments(p)
-    from training.logs import add_log_arguments
+    from training.logsettings import add_log_arguments
 
     add_log_arguments(p)  # --format log: raw log lines (issue 8), trained by training/logs.py
     p.set_defaults(func=handle)
@@ -296,7 +296,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def handle(args: argparse.Namespace) -> int:
     from training.export import ExportError
-    from training.logs import log_only_options_given
+    from training.logsettings import log_only_options_given
     from training.trainer import TrainingInterrupted
 
     fmt = getattr(args, "format", None)

@@ -48,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, default=None, help="the TOML file of `fit --format log` (its parser keys)")
     p.add_argument("--lines", type=int, default=DEFAULT_LINES, help="lines to parse (default %(default)s)")
     p.add_argument("--show", type=int, default=DEFAULT_SHOW, help="lines to print field by field (default %(default)s)")
-    from training.logs import add_log_arguments
+    from training.logsettings import add_log_arguments
 
     add_log_arguments(p, parser_only=True)
     p.set_defaults(func=handle)
@@ -56,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def parser_settings(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     """(log file, LogParserConfig fields) from the TOML file and the flags; LogTrainingError otherwise."""
-    from training.logs import PARSER_SETTINGS, LogTrainingError, read_log_toml
+    from training.logsettings import PARSER_SETTINGS, LogTrainingError, read_log_toml
     from training.settings import FitSettings
 
     values: dict[str, Any] = {}
@@ -74,7 +74,8 @@ def parser_settings(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from training.logs import LogTrainingError, read_lines
+    from training.logs import read_lines
+    from training.logsettings import LogTrainingError
 
     try:
         if args.lines < 1 or args.show < 0:

@@ -197,7 +197,7 @@ def load_toml(path: Path) -> dict[str, Any]:
     data = read_toml(path)
     unknown = sorted(set(data) - set(FitSettings.model_fields))
     if unknown:
-        from training.logs import LogFitSettings
+        from training.logsettings import LogFitSettings
 
         if unknown[0] in LogFitSettings.model_fields:
             raise SettingsError(f"config file {path} has the log setting {unknown[0]!r}, but no format = 'log'.")

@@ -5,8 +5,9 @@ the score against the current threshold, then learns from it only if it was judg
 incident never raises its own bar. Until `warmup` normal scores have been seen, the threshold is
 the bundle's calibrated one. No threshold ever rises above `max_shift` times its calibrated
 starting value, or falls below 1 / `max_shift` of it (a stream of near-zero normal scores, such
-as a count model's, would otherwise take a rolling quantile to 0, where anything alerts): a stream that drifts upward ends in an alert once its scores pass that bound, or
-in a re-baselining bounded by it (docs/quality.md, "Thresholds that cannot ratchet").
+as a count model's, would otherwise take a rolling quantile to 0, where anything alerts): a stream
+that drifts upward ends in an alert once its scores pass that bound, or in a re-baselining bounded
+by it (docs/quality.md, "Calibrated scores and thresholds that cannot ratchet").
 
 - `Calibrated` (the default for bundles whose calibration describes their score distribution,
   core/calibration.py): judges the *surprise* of a score, -log10 of the probability of a normal
