@@ -51,3 +51,24 @@ class LogDecoder:
         for i, reason in bad:
             dead.append(DeadLetter(kept[i], "unparseable-log-line", reason))
         return batch, dead
+
+
+def log_path_for(bundle: Any, core: Any, settings: Any) -> tuple[LogDecoder, Any] | None:
+    """For a log model bundle (issue 8), the service's decoder and core: messages are raw log lines,
+    turned into rows by the log stage (logs/stage.py), and alerts carry the offending template and a
+    sample line; with a changelog, the entities' log sessions move with their partitions too. None
+    for any other bundle. ConfigError (one sentence) for detection settings the log model cannot use."""
+    from stream_detector.config import ConfigError
+    from stream_detector.logs.core import LogDetectorCore
+    from stream_detector.logs.spec import is_log_bundle, load_log_spec, log_detection_settings
+
+    if not is_log_bundle(bundle):
+        return None
+    spec = load_log_spec(bundle)
+    try:
+        log_detection_settings(core.settings, spec)  # the same check as a log replay's
+    except ValueError as e:
+        raise ConfigError(f"[detection] {e}") from None
+    decoder = LogDecoder(spec, settings.input.max_message_bytes)
+    stage = decoder.stage if settings.processing.changelog else None
+    return decoder, LogDetectorCore(core, spec, stage)

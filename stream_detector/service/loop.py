@@ -49,6 +49,7 @@ from stream_detector.service.brokerwatch import BrokerWatch
 from stream_detector.service.changelog import Restorer, StateTracker, ensure_changelog_topic
 from stream_detector.service.checkpoint import FAULT_KILL_BEFORE_COMMIT, Checkpointer
 from stream_detector.service.decode import Decoder
+from stream_detector.service.decode_logs import log_path_for
 from stream_detector.service.health import Health
 from stream_detector.service.kafka_config import check_client_configs
 from stream_detector.service.kafka_io import KafkaSink, KafkaSource, TransactionAborted, check_broker
@@ -81,9 +82,15 @@ class Detector:
             self.core = DetectorCore(self.bundle, self.scorer, settings.detection.to_core())
         except ValueError as e:
             raise ConfigError(f"[detection] {e}") from None
-        self.decoder = Decoder(self.bundle.features, settings.input)
-        self._fence_rows = True  # at-least-once replays: skip rows that restored state holds (changelog.py)
-        self._use_log_stage_if_log_bundle(settings)
+        self.decoder: Any = Decoder(self.bundle.features, settings.input)
+        # at-least-once replays: skip rows that restored state holds (changelog.py); a log bundle's
+        # stage skips its lines itself (an offset fence on rows would also drop new idle-check and
+        # session-end rows, which repeat the offset of the entity's last line)
+        self._fence_rows = True
+        log_path = log_path_for(self.bundle, self.core, settings)
+        if log_path is not None:
+            self.decoder, self.core = log_path
+            self._fence_rows = False
         self.metrics = metrics if metrics is not None else Metrics()  # process_* (RSS, CPU, fds) included
         self.health = health if health is not None else Health.for_runtime(settings.runtime)
         self.broker = BrokerWatch(self.health)  # librdkafka's errors and statistics, failed commits -> /readyz
@@ -125,28 +132,6 @@ class Detector:
         # Fault injection for the reliability suite: die by SIGKILL at the N-th checkpoint that
         # follows produced alerts, after they reached the broker and before the commit.
         self._kill_at = int(os.environ.get(FAULT_KILL_BEFORE_COMMIT, "0") or 0)
-
-    def _use_log_stage_if_log_bundle(self, settings: Settings) -> None:
-        """A log model bundle (issue 8): messages are raw log lines, turned into rows by the log
-        stage (logs/stage.py), and alerts carry the offending template and a sample line."""
-        from stream_detector.logs.core import LogDetectorCore
-        from stream_detector.logs.spec import is_log_bundle, load_log_spec, log_detection_settings
-        from stream_detector.service.decode_logs import LogDecoder
-
-        if is_log_bundle(self.bundle):
-            spec = load_log_spec(self.bundle)
-            try:
-                log_detection_settings(self.core.settings, spec)  # the same check as a log replay's
-            except ValueError as e:
-                raise ConfigError(f"[detection] {e}") from None
-            self.decoder = LogDecoder(spec, settings.input.max_message_bytes)  # type: ignore[assignment]
-            # with a changelog, the entities' log sessions move with their partitions too
-            stage = self.decoder.stage if settings.processing.changelog else None  # type: ignore[attr-defined]
-            self.core = LogDetectorCore(self.core, spec, stage)  # type: ignore[assignment]
-            # The stage skips lines that restored sessions hold already, before it makes rows. An
-            # offset fence on rows would also drop new idle-check and session-end rows, which
-            # repeat the offset of the entity's last line.
-            self._fence_rows = False
 
     def stop(self) -> None:
         """Ask the loop to finish the current batch, deliver, commit and close (signal-safe)."""
