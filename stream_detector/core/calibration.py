@@ -7,8 +7,9 @@ scores do not carry over from one dataset to the next. The surprise does: 2 is a
 4 a 1-in-10,000 one, on every model. Below the tail level (the 90 % quantile of the validation
 scores) it is read from their quantiles, interpolated in log-score; beyond it from a generalised
 Pareto tail, which covers light (shape 0: exponential) and heavy (shape > 0: Pareto) tails alike.
-The tail is fitted to the 90, 95 and 98 % quantiles, then extended to each higher quantile
-(99, 99.5, 99.9 %, where at least 10 scores lie above it) for as long as that quantile is at most
+The tail is fitted to the 90, 95 and 98 % quantiles (with fewer than 10 scores above the 98 %
+one, 500 scores, it is exponential through the 90 and 95 % ones), then extended to each higher
+quantile (99, 99.5, 99.9 %, where at least 10 scores lie above it) for as long as that quantile is at most
 twice as far above the tail threshold as the fit so far predicts: the "normal" history a model is
 trained on often holds a few unlabelled incidents (SMD's training halves do), which show as a
 jump in the top quantiles, and a tail fitted to them would put the bar above the incidents it
@@ -35,6 +36,7 @@ TINY = 1e-12  # scores are floored here before the log (a perfect reconstruction
 TAIL_LEVEL = 0.9  # the tail starts at this quantile of the validation scores ...
 TAIL_FIT_LEVELS = (0.95, 0.98)  # ... and is fitted to these two ...
 TAIL_EXTEND_LEVELS = (0.99, 0.995, 0.999)  # ... then to each of these while it is consistent with the fit
+MIN_ABOVE = 10  # scores above a quantile for it to shape the tail
 TAIL_JUMP = 2.0  # a quantile this many times further above the threshold than predicted: incidents
 RUN_LENGTH = 10  # scores in a run (Numenta's anomaly likelihood averages 10 short-term scores too)
 MIN_DISJOINT_RUNS = 50  # fewer disjoint runs in the validation scores: no run test (its reference would be
@@ -150,9 +152,14 @@ def describe_distribution(scores: np.ndarray) -> tuple[dict[str, float], dict[st
     q["1.0"] = float(s.max())
     u, mid = q[str(TAIL_LEVEL)], q[str(TAIL_FIT_LEVELS[0])]
     top = TAIL_FIT_LEVELS[1]
+    if (1.0 - top) * s.size < MIN_ABOVE:
+        # too few scores above the 98 % quantile to see the tail's shape (a 300-row history has 60
+        # validation scores): an exponential tail through the 90 and 95 % quantiles, the neutral choice
+        spread = max(mid - u, float(np.quantile(s, 0.98) - np.quantile(s, 0.5)) * 1e-3, TINY)
+        return q, {"level": TAIL_LEVEL, "shape": 0.0, "scale": spread / math.log(2.0), "fit_level": TAIL_FIT_LEVELS[0]}
     shape, scale = fit_tail(u, mid, top, q[str(top)], s)
     for lv in TAIL_EXTEND_LEVELS:
-        if (1.0 - lv) * s.size < 10:
+        if (1.0 - lv) * s.size < MIN_ABOVE:
             break
         predicted = tail_quantile(u, shape, scale, lv)
         if q[str(lv)] - u > TAIL_JUMP * (predicted - u):
