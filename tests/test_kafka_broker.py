@@ -127,3 +127,33 @@ def test_check_broker_waits_briefly_for_a_new_topic_then_refuses_a_missing_one(k
         check_broker(settings, [absent])
     assert str(e.value) == f"topic(s) {absent} do not exist on {kafka_bootstrap}."
     assert time.monotonic() - t0 >= NEW_TOPIC_GRACE_S - 0.5, "refused without waiting for the topic to appear"
+
+
+def test_a_fenced_transactional_sink_says_so_in_one_sentence_on_its_next_record(kafka_bootstrap, make_topic):
+    """A newer process with the same transactional id fences the older one's producer; the older
+    one's next record raises `MemberFenced` (exit 2 in `run`), not librdkafka's bare "Fatal error"."""
+    from stream_detector.config import load_settings
+    from stream_detector.service.kafka_io import KafkaIOError, KafkaSink, MemberFenced
+
+    alerts = make_topic(partitions=1)
+    settings = load_settings(overrides={
+        "kafka": {"bootstrap_servers": kafka_bootstrap, "alerts_topic": alerts, "group_id": f"g-{uuid.uuid4().hex[:6]}"},
+        "processing": {"instance_id": "twin"},
+    })
+    txn_id = f"fence-{uuid.uuid4().hex[:8]}"
+    older = KafkaSink(settings, transactional_id=txn_id)
+    older.alert("e1", b"{}")
+    older.flush(10)
+    newer = KafkaSink(settings, transactional_id=txn_id)  # init_transactions fences `older`
+    try:
+        with pytest.raises(KafkaIOError) as e:
+            for _ in range(50):  # the fatal error reaches the older client with its next request
+                older.alert("e1", b"{}")
+                older.flush(10)
+        assert isinstance(e.value, MemberFenced), repr(e.value)
+        text = str(e.value)
+        assert "fenced by another process running with this member's instance id 'twin'" in text, text
+        assert text.endswith(".") and ". " not in text, text
+    finally:
+        newer.alert("e2", b"{}")
+        newer.flush(10)

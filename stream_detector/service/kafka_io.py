@@ -377,9 +377,42 @@ class KafkaSink:
                     ticket.pending += 1
                 break
             except BufferError:  # local queue full (bounded): serve delivery reports and retry
-                self._producer.poll(0.05)
+                self._serve(0.05)
+            except KafkaException as e:  # the producer hit a fatal error (e.g. fenced): say why, in one sentence
+                raise self._fatal_produce_error(topic, e.args[0]) from None
         if poll:
-            self._producer.poll(0)
+            self._serve(0)
+
+    def _fatal_produce_error(self, topic: str, err: KafkaError) -> KafkaIOError:
+        # After a fatal error `produce` only says "Local: Fatal error"; librdkafka queues the cause
+        # (e.g. fenced by a newer transactional producer) for the next poll, which raises it.
+        if self._fenced is None:
+            try:
+                self._serve(0)
+            except KafkaIOError as e:
+                return e
+        return self._client_error(KafkaException(err), f"producing to {topic}")
+
+    def _serve(self, timeout: float) -> None:
+        """Serve delivery reports; a fatal error confluent-kafka raises here becomes one sentence."""
+        try:
+            self._producer.poll(timeout)
+        except (KafkaException, SystemError) as e:
+            raise self._client_error(e, "serving delivery reports") from None
+
+    def _client_error(self, e: Exception, what: str) -> KafkaIOError:
+        """The sentence for a fatal error that confluent-kafka raised out of produce/poll/flush.
+        A delivery callback that touches its message while that error is pending turns it into a
+        SystemError caused by the KafkaException."""
+        cause = e if isinstance(e, KafkaException) else e.__cause__
+        if not isinstance(cause, KafkaException):
+            raise e
+        err = cause.args[0]
+        if is_fenced(err) and self._fenced is None:
+            self._fenced = fenced(self._settings, "the transactional producer", err)
+        if self._fenced is not None:
+            return self._fenced
+        return KafkaIOError(f"{what}: the Kafka producer hit a fatal error: {err.str().rstrip('.')}.")
 
     def ticket(self) -> DeliveryTicket:
         return DeliveryTicket(self)
@@ -393,7 +426,7 @@ class KafkaSink:
 
     def poll(self, timeout: float = 0.0) -> None:
         """Serve delivery reports (tickets count down); DeliveryError if a record failed."""
-        self._producer.poll(timeout)
+        self._serve(timeout)
         self.raise_if_failed()
 
     def changelog(self, partition: int, key: str, value: bytes | None, ticket: DeliveryTicket | None = None) -> None:
@@ -415,7 +448,7 @@ class KafkaSink:
                 poll=False,
             )
             size += len(r.value) if r.value is not None else 0
-        self._producer.poll(0)
+        self._serve(0)
         return size
 
     def raise_if_failed(self) -> None:
@@ -430,7 +463,10 @@ class KafkaSink:
         ridden out) or, with a `timeout` (shutdown), if records are still unacknowledged then."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while len(self._producer) > 0:
-            self._producer.flush(1.0 if deadline is None else min(1.0, max(0.0, deadline - time.monotonic())))
+            try:
+                self._producer.flush(1.0 if deadline is None else min(1.0, max(0.0, deadline - time.monotonic())))
+            except (KafkaException, SystemError) as e:
+                raise self._client_error(e, "waiting for acknowledgements") from None
             self.raise_if_failed()
             if deadline is not None and time.monotonic() >= deadline and len(self._producer) > 0:
                 raise DeliveryError(
