@@ -73,7 +73,7 @@ def restrict(work: Work, allowed: set[tuple[str, int]]) -> Work:
 
 
 def publish(sink: Any, work: Work, result: BatchResult | None, ticket: Any) -> list[dict]:
-    """Produce a processed batch's dead letters and alerts (kafka_io.KafkaSink, counted by
+    """Produce a processed batch's dead letters and alerts (kafka_sink.KafkaSink, counted by
     `ticket`); returns the alerts."""
     for d in work.dead:
         log.warning(

@@ -8,7 +8,7 @@ Three sources, all on the loop's thread (librdkafka serves callbacks inside `con
   kafka_config.py): no broker connection in state `UP` marks it unreachable, any one `UP` marks it
   reachable again. This is the signal that a broker came back while no message flows, and it
   clears a single broker's `_TRANSPORT` error while the rest of a cluster still serves;
-- the loop's own calls (kafka_io.py): a commit or a transaction call that failed because the
+- the loop's own calls (kafka_io.py, kafka_sink.py): a commit or a transaction call that failed because the
   broker was away marks it unreachable, a commit that went through marks it reachable.
 
 `Health` turns "unreachable since t" into not-ready only after `runtime.broker_unready_after_s`,

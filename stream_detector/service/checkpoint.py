@@ -52,7 +52,7 @@ FAULT_KILL_BEFORE_COMMIT = "STREAM_DETECTOR_FAULT_KILL_BEFORE_COMMIT"
 
 
 class Ticket(Protocol):
-    """Counts the records produced with it until the broker acknowledged them (kafka_io.DeliveryTicket)."""
+    """Counts the records produced with it until the broker acknowledged them (kafka_sink.DeliveryTicket)."""
 
     pending: int
     failed: bool
@@ -77,7 +77,7 @@ TicketT = TypeVar("TicketT", bound=Ticket)
 
 
 class RecordSink(Protocol[TicketT]):
-    """What the checkpointer needs of the producer (kafka_io.KafkaSink). A sink takes back only the
+    """What the checkpointer needs of the producer (kafka_sink.KafkaSink). A sink takes back only the
     tickets it hands out (its own ticket type)."""
 
     def ticket(self) -> TicketT: ...

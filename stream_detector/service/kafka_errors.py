@@ -1,4 +1,4 @@
-"""The errors of the service's Kafka clients (kafka_io.py), each one sentence for the operator, and
+"""The errors of the service's Kafka clients (kafka_io.py, kafka_sink.py), each one sentence for the operator, and
 how a fenced member is recognised.
 
 `MemberFenced`: another live process runs with this member's instance id. With static membership

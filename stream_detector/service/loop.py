@@ -52,7 +52,8 @@ from stream_detector.service.decode import Decoder
 from stream_detector.service.decode_logs import log_path_for
 from stream_detector.service.health import Health
 from stream_detector.service.kafka_config import check_client_configs
-from stream_detector.service.kafka_io import KafkaSink, KafkaSource, TransactionAborted, check_broker
+from stream_detector.service.kafka_io import KafkaSource, TransactionAborted, check_broker
+from stream_detector.service.kafka_sink import KafkaSink
 from stream_detector.service.metrics import Metrics, MetricsServer
 from stream_detector.service.ops import Operations, stall_guard
 from stream_detector.service.partitions import PartitionOwner, fmt_tps
