@@ -78,7 +78,7 @@ def test_defaults_train_300_rows_and_replay_of_the_rest_alerts_on_a_level_shift(
         "epochs": 35,
         "patience": 7,
     }
-    assert "composite" not in b.model  # one feature, but a short history: the Transformer alone
+    assert "composite" not in b.model  # one feature, but 60 validation windows (< 100): the Transformer alone
     assert (
         b.training["settings"]["window"] == 32
         and b.training["train_windows"] == 209
@@ -198,11 +198,15 @@ def test_model_width_grows_with_the_rows(rows, width):
     assert _choose_width(rows, 4) == width
 
 
-def test_a_single_series_gets_the_zscore_detector_unless_short_or_detectors_are_given(tmp_path, rng):
+def test_a_single_series_gets_the_zscore_detector_with_100_validation_windows_unless_detectors_are_given(
+    tmp_path, rng
+):
     one = tmp_path / "one.csv"
     one.write_text("a\n" + "".join(f"{a:.4f}\n" for a in rng.standard_normal(5000)))
-    short = tmp_path / "short.csv"
-    short.write_text("a\n" + "".join(f"{a:.4f}\n" for a in rng.standard_normal(1500)))
+    short = tmp_path / "short.csv"  # 500 rows: 100 validation windows, the z-score joins
+    short.write_text("a\n" + "".join(f"{a:.4f}\n" for a in rng.standard_normal(500)))
+    shorter = tmp_path / "shorter.csv"  # 495 rows: 99 validation windows, the Transformer alone
+    shorter.write_text("a\n" + "".join(f"{a:.4f}\n" for a in rng.standard_normal(495)))
     two = tmp_path / "two.csv"
     two.write_text("a,b\n" + "".join(f"{a:.4f},{b:.4f}\n" for a, b in rng.standard_normal((5000, 2))))
     assert size_to_data(make_settings({"data": one, "out": tmp_path / "b"}), read_table(one)).settings.detectors == (
@@ -212,8 +216,9 @@ def test_a_single_series_gets_the_zscore_detector_unless_short_or_detectors_are_
     assert size_to_data(make_settings({"data": two, "out": tmp_path / "b"}), read_table(two)).settings.detectors == (
         "transformer",
     )
-    assert size_to_data(
-        make_settings({"data": short, "out": tmp_path / "b"}), read_table(short)
-    ).settings.detectors == ("transformer",)
+    sized = size_to_data(make_settings({"data": short, "out": tmp_path / "b"}), read_table(short))
+    assert sized.plan.val_starts.size == 100 and sized.settings.detectors == ("transformer", "zscore")
+    sized = size_to_data(make_settings({"data": shorter, "out": tmp_path / "b"}), read_table(shorter))
+    assert sized.plan.val_starts.size == 99 and sized.settings.detectors == ("transformer",)
     given = make_settings({"data": one, "out": tmp_path / "b", "detectors": "transformer"})
     assert size_to_data(given, read_table(one)).settings.detectors == ("transformer",)

@@ -73,7 +73,8 @@ class FitSettings(BaseModel):
     detectors: tuple[Literal["transformer", "pca", "zscore", "flatline"], ...] = Field(
         ("transformer",),
         description="detectors in the bundle's graph, comma-separated, 'transformer' first; each scaled by its "
-        "validation 99%% quantile, the largest wins (training/composite.py)",
+        "validation 99%% quantile, the largest wins (training/composite.py); not given, a one-feature history "
+        "with at least 100 validation windows gets transformer,zscore (training/sizing.py)",
     )
     d_model: int = Field(
         64,

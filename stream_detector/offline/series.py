@@ -4,7 +4,7 @@ Where `simulate.Simulator` models one kind of fleet (38 correlated sensors with 
 this module makes the shapes a detector meets elsewhere, each as a small dataset of `entities`
 series with a normal history (to train on) followed by a stretch with labelled incidents (to
 replay): univariate series, level shifts, variance changes, strong daily seasonality, heavy-tailed
-noise, a trend that goes on during the test, and histories of only 300 rows.
+noise, a trend that goes on during the test, and histories of only 300 and 750 rows.
 
 Model of one series (per feature f of entity e, row t):
     x = offset + scale * (season * sin(2 pi t / period + phase) + trend * t / 1000 + latent part + noise)
@@ -65,6 +65,7 @@ SUITE: dict[str, SeriesSpec] = {
     "heavy_tails": SeriesSpec(features=2, noise="t3", kinds=("spike", "level_shift")),
     "trend": SeriesSpec(features=2, trend=0.3, kinds=("spike", "level_shift")),
     "short_history": SeriesSpec(features=1, history=300, season=1.0),
+    "medium_history": SeriesSpec(features=1, history=750, season=1.0),  # issue 17's trial: at most 750 rows
 }
 
 
