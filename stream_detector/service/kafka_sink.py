@@ -130,19 +130,19 @@ class KafkaSink:
             except BufferError:  # local queue full (bounded): serve delivery reports and retry
                 self._serve(0.05)
             except KafkaException as e:  # the producer hit a fatal error (e.g. fenced): say why, in one sentence
-                raise self._fatal_produce_error(topic, e.args[0]) from None
+                raise self._fatal_produce_error(topic, e) from None
         if poll:
             self._serve(0)
 
-    def _fatal_produce_error(self, topic: str, err: KafkaError) -> KafkaIOError:
+    def _fatal_produce_error(self, topic: str, e: KafkaException) -> KafkaIOError:
         # After a fatal error `produce` only says "Local: Fatal error"; librdkafka queues the cause
         # (e.g. fenced by a newer transactional producer) for the next poll, which raises it.
         if self._fenced is None:
             try:
                 self._serve(0)
-            except KafkaIOError as e:
-                return e
-        return self._client_error(KafkaException(err), f"producing to {topic}")
+            except KafkaIOError as cause:
+                return cause
+        return self._client_error(e, f"producing to {topic}")
 
     def _serve(self, timeout: float) -> None:
         """Serve delivery reports; a fatal error confluent-kafka raises here becomes one sentence."""
