@@ -1,6 +1,7 @@
 """The generality suite: detection quality on data no setting was tuned on.
 
     .venv/bin/python bench/generality.py [--datasets univariate,trend] [--seeds 0,1,2] [--work DIR]
+                                         [--candidates] [--detection max_shift=2 ...]
                                          [--markdown] [--out docs/quality.md]
 
 Synthetic datasets (stream_detector/offline/series.py, `SUITE`: univariate, level shifts, variance
@@ -38,6 +39,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from stream_detector.config import ConfigError, load_settings  # noqa: E402
 from stream_detector.core.alerts import AlertParams  # noqa: E402
 from stream_detector.core.bundle import load_bundle  # noqa: E402
 from stream_detector.core.pipeline import DetectionSettings, DetectorCore  # noqa: E402
@@ -273,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vus-max-buffer", type=int, default=20)
     p.add_argument("--candidates", action="store_true", help="also the Transformer alone and its composites with pca and "
                    "zscore, all with the new thresholds (how fit's default detectors were chosen)")
+    p.add_argument("--detection", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="also the new default with these [detection] settings (the service's names, e.g. "
+                        "max_shift=2); repeat for more candidates")
     p.add_argument("--markdown", action="store_true", help="write the table into --out")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "quality.md")
     args = p.parse_args(argv)
@@ -288,6 +293,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     seeds = [int(s) for s in args.seeds.split(",")]
     args.detectors = {**DETECTORS, **(CANDIDATES if args.candidates else {})}
+    for spec in args.detection:
+        try:
+            overrides = dict(kv.split("=", 1) for kv in spec.split(","))
+            settings = load_settings(None, {"detection": overrides}).detection.to_core()
+        except (ValueError, ConfigError) as e:
+            print(f"generality: --detection {spec!r}: {e}", file=sys.stderr)
+            return 2
+        args.detectors[f"new default, {spec}"] = ("default", settings)
     command = shlex.join([".venv/bin/python", "bench/generality.py", *(argv if argv is not None else sys.argv[1:])])
     t0 = time.perf_counter()
     results: dict[str, dict[int, dict[str, Outcome]]] = {}
