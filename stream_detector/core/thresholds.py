@@ -49,7 +49,7 @@ METHODS = ("auto", "calibrated", "quantile", "spot")
 class ThresholdParams:
     method: str = "auto"  # "calibrated" where the bundle's calibration allows it, else "quantile"; or "spot"
     warmup: int = 100  # normal scores seen before the entity's own statistics are used
-    max_shift: float = 4.0  # no threshold rises above this x its calibrated starting value
+    max_shift: float = 2.0  # no threshold rises above this x its calibrated starting value (docs/quality.md)
     # calibrated (surprise = -log10 of the probability of a normal score at least this high)
     alert_level: float = 4.0
     learn_level: float = 2.0  # normal scores above this surprise are learned as this value
