@@ -89,8 +89,8 @@ class KafkaSink:
     def _on_error(self, err: KafkaError) -> None:
         if self._watch is not None:
             self._watch.on_error(err)
-        if err.fatal() and is_fenced(err) and self._fenced is None:
-            self._fenced = fenced(self._settings, "the transactional producer", err)
+        if err.fatal():
+            self._remember_if_fenced(err)
         if err.fatal() and self._first_error is None:
             self._first_error = f"the Kafka producer hit a fatal error: {err.str()}"
         log.warning("Kafka producer: %s", err)
@@ -159,11 +159,16 @@ class KafkaSink:
         if not isinstance(cause, KafkaException):
             raise e
         err = cause.args[0]
-        if is_fenced(err) and self._fenced is None:
-            self._fenced = fenced(self._settings, "the transactional producer", err)
-        if self._fenced is not None:
-            return self._fenced
+        kept = self._remember_if_fenced(err)
+        if kept is not None:
+            return kept
         return KafkaIOError(f"{what}: the Kafka producer hit a fatal error: {err.str().rstrip('.')}.")
+
+    def _remember_if_fenced(self, err: KafkaError) -> MemberFenced | None:
+        """Keep the first fenced error (raised from then on by `raise_if_failed`); the one kept."""
+        if self._fenced is None and is_fenced(err):
+            self._fenced = fenced(self._settings, "the transactional producer", err)
+        return self._fenced
 
     def ticket(self) -> DeliveryTicket:
         return DeliveryTicket(self)
