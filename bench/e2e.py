@@ -54,9 +54,9 @@ from perfkit import REFERENCE_BUNDLE, StageClock, ThreadCpuSampler, rss_bytes, s
 
 from stream_detector.core.bundle import load_bundle, write_bundle
 from stream_detector.config import InputSettings, load_settings
-from stream_detector.service.decode import Decoder
+from stream_detector.ingest.decode import Decoder
 try:
-    from stream_detector.service.kafka_config import CONSUMER_DEFAULTS
+    from stream_detector.ingest.kafka_config import CONSUMER_DEFAULTS
 except ImportError:
     try:
         from stream_detector.service.kafka_io import CONSUMER_DEFAULTS  # before kafka_config.py

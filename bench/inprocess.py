@@ -26,7 +26,7 @@ from typing import Any
 from perfkit import REFERENCE_BUNDLE, StageClock, cpu_delta, input_settings, prepare_cuda, rss_bytes, simulated_messages, thread_cpu
 
 from stream_detector.core.bundle import load_bundle
-from stream_detector.service.decode import Decoder
+from stream_detector.ingest.decode import Decoder
 from stream_detector.core.pipeline import DetectionSettings, DetectorCore
 from stream_detector.core.scorer import Scorer
 

@@ -18,6 +18,7 @@ SUBCOMMAND_MODULES: list[str] = [
     "stream_detector.service.run",
     "stream_detector.service.leave",
     "stream_detector.offline.replay",
+    "stream_detector.offline.compare",
 ]
 
 

@@ -52,6 +52,9 @@ class KafkaSettings(_Section):
     dlq_topic: str = Field(
         "observations-dlq", min_length=1, description="dead-letter topic for messages that cannot be decoded"
     )
+    shadow_alerts_topic: str | None = Field(
+        None, description="topic for the shadow model's alerts (model.shadow_bundle); unset = ALERTS_TOPIC.shadow"
+    )
     auto_offset_reset: Literal["earliest", "latest"] = Field(
         "earliest", description="where a group without committed offsets starts"
     )
@@ -78,6 +81,10 @@ class KafkaSettings(_Section):
         for key, path in v.items():
             _read_secret(key, path)  # fail at start-up, not at the first reconnect
         return v
+
+    def shadow_topic(self) -> str:
+        """Where the shadow model's alerts go (service/shadow.py; `compare` reads it)."""
+        return self.shadow_alerts_topic or f"{self.alerts_topic}.shadow"
 
     def client_settings(self) -> dict[str, ClientValue]:
         """`client` plus the values of `secret_files` (read now, so a rotated file is picked up on restart)."""
@@ -110,6 +117,11 @@ class ModelSettings(_Section):
     require_cuda: bool = Field(False, description="refuse to start unless the CUDA provider is really active")
     watch: bool = Field(True, description="hot-reload the bundle when its path changes (SIGHUP always reloads)")
     watch_interval_s: float = Field(2.0, gt=0, description="how often the bundle path is checked for a change")
+    shadow_bundle: Path | None = Field(
+        None,
+        description="a candidate bundle scored on the same events beside the live one, with its own thresholds and "
+        "alerts, published to kafka.shadow_alerts_topic only (service/shadow.py)",
+    )
 
 
 _THR = ThresholdParams()

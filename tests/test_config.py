@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from stream_detector.config import ConfigError, Settings, add_settings_arguments, load_settings, settings_from_args
-from stream_detector.service.kafka_config import consumer_config
+from stream_detector.ingest.kafka_config import consumer_config
 
 TOML = """
 [kafka]

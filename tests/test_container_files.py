@@ -65,7 +65,7 @@ def test_runtime_stages_run_as_non_root_with_a_healthcheck(stage):
     last_user = max(k for k, (i, _) in enumerate(instrs) if i == "USER")
     assert all(i != "RUN" for i, _ in instrs[last_user:]), "RUN after USER would run as the service user at build time"
     health = [a for i, a in instrs if i == "HEALTHCHECK"]
-    assert health and f"127.0.0.1:{METRICS_PORT}/healthz" in health[0]
+    assert health and "127.0.0.1:{port}/healthz" in health[0] and "SD_RUNTIME__METRICS_PORT" in health[0], "the check follows the port setting"
     assert ("EXPOSE", str(METRICS_PORT)) in instrs
     env = " ".join(a for i, a in instrs if i == "ENV")
     assert f"SD_RUNTIME__METRICS_PORT={METRICS_PORT}" in env and "SD_MODEL__BUNDLE=/models/current" in env
@@ -212,3 +212,38 @@ def test_unit_passes_systemd_analyze_verify(tmp_path):
     copy.write_text(text)
     r = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "" and r.stderr.strip() == "", r.stdout + r.stderr
+
+
+RETRAIN = REPO / "deploy" / "systemd" / "stream-detector-retrain.service"
+TIMER = REPO / "deploy" / "systemd" / "stream-detector-retrain.timer"
+
+
+def test_retrain_unit_runs_the_gated_retrain_daily_and_a_refusal_is_not_a_failure():
+    cp = configparser.ConfigParser(strict=False, interpolation=None)
+    cp.optionxform = str
+    cp.read_string(RETRAIN.read_text())
+    s = cp["Service"]
+    assert s["Type"] == "oneshot" and "stream-detector-train retrain" in s["ExecStart"]
+    assert "--models /var/lib/stream-detector/models" in s["ExecStart"], "the directory the service reads its model from"
+    assert "--config /etc/stream-detector/config.toml" in s["ExecStart"], "the service's own settings"
+    assert s["SuccessExitStatus"] == "3", "exit 3 (refused, the live model stays) is a normal outcome"
+    assert s["StateDirectory"] == "stream-detector/models" and s["StateDirectoryMode"] == "0755"
+    assert s.get("User") not in (None, "root") and s["NoNewPrivileges"] == "yes"
+    timer = configparser.ConfigParser(strict=False, interpolation=None)
+    timer.optionxform = str
+    timer.read_string(TIMER.read_text())
+    assert timer["Timer"]["OnCalendar"] and timer["Timer"]["Persistent"] == "true"
+    assert timer["Install"]["WantedBy"] == "timers.target"
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed here")
+def test_retrain_unit_and_timer_pass_systemd_analyze_verify(tmp_path):
+    stub = tmp_path / "stream-detector-train"
+    stub.write_text("#!/bin/sh\nexit 0\n")
+    stub.chmod(0o755)
+    service = tmp_path / RETRAIN.name
+    service.write_text(RETRAIN.read_text().replace("/opt/stream-detector/bin/stream-detector-train", str(stub)))
+    timer = tmp_path / TIMER.name
+    timer.write_text(TIMER.read_text())
+    r = subprocess.run(["systemd-analyze", "verify", str(service), str(timer)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stderr.strip() == "", r.stdout + r.stderr

@@ -9,7 +9,7 @@ import pytest
 from confluent_kafka import TIMESTAMP_CREATE_TIME, TIMESTAMP_NOT_AVAILABLE, Message
 
 from stream_detector.config import InputSettings
-from stream_detector.service.decode import Decoder, dead_letter_headers
+from stream_detector.ingest.decode import Decoder, dead_letter_headers
 from stream_detector.core.events import NO_TIME
 
 FEATURES = ["cpu", "mem", "disk"]

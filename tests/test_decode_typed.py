@@ -10,7 +10,7 @@ import pytest
 from confluent_kafka import TIMESTAMP_CREATE_TIME, Message
 
 from stream_detector.config import InputSettings
-from stream_detector.service.decode import Decoder
+from stream_detector.ingest.decode import Decoder
 
 pytest.importorskip("msgspec")
 

@@ -1,4 +1,4 @@
-"""Kafka client configuration in one place (stream_detector/service/kafka_config.py): every client
+"""Kafka client configuration in one place (stream_detector/ingest/kafka_config.py): every client
 (consumer, producer, admin, changelog restorer) gets `kafka.client` and the secret files; the
 consumer-only and producer-only settings reach the clients of their kind, the changelog restorer
 included, under the same merge guard; a value the guarantees forbid fails at start-up in one
@@ -13,7 +13,7 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException
 
 from stream_detector.config import ConfigError, load_settings
-from stream_detector.service.kafka_config import check_client_configs, client_config
+from stream_detector.ingest.kafka_config import check_client_configs, client_config
 
 ROLES = ("consumer", "producer", "admin", "restorer")
 

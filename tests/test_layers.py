@@ -1,5 +1,5 @@
-"""The dependency rule between the subpackages (pyproject.toml, [tool.importlinter]): core <- logs <-
-service, offline -> core/logs, training -> core/logs/offline, no torch in the runtime. Checked with
+"""The dependency rule between the subpackages (pyproject.toml, [tool.importlinter]): core <- logs <- config <-
+ingest <- service, offline; training -> core/logs/ingest/offline, no torch in the runtime. Checked with
 import-linter over the real import graph, and shown to catch an upward import in a copy of the tree."""
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def test_the_tree_keeps_the_dependency_rule() -> None:
     ("stream_detector/config.py", "from stream_detector.service import kafka_io", "stream_detector layers"),
     ("stream_detector/logs/parse.py", "from stream_detector.offline import datafiles", "stream_detector layers"),
     ("stream_detector/offline/replay.py", "from stream_detector.service import kafka_io", "stream_detector layers"),
+    ("stream_detector/ingest/decode.py", "from stream_detector.offline import datafiles", "stream_detector layers"),
     ("stream_detector/core/scorer.py", "import torch", "never imports torch"),
     ("training/fit.py", "from stream_detector.service import loop", "never on the Kafka service"),
 ])

@@ -11,7 +11,7 @@ import pytest
 from confluent_kafka import KafkaError
 
 from stream_detector.config import ConfigError, load_settings
-from stream_detector.service.kafka_config import check_client_configs, client_config
+from stream_detector.ingest.kafka_config import check_client_configs, client_config
 from stream_detector.service.kafka_errors import MemberFenced, fenced, is_fenced
 
 

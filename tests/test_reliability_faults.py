@@ -376,7 +376,7 @@ sys.path.insert(0, "tests")
 from bundle_factory import make_bundle
 from stream_detector.service.changelog import StateTracker
 from stream_detector.config import InputSettings
-from stream_detector.service.decode import Decoder
+from stream_detector.ingest.decode import Decoder
 from stream_detector.core.pipeline import DetectionSettings, DetectorCore
 from stream_detector.core.scorer import Scorer
 

@@ -9,7 +9,13 @@ import logging
 import sys
 
 # Modules that provide subcommands, in the order --help lists them.
-SUBCOMMAND_MODULES: list[str] = ["training.fit", "training.logformat", "training.report", "training.baselines"]
+SUBCOMMAND_MODULES: list[str] = [
+    "training.fit",
+    "training.retrain",
+    "training.logformat",
+    "training.report",
+    "training.baselines",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

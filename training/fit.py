@@ -1,4 +1,4 @@
-"""`stream-detector-train fit`: data file -> windows -> Transformer autoencoder -> ONNX -> bundle.
+"""`stream-detector-train fit`: data file or topic range -> windows -> Transformer autoencoder -> ONNX -> bundle.
 
 Python API: `fit(settings: FitSettings) -> FitResult` (the bundle path and the figures). Steps:
 read the file (stream_detector.offline.datafiles), size the settings not given to the data and plan
@@ -34,10 +34,11 @@ from stream_detector.core.bundle import (
     load_bundle,
     write_bundle,
 )
-from stream_detector.offline.datafiles import DataFileError, read_table
+from stream_detector.offline.datafiles import DataFileError
 from training.meta import training_meta as build_training_meta
 from training.settings import FitSettings, SettingsError, add_fit_arguments, read_toml, settings_from_args
 from training.sizing import size_to_data
+from training.source import read_training_table
 from training.windows import WindowingError
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def fit(settings: FitSettings, command_line: str | None = None) -> FitResult:
     t0 = time.perf_counter()
     s = settings
     _check_output(Path(s.out))  # fail before training, not after it
-    table = read_table(s.data, s.format, s.features, s.key_field, s.timestamp_field, s.nan_policy)
+    table = read_training_table(s)  # a file, or a range of a topic read as the service reads it
     sizing = size_to_data(s, table)  # the settings not given, sized to what the data holds (training/sizing.py)
     s, plan = sizing.settings, sizing.plan
     normaliser = Normaliser.fit(plan.data[plan.train_rows], s.scale_floor, s.scale_floor_range)

@@ -179,9 +179,11 @@ _FROM_FIT_FLAGS = (
     "model_version",
 )
 # fit's flags a log model does not use (refused when given with --format log); `progress` is harmless
-_NOT_FOR_LOGS = ("features", "key_field", "nan_policy", "window", "gap_factor", "stride", "scale_floor",
-                 "scale_floor_range", "variant", "mask_steps", "detectors", "grad_clip", "max_windows_per_epoch",
-                 "device")  # fmt: skip
+# (kafka_topic, since, until: a log bundle trains from a file of lines; training from a topic is not built for logs)
+_NOT_FOR_LOGS = tuple(
+    "features key_field nan_policy window gap_factor stride scale_floor scale_floor_range variant mask_steps"
+    " detectors grad_clip max_windows_per_epoch device kafka_topic since until".split()
+)
 # flags whose name is not the field's
 LOG_FLAGS = {"session_timeout_s": "--session-timeout", "idle_check_s": "--idle-check", "bucket_s": "--bucket"}
 

@@ -57,13 +57,16 @@ def training_meta(
     """The `training` section: the common fields, then `extras` (the path's own figures). `api`
     names the Python entry point recorded when there is no command line; `started` is the
     `time.perf_counter()` reading taken when the fit began."""
+    source = str(data_source)
+    dump = settings.model_dump(mode="json")
+    dump.pop("kafka", None)  # the run TOML's [kafka] table (fit --kafka-topic) may hold credentials
     common = {
-        "data_source": str(Path(data_source).resolve()),
+        "data_source": source if source.startswith("kafka:") else str(Path(data_source).resolve()),
         "data_format": data_format,
         "rows": int(rows),
         "entities": int(entities),
         "seed": seed,
-        "settings": settings.model_dump(mode="json"),
+        "settings": dump,
         "versions": library_versions(),
         "command_line": command_line or f"python API: {api}",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

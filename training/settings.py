@@ -24,7 +24,22 @@ class FitSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     # data
-    data: Path = Field(description="input file of normal operation")
+    data: Path | None = Field(None, description="input file of normal operation (or --kafka-topic)")
+    kafka_topic: str | None = Field(
+        None,
+        description="read the normal data from this Kafka topic instead of a file, through the service's own decoder; "
+        "the [kafka] and [input] tables of --config (the TOML of `stream-detector run`, as it is) and SD_* variables "
+        "say how; never joins or commits to a consumer group",
+    )
+    since: str | None = Field(
+        None,
+        description="with --kafka-topic: first record, as earliest, an ISO-8601 time (2026-12-01T00:00Z), a duration "
+        "before now (90m, 6h, 7d) or @OFFSET (every partition)",
+    )
+    until: str | None = Field(None, description="with --kafka-topic: end of the range (exclusive), same forms; latest")
+    # The [kafka] and [input] tables of the run TOML (--config): from the file only, never flags.
+    kafka: dict[str, Any] | None = Field(None, description="the service's [kafka] table (TOML only)")
+    input: dict[str, Any] | None = Field(None, description="the service's [input] table (TOML only)")
     out: Path = Field(description="bundle directory to write (replaced atomically)")
     format: Literal["auto", "csv", "parquet", "jsonl", "smd"] = Field(
         "auto", description="input format; 'log': raw log lines, with the 'logs' options below"
@@ -146,13 +161,28 @@ class FitSettings(BaseModel):
             raise ValueError(
                 f"detectors must list 'transformer' first and each detector once, got {','.join(self.detectors)}"
             )
+        if (self.data is None) == (self.kafka_topic is None):
+            raise ValueError("give the data as --data FILE or --kafka-topic TOPIC, one of the two")
+        if self.kafka_topic is None and (self.since or self.until):
+            raise ValueError("--since and --until apply to --kafka-topic only")
+        if self.kafka_topic is not None:
+            file_only = [f for f in _FILE_ONLY if getattr(self, f) != type(self).model_fields[f].default]
+            if file_only:
+                raise ValueError(
+                    f"{file_only[0]} applies to a file; a topic is read as the service reads it (the [input] table "
+                    "of the run TOML: key_field, timestamp_field)"
+                )
         if self.variant == "masked" and self.mask_steps >= self.window:
             raise ValueError(f"mask_steps ({self.mask_steps}) must be smaller than the window ({self.window})")
         return self
 
 
 # Options that are positional/required or never set from a file.
-_REQUIRED = ("data", "out")
+_REQUIRED = ("out",)
+_FILE_ONLY = ("format", "key_field", "timestamp_field", "nan_policy")  # a topic is read with the service's [input]
+_TOML_ONLY = ("kafka", "input")  # the run TOML's tables; no flags
+# The other tables of a run TOML: `fit --config run.toml` takes the service's file as it is and ignores these.
+_SERVICE_TABLES = ("model", "detection", "runtime", "processing")
 
 
 def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -160,6 +190,8 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
         "--config", type=Path, help="TOML file with any of the options below (flat keys, e.g. window = 64)"
     )
     for name, info in FitSettings.model_fields.items():
+        if name in _TOML_ONLY:
+            continue
         flag = "--" + name.replace("_", "-")
         help_text = f"{info.description} (config key '{name}'"
         help_text += ")" if name in _REQUIRED else f"; default {info.default})"
@@ -195,7 +227,7 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 
 def load_toml(path: Path) -> dict[str, Any]:
-    data = read_toml(path)
+    data = {k: v for k, v in read_toml(path).items() if k not in _SERVICE_TABLES}
     unknown = sorted(set(data) - set(FitSettings.model_fields))
     if unknown:
         from training.logsettings import LogFitSettings
@@ -219,4 +251,6 @@ def make_settings(values: dict[str, Any]) -> FitSettings:
         where = ".".join(str(p) for p in err["loc"]) or "settings"
         if err["type"] == "extra_forbidden":
             raise SettingsError(f"unknown setting {where!r}.") from None
+        if not err["loc"]:  # a rule between settings (model validator): its own sentence
+            raise SettingsError(str(err["msg"]).removeprefix("Value error, ").rstrip(".") + ".") from None
         raise SettingsError(f"setting {where!r}: {err['msg']} (got {err.get('input')!r}).") from None

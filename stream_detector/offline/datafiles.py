@@ -95,8 +95,9 @@ class DataTable:
         return int(self.values.shape[0])
 
     def by_entity(self) -> list[EntitySeries]:
-        """Rows split per entity (in order of first appearance), each in time order (stable: file
-        order among equal timestamps, and file order when there are no timestamps)."""
+        """Rows split per entity, entities in key order (so that the same rows give the same training
+        plan however they were read: a file, or a topic's partitions one after another), each in time
+        order (stable: file order among equal timestamps, and file order when there are no timestamps)."""
         return [
             EntitySeries(
                 key=key,
@@ -104,7 +105,7 @@ class DataTable:
                 timestamps_ms=None if self.timestamps_ms is None else self.timestamps_ms[idx],
                 row_index=self.row_index[idx],
             )
-            for key, idx in _entity_indices(self.keys, self.timestamps_ms)
+            for key, idx in sorted(_entity_indices(self.keys, self.timestamps_ms), key=lambda kv: kv[0])
         ]
 
 

@@ -1,4 +1,5 @@
-"""`stream-detector replay`: the backtesting path. A file is read with `datafiles.read_table`, cut
+"""`stream-detector replay`: the backtesting path. A file is read with `datafiles.read_table` (or a
+range of a topic with `topic_table.read_topic_table`, `--kafka-topic`), cut
 into `EventBatch`es and fed through the same `DetectorCore` the Kafka service runs, so a backtest
 is the production logic, not a second implementation.
 
@@ -29,6 +30,7 @@ from stream_detector.core.bundle import Bundle, BundleError, load_bundle
 from stream_detector.core.events import NO_TIME, EventBatch
 from stream_detector.core.pipeline import DetectorCore
 from stream_detector.core.scorer import Scorer, ScorerError
+from stream_detector.ingest.topic_range import TopicRangeError
 from stream_detector.offline.datafiles import FORMATS, DataFileError, DataTable, read_table
 from stream_detector.offline.scoresfile import SCORES_FILE, write_scores
 
@@ -140,7 +142,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "OUT/alerts.jsonl.",
     )
     p.add_argument("--model", type=Path, help="model bundle directory (default: [model] bundle of the settings)")
-    p.add_argument("--input", required=True, type=Path, help="data file to replay")
+    p.add_argument("--input", type=Path, help="data file to replay (or --kafka-topic)")
+    p.add_argument(
+        "--kafka-topic",
+        help="replay a range of this topic instead of a file, read as the service reads it ([kafka] and [input] "
+        "settings, the service's decoder) without joining or committing to a consumer group",
+    )
+    p.add_argument(
+        "--since",
+        help="with --kafka-topic: first record, as earliest (default), an ISO-8601 time (2026-12-01T00:00Z), "
+        "a duration before now (90m, 6h, 7d) or @OFFSET (every partition)",
+    )
+    p.add_argument("--until", help="with --kafka-topic: end of the range (exclusive), same forms; default latest")
     p.add_argument("--out", required=True, type=Path, help="output directory (created)")
     p.add_argument(
         "--format",
@@ -161,8 +174,38 @@ def replay_settings(args: argparse.Namespace) -> tuple[Settings, Path]:
     return settings, Path(path)
 
 
+def replay_input(args: argparse.Namespace, settings: Settings, bundle: Bundle) -> DataTable:
+    """The file (--input) or the topic range (--kafka-topic) to replay, with the bundle's features."""
+    if (args.input is None) == (args.kafka_topic is None):
+        raise ReplayError("give the data to replay as --input FILE or --kafka-topic TOPIC, one of the two.")
+    if args.kafka_topic is None:
+        if args.since or args.until:
+            raise ReplayError("--since and --until apply to --kafka-topic only.")
+        return read_table(
+            args.input,
+            args.format,
+            features=bundle.features,
+            key_field=settings.input.key_field,
+            timestamp_field=settings.input.timestamp_field,
+        )
+    from stream_detector.offline.topic_table import read_topic_table
+
+    table, r = read_topic_table(settings, args.kafka_topic, args.since, args.until, bundle.features)
+    print(r.summary(), file=sys.stderr)
+    if table.n_rows == 0:
+        raise ReplayError(f"{r.summary()}; nothing to replay.")
+    return table
+
+
 def run_cli(args: argparse.Namespace) -> int:
     if args.format == "log":
+        if args.kafka_topic is not None or args.input is None:
+            print(
+                "stream-detector replay: a log bundle replays a file of raw lines: give --input FILE (replay from a "
+                "topic is built for metric bundles).",
+                file=sys.stderr,
+            )
+            return 2
         from stream_detector.offline.logreplay import run_log_replay_cli
 
         return run_log_replay_cli(args)
@@ -170,23 +213,18 @@ def run_cli(args: argparse.Namespace) -> int:
         settings, path = replay_settings(args)
         bundle: Bundle = load_bundle(path)
         detection = settings.detection.to_core()
-        table = read_table(
-            args.input,
-            args.format,
-            features=bundle.features,
-            key_field=settings.input.key_field,
-            timestamp_field=settings.input.timestamp_field,
-        )
+        table = replay_input(args, settings, bundle)
         core = DetectorCore(bundle, Scorer.from_settings(bundle, settings), detection)
         summary = replay_table(core, table, args.out, batch_size=settings.runtime.max_batch)
-    except (ConfigError, BundleError, DataFileError, ScorerError, ReplayError, ValueError) as e:
+    except (ConfigError, BundleError, DataFileError, ScorerError, ReplayError, TopicRangeError, ValueError) as e:
         print(f"stream-detector replay: {e}", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"stream-detector replay: cannot write the results ({e.strerror}: {e.filename}).", file=sys.stderr)
         return 2
+    source = Path(table.source).name
     print(
-        f"replayed {summary.rows} rows of {args.input.name} ({len(set(table.keys))} entities) on {summary.provider}: "
+        f"replayed {summary.rows} rows of {source} ({len(set(table.keys))} entities) on {summary.provider}: "
         f"{summary.scored} scored, {summary.opens} alerts opened ({summary.alerts} alert events); "
         f"{summary.rows_per_s:,.0f} rows/s, {summary.scored_per_s:,.0f} scored windows/s "
         f"({summary.seconds:.2f} s detection)"

@@ -23,7 +23,7 @@ import orjson
 
 from stream_detector.core.events import NO_TIME, EventBatch
 from stream_detector.core.pipeline import BatchResult
-from stream_detector.service.decode import DeadLetter
+from stream_detector.ingest.decode import DeadLetter
 from stream_detector.service.metrics import Metrics
 from stream_detector.service.stats import RunStats
 

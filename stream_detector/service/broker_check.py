@@ -11,7 +11,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException
 
 from stream_detector.config import Settings
-from stream_detector.service.kafka_config import admin_config
+from stream_detector.ingest.kafka_config import admin_config
 from stream_detector.service.kafka_errors import KafkaIOError
 
 client_log = logging.getLogger("stream_detector.librdkafka")

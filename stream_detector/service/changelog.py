@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from stream_detector.core.events import EventBatch
+from stream_detector.ingest.kafka_config import admin_config, restorer_config
 from stream_detector.service.changelog_format import (
     HISTORY_CHUNK,
     ROW_CHUNK,
@@ -38,7 +39,6 @@ from stream_detector.service.changelog_format import (
     tombstones,
     write_entity,
 )
-from stream_detector.service.kafka_config import admin_config, restorer_config
 
 # The record layout's names stay importable from here (the changelog's public surface).
 __all__ = [

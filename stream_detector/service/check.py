@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from stream_detector.config import ConfigError, Settings, add_settings_arguments, settings_from_args
 from stream_detector.core.bundle import Bundle, BundleError, load_bundle
-from stream_detector.service.kafka_config import check_client_configs
+from stream_detector.ingest.kafka_config import check_client_configs
 from stream_detector.service.kafka_io import KafkaIOError, check_broker
 
 log = logging.getLogger(__name__)
@@ -37,12 +37,17 @@ def load_model(settings: Settings) -> Bundle:
 
 def run_checks(settings: Settings) -> CheckResult:
     from stream_detector.core.scorer import Scorer
+    from stream_detector.service.shadow import load_shadow, shadow_topic
 
     check_client_configs(settings)  # a kafka.consumer/producer value the service refuses
     bundle = load_model(settings)
     scorer = Scorer.from_settings(bundle, settings)
     scorer.warm_up()  # what `run` does before consuming: a model that scores NaN fails the check too
     topics = [*settings.kafka.topics, settings.kafka.alerts_topic, settings.kafka.dlq_topic]
+    shadow = load_shadow(settings, bundle)  # a shadow candidate: readable, the same features, its topic there
+    if shadow is not None:
+        Scorer.from_settings(shadow, settings).warm_up()
+        topics.append(shadow_topic(settings))
     partitions = check_broker(settings, topics)
     return CheckResult(bundle, scorer.provider, partitions)
 

@@ -24,9 +24,9 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from stream_detector.config import Settings
+from stream_detector.ingest.kafka_config import consumer_config, producer_config
 from stream_detector.service.broker_check import NEW_TOPIC_GRACE_S, check_broker
 from stream_detector.service.brokerwatch import BrokerWatch
-from stream_detector.service.kafka_config import consumer_config, producer_config
 from stream_detector.service.kafka_errors import (
     DeliveryError,
     KafkaIOError,

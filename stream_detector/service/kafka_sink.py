@@ -17,9 +17,9 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
 from stream_detector.config import Settings
+from stream_detector.ingest.decode import DeadLetter, dead_letter_headers
+from stream_detector.ingest.kafka_config import producer_config
 from stream_detector.service.brokerwatch import BrokerWatch
-from stream_detector.service.decode import DeadLetter, dead_letter_headers
-from stream_detector.service.kafka_config import producer_config
 from stream_detector.service.kafka_errors import (
     DeliveryError,
     KafkaIOError,

@@ -32,7 +32,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaException, Producer
 
 from stream_detector.config import ConfigError, Settings, add_settings_arguments, settings_from_args
-from stream_detector.service.kafka_config import admin_config, check_client_configs, client_config, producer_config
+from stream_detector.ingest.kafka_config import admin_config, check_client_configs, client_config, producer_config
 from stream_detector.service.kafka_errors import KafkaIOError
 
 log = logging.getLogger(__name__)

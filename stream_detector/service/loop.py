@@ -44,20 +44,21 @@ from stream_detector.config import ConfigError, Settings
 from stream_detector.core.bundle import Bundle
 from stream_detector.core.pipeline import BatchResult, DetectorCore
 from stream_detector.core.scorer import Scorer
+from stream_detector.ingest.decode import Decoder
+from stream_detector.ingest.decode_logs import log_path_for
+from stream_detector.ingest.kafka_config import check_client_configs
 from stream_detector.service.batches import Work, count_batch, decode_work, publish, restrict
 from stream_detector.service.brokerwatch import BrokerWatch
 from stream_detector.service.changelog import Restorer, StateTracker, ensure_changelog_topic
 from stream_detector.service.checkpoint import FAULT_KILL_BEFORE_COMMIT, Checkpointer
-from stream_detector.service.decode import Decoder
-from stream_detector.service.decode_logs import log_path_for
 from stream_detector.service.health import Health
-from stream_detector.service.kafka_config import check_client_configs
 from stream_detector.service.kafka_io import KafkaSource, TransactionAborted, check_broker
 from stream_detector.service.kafka_sink import KafkaSink
 from stream_detector.service.metrics import Metrics, MetricsServer
 from stream_detector.service.ops import Operations, stall_guard
 from stream_detector.service.partitions import PartitionOwner, fmt_tps
 from stream_detector.service.reload import LoadedModel
+from stream_detector.service.shadow import ShadowModel, load_shadow, shadow_topic
 from stream_detector.service.stats import RunStats
 
 log = logging.getLogger(__name__)
@@ -95,9 +96,12 @@ class Detector:
         self.metrics = metrics if metrics is not None else Metrics()  # process_* (RSS, CPU, fds) included
         self.health = health if health is not None else Health.for_runtime(settings.runtime)
         self.broker = BrokerWatch(self.health)  # librdkafka's errors and statistics, failed commits -> /readyz
-        partitions = check_broker(
-            settings, [*settings.kafka.topics, settings.kafka.alerts_topic, settings.kafka.dlq_topic]
-        )
+        shadow = load_shadow(settings, self.bundle)
+        if shadow is not None and log_path is not None:
+            raise ConfigError("a shadow bundle is built for metric bundles; the live model here is a log bundle.")
+        topics = [*settings.kafka.topics, settings.kafka.alerts_topic, settings.kafka.dlq_topic]
+        partitions = check_broker(settings, topics + ([shadow_topic(settings)] if shadow is not None else []))
+        self.shadow = ShadowModel(settings, shadow, self.metrics) if shadow is not None else None
         proc = settings.processing
         self.exactly_once = proc.guarantee == "exactly_once"
         self.changelog_topic = (
@@ -220,6 +224,9 @@ class Detector:
             owner.on_drop(offsets.forget)
             owner.on_drop(lambda gone, _: self.health.revoked(gone))
             owner.on_drop(lambda gone, _: self.metrics.drop_partitions(gone))
+            if self.shadow is not None:
+                owner.on_drop(lambda _, numbers: self.shadow.drop_partitions(numbers) if self.shadow else None)
+                stack.callback(self.shadow.close, rt.shutdown_grace_s)
             self._executor = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="sd-inference"))
             if rt.metrics_port is not None:
                 stack.enter_context(MetricsServer(self.metrics, self.health, port=rt.metrics_port))
@@ -399,6 +406,8 @@ class Detector:
             self.tracker.note_batch(batch)
         if batch is not None and batch.n and self._executor is not None:
             work.future = self._executor.submit(self.core.process, batch)
+            if self.shadow is not None:
+                self.shadow.submit(batch)  # after the live submit, on its own thread (shadow.py)
         self._pending = work
 
     def _drain(self) -> None:

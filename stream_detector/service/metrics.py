@@ -93,6 +93,22 @@ class Metrics:
             registry=r,
         )
         self.alerts = Counter(f"{p}_alerts", "alert events published, by state", ["state"], registry=r)
+        # the shadow candidate (service/shadow.py), labelled by its model version
+        self.shadow_alerts = Counter(
+            f"{p}_shadow_alerts", "the shadow model's alert events, by state", ["model_version", "state"], registry=r
+        )
+        self.shadow_open_alerts = Gauge(
+            f"{p}_shadow_open_alerts", "entities in an open shadow alert", ["model_version"], registry=r
+        )
+        self.shadow_skipped = Counter(
+            f"{p}_shadow_skipped_batches",
+            "batches the shadow model did not score because it was behind (it never holds up live alerts)",
+            ["model_version"],
+            registry=r,
+        )
+        self.shadow_inference = Histogram(
+            f"{p}_shadow_inference_seconds", "the shadow model's time per batch", ["model_version"], registry=r
+        )
         self.open_alerts = Gauge(f"{p}_open_alerts", "entities currently in an open alert", registry=r)
         self.tracked_entities = Gauge(f"{p}_tracked_entities", "entities with window state in memory", registry=r)
         self.evictions = Counter(f"{p}_evictions", "entities evicted (entity cap or idle)", ["cause"], registry=r)

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from stream_detector.core.events import NO_TIME
+from stream_detector.ingest.decode import DeadLetter
 from stream_detector.logs.spec import LogModelSpec
 from stream_detector.logs.stage import LogEventBatch, LogStage
-from stream_detector.service.decode import DeadLetter
 
 
 class LogDecoder:

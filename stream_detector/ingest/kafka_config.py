@@ -1,6 +1,6 @@
 """Kafka client configuration, assembled in one place for every client the service makes.
 
-    client_config(settings, role) -> dict      role: consumer | producer | admin | restorer
+    client_config(settings, role) -> dict      role: consumer | producer | admin | restorer | reader
 
 Every role starts from `kafka.bootstrap_servers` + `kafka.client` + the values of
 `kafka.secret_files` (`KafkaSettings.client_settings()`), so a security setting given once reaches
@@ -15,7 +15,8 @@ every client. Then, per role:
   commits): the same user `kafka.consumer` settings under the same merge guard as the consumer (a
   consumer-only security setting reaches it too, and a setting refused for one is refused for both),
   then what the restorer works by (`_RESTORER_OWN`: its own `group.id`, `read_committed`, partition
-  EOF on). Those are not the user's to choose (e.g. an `isolation.level=read_uncommitted` input in
+  EOF on). The reader (topic_range.py: fit, baseline and replay from a topic) is made the same way. Those
+  are not the user's to choose (e.g. an `isolation.level=read_uncommitted` input in
   at-least-once mode is fine, but state is only ever restored from committed records).
 - producer: `_PRODUCER_DEFAULTS`, the user's `kafka.producer`, then `enable.idempotence=true`.
 - admin (broker check, changelog topic): the common part only.
@@ -30,7 +31,7 @@ from typing import Any, Literal
 
 from stream_detector.config import ConfigError, Settings
 
-Role = Literal["consumer", "producer", "admin", "restorer"]
+Role = Literal["consumer", "producer", "admin", "restorer", "reader"]
 
 # Settings the service's guarantees depend on; a user value that contradicts them is refused.
 _CONSUMER_FIXED = {
@@ -106,12 +107,12 @@ def client_config(settings: Settings, role: Role) -> dict[str, Any]:
         if instance is not None:
             conf["group.instance.id"] = instance
         return conf
-    if role == "restorer":
+    if role in ("restorer", "reader"):
         user = {k: v for k, v in kafka.consumer.items() if k != "statistics.interval.ms"}  # no one reads its statistics
         conf = _merge({**RESTORER_DEFAULTS, **common, **user}, fixed, "consumer")
         conf.update(
             {
-                "group.id": f"{kafka.group_id}-restore",  # required by the client; never joined
+                "group.id": f"{kafka.group_id}-{'restore' if role == 'restorer' else 'range-reader'}",  # never joined
                 "enable.partition.eof": True,  # a partition is restored once its end is reached
                 "isolation.level": "read_committed",  # records of open or aborted transactions are never restored
             }
