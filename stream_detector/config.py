@@ -26,6 +26,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from stream_detector.core.alerts import AlertParams
 from stream_detector.core.pipeline import DetectionSettings
+from stream_detector.core.storms import StormParams
 from stream_detector.core.thresholds import ThresholdParams
 
 ENV_PREFIX = "SD_"
@@ -54,6 +55,10 @@ class KafkaSettings(_Section):
     )
     shadow_alerts_topic: str | None = Field(
         None, description="topic for the shadow model's alerts (model.shadow_bundle); unset = ALERTS_TOPIC.shadow"
+    )
+    control_topic: str | None = Field(
+        None,
+        description="compacted topic of silences and feedback (`stream-detector silence`, `feedback`); unset: none",
     )
     auto_offset_reset: Literal["earliest", "latest"] = Field(
         "earliest", description="where a group without committed offsets starts"
@@ -126,6 +131,7 @@ class ModelSettings(_Section):
 
 _THR = ThresholdParams()
 _ALERT = AlertParams()
+_STORM = StormParams()
 
 
 class DetectionSettingsSection(_Section):
@@ -187,6 +193,25 @@ class DetectionSettingsSection(_Section):
         description="while open, emit `update` when the score grows this many times (0 = never)",
     )
     top_features: int = Field(_ALERT.top_k, ge=1, description="features named in an alert, by error contribution")
+    incident_window_s: float = Field(
+        _STORM.window_ms / 1000,
+        ge=0,
+        description="alerts opening within this (event time) of an incident's first alert join it and do not page "
+        "(0 = every alert pages)",
+    )
+    storm_min_entities: int = Field(
+        _STORM.min_entities, ge=2, description="entities in an incident from which its alerts say storm: true"
+    )
+    feedback_headroom: float = Field(
+        _ALERT.feedback_headroom,
+        ge=1,
+        description="a false-positive verdict stops alerts on this entity's scores up to this x that alert's peak",
+    )
+    feedback_max_factor: float = Field(
+        _ALERT.feedback_max_factor,
+        ge=1,
+        description="... but never on scores above this x the entity's threshold when the verdict came",
+    )
 
     def to_core(self) -> DetectionSettings:
         """The core's settings; ConfigError with one sentence if the combination is unusable."""
@@ -213,13 +238,44 @@ class DetectionSettingsSection(_Section):
                 update_every=self.update_every,
                 update_factor=self.update_factor,
                 top_k=self.top_features,
+                feedback_headroom=self.feedback_headroom,
+                feedback_max_factor=self.feedback_max_factor,
             ),
+            storms=StormParams(window_ms=round(self.incident_window_s * 1000), min_entities=self.storm_min_entities),
         )
         try:
             core.validate()
         except ValueError as e:
             raise ConfigError(f"[detection] {e}") from None
         return core
+
+
+class AlertmanagerSettings(_Section):
+    """The optional Alertmanager sink (service/alertmanager.py): incidents posted to API v2."""
+
+    urls: list[str] = Field(
+        [],
+        description="Alertmanager base URLs (http://host:9093), each sent every alert (an HA cluster wants all); "
+        "empty = no Alertmanager sink",
+    )
+    timeout_s: float = Field(5.0, gt=0, description="bound on one HTTP request to an Alertmanager")
+    resend_interval_s: float = Field(
+        60.0, gt=0, description="open alerts are posted again this often (Alertmanager ends one left unsent)"
+    )
+    extra_labels: dict[str, str] = Field({}, description="labels added to every alert sent (e.g. team, env)")
+    max_pending: int = Field(
+        10_000,
+        ge=1,
+        description="alert events waiting for Alertmanager; beyond it the loop stops consuming until it answers",
+    )
+
+    @field_validator("urls")
+    @classmethod
+    def _http_urls(cls, v: list[str]) -> list[str]:
+        for url in v:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"'{url}' is not an http:// or https:// URL")
+        return [u.rstrip("/") for u in v]
 
 
 class RuntimeSettings(_Section):
@@ -360,6 +416,7 @@ class Settings(BaseSettings):
     detection: DetectionSettingsSection = DetectionSettingsSection()
     runtime: RuntimeSettings = RuntimeSettings()
     processing: ProcessingSettings = ProcessingSettings()
+    alertmanager: AlertmanagerSettings = AlertmanagerSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -8,6 +8,12 @@ of the scoring hop's rate):
 - `resolved`: after `resolve_after` consecutive normal scores; then a cool-down of `cooldown`
   scored events starts during which new crossings open nothing (one incident, one alert).
 
+Incidents (core/storms.py): every `open` joins an incident; its events carry `incident_id`,
+`page` (the first alert of an incident), `incident_size` and `storm`. Feedback: a false-positive
+verdict on an alert sets the entity's `feedback_floor`, a raw score at or below which its scores
+are not anomalous (`learn_false_positive`, bounded by `feedback_max_factor`).
+`silenced` is null here; the service fills it in from the control topic's silences.
+
 `alert_id` is deterministic: sha256 of the model version, the entity key and the source topic,
 partition and offset of the event that opened the alert. Re-processing the same input after a
 crash therefore yields the same ids, and downstream dedupes on them. Each emitted event also has
@@ -26,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from stream_detector.core.events import NO_TIME
+from stream_detector.core.storms import Membership
 
 ALERT_SCHEMA = "stream-detector.alert/1"
 OPEN, UPDATE, RESOLVED = "open", "update", "resolved"
@@ -38,6 +45,8 @@ class AlertParams:
     update_every: int = 0  # while open, emit `update` every N further anomalous scores (0: never)
     update_factor: float = 0.0  # while open, emit `update` when score >= factor x last reported (0: never)
     top_k: int = 3  # features listed in top_features
+    feedback_headroom: float = 1.5  # a false positive's floor: this x the episode's peak score ...
+    feedback_max_factor: float = 10.0  # ... but never above this x the entity's threshold at the verdict
 
     def validate(self) -> None:
         if self.resolve_after < 1:
@@ -48,6 +57,8 @@ class AlertParams:
             raise ValueError(f"update_factor must be 0 (off) or above 1, got {self.update_factor}.")
         if self.top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {self.top_k}.")
+        if self.feedback_headroom < 1.0 or self.feedback_max_factor < 1.0:
+            raise ValueError("feedback_headroom and feedback_max_factor must be at least 1.")
 
 
 @dataclass(frozen=True)
@@ -73,7 +84,12 @@ class AlertState:
         "peak_score",
         "n_anomalous",
         "cooldown_left",
+        "incident_id",
+        "feedback_floor",
+        "recent",
     )
+
+    _RECENT = 4  # resolved alerts remembered for feedback that comes after they ended
 
     def __init__(self) -> None:
         self.alert_id: str | None = None  # set while an alert is open
@@ -84,6 +100,9 @@ class AlertState:
         self.peak_score = 0.0
         self.n_anomalous = 0
         self.cooldown_left = 0
+        self.incident_id: str | None = None  # the incident of the open alert (core/storms.py)
+        self.feedback_floor = 0.0  # raw score at or below which nothing is anomalous (0: none)
+        self.recent: list[tuple[str, float]] = []  # (alert id, peak score) of the last resolved alerts
 
     @property
     def is_open(self) -> bool:
@@ -126,10 +145,27 @@ class AlertState:
         self.opened_by = source
 
     def closed(self, params: AlertParams) -> None:
+        if self.alert_id is not None:
+            self.recent = [*self.recent, (self.alert_id, self.peak_score)][-self._RECENT :]
         self.alert_id = None
         self.opened_by = None
         self.normal_run = 0
         self.cooldown_left = params.cooldown
+
+    def learn_false_positive(self, alert_id: str, threshold: float, params: AlertParams) -> float | None:
+        """A `false_positive` verdict on `alert_id` (open now or among the recent ones): scores up to
+        `feedback_headroom` x that episode's peak stop being anomalous for this entity, bounded by
+        `feedback_max_factor` x its current `threshold` so that one verdict cannot blind it. Returns
+        the floor, or None if the alert is not this entity's. Applying it again changes nothing."""
+        peak = self.peak_score if alert_id == self.alert_id else dict(self.recent).get(alert_id)
+        if peak is None:
+            return None
+        floor = min(peak * params.feedback_headroom, threshold * params.feedback_max_factor)
+        self.feedback_floor = max(self.feedback_floor, floor)
+        return self.feedback_floor
+
+    def knows(self, alert_id: str) -> bool:
+        return alert_id == self.alert_id or any(a == alert_id for a, _ in self.recent)
 
     def state(self) -> dict[str, Any]:
         return {
@@ -141,6 +177,9 @@ class AlertState:
             "peak_score": self.peak_score,
             "n_anomalous": self.n_anomalous,
             "cooldown_left": self.cooldown_left,
+            "incident_id": self.incident_id,
+            "feedback_floor": self.feedback_floor,
+            "recent": [list(r) for r in self.recent],
         }
 
     @classmethod
@@ -155,6 +194,10 @@ class AlertState:
         s.peak_score = float(d["peak_score"])
         s.n_anomalous = int(d["n_anomalous"])
         s.cooldown_left = int(d["cooldown_left"])
+        # absent from states written before incidents and feedback existed
+        s.incident_id = d.get("incident_id")
+        s.feedback_floor = float(d.get("feedback_floor", 0.0))
+        s.recent = [(str(a), float(p)) for a, p in d.get("recent", [])]
         return s
 
 
@@ -204,10 +247,14 @@ def alert_event(
     top_k: int,
     calibrated: float | None = None,
     calibrated_threshold: float | None = None,
+    incident: Membership | None = None,
 ) -> dict[str, Any]:
     """The contract-3 alert event (a JSON-ready dict) for an event just emitted by `alert.step`.
-    `calibrated` is the score's surprise (core/calibration.py) where the threshold method has one."""
+    `calibrated` is the score's surprise (core/calibration.py) where the threshold method has one;
+    `incident` its incident (core/storms.py; None: an incident of its own that pages on open)."""
     assert alert.alert_id is not None and alert.opened_by is not None
+    if incident is None:
+        incident = Membership(alert.incident_id or alert.alert_id, state == OPEN, 1, False)
     return {
         "schema": ALERT_SCHEMA,
         "alert_id": alert.alert_id,
@@ -228,4 +275,9 @@ def alert_event(
         "source": source.to_json(),
         "opened_by": alert.opened_by.to_json(),
         "top_features": top_features(feature_errors, feature_names, top_k),
+        "incident_id": incident.incident_id,
+        "page": incident.page,
+        "incident_size": incident.size,
+        "storm": incident.storm,
+        "silenced": None,
     }

@@ -24,8 +24,9 @@ from stream_detector.core.alerts import OPEN, RESOLVED, AlertParams, AlertState,
 from stream_detector.core.bundle import Bundle
 from stream_detector.core.calibration import ScoreReference
 from stream_detector.core.device_windows import DeviceWindows
-from stream_detector.core.events import EventBatch
+from stream_detector.core.events import NO_TIME, EventBatch
 from stream_detector.core.scorer import Scorer
+from stream_detector.core.storms import StormGrouper, StormParams
 from stream_detector.core.thresholds import (
     Threshold,
     ThresholdParams,
@@ -49,6 +50,7 @@ class DetectionSettings:
     idle_timeout_ms: int | None = 24 * 3600 * 1000  # evict entities silent this long (event time); None: never
     threshold: ThresholdParams = field(default_factory=ThresholdParams)
     alerts: AlertParams = field(default_factory=AlertParams)
+    storms: StormParams = field(default_factory=StormParams)
 
     def validate(self) -> None:
         """Raise ValueError with one sentence if a value is unusable."""
@@ -60,6 +62,7 @@ class DetectionSettings:
             raise ValueError(f"idle_timeout_ms must be positive or unset, got {self.idle_timeout_ms}.")
         self.threshold.validate()
         self.alerts.validate()
+        self.storms.validate()
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,7 @@ class DetectorCore:
         )
         self._thresholds: list[Threshold | None] = []
         self._alerts: list[AlertState | None] = []
+        self.storms = StormGrouper(settings.storms)
         self._features = list(bundle.features)
         self._use_calibration(bundle)
         # Device-resident windows (device_windows.py): None = on when the scorer runs on CUDA.
@@ -196,6 +200,10 @@ class DetectorCore:
             if a is None:
                 a = alert_by_slot[s] = AlertState()
             t, anom = thr.observe(score)
+            floor = a.feedback_floor  # a false-positive verdict's floor (AlertState.learn_false_positive)
+            if floor:
+                anom = anom and score > floor
+                t = max(t, floor)
             thr_values[j] = t
             if anom:
                 anomalous[j] = True  # the threshold's judgement (a calibrated run can be anomalous below t)
@@ -214,15 +222,23 @@ class DetectorCore:
             if ev is not None:
                 key = batch.keys[i]
                 source = Source(batch.topic[i], int(batch.partition[i]), int(batch.offset[i]))
+                event_time_ms = int(batch.event_time_ms[i])
                 if ev == OPEN:
-                    a.opened(make_alert_id(model_version, key, source), source)
+                    alert_id = make_alert_id(model_version, key, source)
+                    a.opened(alert_id, source)
+                    incident = self.storms.join(
+                        alert_id, key, detected_at_ms if event_time_ms == NO_TIME else event_time_ms
+                    )
+                    a.incident_id = incident.incident_id
+                else:
+                    incident = self.storms.member(a.incident_id or a.alert_id or "")
                 alerts.append(
                     alert_event(
                         state=ev,
                         alert=a,
                         key=key,
                         source=source,
-                        event_time_ms=int(batch.event_time_ms[i]),
+                        event_time_ms=event_time_ms,
                         detected_at_ms=detected_at_ms,
                         score=score,
                         threshold=t,
@@ -232,6 +248,7 @@ class DetectorCore:
                         top_k=params.top_k,
                         calibrated=surprise.get(j),
                         calibrated_threshold=self._calibrated_level,
+                        incident=incident,
                     )
                 )
                 if ev == RESOLVED:
@@ -266,7 +283,30 @@ class DetectorCore:
         self.scorer = scorer
         self._features = list(bundle.features)
         self._thresholds = [None] * len(self._thresholds)
+        for a in self._alerts:  # feedback floors are raw scores of the old model
+            if a is not None:
+                a.feedback_floor = 0.0
         self.device = self._device_for(bundle, scorer)  # the new model's graphs; the ring is re-sent
+
+    # ------------------------------------------------------------------ feedback (control topic)
+    def learn_false_positive(self, alert_id: str, key: str | None = None) -> tuple[int, str, float] | None:
+        """A `false_positive` verdict: the entity whose open or recent alert is `alert_id` stops
+        alerting on scores like that episode's (AlertState.learn_false_positive). Returns
+        (partition, key, floor), or None when no entity held here knows the alert (another
+        instance of the group may hold it). Call it only between batches."""
+        for partition, k in self.store.entities() if key is None else self._entities_named(key):
+            slot = self.store.slot_of(partition, k)
+            a = None if slot is None else self._alerts[slot]
+            if a is None or not a.knows(alert_id):
+                continue
+            thr = self._thresholds[slot] if slot is not None else None
+            threshold = thr.threshold() if thr is not None else self._initial_threshold
+            floor = a.learn_false_positive(alert_id, threshold, self.settings.alerts)
+            return None if floor is None else (partition, k, floor)
+        return None
+
+    def _entities_named(self, key: str) -> list[tuple[int, str]]:
+        return [(p, k) for p, k in self.store.entities() if k == key]
 
     # ------------------------------------------------------------------ rebalance, changelog
     def drop_partitions(self, partitions: Iterable[int]) -> int:
