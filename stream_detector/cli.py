@@ -19,6 +19,7 @@ SUBCOMMAND_MODULES: list[str] = [
     "stream_detector.service.leave",
     "stream_detector.offline.replay",
     "stream_detector.offline.compare",
+    "stream_detector.service.control_cli",
 ]
 
 

@@ -80,3 +80,17 @@ def test_cli_file_mode_writes_normal_csv(tmp_path):
     assert (tmp_path / "t.jsonl").read_text() == ""  # file mode defaults to normal data
     bad = subprocess.run([sys.executable, "-m", "stream_detector.cli", "simulate", "--kinds", "meteor", "--out", str(out)], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "meteor" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_fleet_fault_hits_every_entity_at_once_and_nothing_else_overlaps_it():
+    cfg = SimConfig(entities=12, features=6, anomaly_rate=4.0, seed=3, fleet_fault_tick=400, fleet_fault_ticks=50)
+    sim = Simulator(cfg, 900)
+    fault = [a for a in sim.truth if a.kind == "fleet_fault"]
+    assert sorted(a.entity for a in fault) == sim.keys and {(a.start, a.end) for a in fault} == {(400, 450)}
+    assert len({a.features for a in fault}) == 1, "the same sensors on every entity"
+    own = [a for a in sim.truth if a.kind != "fleet_fault"]
+    assert own and all(a.end + cfg.min_gap <= 400 or a.start >= 450 + cfg.min_gap for a in own)
+    _, _, rows = sim.frame()
+    _, _, clean = Simulator(SimConfig(entities=12, features=6, seed=3), 900).frame()
+    moved = np.abs(rows - clean).reshape(900, 12, 6).max(axis=(1, 2)) > 1e-9
+    assert moved[400:450].all(), "every tick of the fault differs from the clean run"

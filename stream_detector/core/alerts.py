@@ -86,6 +86,7 @@ class AlertState:
         "cooldown_left",
         "incident_id",
         "feedback_floor",
+        "feedback_cap",
         "recent",
     )
 
@@ -102,6 +103,7 @@ class AlertState:
         self.cooldown_left = 0
         self.incident_id: str | None = None  # the incident of the open alert (core/storms.py)
         self.feedback_floor = 0.0  # raw score at or below which nothing is anomalous (0: none)
+        self.feedback_cap = 0.0  # the open alert was called a false positive: its floor's bound, set on resolve
         self.recent: list[tuple[str, float]] = []  # (alert id, peak score) of the last resolved alerts
 
     @property
@@ -147,6 +149,11 @@ class AlertState:
     def closed(self, params: AlertParams) -> None:
         if self.alert_id is not None:
             self.recent = [*self.recent, (self.alert_id, self.peak_score)][-self._RECENT :]
+        if self.feedback_cap:  # a false positive while open: the floor covers the whole episode
+            self.feedback_floor = max(
+                self.feedback_floor, min(self.peak_score * params.feedback_headroom, self.feedback_cap)
+            )
+            self.feedback_cap = 0.0
         self.alert_id = None
         self.opened_by = None
         self.normal_run = 0
@@ -156,12 +163,15 @@ class AlertState:
         """A `false_positive` verdict on `alert_id` (open now or among the recent ones): scores up to
         `feedback_headroom` x that episode's peak stop being anomalous for this entity, bounded by
         `feedback_max_factor` x its current `threshold` so that one verdict cannot blind it. Returns
-        the floor, or None if the alert is not this entity's. Applying it again changes nothing."""
+        the floor, or None if the alert is not this entity's. Applying it again changes nothing.
+        For an alert still open, the floor grows with the episode's peak until it resolves."""
         peak = self.peak_score if alert_id == self.alert_id else dict(self.recent).get(alert_id)
         if peak is None:
             return None
-        floor = min(peak * params.feedback_headroom, threshold * params.feedback_max_factor)
-        self.feedback_floor = max(self.feedback_floor, floor)
+        cap = threshold * params.feedback_max_factor
+        if alert_id == self.alert_id:
+            self.feedback_cap = max(self.feedback_cap, cap)
+        self.feedback_floor = max(self.feedback_floor, min(peak * params.feedback_headroom, cap))
         return self.feedback_floor
 
     def knows(self, alert_id: str) -> bool:
@@ -179,6 +189,7 @@ class AlertState:
             "cooldown_left": self.cooldown_left,
             "incident_id": self.incident_id,
             "feedback_floor": self.feedback_floor,
+            "feedback_cap": self.feedback_cap,
             "recent": [list(r) for r in self.recent],
         }
 
@@ -197,6 +208,7 @@ class AlertState:
         # absent from states written before incidents and feedback existed
         s.incident_id = d.get("incident_id")
         s.feedback_floor = float(d.get("feedback_floor", 0.0))
+        s.feedback_cap = float(d.get("feedback_cap", 0.0))
         s.recent = [(str(a), float(p)) for a, p in d.get("recent", [])]
         return s
 

@@ -51,6 +51,7 @@ MISSING_FEATURE = "missing-feature"
 NON_NUMERIC = "non-numeric"
 NON_FINITE = "non-finite"
 BAD_TIMESTAMP = "bad-timestamp"
+BAD_CONTROL_RECORD = "bad_control_record"  # a control-topic record (ingest/control.py), not an input event
 
 _NUMBER_TYPES = frozenset((int, float))  # bool is excluded on purpose: type(True) is bool
 

@@ -18,6 +18,10 @@ Anomaly kinds (`KINDS`): spike (1-3 ticks, a few sensors jump), level_shift (a b
 moves and stays), drift (a ramp that grows to the full size), correlation_break (some sensors
 follow their latent drivers with the sign flipped: marginals unchanged, correlations broken) and
 stuck (sensors freeze at their last value). Spike and level shift are the strong kinds.
+A fleet-wide fault (`fleet_fault_tick`, `--fleet-fault TICK[:TICKS]`) is one level shift of the
+same sensors on every entity at the same tick (a bad deploy, a shared dependency down): each
+entity's truth holds it as kind `fleet_fault`, and an entity's own anomalies that would overlap it
+are left out.
 
 Randomness: the anomaly plan and the normal signal come from separate streams of one seed, so a
 run with anomalies equals the clean run of the same seed everywhere outside the ground truth.
@@ -75,6 +79,8 @@ class SimConfig:
     start_ms: int = 1_700_000_000_000
     key_prefix: str = "machine-"
     seed: int = 0
+    fleet_fault_tick: int = -1  # tick at which a fault hits every entity at once (-1: none)
+    fleet_fault_ticks: int = 60  # its length
 
     def validate(self) -> None:
         if self.entities < 1 or self.features < 1 or self.latent < 1 or self.period < 2:
@@ -84,6 +90,8 @@ class SimConfig:
             raise ValueError(f"unknown anomaly kind(s) {unknown}; choose from {', '.join(KINDS)}.")
         if self.anomaly_rate < 0 or self.noise < 0 or self.magnitude <= 0:
             raise ValueError("anomaly_rate and noise must not be negative and magnitude must be positive.")
+        if self.fleet_fault_tick >= 0 and self.fleet_fault_ticks < 1:
+            raise ValueError("a fleet-wide fault must last at least one tick.")
 
 
 @dataclass(frozen=True)
@@ -163,7 +171,7 @@ class Simulator:
                 active = [a for a in active if a.end > t]
                 for a in active:
                     e, fi = a.entity_index, list(a.feature_index)
-                    if a.kind in ("spike", "level_shift"):
+                    if a.kind in ("spike", "level_shift", "fleet_fault"):
                         signal[e, fi] += a.sign * a.size
                     elif a.kind == "drift":
                         signal[e, fi] += a.sign * a.size * (t - a.start + 1) / (a.end - a.start)
@@ -201,10 +209,8 @@ def plan_anomalies(
 ) -> list[Anomaly]:
     """Non-overlapping anomalies per entity: gaps are geometric with mean 1000 / anomaly_rate ticks."""
     out: list[Anomaly] = []
-    if c.anomaly_rate <= 0:
-        return out
     p = min(1.0, c.anomaly_rate / 1000.0)
-    for e, key in enumerate(keys):
+    for e, key in enumerate(keys if c.anomaly_rate > 0 else ()):
         t = c.warmup + int(rng.geometric(p)) - 1
         while True:
             kind = str(rng.choice(c.kinds))
@@ -237,8 +243,40 @@ def plan_anomalies(
                 )
             )
             t = end + c.min_gap + int(rng.geometric(p)) - 1
+    if c.fleet_fault_tick >= 0:
+        out = _with_fleet_fault(c, n_ticks, rng, keys, names, out)
     out.sort(key=lambda a: (a.start, a.entity_index))
     return out
+
+
+def _with_fleet_fault(
+    c: SimConfig, n_ticks: int, rng: np.random.Generator, keys: Sequence[str], names: Sequence[str], own: list[Anomaly]
+) -> list[Anomaly]:
+    """The entities' own anomalies that do not overlap it (with the gap), plus the fleet-wide fault on each."""
+    start = c.fleet_fault_tick
+    end = min(n_ticks, start + c.fleet_fault_ticks)
+    if start >= end:
+        return own
+    k = min(c.features, 4)
+    fi = tuple(sorted(int(i) for i in rng.choice(c.features, size=k, replace=False)))
+    kept = [a for a in own if a.end + c.min_gap <= start or a.start >= end + c.min_gap]
+    fault = [
+        Anomaly(
+            key,
+            "fleet_fault",
+            start,
+            end,
+            c.start_ms + start * c.interval_ms,
+            c.start_ms + end * c.interval_ms,
+            tuple(names[i] for i in fi),
+            e,
+            fi,
+            1.0,
+            c.magnitude,
+        )
+        for e, key in enumerate(keys)
+    ]
+    return kept + fault
 
 
 def write_truth(path: str | Path, truth: Sequence[Anomaly]) -> None:
@@ -330,9 +368,25 @@ def produce(
 # ---- CLI --------------------------------------------------------------------------------------
 
 
+def _fleet_fault(value: str | None) -> tuple[int, int]:
+    """`TICK` or `TICK:TICKS` -> (fleet_fault_tick, fleet_fault_ticks); ValueError with one sentence."""
+    default = SimConfig()
+    if not value:
+        return default.fleet_fault_tick, default.fleet_fault_ticks
+    tick, _, length = value.partition(":")
+    try:
+        out = int(tick), int(length) if length else default.fleet_fault_ticks
+    except ValueError:
+        raise ValueError(f"--fleet-fault takes TICK or TICK:TICKS (whole numbers), not {value!r}.") from None
+    if out[0] < 0:
+        raise ValueError("--fleet-fault: the tick must not be negative.")
+    return out
+
+
 def handle(args: argparse.Namespace) -> int:
     try:
         kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+        fault_tick, fault_ticks = _fleet_fault(args.fleet_fault)
         rate_default = 0.0 if args.out else 2.0
         cfg = SimConfig(
             entities=args.entities,
@@ -343,6 +397,8 @@ def handle(args: argparse.Namespace) -> int:
             kinds=kinds,
             magnitude=args.magnitude,
             interval_ms=args.interval_ms,
+            fleet_fault_tick=fault_tick,
+            fleet_fault_ticks=fault_ticks,
         )
         cfg.validate()
     except ValueError as e:
@@ -411,6 +467,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--kinds", default=",".join(KINDS), help=f"anomaly kinds (default {','.join(KINDS)})")
     p.add_argument(
         "--magnitude", type=float, default=6.0, help="anomaly size in signal standard deviations (default 6)"
+    )
+    p.add_argument(
+        "--fleet-fault",
+        metavar="TICK[:TICKS]",
+        help="a fault hitting every entity at this tick, for TICKS ticks (default 60): one incident, not N",
     )
     p.add_argument("--truth", help="write the ground truth (one anomaly per line) to this JSONL file")
     p.add_argument("--truth-topic", help="also send the ground truth to this topic")

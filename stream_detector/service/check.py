@@ -2,8 +2,9 @@
 
 Validates the settings, loads and verifies the bundle, opens the scorer with the configured
 provider (so `require_cuda` is checked too), then connects to the broker with a bounded timeout
-and checks that the input, alerts and dead-letter topics exist. Exit 0 with a short summary, or
-exit 2 (bad settings or bundle) / 1 (broker problem) with one sentence.
+and checks that the input, alerts and dead-letter topics exist, and that every configured
+Alertmanager answers. Exit 0 with a short summary, or exit 2 (bad settings or bundle) / 1 (broker
+or Alertmanager problem) with one sentence.
 """
 
 from __future__ import annotations
@@ -16,9 +17,14 @@ from dataclasses import dataclass
 from stream_detector.config import ConfigError, Settings, add_settings_arguments, settings_from_args
 from stream_detector.core.bundle import Bundle, BundleError, load_bundle
 from stream_detector.ingest.kafka_config import check_client_configs
+from stream_detector.service.alertmanager import check_alertmanager
 from stream_detector.service.kafka_io import KafkaIOError, check_broker
 
 log = logging.getLogger(__name__)
+
+
+class AlertmanagerUnreachable(Exception):
+    """A configured Alertmanager does not answer; the message is one sentence naming it."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,10 @@ def run_checks(settings: Settings) -> CheckResult:
         Scorer.from_settings(shadow, settings).warm_up()
         topics.append(shadow_topic(settings))
     partitions = check_broker(settings, topics)
+    if settings.alertmanager.urls:
+        problem = check_alertmanager(settings.alertmanager)
+        if problem is not None:
+            raise AlertmanagerUnreachable(problem)
     return CheckResult(bundle, scorer.provider, partitions)
 
 
@@ -61,7 +71,7 @@ def handle(args: argparse.Namespace) -> int:
     except (ConfigError, BundleError, ScorerError) as e:
         print(f"check failed: {e}", file=sys.stderr)
         return 2
-    except KafkaIOError as e:
+    except (KafkaIOError, AlertmanagerUnreachable) as e:
         print(f"check failed: {e}", file=sys.stderr)
         return 1
     b = result.bundle
@@ -81,6 +91,8 @@ def handle(args: argparse.Namespace) -> int:
         f"broker ok: {settings.kafka.bootstrap_servers}; input {inputs}; alerts {settings.kafka.alerts_topic}; "
         f"dead letters {settings.kafka.dlq_topic}"
     )
+    if settings.alertmanager.urls:
+        print(f"alertmanager ok: {', '.join(settings.alertmanager.urls)} ready")
     return 0
 
 

@@ -47,11 +47,15 @@ from stream_detector.core.scorer import Scorer
 from stream_detector.ingest.decode import Decoder
 from stream_detector.ingest.decode_logs import log_path_for
 from stream_detector.ingest.kafka_config import check_client_configs
+from stream_detector.service.alertmanager import AlertmanagerSink
 from stream_detector.service.batches import Work, count_batch, decode_work, publish, restrict
 from stream_detector.service.brokerwatch import BrokerWatch
 from stream_detector.service.changelog import Restorer, StateTracker, ensure_changelog_topic
 from stream_detector.service.checkpoint import FAULT_KILL_BEFORE_COMMIT, Checkpointer
+from stream_detector.service.control import ControlReader, ensure_control_topic
+from stream_detector.service.control_state import ControlState
 from stream_detector.service.health import Health
+from stream_detector.service.kafka_errors import DeliveryError
 from stream_detector.service.kafka_io import KafkaSource, TransactionAborted, check_broker
 from stream_detector.service.kafka_sink import KafkaSink
 from stream_detector.service.metrics import Metrics, MetricsServer
@@ -110,6 +114,12 @@ class Detector:
             else None
         )
         self.tracker = StateTracker(self.bundle.window, settings.detection.history) if proc.changelog else None
+        # silences and feedback (control topic), incidents to Alertmanager: docs/operations.md "Alerting pipelines"
+        self.control_topic = ensure_control_topic(settings) if settings.kafka.control_topic else None
+        self.control = ControlState()
+        self._control: ControlReader | None = None
+        self._alertmanager: AlertmanagerSink | None = None
+        self._feedback_counted = 0
         self.health.broker_reachable()
         self.health.model_loaded(self.bundle.model_version)
         self.metrics.set_model(
@@ -190,6 +200,14 @@ class Detector:
             txn_id = proc.transactional_id_for(self.settings.kafka.group_id) if self.exactly_once else None
             self._sink = sink = KafkaSink(self.settings, transactional_id=txn_id, watch=self.broker)
             stack.callback(sink.close, rt.shutdown_grace_s)
+            if self.settings.alertmanager.urls:
+                self._alertmanager = AlertmanagerSink(self.settings.alertmanager)
+                stack.callback(self._alertmanager.close, rt.shutdown_grace_s)
+            if self.control_topic is not None:
+                # every silence and verdict so far is known before the first event is scored
+                self._control = ControlReader(self.settings, self.control_topic)
+                stack.callback(self._control.close)
+                self._apply_control(*self._control.catch_up(self.settings.kafka.timeout_s))
             restorer = None
             if self.changelog_topic is not None:
                 restorer = Restorer(self.settings, self.changelog_topic, self.bundle.window)
@@ -265,6 +283,7 @@ class Detector:
                 )
                 try:
                     self._process_rest()
+                    self._wait_for_alertmanager(rt.shutdown_grace_s)
                     self._checkpoint()
                 except TransactionAborted as e:  # nothing of the open transaction is visible; a restart redoes it
                     log.warning("the final transaction was aborted (%s); its input is re-processed on restart", e)
@@ -282,6 +301,13 @@ class Detector:
         if self._rewind_needed:
             self._rewind("partitions were lost")
         self._advance()
+        am = self._alertmanager
+        if am is not None and am.pending >= self.settings.alertmanager.max_pending:
+            # Backpressure: Alertmanager is not taking alerts; scoring goes on only once it does.
+            t = time.monotonic()
+            self._stop.wait(0.05)
+            self.stats.backpressure_s += time.monotonic() - t
+            return
         pending = self._pending
         if pending is not None and self._held() >= rt.max_inflight * rt.max_batch:
             # Backpressure: hold what was consumed, let inference catch up; the prefetch stays.
@@ -339,6 +365,9 @@ class Detector:
         forming_due = self._forming and (
             len(self._forming) >= rt.max_batch or time.monotonic() >= self._forming_since + rt.max_wait_ms / 1000
         )
+        if self._alertmanager is not None:
+            self._alertmanager.poll()  # delivered incidents count down their batches' tickets
+            self.metrics.alertmanager_pending.set(self._alertmanager.pending)
         done = self._pending
         if done is not None and done.future is not None and not done.future.done():
             if forming_due and not self._ready and rt.max_inflight > 1:
@@ -430,7 +459,12 @@ class Detector:
         assert sink is not None and offsets is not None
         inference_s = time.monotonic() - work.started
         ticket = offsets.ticket()
+        if result is not None and result.alerts:
+            self.metrics.alerts_silenced.inc(self.control.mark_silenced(result.alerts))
         alerts = publish(sink, work, result, ticket)
+        if self._alertmanager is not None:
+            for a in alerts:
+                self._to_alertmanager(a, ticket)
         offsets.delivered(work.seq, work.positions, ticket, len(alerts))
         count_batch(
             self.stats,
@@ -442,6 +476,56 @@ class Detector:
             self.settings.runtime.max_batch,
             int(time.time() * 1000),
         )
+
+    def _to_alertmanager(self, alert: dict[str, Any], ticket: Any) -> None:
+        """At-least-once: the batch's offsets are stored only once every Alertmanager accepted its
+        alerts too (its ticket counts them). Exactly-once: Alertmanager is outside the transaction;
+        the sink retries while the process lives (docs/operations.md)."""
+        assert self._alertmanager is not None
+        if ticket is None:
+            self._alertmanager.submit(alert, _nothing)
+            return
+        ticket.pending += 1
+
+        def accepted() -> None:
+            ticket.pending -= 1
+
+        self._alertmanager.submit(alert, accepted)
+
+    def _wait_for_alertmanager(self, grace: float) -> None:
+        """At shutdown: give Alertmanager `grace` seconds for what it has not accepted; if it still
+        has not, the run ends with an error and those batches' offsets are not committed, so a
+        restart sends their alerts again."""
+        am = self._alertmanager
+        if am is None:
+            return
+        deadline = time.monotonic() + grace
+        while am.pending and time.monotonic() < deadline:
+            am.poll()
+            time.sleep(0.05)
+        am.poll()
+        if am.pending:
+            raise DeliveryError(
+                f"{am.pending} alert event(s) did not reach Alertmanager within {grace:g} s "
+                f"({am.last_error or 'no answer'}); their input is processed again on restart."
+            )
+
+    def _apply_control(self, records: list[Any], dead: list[Any]) -> None:
+        """Silences and verdicts read from the control topic; malformed records to the dead-letter topic."""
+        self.control.apply(records, self.core)
+        if dead and self._sink is not None:
+            for d in dead:
+                m = d.message
+                log.warning("bad control record %s[%d]@%d: %s", m.topic(), m.partition(), m.offset(), d.detail)
+                self._sink.dead_letter(d)
+            self.metrics.events_dead_lettered.labels(reason=dead[0].reason).inc(len(dead))
+        self._count_feedback()
+
+    def _count_feedback(self) -> None:
+        new = self.control.applied - self._feedback_counted
+        if new:
+            self.metrics.feedback_applied.inc(new)
+            self._feedback_counted = self.control.applied
 
     # ------------------------------------------------------------------ checkpoints (checkpoint.py)
     def _checkpoint(self) -> None:
@@ -517,10 +601,19 @@ class Detector:
     def _between_batches(self) -> None:
         """Restore changelog state, write a checkpoint slice, swap in a reloaded model, refresh
         state metrics; only here is the core not in use."""
+        restored = False
         if self.partitions is not None:
+            was_restoring = self.partitions.busy
             self.partitions.restore_step()
+            restored = was_restoring and not self.partitions.busy
         if self.offsets is not None:
             self.offsets.write_slice()
+        if self._control is not None:
+            records, dead = self._control.poll()
+            if records or dead:
+                self._apply_control(records, dead)
+            self.control.retry(self.core, now=restored)  # entities just restored may be what verdicts wait for
+            self._count_feedback()
         loaded = self.reloader.poll()
         if loaded is not None:
             self._swap_model(loaded)
@@ -549,3 +642,7 @@ class Detector:
             loaded.bundle.model_version,
         )
         self._notify_ready()
+
+
+def _nothing() -> None:
+    pass

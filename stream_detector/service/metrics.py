@@ -109,6 +109,15 @@ class Metrics:
         self.shadow_inference = Histogram(
             f"{p}_shadow_inference_seconds", "the shadow model's time per batch", ["model_version"], registry=r
         )
+        self.alerts_silenced = Counter(
+            f"{p}_alerts_silenced", "alert events published marked silenced (never sent to Alertmanager)", registry=r
+        )
+        self.alertmanager_pending = Gauge(
+            f"{p}_alertmanager_pending", "alert events not yet accepted by every Alertmanager", registry=r
+        )
+        self.feedback_applied = Counter(
+            f"{p}_feedback_false_positives", "false-positive verdicts applied to an entity's threshold", registry=r
+        )
         self.open_alerts = Gauge(f"{p}_open_alerts", "entities currently in an open alert", registry=r)
         self.tracked_entities = Gauge(f"{p}_tracked_entities", "entities with window state in memory", registry=r)
         self.evictions = Counter(f"{p}_evictions", "entities evicted (entity cap or idle)", ["cause"], registry=r)
