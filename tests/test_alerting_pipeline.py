@@ -196,3 +196,16 @@ def test_false_positive_verdict_stops_the_same_pattern_but_not_a_larger_one(kafk
     assert len(opened) == 2, f"the pattern and the larger one, not the repeat: {ticks}"
     t2 = (int(np.datetime64(opened[1]["event_time"].rstrip("Z"), "ms").astype(np.int64)) - sim.config.start_ms) // 1000
     assert 520 <= t2 < 535, "the second alert is the larger pattern"
+
+
+def test_check_names_an_unreachable_alertmanager_in_one_sentence(kafka_bootstrap, make_topic, bundle, make_alertmanager, capsys):
+    from stream_detector.cli import main
+
+    kafka = topics(make_topic)
+    up, down = make_alertmanager(), make_alertmanager(start=False)
+    args = ["check", "--kafka.bootstrap-servers", kafka_bootstrap, "--kafka.topics", kafka["topics"][0], "--kafka.alerts-topic", kafka["alerts_topic"], "--kafka.dlq-topic", kafka["dlq_topic"], "--model.bundle", str(bundle.path), "--model.provider", "cpu"]
+    assert main([*args, "--alertmanager.urls", up.url]) == 0
+    assert f"alertmanager ok: {up.url}" in capsys.readouterr().out
+    assert main([*args, "--alertmanager.urls", f"{up.url},{down.url}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and down.url in err and "Traceback" not in err

@@ -245,3 +245,22 @@ def test_bad_extra_labels_are_refused() -> None:
         AlertmanagerSink(AlertmanagerSettings(urls=["http://127.0.0.1:1"], extra_labels={"a-b": "x"}))
     with pytest.raises(ValueError, match="would replace"):
         AlertmanagerSink(AlertmanagerSettings(urls=["http://127.0.0.1:1"], extra_labels={"entity": "x"}))
+
+
+def test_forget_lets_go_of_incidents_whose_partitions_moved_away(
+    make_alertmanager: Callable[..., AlertmanagerProcess],
+) -> None:
+    down = make_alertmanager(start=False)  # nothing is accepted: only `forget` can settle an event
+    sink = sink_for(down.url)
+    done = Done()
+    moved = event("open", "h1")
+    stays = event("open", "h2")
+    stays["source"] = {"topic": "observations", "partition": 1, "offset": 3}
+    sink.submit(moved, done)
+    sink.submit(stays, done)
+    try:
+        assert sink.forget({("observations", 0)}) == 1
+        assert sink.poll() == 1 and sink.pending == 1, "the moved incident's event no longer holds its batch"
+        assert sink.forget({("observations", 0)}) == 0 and sink.pending == 1
+    finally:
+        sink.close(0.1)

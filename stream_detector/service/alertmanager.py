@@ -51,6 +51,7 @@ class _Member:
     threshold: float
     top_features: list[dict[str, Any]]
     resolved: bool
+    partition: tuple[str, int] = ("", -1)  # the input partition of its entity
 
 
 @dataclass
@@ -120,6 +121,7 @@ class AlertmanagerSink:
             threshold=float(event["threshold"]),
             top_features=list(event.get("top_features") or []),
             resolved=resolved,
+            partition=(str(event["source"]["topic"]), int(event["source"]["partition"])),
         )
         self._pending += 1
         with self._cond:
@@ -149,6 +151,32 @@ class AlertmanagerSink:
             self._pending -= 1
             done()
         return len(ready)
+
+    def forget(self, gone: set[tuple[str, int]]) -> int:
+        """Partitions this instance no longer owns (revoked or lost): an incident whose open members
+        all belong to them is no longer re-sent (their new owner sends what follows; otherwise
+        Alertmanager ends it after EXPIRY_RESENDS intervals), and its events still waiting count
+        as done, so that no batch waits on them. Returns how many incidents were let go."""
+        if not gone:
+            return 0
+        let_go = 0
+        with self._cond:
+            for incident_id, inc in list(self._incidents.items()):
+                open_members = [m for m in inc.members.values() if not m.resolved]
+                if inc.ends_at is not None or not open_members or any(m.partition not in gone for m in open_members):
+                    continue
+                del self._incidents[incident_id]
+                let_go += 1
+                while inc.waiting:
+                    self._ready.append(inc.waiting.popleft()[1])
+                    self._unacked -= 1
+                for t in self._targets:
+                    t.dirty.discard(incident_id)
+                    t.acked.pop(incident_id, None)
+            self._cond.notify_all()
+        if let_go:
+            log.info("%d open incident(s) of partitions gone elsewhere are no longer re-sent from here", let_go)
+        return let_go
 
     @property
     def pending(self) -> int:

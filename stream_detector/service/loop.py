@@ -242,6 +242,8 @@ class Detector:
             owner.on_drop(offsets.forget)
             owner.on_drop(lambda gone, _: self.health.revoked(gone))
             owner.on_drop(lambda gone, _: self.metrics.drop_partitions(gone))
+            if self._alertmanager is not None:
+                owner.on_drop(self._forget_in_alertmanager)
             if self.shadow is not None:
                 owner.on_drop(lambda _, numbers: self.shadow.drop_partitions(numbers) if self.shadow else None)
                 stack.callback(self.shadow.close, rt.shutdown_grace_s)
@@ -491,6 +493,10 @@ class Detector:
             ticket.pending -= 1
 
         self._alertmanager.submit(alert, accepted)
+
+    def _forget_in_alertmanager(self, gone: set[tuple[str, int]], _: Any) -> None:
+        if self._alertmanager is not None:
+            self._alertmanager.forget(gone)
 
     def _wait_for_alertmanager(self, grace: float) -> None:
         """At shutdown: give Alertmanager `grace` seconds for what it has not accepted; if it still
