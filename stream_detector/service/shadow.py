@@ -83,6 +83,7 @@ class ShadowModel:
         self._producer = Producer({**client_config(settings, "producer"), "logger": client_log})
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="sd-shadow")
         self._behind = 0
+        self._closed = False
         self._lock = threading.Lock()
         self.failed: str | None = None  # the first error: the shadow stops, the live model goes on
         log.info("shadow model %s scores beside the live one; its alerts go to %s", self.version, self.topic)
@@ -100,9 +101,11 @@ class ShadowModel:
 
     def drop_partitions(self, numbers: Sequence[int]) -> None:
         """A partition moved away: forget its entities, in order with the batches before it."""
-        self._executor.submit(self.core.drop_partitions, numbers)
+        if not self._closed:  # closed first at shutdown; the consumer's last revoke comes after it
+            self._executor.submit(self.core.drop_partitions, numbers)
 
     def close(self, timeout_s: float) -> None:
+        self._closed = True
         self._executor.shutdown(wait=True)  # at most MAX_BEHIND batches are left to score
         left = self._producer.flush(timeout_s)
         if left:
