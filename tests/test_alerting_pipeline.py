@@ -125,7 +125,7 @@ def test_fleet_fault_pages_once_a_silenced_entity_not_at_all_and_bad_control_rec
     assert am[0]["labels"]["incident_id"] == opened[0]["incident_id"]
 
     dead = read_to_end(kafka_bootstrap, kafka["dlq_topic"])
-    assert len(dead) == 1 and dict(dead[0].headers())["dlq.reason"] == b"bad_control_record"
+    assert len(dead) == 1 and dict(dead[0].headers())["dlq.reason"] == b"bad-control-record"
     assert b"JSON" in dict(dead[0].headers())["dlq.detail"] or b"json" in dict(dead[0].headers())["dlq.detail"]
 
 

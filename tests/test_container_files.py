@@ -150,6 +150,36 @@ def test_prometheus_scrapes_the_detectors_and_mounts_existing_files(compose):
     assert cfg["rule_files"] == ["/etc/prometheus/alert-rules.yml"]
 
 
+def test_grafana_is_pinned_reads_its_provisioning_read_only_and_finds_prometheus_and_the_dashboard(compose):
+    """The grafana service: a pinned image, every mount an existing file or directory of deploy/grafana
+    and read-only, the datasource at the compose Prometheus, the dashboard provider at the directory the
+    dashboard is mounted in (tests/test_dashboard.py checks the dashboard's queries)."""
+    services = compose["services"]
+    graf = services["grafana"]
+    image, _, tag = graf["image"].partition(":")
+    assert image == "grafana/grafana" and re.fullmatch(r"\d+\.\d+\.\d+", tag), "pin an exact Grafana release"
+    assert graf["depends_on"] == ["prometheus"] and "3000:3000" in graf["ports"]
+    mounts = {}
+    for vol in graf["volumes"]:
+        src, dst, mode = vol.split(":")
+        assert mode == "ro", vol
+        assert (DOCKER / src).resolve().is_relative_to(REPO / "deploy" / "grafana") and (DOCKER / src).exists(), vol
+        mounts[dst] = (DOCKER / src).resolve()
+    provisioning = mounts["/etc/grafana/provisioning/datasources"]
+    sources = [d for f in sorted(provisioning.glob("*.yml")) for d in yaml.safe_load(f.read_text())["datasources"]]
+    prom_port = services["prometheus"]["ports"][0].split(":")[-1]
+    assert [(d["type"], d["url"]) for d in sources] == [("prometheus", f"http://prometheus:{prom_port}")]
+    providers = [
+        p
+        for f in sorted(mounts["/etc/grafana/provisioning/dashboards"].glob("*.yml"))
+        for p in yaml.safe_load(f.read_text())["providers"]
+    ]
+    assert [p["type"] for p in providers] == ["file"]
+    dashboards = {dst: src for dst, src in mounts.items() if dst.endswith(".json")}
+    assert dashboards and all(Path(dst).parent == Path(providers[0]["options"]["path"]) for dst in dashboards)
+    assert REPO / "deploy" / "grafana" / "stream-detector.json" in dashboards.values()
+
+
 def test_alert_rules_use_only_metrics_the_service_exposes():
     rules = yaml.safe_load((DOCKER / "alert-rules.yml").read_text())
     exposed = set(Metrics().names())

@@ -2,7 +2,7 @@
 (ingest/control.py) round-trips and refuses every malformed record with a one-line reason, the
 silence table matches by glob and time and forgets deleted and ended silences; through the real
 broker, `stream-detector silence`/`feedback` write records that `ControlReader` reads back, a
-malformed record comes out as a `bad_control_record` dead letter, `--delete` and `--list` work, and
+malformed record comes out as a `bad-control-record` dead letter, `--delete` and `--list` work, and
 settings or topic problems end in one sentence with exit 2."""
 
 from __future__ import annotations

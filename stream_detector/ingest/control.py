@@ -29,7 +29,7 @@ UTC; they are written in UTC with milliseconds and `Z`, and held as epoch millis
 id must be the value's `id` / `alert_id`. Fields not named here are ignored (a later writer may add
 some under the same schema). Anything else (not JSON, another schema or type, a missing or ill-typed
 field, a bad time, a tombstone on a feedback key) is a `ControlRecordError` with a one-line reason,
-which the reader turns into a dead letter (`bad_control_record`), never a crash.
+which the reader turns into a dead letter (`bad-control-record`), never a crash.
 """
 
 from __future__ import annotations

@@ -51,7 +51,18 @@ MISSING_FEATURE = "missing-feature"
 NON_NUMERIC = "non-numeric"
 NON_FINITE = "non-finite"
 BAD_TIMESTAMP = "bad-timestamp"
-BAD_CONTROL_RECORD = "bad_control_record"  # a control-topic record (ingest/control.py), not an input event
+BAD_CONTROL_RECORD = "bad-control-record"  # a control-topic record (ingest/control.py), not an input event
+INPUT_REASONS = (
+    OVERSIZE,
+    EMPTY,
+    UNDECODABLE,
+    NOT_OBJECT,
+    MISSING_KEY,
+    MISSING_FEATURE,
+    NON_NUMERIC,
+    NON_FINITE,
+    BAD_TIMESTAMP,
+)
 
 _NUMBER_TYPES = frozenset((int, float))  # bool is excluded on purpose: type(True) is bool
 

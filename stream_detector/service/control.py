@@ -15,7 +15,7 @@ write them are control_cli.py.
   settings, `read_committed`, partition EOF on) that `assign`s every partition from the beginning,
   never joins the service's consumer group and never commits: every instance reads every silence
   and every verdict. `poll()` never blocks by default and returns at most 500 records; a record
-  that does not parse is a `DeadLetter` with reason `bad_control_record` and the parser's one-line
+  that does not parse is a `DeadLetter` with reason `bad-control-record` and the parser's one-line
   reason as detail, never an exception. `caught_up` turns True once every partition reached the end
   offset it had when the reader started (the silences written before start-up are known), and stays
   True; records written later keep arriving through `poll()`.

@@ -36,6 +36,8 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import choose_encoder
 
+from stream_detector.ingest.decode import BAD_CONTROL_RECORD, INPUT_REASONS
+
 if TYPE_CHECKING:
     from stream_detector.service.health import Health
 
@@ -135,8 +137,12 @@ class Metrics:
             f"{p}_loop_last_tick_timestamp_seconds", "unix time of the main loop's last iteration", registry=r
         )
         self.ready = Gauge(f"{p}_ready", "1 when /readyz answers ok", registry=r)
+        # so a fresh process exposes 0 rather than nothing, and rate() sees the first one
         for state in ("open", "update", "resolved"):
-            self.alerts.labels(state)  # so a fresh process exposes 0 rather than nothing
+            self.alerts.labels(state)
+        for reason in (*INPUT_REASONS, BAD_CONTROL_RECORD):
+            self.events_dead_lettered.labels(reason)
+        self.evictions.labels("idle")
         for result in ("ok", "failed"):
             self.model_reloads.labels(result)
 
