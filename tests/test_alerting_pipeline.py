@@ -54,7 +54,7 @@ def topics(make_topic):
     return {"topics": [make_topic(partitions=2)], "alerts_topic": make_topic(), "dlq_topic": make_topic(), "control_topic": make_topic(config={"cleanup.policy": "compact"})}
 
 
-def settings_for(bootstrap, kafka, bundle, am_urls, detection=None):
+def settings_for(bootstrap, kafka, bundle, am_urls, detection=None, alertmanager=None):
     return load_settings(
         None,
         {
@@ -63,7 +63,7 @@ def settings_for(bootstrap, kafka, bundle, am_urls, detection=None):
             "model": {"bundle": str(bundle.path), "provider": "cpu"},
             "detection": {**DETECTION, **(detection or {})},
             "runtime": {"max_batch": 2000, "max_wait_ms": 50, "commit_interval_s": 0.5},
-            "alertmanager": {"urls": am_urls, "resend_interval_s": 5},
+            "alertmanager": {"urls": am_urls, "resend_interval_s": 5, **(alertmanager or {})},
         },
     )
 
@@ -209,3 +209,29 @@ def test_check_names_an_unreachable_alertmanager_in_one_sentence(kafka_bootstrap
     assert main([*args, "--alertmanager.urls", f"{up.url},{down.url}"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and down.url in err and "Traceback" not in err
+
+
+def test_beyond_max_pending_the_loop_stops_consuming_until_alertmanager_answers(kafka_bootstrap, make_topic, bundle, make_alertmanager):
+    am = make_alertmanager(start=False)
+    kafka = topics(make_topic)
+    s = settings_for(kafka_bootstrap, kafka, bundle, [am.url], {"incident_window_s": 0}, {"max_pending": 3})
+    s = s.model_copy(update={"runtime": s.runtime.model_copy(update={"max_batch": 20})})  # small batches: it stops soon after
+    sim = Simulator(SimConfig(entities=E, features=F, seed=8, fleet_fault_tick=200, fleet_fault_ticks=20), 400)
+    events = fleet_events(sim)
+    produce(kafka_bootstrap, kafka["topics"][0], events)
+    detector = Detector(s)
+    thread = threading.Thread(target=detector.run, kwargs={"timeout": 90}, daemon=True)
+    thread.start()
+    try:
+        wait_for("the pending limit reached", lambda: detector._alertmanager is not None and detector._alertmanager.pending >= 3)
+        held = detector.stats.consumed
+        time.sleep(2.0)
+        assert detector.stats.consumed == held < len(events), "no consuming while Alertmanager holds max_pending"
+        assert detector.stats.backpressure_s > 1.0
+        am.start()
+        wait_for("every event consumed once Alertmanager answers", lambda: detector.stats.consumed == len(events))
+        wait_for("every alert accepted", lambda: detector._alertmanager.pending == 0)
+    finally:
+        detector.stop()
+        thread.join(60)
+    assert not thread.is_alive()
