@@ -31,6 +31,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,44 @@ class RetrainError(Exception):
     """Retrain cannot run; one sentence for the operator."""
 
 
+@dataclass(frozen=True)
+class RetrainRun:
+    """What one retrain works with, fixed at its start."""
+
+    args: argparse.Namespace
+    models: Path  # MODELS
+    link: Path  # MODELS/current
+    live: Bundle
+    settings: Any  # the run TOML's Settings
+    raw: dict[str, Any]  # the run TOML as written (the candidate's recipe reads [kafka]/[input] from it)
+    topic: str
+    spans: dict[str, tuple[str, str]]  # "train" and "holdout": (since, until), ISO
+    labels: Any  # offline/incidents.py labels, or None
+    work: Path  # MODELS/.retrain: the candidate while it is fit, the backtests' outputs
+    stamp: str  # UTC time of the run, for names that must not collide
+
+
 def retrain(args: argparse.Namespace) -> int:
+    run = _start(args)
+    try:
+        candidate_dir, candidate = _candidate(run)
+        results = _backtest(run, candidate)
+        promote, reason = decide(results["live"], results["candidate"], args.max_extra_pages)
+        target = _promote(run, candidate_dir, candidate) if promote else None
+    except BaseException:
+        shutil.rmtree(run.work, ignore_errors=True)  # bad input leaves nothing behind
+        raise
+    _report(run, results, promote, reason, target)
+    print(f"live      {results['live'].line()}")
+    print(f"candidate {results['candidate'].line()}")
+    if promote:
+        print(f"promoted {candidate.model_version}: {reason} {run.link} -> {target.name if target else ''}")
+        return PROMOTED
+    print(f"refused {candidate.model_version}: {reason} The live model {run.live.model_version} stays.")
+    return REFUSED
+
+
+def _start(args: argparse.Namespace) -> RetrainRun:
     models = Path(args.models)
     link = models / LIVE_LINK
     if not link.is_symlink():
@@ -97,93 +135,81 @@ def retrain(args: argparse.Namespace) -> int:
         "holdout": (_iso(now_ms - holdout_ms), _iso(now_ms)),
     }
     labels = read_labels(args.labels) if args.labels else None
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     work = models / ".retrain"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    try:
-        return _fit_backtest_gate(args, models, link, live, settings, raw, topic, spans, labels, work, stamp)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)  # bad input leaves nothing behind
-        raise
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    return RetrainRun(args, models, link, live, settings, raw, topic, spans, labels, work, stamp)
 
 
-def _fit_backtest_gate(
-    args: argparse.Namespace,
-    models: Path,
-    link: Path,
-    live: Bundle,
-    settings: Any,
-    raw: dict[str, Any],
-    topic: str,
-    spans: dict[str, tuple[str, str]],
-    labels: Any,
-    work: Path,
-    stamp: str,
-) -> int:
-
-    if args.candidate:
-        candidate_dir = Path(args.candidate)
+def _candidate(run: RetrainRun) -> tuple[Path, Bundle]:
+    """The candidate bundle (fit now, or --candidate), refused unless the live service could load it."""
+    if run.args.candidate:
+        candidate_dir = Path(run.args.candidate)
         candidate = load_bundle(candidate_dir)
     else:
         from training.fit import fit
 
-        candidate_dir = work / "candidate-bundle"
-        fit_settings = _recipe(live, raw, topic, spans["train"], candidate_dir, args.fit_config)
-        log.info("fitting the candidate on %s from %s to %s", topic, *spans["train"])
+        candidate_dir = run.work / "candidate-bundle"
+        fit_settings = _recipe(run.live, run.raw, run.topic, run.spans["train"], candidate_dir, run.args.fit_config)
+        log.info("fitting the candidate on %s from %s to %s", run.topic, *run.spans["train"])
         candidate = load_bundle(fit(fit_settings).bundle_dir)
+    live = run.live
     if tuple(candidate.features) != tuple(live.features) or candidate.window != live.window:
         raise RetrainError(
             f"the candidate {candidate.model_version} reads other features or another window than the live model "
             f"{live.model_version} ({len(candidate.features)} features, window {candidate.window}, against "
             f"{len(live.features)} and {live.window}); the running service could not load it without a restart."
         )
+    return candidate_dir, candidate
 
+
+def _backtest(run: RetrainRun, candidate: Bundle) -> dict[str, Any]:
+    """Both bundles replayed on the held-out span with the run TOML's [detection]."""
     from stream_detector.offline.topic_table import read_topic_table
 
-    table, r = read_topic_table(settings, topic, *spans["holdout"], live.features)
+    settings = run.settings
+    table, r = read_topic_table(settings, run.topic, *run.spans["holdout"], run.live.features)
     log.info("held-out span: %s", r.summary())
     if table.n_rows == 0:
         raise RetrainError(f"{r.summary()}; nothing to backtest on.")
     results = {}
-    for name, bundle in (("live", live), ("candidate", candidate)):
+    for name, bundle in (("live", run.live), ("candidate", candidate)):
         core = DetectorCore(bundle, Scorer.from_settings(bundle, settings), settings.detection.to_core())
-        replay_table(core, table, work / name, batch_size=settings.runtime.max_batch)
-        alerts = [orjson.loads(x) for x in (work / name / ALERTS_FILE).read_bytes().splitlines() if x.strip()]
-        results[name] = backtest(bundle.model_version, alerts, table, bundle.window, labels)
-    promote, reason = decide(results["live"], results["candidate"], args.max_extra_pages)
+        replay_table(core, table, run.work / name, batch_size=settings.runtime.max_batch)
+        alerts = [orjson.loads(x) for x in (run.work / name / ALERTS_FILE).read_bytes().splitlines() if x.strip()]
+        results[name] = backtest(bundle.model_version, alerts, table, bundle.window, run.labels)
+    return results
 
-    target = None
-    if promote:
-        target = models / candidate.model_version
-        if target.exists():
-            target = models / f"{candidate.model_version}-{stamp}"
-        if args.candidate:
-            shutil.copytree(candidate_dir, target)
-        else:
-            os.rename(candidate_dir, target)
-        tmp_link = models / f".{LIVE_LINK}-{stamp}"
-        os.symlink(target.name, tmp_link)
-        os.replace(tmp_link, link)  # atomic: the watch sees the old target or the new one, never neither
+
+def _promote(run: RetrainRun, candidate_dir: Path, candidate: Bundle) -> Path:
+    """The candidate into MODELS/<version>, then MODELS/current re-pointed at it atomically."""
+    target = run.models / candidate.model_version
+    if target.exists():
+        target = run.models / f"{candidate.model_version}-{run.stamp}"
+    if run.args.candidate:
+        shutil.copytree(candidate_dir, target)
+    else:
+        os.rename(candidate_dir, target)
+    tmp_link = run.models / f".{LIVE_LINK}-{run.stamp}"
+    os.symlink(target.name, tmp_link)
+    os.replace(tmp_link, run.link)  # atomic: the watch sees the old target or the new one, never neither
+    return target
+
+
+def _report(run: RetrainRun, results: dict[str, Any], promote: bool, reason: str, target: Path | None) -> None:
     report = {
         "decision": "promoted" if promote else "refused",
         "reason": reason,
-        "topic": topic,
-        "spans": spans,
+        "topic": run.topic,
+        "spans": run.spans,
         "live": results["live"].to_json(),
         "candidate": results["candidate"].to_json(),
         "promoted_to": str(target) if target else None,
-        "labels": args.labels,
+        "labels": run.args.labels,
         "at": _iso(int(time.time() * 1000)),
     }
-    (models / REPORT_FILE).write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
-    print(f"live      {results['live'].line()}")
-    print(f"candidate {results['candidate'].line()}")
-    if promote:
-        print(f"promoted {candidate.model_version}: {reason} {link} -> {target.name if target else ''}")
-        return PROMOTED
-    print(f"refused {candidate.model_version}: {reason} The live model {live.model_version} stays.")
-    return REFUSED
+    (run.models / REPORT_FILE).write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
 
 
 def _recipe(
