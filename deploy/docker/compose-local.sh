@@ -6,8 +6,8 @@
 #   bash deploy/docker/compose-local.sh down    # stop and remove the stack (and the broker's volume)
 #
 # Images (compose.local.yaml swaps them in): localhost/stream-detector:cpu (build-local.sh),
-# localhost/sd-kafka:4.1.1 (kafka/Dockerfile on a Debian JRE base, the jars fetched with Maven like
-# deploy/kafka/broker.sh does) and localhost/sd-prometheus:bookworm (Debian's prometheus package).
+# localhost/sd-kafka:4.1.1 (kafka/Dockerfile on a Debian JRE base, the jars fetched with Maven by
+# deploy/kafka/broker.sh provision) and localhost/sd-prometheus:bookworm (Debian's prometheus package).
 # Needs podman, podman-compose, runc, mmdebstrap and Maven (Debian: apt-get install podman podman-compose
 # runc mmdebstrap maven). The gpu profile is not started (no CUDA base image without a registry).
 set -euo pipefail
@@ -29,25 +29,8 @@ debian_image() {  # NAME PACKAGES [--change ...]: a Debian bookworm image with P
   rm -rf "$scratch"
 }
 
-kafka_jars() {  # Kafka, its tools (kafka-topics.sh) and a log4j2 binding, from Maven Central, once
-  [[ -f "$cache/.complete" ]] && return 0
-  mkdir -p "$cache"
-  cat > "$cache/pom.xml" <<POM
-<project xmlns="http://maven.apache.org/POM/4.0.0">
-  <modelVersion>4.0.0</modelVersion>
-  <groupId>local.stream-detector</groupId><artifactId>kafka-image</artifactId><version>1</version>
-  <dependencies>
-    <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka_2.13</artifactId><version>$kafka_version</version></dependency>
-    <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka-tools</artifactId><version>$kafka_version</version></dependency>
-    <dependency><groupId>org.slf4j</groupId><artifactId>slf4j-api</artifactId><version>2.0.17</version></dependency>
-    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-core</artifactId><version>2.24.3</version></dependency>
-    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-slf4j2-impl</artifactId><version>2.24.3</version></dependency>
-  </dependencies>
-</project>
-POM
-  echo "compose-local.sh: fetching Apache Kafka $kafka_version and its tools from Maven Central (once)" >&2
-  mvn -q -B -f "$cache/pom.xml" dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$cache/libs" >&2
-  touch "$cache/.complete"
+kafka_jars() {  # Kafka, its tools (kafka-topics.sh) and a log4j2 binding: broker.sh's own provisioning, once
+  bash "$here/../kafka/broker.sh" provision --with-tools --version "$kafka_version" --cache-dir "$cache" >/dev/null
 }
 
 build() {

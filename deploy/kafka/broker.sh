@@ -5,12 +5,14 @@ set -euo pipefail
 
 usage() {
   cat <<'USAGE'
-Usage: deploy/kafka/broker.sh start|stop|status [--port N] [--data-dir DIR] [--version V] [--security MODE]
+Usage: deploy/kafka/broker.sh start|stop|status|provision [--port N] [--data-dir DIR] [--version V] [--security MODE]
 
   start    provision (first time), format KRaft storage, start the broker, wait for the port,
            print "bootstrap=HOST:PORT". Idempotent: on a running broker prints the same line.
   stop     stop the broker this script started (pid file); leaves no process behind.
   status   "running bootstrap=HOST:PORT" or "stopped bootstrap=HOST:PORT" (exit 0 / 3).
+  provision  only fetch the jars (once) and print "libs=DIR" (deploy/docker/compose-local.sh's image
+           uses it with --with-tools and its own --cache-dir).
 
 Options (each also an environment variable):
   --port N        SD_KAFKA_PORT        client port (default 19092, 19192 with --security sasl_ssl;
@@ -19,6 +21,7 @@ Options (each also an environment variable):
   --data-dir DIR  SD_KAFKA_DATA_DIR    log dirs, pid file, logs (default ~/.cache/stream-detector/kafka-data-PORT)
   --version V     SD_KAFKA_VERSION     Apache Kafka version (default 4.1.1)
   --cache-dir DIR SD_KAFKA_CACHE       jar cache (default ~/.cache/stream-detector/kafka-VERSION)
+  --with-tools    SD_KAFKA_TOOLS=1     also fetch kafka-tools (kafka-topics.sh and friends)
   --start-timeout SD_KAFKA_START_TIMEOUT seconds to wait for the port (default 90)
   --security MODE SD_KAFKA_SECURITY    plaintext (default) or sasl_ssl
   --flush-interval-ms N SD_KAFKA_FLUSH_INTERVAL_MS  write each partition's new data to disk (fsync)
@@ -58,6 +61,7 @@ CACHE=${SD_KAFKA_CACHE:-}
 START_TIMEOUT=${SD_KAFKA_START_TIMEOUT:-90}
 FLUSH_INTERVAL_MS=${SD_KAFKA_FLUSH_INTERVAL_MS:-1000}
 CLEANER_IO=${SD_KAFKA_CLEANER_IO_BYTES_PER_S:-8388608}
+TOOLS=${SD_KAFKA_TOOLS:-0}
 LOG4J_VERSION=2.24.3
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -66,6 +70,7 @@ while [ $# -gt 0 ]; do
     --data-dir) DATA_DIR=$2; shift 2 ;;
     --version) VERSION=$2; shift 2 ;;
     --cache-dir) CACHE=$2; shift 2 ;;
+    --with-tools) TOOLS=1; shift ;;
     --start-timeout) START_TIMEOUT=$2; shift 2 ;;
     --security) SECURITY=$2; shift 2 ;;
     --flush-interval-ms) FLUSH_INTERVAL_MS=$2; shift 2 ;;
@@ -111,14 +116,15 @@ provision() {
   [ -f "$CACHE/.complete" ] && return 0
   command -v mvn >/dev/null || die "Maven (mvn) is not installed; it is needed once to fetch the Kafka jars."
   mkdir -p "$CACHE"
-  local pom; pom=$(mktemp -d)
+  local pom tools=""; pom=$(mktemp -d)
+  [ "$TOOLS" = 1 ] && tools="    <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka-tools</artifactId><version>$VERSION</version></dependency>"
   cat > "$pom/pom.xml" <<POM
 <project xmlns="http://maven.apache.org/POM/4.0.0">
   <modelVersion>4.0.0</modelVersion>
   <groupId>local.stream-detector</groupId><artifactId>kafka-runtime</artifactId><version>1</version>
   <dependencies>
     <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka_2.13</artifactId><version>$VERSION</version></dependency>
-    <!-- Kafka logs through SLF4J 2; pin it so Maven's nearest-wins does not pick a 1.7 API without a binding -->
+$tools    <!-- Kafka logs through SLF4J 2; pin it so Maven's nearest-wins does not pick a 1.7 API without a binding -->
     <dependency><groupId>org.slf4j</groupId><artifactId>slf4j-api</artifactId><version>2.0.17</version></dependency>
     <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-core</artifactId><version>$LOG4J_VERSION</version></dependency>
     <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-slf4j2-impl</artifactId><version>$LOG4J_VERSION</version></dependency>
@@ -355,6 +361,7 @@ stop() {
 case "$cmd" in
   start) start ;;
   stop) stop ;;
+  provision) provision; echo "libs=$CACHE/libs" ;;
   status) if our_pid >/dev/null; then echo "running $BOOT"; else echo "stopped $BOOT"; exit 3; fi ;;
   *) usage >&2; exit 2 ;;
 esac
