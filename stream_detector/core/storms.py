@@ -9,7 +9,9 @@ storm (`storm: true` on the events from then on), a hint for routing (e.g. to th
 not a second page. `window_ms = 0` turns grouping off: every alert is its own incident and pages.
 
 Time is the event time of the event that opened the alert (the detection time where the events
-have none), so a replay groups as the live service did. Grouping spans the entities this process
+have none), so the window does not depend on how fast events arrive; which alert of a storm comes
+first (the page, whose id the incident takes) follows the order events are processed in, which
+across input partitions may differ from one run to the next. Grouping spans the entities this process
 holds (the partitions assigned to it): a fleet spread over several instances of a consumer group
 makes one page per instance that sees the fault, not one per entity.
 """
