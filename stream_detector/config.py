@@ -250,6 +250,12 @@ class DetectionSettingsSection(_Section):
         return core
 
 
+# The labels that make an incident's Alertmanager identity (service/alertmanager.py); extra_labels may not
+# replace them, and Alertmanager 0.25 refuses a label name outside this pattern.
+AM_IDENTITY_LABELS = ("alertname", "incident_id", "entity", "model_version", "top_feature", "source_topic")
+AM_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+
+
 class AlertmanagerSettings(_Section):
     """The optional Alertmanager sink (service/alertmanager.py): incidents posted to API v2."""
 
@@ -268,6 +274,16 @@ class AlertmanagerSettings(_Section):
         ge=1,
         description="alert events waiting for Alertmanager; beyond it the loop stops consuming until it answers",
     )
+
+    @field_validator("extra_labels")
+    @classmethod
+    def _label_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            if not AM_LABEL_NAME.match(name):
+                raise ValueError(f"'{name}' is not a valid Alertmanager label name ([a-zA-Z_][a-zA-Z0-9_]*)")
+            if name in AM_IDENTITY_LABELS:
+                raise ValueError(f"'{name}' is a label the Alertmanager sink sets itself")
+        return v
 
     @field_validator("urls")
     @classmethod

@@ -240,11 +240,20 @@ def test_check_alertmanager(alertmanager: AlertmanagerProcess, make_alertmanager
     assert error.count(".") <= 4 and "\n" not in error  # one sentence (the URL has its own dots)
 
 
-def test_bad_extra_labels_are_refused() -> None:
-    with pytest.raises(ValueError, match="not a valid Alertmanager label name"):
-        AlertmanagerSink(AlertmanagerSettings(urls=["http://127.0.0.1:1"], extra_labels={"a-b": "x"}))
-    with pytest.raises(ValueError, match="would replace"):
-        AlertmanagerSink(AlertmanagerSettings(urls=["http://127.0.0.1:1"], extra_labels={"entity": "x"}))
+@pytest.mark.parametrize(
+    ("section", "why"),
+    [
+        ({"urls": ["http://127.0.0.1:1"], "extra_labels": {"a-b": "x"}}, "not a valid Alertmanager label name"),
+        ({"urls": ["http://127.0.0.1:1"], "extra_labels": {"entity": "x"}}, "a label the Alertmanager sink sets"),
+        ({"urls": ["ftp://127.0.0.1:1"]}, "not an http:// or https:// URL"),
+    ],
+)
+def test_bad_alertmanager_settings_are_one_sentence(section: dict[str, Any], why: str) -> None:
+    from stream_detector.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError, match=why) as refused:
+        load_settings(None, {"alertmanager": section})
+    assert "\n" not in str(refused.value) and str(refused.value).startswith("configuration key 'alertmanager.")
 
 
 def test_forget_lets_go_of_incidents_whose_partitions_moved_away(

@@ -19,7 +19,6 @@ from __future__ import annotations
 import http.client
 import json
 import logging
-import re
 import threading
 import time
 import urllib.error
@@ -30,18 +29,17 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from stream_detector.config import AlertmanagerSettings
+from stream_detector.config import AM_IDENTITY_LABELS, AlertmanagerSettings
 from stream_detector.core.alerts import RESOLVED, iso_utc
 
 log = logging.getLogger(__name__)
 
 ALERTNAME = "StreamDetectorAnomaly"
-IDENTITY_LABELS = ("alertname", "incident_id", "entity", "model_version", "top_feature", "source_topic")
+IDENTITY_LABELS = AM_IDENTITY_LABELS
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 30.0
 EXPIRY_RESENDS = 4  # an open alert's endsAt lies this many re-send intervals ahead
 SUMMARY_KEYS = 5  # entity keys named in the summary line of a storm
-_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")  # Alertmanager 0.25 rejects other label names
 
 
 @dataclass
@@ -82,11 +80,7 @@ class AlertmanagerSink:
     def __init__(self, settings: AlertmanagerSettings, *, clock: Callable[[], float] = time.time) -> None:
         if not settings.urls:
             raise ValueError("the Alertmanager sink needs at least one URL (alertmanager.urls).")
-        for name in settings.extra_labels:
-            if not _LABEL_NAME.match(name):
-                raise ValueError(f"extra label '{name}' is not a valid Alertmanager label name.")
-            if name in IDENTITY_LABELS:
-                raise ValueError(f"extra label '{name}' would replace a label the Alertmanager sink sets.")
+        # extra_labels were checked by AlertmanagerSettings (names Alertmanager accepts, none of IDENTITY_LABELS)
         self._settings = settings
         self._clock = clock  # wall time for endsAt; scheduling uses time.monotonic
         self._cond = threading.Condition()
