@@ -29,13 +29,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from stream_detector.config import AM_IDENTITY_LABELS, AlertmanagerSettings
+from stream_detector.config import AlertmanagerSettings
 from stream_detector.core.alerts import RESOLVED, iso_utc
 
 log = logging.getLogger(__name__)
 
 ALERTNAME = "StreamDetectorAnomaly"
-IDENTITY_LABELS = AM_IDENTITY_LABELS
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 30.0
 EXPIRY_RESENDS = 4  # an open alert's endsAt lies this many re-send intervals ahead
@@ -80,7 +79,8 @@ class AlertmanagerSink:
     def __init__(self, settings: AlertmanagerSettings, *, clock: Callable[[], float] = time.time) -> None:
         if not settings.urls:
             raise ValueError("the Alertmanager sink needs at least one URL (alertmanager.urls).")
-        # extra_labels were checked by AlertmanagerSettings (names Alertmanager accepts, none of IDENTITY_LABELS)
+        # extra_labels were checked by AlertmanagerSettings (names Alertmanager accepts, none of the
+        # identity labels set below: config.AM_IDENTITY_LABELS)
         self._settings = settings
         self._clock = clock  # wall time for endsAt; scheduling uses time.monotonic
         self._cond = threading.Condition()
