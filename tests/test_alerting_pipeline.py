@@ -152,6 +152,7 @@ def test_alertmanager_down_loses_nothing_and_holds_the_offsets_until_it_is_back(
         wait_for("every event scored", lambda: detector.stats.consumed == len(events) and detector.stats.alerts["open"] >= 1)
         time.sleep(2.0)  # several commit intervals
         assert detector._alertmanager is not None and detector._alertmanager.pending > 0
+        assert f"alertmanager pending={detector._alertmanager.pending}" in detector.describe()  # the kill -USR1 line
         held = committed(kafka_bootstrap, s.kafka.group_id, kafka["topics"][0])
         assert held < len(events), "the offsets of batches whose alerts Alertmanager has not taken are not committed"
         am.start()

@@ -184,6 +184,12 @@ class Detector:
             except Exception as e:  # noqa: BLE001 - a diagnostic line must not fail the service
                 lag = f"unavailable ({e})"
             parts.append(f"assigned={fmt_tps(source.assignment)} lag={lag}")
+        if self._alertmanager is not None:
+            parts.append(
+                f"alertmanager pending={self._alertmanager.pending} ({self._alertmanager.last_error or 'no error'})"
+            )
+        if self._control is not None:
+            parts.append(f"control: {len(self.control.silences)} silence(s), {self.control.waiting} verdict(s) waiting")
         parts.append(f"loop last ticked {self.health.since_tick():.1f} s ago")
         return "; ".join(parts)
 
