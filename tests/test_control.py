@@ -17,6 +17,7 @@ from confluent_kafka.admin import AdminClient, ConfigResource
 
 from stream_detector.cli import main
 from stream_detector.config import ConfigError, load_settings
+from stream_detector.core.alerts import iso_utc
 from stream_detector.ingest.control import (
     SCHEMA,
     ControlRecordError,
@@ -27,7 +28,6 @@ from stream_detector.ingest.control import (
     encode_feedback,
     encode_silence,
     encode_silence_deleted,
-    format_time,
     parse_control,
     parse_time,
 )
@@ -99,7 +99,7 @@ def test_times_without_a_zone_are_utc_and_offsets_are_converted() -> None:
     assert parse_time("2027-01-01T00:00:00") == T0
     assert parse_time("2027-01-01T02:00:00+02:00") == T0
     assert parse_time("2027-01-01T00:00:00.5Z") == T0 + 500
-    assert format_time(T0) == "2027-01-01T00:00:00.000Z"
+    assert iso_utc(T0) == "2027-01-01T00:00:00.000Z"
 
 
 def test_feedback_without_key_and_comment_fields_is_accepted() -> None:

@@ -32,17 +32,17 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from stream_detector.config import ConfigError, load_settings
+from stream_detector.core.alerts import iso_utc
 from stream_detector.core.bundle import Bundle, BundleError, load_bundle
 from stream_detector.core.pipeline import DetectorCore
 from stream_detector.core.scorer import Scorer, ScorerError
-from stream_detector.ingest.topic_range import TopicRangeError, parse_bound
+from stream_detector.ingest.topic_range import TopicRangeError, duration_ms, parse_bound
 from stream_detector.offline.datafiles import DataFileError
 from stream_detector.offline.incidents import LabelsError, read_labels
 from stream_detector.offline.replay import ALERTS_FILE, ReplayError, replay_table
@@ -131,8 +131,8 @@ def _start(args: argparse.Namespace) -> RetrainRun:
     holdout_ms = _duration_ms(args.holdout, "--holdout")
     train_ms = _duration_ms(args.train, "--train")
     spans = {
-        "train": (_iso(now_ms - holdout_ms - train_ms), _iso(now_ms - holdout_ms)),
-        "holdout": (_iso(now_ms - holdout_ms), _iso(now_ms)),
+        "train": (iso_utc(now_ms - holdout_ms - train_ms), iso_utc(now_ms - holdout_ms)),
+        "holdout": (iso_utc(now_ms - holdout_ms), iso_utc(now_ms)),
     }
     labels = read_labels(args.labels) if args.labels else None
     work = models / ".retrain"
@@ -207,7 +207,7 @@ def _report(run: RetrainRun, results: dict[str, Any], promote: bool, reason: str
         "candidate": results["candidate"].to_json(),
         "promoted_to": str(target) if target else None,
         "labels": run.args.labels,
-        "at": _iso(int(time.time() * 1000)),
+        "at": iso_utc(int(time.time() * 1000)),
     }
     (run.models / REPORT_FILE).write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
 
@@ -235,17 +235,10 @@ def _recipe(
 
 
 def _duration_ms(text: str, flag: str) -> int:
-    try:
-        bound = parse_bound(text, "latest", now_ms=0)
-    except TopicRangeError:
-        bound = None
-    if bound is None or bound.kind != "time" or bound.value >= 0:
+    ms = duration_ms(text) or 0
+    if ms <= 0:
         raise RetrainError(f"{flag} {text!r} is not a duration such as 90m, 6h, 7d or 2w.")
-    return -bound.value
-
-
-def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return ms
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

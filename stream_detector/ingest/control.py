@@ -42,6 +42,8 @@ from typing import Any, Literal
 
 import orjson
 
+from stream_detector.core.alerts import iso_utc
+
 SCHEMA = "stream-detector.control/1"
 SILENCE_PREFIX = "silence:"
 FEEDBACK_PREFIX = "feedback:"
@@ -100,11 +102,6 @@ ControlRecord = Silence | Feedback | SilenceDeleted
 # ---- times -------------------------------------------------------------------------------------
 
 
-def format_time(ms: int) -> str:
-    """Epoch milliseconds as ISO-8601 UTC with milliseconds: `2026-12-01T00:00:00.000Z`."""
-    return (_EPOCH + int(ms) * _MS).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def parse_time(text: str) -> int:
     """ISO-8601 (a time without a zone is UTC) as epoch milliseconds; ControlRecordError otherwise."""
     try:
@@ -160,9 +157,7 @@ def _silence(obj: dict[str, Any], ident: str) -> Silence:
         raise ControlRecordError(f"{what}: 'reason' is empty")
     starts_ms, ends_ms = _time(obj, "starts_at", what), _time(obj, "ends_at", what)
     if ends_ms <= starts_ms:
-        raise ControlRecordError(
-            f"{what}: ends_at {format_time(ends_ms)} is not after starts_at {format_time(starts_ms)}"
-        )
+        raise ControlRecordError(f"{what}: ends_at {iso_utc(ends_ms)} is not after starts_at {iso_utc(starts_ms)}")
     return Silence(sid, pattern, starts_ms, ends_ms, reason, _text(obj, "created_by", what, empty=True))
 
 
@@ -222,8 +217,8 @@ def encode_silence(silence: Silence) -> tuple[bytes, bytes]:
             "type": "silence",
             "id": silence.id,
             "entities": silence.pattern,
-            "starts_at": format_time(silence.starts_ms),
-            "ends_at": format_time(silence.ends_ms),
+            "starts_at": iso_utc(silence.starts_ms),
+            "ends_at": iso_utc(silence.ends_ms),
             "reason": silence.reason,
             "created_by": silence.created_by,
         }
@@ -250,7 +245,7 @@ def encode_feedback(feedback: Feedback) -> tuple[bytes, bytes]:
             "verdict": feedback.verdict,
             "key": feedback.key,
             "comment": feedback.comment,
-            "at": format_time(feedback.at_ms),
+            "at": iso_utc(feedback.at_ms),
         }
     )
     parse_control(key, value)

@@ -69,6 +69,12 @@ class Bound:
     text: str = ""
 
 
+def duration_ms(text: str) -> int | None:
+    """`90s`, `30m`, `6h`, `7d`, `2w` (a decimal number allowed) as milliseconds; None if it is not one."""
+    m = _DURATION.match(text.strip().lower())
+    return int(float(m.group(1)) * _UNIT_MS[m.group(2)]) if m else None
+
+
 def parse_bound(text: str | None, default: str, now_ms: int | None = None) -> Bound:
     """`--since` / `--until` as given (module docstring); `default` when not given."""
     raw = (text if text is not None else default).strip()
@@ -82,9 +88,9 @@ def parse_bound(text: str | None, default: str, now_ms: int | None = None) -> Bo
             raise TopicRangeError(f"the offset {raw!r} is not '@' followed by a whole number.")
         return Bound("offset", int(low[1:]), raw)
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-    m = _DURATION.match(low)
-    if m:
-        return Bound("time", now_ms - int(float(m.group(1)) * _UNIT_MS[m.group(2)]), raw)
+    before = duration_ms(low)
+    if before is not None:
+        return Bound("time", now_ms - before, raw)
     try:
         when = datetime.fromisoformat(raw.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:

@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import getpass
 import os
-import re
 import socket
 import sys
 import time
 import uuid
 
 from stream_detector.config import ConfigError, Settings, add_settings_arguments, settings_from_args
+from stream_detector.core.alerts import iso_utc
 from stream_detector.ingest.control import (
     VERDICTS,
     ControlRecordError,
@@ -34,20 +34,16 @@ from stream_detector.ingest.control import (
     encode_feedback,
     encode_silence,
     encode_silence_deleted,
-    format_time,
     parse_time,
 )
+from stream_detector.ingest.topic_range import duration_ms
 from stream_detector.service.control import ControlReader, ensure_control_topic, write_control
 from stream_detector.service.kafka_errors import KafkaIOError
-
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d|w)$")
-_UNIT_MS = {"s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
 
 
 def parse_duration(text: str) -> int:
     """`90s`, `30m`, `2h`, `1d`, `1w` as milliseconds (> 0); ConfigError otherwise."""
-    m = _DURATION.match(text.strip().lower())
-    ms = int(float(m.group(1)) * _UNIT_MS[m.group(2)]) if m else 0
+    ms = duration_ms(text) or 0
     if ms <= 0:
         raise ConfigError(f"--for {text!r} is not a duration such as 90s, 30m, 2h or 1d.")
     return ms
@@ -67,7 +63,7 @@ def _now_ms() -> int:
 
 def _describe(s: Silence) -> str:
     return (
-        f"silence {s.id}: entities {s.pattern!r} from {format_time(s.starts_ms)} to {format_time(s.ends_ms)}, "
+        f"silence {s.id}: entities {s.pattern!r} from {iso_utc(s.starts_ms)} to {iso_utc(s.ends_ms)}, "
         f"by {s.created_by or '?'}: {s.reason}"
     )
 
@@ -82,7 +78,7 @@ def add_silence(settings: Settings, args: argparse.Namespace) -> str:
     except ControlRecordError as e:
         raise ConfigError(f"--starts-at: {e}.") from None
     if starts + length <= now:
-        raise ConfigError(f"a silence from {format_time(starts)} for {args.duration} has already ended.")
+        raise ConfigError(f"a silence from {iso_utc(starts)} for {args.duration} has already ended.")
     silence = Silence(
         id=args.id if args.id is not None else uuid.uuid4().hex[:12],
         pattern=args.entities,
@@ -120,7 +116,7 @@ def list_silences(settings: Settings) -> str:
             f"silence: {len(dead)} malformed record(s) on {topic} ignored (the first: {dead[0].detail})",
             file=sys.stderr,
         )
-    lines = [f"{len(active)} active silence(s) on {topic} at {format_time(now)}"]
+    lines = [f"{len(active)} active silence(s) on {topic} at {iso_utc(now)}"]
     lines += [f"  {_describe(s)}" for s in active]
     if upcoming:
         lines.append(f"{len(upcoming)} scheduled:")
