@@ -32,17 +32,13 @@ _MAX_WAITING = 10_000  # verdicts waiting for their entity; the oldest go first
 
 
 class ControlState:
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, on_applied: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.time) -> None:
         self.silences = SilenceTable()
+        self._on_applied = on_applied  # each false-positive verdict applied (the loop counts it in a metric)
         self._clock = clock
         self._waiting: dict[str, tuple[Feedback, float]] = {}  # alert id -> (verdict, when read)
         self._next_retry = 0.0
         self.applied = 0  # false-positive verdicts that set an entity's floor
-        self.true_positives = 0
-        self.let_go = 0  # verdicts whose alert no entity here knew within KEEP_S
-
-    def silence_of(self, key: str, at_ms: int | None = None) -> Silence | None:
-        return self.silences.match(key, int(self._clock() * 1000) if at_ms is None else at_ms)
 
     def mark_silenced(self, alerts: Sequence[dict[str, Any]]) -> int:
         """Fill in `silenced` on the events of silenced entities; returns how many."""
@@ -67,7 +63,6 @@ class ControlState:
 
     def apply_feedback(self, f: Feedback, core: Any) -> bool:
         if f.verdict != "false_positive":
-            self.true_positives += 1
             self._waiting.pop(f.alert_id, None)
             return True
         found = core.learn_false_positive(f.alert_id, f.key)
@@ -79,6 +74,7 @@ class ControlState:
             return False
         self._waiting.pop(f.alert_id, None)
         self.applied += 1
+        self._on_applied()
         partition, key, floor = found
         log.info(
             "feedback: alert %s of %s (partition %d) was a false positive; scores up to %.4g no longer alert there",
@@ -92,10 +88,9 @@ class ControlState:
     def retry(self, core: Any, now: bool = False) -> None:
         """Every RETRY_S (`now`: at once, e.g. after partitions were restored): verdicts that matched
         no entity yet, tried again; let go after KEEP_S."""
-        t = self._clock()
-        if t < self._next_retry and not now:
+        now_s = self._clock()
+        if now_s < self._next_retry and not now:
             return
-        now_s = t
         self._next_retry = now_s + RETRY_S
         self.silences.expire(int(now_s * 1000))
         for alert_id, (f, read_at) in list(self._waiting.items()):
@@ -103,7 +98,6 @@ class ControlState:
                 continue
             if now_s - read_at >= KEEP_S:
                 del self._waiting[alert_id]
-                self.let_go += 1
                 log.info(
                     "feedback for alert %s matched no entity held here within %.0f s; let go (another "
                     "instance of the group may hold it)",

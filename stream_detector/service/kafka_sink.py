@@ -48,6 +48,16 @@ class DeliveryTicket:
     def done(self) -> bool:
         return self.pending == 0
 
+    def hold(self) -> Callable[[], None]:
+        """One more delivery this batch waits for outside Kafka (an Alertmanager post): the
+        returned callback, called on the loop's thread once it is done, releases it."""
+        self.pending += 1
+
+        def release() -> None:
+            self.pending -= 1
+
+        return release
+
     def __call__(self, err: KafkaError | None, msg: Any) -> None:  # the delivery callback; never raises
         self.pending -= 1
         if err is not None:

@@ -116,10 +116,9 @@ class Detector:
         self.tracker = StateTracker(self.bundle.window, settings.detection.history) if proc.changelog else None
         # silences and feedback (control topic), incidents to Alertmanager: docs/operations.md "Alerting pipelines"
         self.control_topic = ensure_control_topic(settings) if settings.kafka.control_topic else None
-        self.control = ControlState()
+        self.control = ControlState(on_applied=self.metrics.feedback_applied.inc)
         self._control: ControlReader | None = None
         self._alertmanager: AlertmanagerSink | None = None
-        self._feedback_counted = 0
         self.health.broker_reachable()
         self.health.model_loaded(self.bundle.model_version)
         self.metrics.set_model(
@@ -493,12 +492,7 @@ class Detector:
         if ticket is None:
             self._alertmanager.submit(alert, _nothing)
             return
-        ticket.pending += 1
-
-        def accepted() -> None:
-            ticket.pending -= 1
-
-        self._alertmanager.submit(alert, accepted)
+        self._alertmanager.submit(alert, ticket.hold())
 
     def _forget_in_alertmanager(self, gone: set[tuple[str, int]], _: Any) -> None:
         if self._alertmanager is not None:
@@ -531,13 +525,6 @@ class Detector:
                 log.warning("bad control record %s[%d]@%d: %s", m.topic(), m.partition(), m.offset(), d.detail)
                 self._sink.dead_letter(d)
             self.metrics.events_dead_lettered.labels(reason=dead[0].reason).inc(len(dead))
-        self._count_feedback()
-
-    def _count_feedback(self) -> None:
-        new = self.control.applied - self._feedback_counted
-        if new:
-            self.metrics.feedback_applied.inc(new)
-            self._feedback_counted = self.control.applied
 
     # ------------------------------------------------------------------ checkpoints (checkpoint.py)
     def _checkpoint(self) -> None:
@@ -625,7 +612,6 @@ class Detector:
             if records or dead:
                 self._apply_control(records, dead)
             self.control.retry(self.core, now=restored)  # entities just restored may be what verdicts wait for
-            self._count_feedback()
         loaded = self.reloader.poll()
         if loaded is not None:
             self._swap_model(loaded)
