@@ -227,21 +227,7 @@ def plan_anomalies(
                 if kind == "spike"
                 else c.magnitude * float(rng.uniform(0.7, 1.0))
             )
-            out.append(
-                Anomaly(
-                    key,
-                    kind,
-                    t,
-                    end,
-                    c.start_ms + t * c.interval_ms,
-                    c.start_ms + end * c.interval_ms,
-                    tuple(names[i] for i in fi),
-                    e,
-                    fi,
-                    sign,
-                    size,
-                )
-            )
+            out.append(_anomaly(c, names, e, key, kind, t, end, fi, sign, size))
             t = end + c.min_gap + int(rng.geometric(p)) - 1
     if c.fleet_fault_tick >= 0:
         out = _with_fleet_fault(c, n_ticks, rng, keys, names, out)
@@ -260,23 +246,37 @@ def _with_fleet_fault(
     k = min(c.features, 4)
     fi = tuple(sorted(int(i) for i in rng.choice(c.features, size=k, replace=False)))
     kept = [a for a in own if a.end + c.min_gap <= start or a.start >= end + c.min_gap]
-    fault = [
-        Anomaly(
-            key,
-            "fleet_fault",
-            start,
-            end,
-            c.start_ms + start * c.interval_ms,
-            c.start_ms + end * c.interval_ms,
-            tuple(names[i] for i in fi),
-            e,
-            fi,
-            1.0,
-            c.magnitude,
-        )
-        for e, key in enumerate(keys)
+    return kept + [
+        _anomaly(c, names, e, key, "fleet_fault", start, end, fi, 1.0, c.magnitude) for e, key in enumerate(keys)
     ]
-    return kept + fault
+
+
+def _anomaly(
+    c: SimConfig,
+    names: Sequence[str],
+    e: int,
+    key: str,
+    kind: str,
+    start: int,
+    end: int,
+    fi: tuple[int, ...],
+    sign: float,
+    size: float,
+) -> Anomaly:
+    """An anomaly of entity `e` on features `fi` over ticks [start, end), with its event times and names."""
+    return Anomaly(
+        key,
+        kind,
+        start,
+        end,
+        c.start_ms + start * c.interval_ms,
+        c.start_ms + end * c.interval_ms,
+        tuple(names[i] for i in fi),
+        e,
+        fi,
+        sign,
+        size,
+    )
 
 
 def write_truth(path: str | Path, truth: Sequence[Anomaly]) -> None:
