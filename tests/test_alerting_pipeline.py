@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 
 import numpy as np
 import orjson
@@ -83,6 +84,19 @@ def alerts_on(bootstrap, topic):
     return [orjson.loads(m.value()) for m in read_to_end(bootstrap, topic)]
 
 
+@contextmanager
+def running(detector):
+    """`detector.run` on a thread for the block; stopped, and checked to have ended, after it."""
+    thread = threading.Thread(target=detector.run, kwargs={"timeout": 90}, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        detector.stop()
+        thread.join(60)
+    assert not thread.is_alive()
+
+
 def wait_for(what, predicate, timeout=60.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -146,9 +160,7 @@ def test_alertmanager_down_loses_nothing_and_holds_the_offsets_until_it_is_back(
     events = fleet_events(sim)
     produce(kafka_bootstrap, kafka["topics"][0], events)
     detector = Detector(s)
-    thread = threading.Thread(target=detector.run, kwargs={"timeout": 90}, daemon=True)
-    thread.start()
-    try:
+    with running(detector):
         wait_for("every event scored", lambda: detector.stats.consumed == len(events) and detector.stats.alerts["open"] >= 1)
         time.sleep(2.0)  # several commit intervals
         assert detector._alertmanager is not None and detector._alertmanager.pending > 0
@@ -159,10 +171,6 @@ def test_alertmanager_down_loses_nothing_and_holds_the_offsets_until_it_is_back(
         wait_for("the alerts in Alertmanager", lambda: am.alerts())
         wait_for("everything committed", lambda: committed(kafka_bootstrap, s.kafka.group_id, kafka["topics"][0]) == len(events))
         assert detector._alertmanager.pending == 0
-    finally:
-        detector.stop()
-        thread.join(60)
-    assert not thread.is_alive()
 
 
 def test_false_positive_verdict_stops_the_same_pattern_but_not_a_larger_one(kafka_bootstrap, make_topic, bundle):
@@ -180,18 +188,13 @@ def test_false_positive_verdict_stops_the_same_pattern_but_not_a_larger_one(kafk
     topic = kafka["topics"][0]
     produce(kafka_bootstrap, topic, events[: 330 * 4])
     detector = Detector(s)
-    thread = threading.Thread(target=detector.run, kwargs={"timeout": 90}, daemon=True)
-    thread.start()
-    try:
+    with running(detector):
         first = wait_for("the first alert", lambda: [a for a in alerts_on(kafka_bootstrap, kafka["alerts_topic"]) if a["state"] == "open"])
         assert [a["key"] for a in first] == [sim.keys[2]]
         write_control(s, [encode_feedback(Feedback(first[0]["alert_id"], "false_positive", None, "not an incident", int(time.time() * 1000)))])
         wait_for("the verdict applied", lambda: detector.control.applied == 1)
         produce(kafka_bootstrap, topic, events[330 * 4 :])
         wait_for("every event scored", lambda: detector.stats.consumed == len(events))
-    finally:
-        detector.stop()
-        thread.join(60)
     opened = [a for a in alerts_on(kafka_bootstrap, kafka["alerts_topic"]) if a["state"] == "open"]
     ticks = [(a["source"]["offset"], a["event_time"]) for a in opened]
     assert len(opened) == 2, f"the pattern and the larger one, not the repeat: {ticks}"
@@ -221,9 +224,7 @@ def test_beyond_max_pending_the_loop_stops_consuming_until_alertmanager_answers(
     events = fleet_events(sim)
     produce(kafka_bootstrap, kafka["topics"][0], events)
     detector = Detector(s)
-    thread = threading.Thread(target=detector.run, kwargs={"timeout": 90}, daemon=True)
-    thread.start()
-    try:
+    with running(detector):
         wait_for("the pending limit reached", lambda: detector._alertmanager is not None and detector._alertmanager.pending >= 3)
         held = detector.stats.consumed
         time.sleep(2.0)
@@ -232,7 +233,3 @@ def test_beyond_max_pending_the_loop_stops_consuming_until_alertmanager_answers(
         am.start()
         wait_for("every event consumed once Alertmanager answers", lambda: detector.stats.consumed == len(events))
         wait_for("every alert accepted", lambda: detector._alertmanager.pending == 0)
-    finally:
-        detector.stop()
-        thread.join(60)
-    assert not thread.is_alive()
