@@ -294,19 +294,16 @@ class DetectorCore:
         alerting on scores like that episode's (AlertState.learn_false_positive). Returns
         (partition, key, floor), or None when no entity held here knows the alert (another
         instance of the group may hold it). Call it only between batches."""
-        for partition, k in self.store.entities() if key is None else self._entities_named(key):
-            slot = self.store.slot_of(partition, k)
+        for partition, k in self.store.entities():
+            slot = None if key is not None and k != key else self.store.slot_of(partition, k)
             a = None if slot is None else self._alerts[slot]
-            if a is None or not a.knows(alert_id):
+            if slot is None or a is None or not a.knows(alert_id):
                 continue
-            thr = self._thresholds[slot] if slot is not None else None
+            thr = self._thresholds[slot]
             threshold = thr.threshold() if thr is not None else self._initial_threshold
             floor = a.learn_false_positive(alert_id, threshold, self.settings.alerts)
             return None if floor is None else (partition, k, floor)
         return None
-
-    def _entities_named(self, key: str) -> list[tuple[int, str]]:
-        return [(p, k) for p, k in self.store.entities() if k == key]
 
     # ------------------------------------------------------------------ rebalance, changelog
     def drop_partitions(self, partitions: Iterable[int]) -> int:
