@@ -39,6 +39,7 @@ from stream_detector.service.changelog_format import (
     tombstones,
     write_entity,
 )
+from stream_detector.service.compacted_topic import TopicNotCreated, ensure_compacted
 
 # The record layout's names stay importable from here (the changelog's public surface).
 __all__ = [
@@ -246,57 +247,34 @@ class StateTracker:
 def ensure_changelog_topic(settings: Any, partitions: int) -> str:
     """The changelog topic, created (compacted, `partitions` partitions) if missing; ChangelogError
     with one sentence if it exists with too few partitions or without compaction."""
-    from confluent_kafka import KafkaError, KafkaException
-    from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
 
     topic = settings.processing.changelog_topic_for(settings.kafka.group_id)
-    timeout = settings.kafka.timeout_s
     admin = AdminClient(admin_config(settings))
     try:
-        meta = admin.list_topics(timeout=timeout)
-        if topic not in meta.topics or meta.topics[topic].error is not None:
-            fut = admin.create_topics(
-                [
-                    NewTopic(
-                        topic, num_partitions=partitions, replication_factor=-1, config={"cleanup.policy": "compact"}
-                    )
-                ],
-                operation_timeout=timeout,
-            )
-            try:
-                fut[topic].result(timeout=timeout)
-                log.info("created the state changelog topic %s (%d partitions, compacted)", topic, partitions)
-                return topic
-            except KafkaException as e:
-                if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                    raise ChangelogError(
-                        f"the state changelog topic {topic} does not exist and could not be created "
-                        f"({e.args[0].str()});"
-                        f" create it compacted with {partitions} partitions, or set processing.changelog = false."
-                    ) from None
-            # Already exists: another member was quicker, or the metadata we read was stale
-            # (a topic created a moment ago); check the one that exists like any other.
-            meta = admin.list_topics(topic=topic, timeout=timeout)
-        have = len(meta.topics[topic].partitions)
-        deadline = time.monotonic() + timeout
-        while have == 0 and time.monotonic() < deadline:  # a topic created a moment ago: no partitions in metadata yet
-            time.sleep(0.2)
-            have = len(admin.list_topics(topic=topic, timeout=timeout).topics[topic].partitions)
-        if have < partitions:
-            raise ChangelogError(
-                f"the state changelog topic {topic} has {have} partitions, but the input has {partitions}; it needs at "
-                "least as many."
-            )
-        res = ConfigResource(ConfigResource.Type.TOPIC, topic)
-        policy = admin.describe_configs([res])[res].result(timeout=timeout)["cleanup.policy"].value
-        if "compact" not in policy:
-            raise ChangelogError(
-                f"the state changelog topic {topic} has cleanup.policy={policy}; it must be compacted "
-                "(cleanup.policy=compact)."
-            )
-        return topic
+        found = ensure_compacted(admin, topic, partitions, settings.kafka.timeout_s)
+    except TopicNotCreated as e:
+        raise ChangelogError(
+            f"the state changelog topic {topic} does not exist and could not be created ({e});"
+            f" create it compacted with {partitions} partitions, or set processing.changelog = false."
+        ) from None
     except KafkaException as e:
         raise ChangelogError(f"checking the state changelog topic {topic} failed ({e.args[0].str()}).") from None
+    if found.created:
+        log.info("created the state changelog topic %s (%d partitions, compacted)", topic, partitions)
+        return topic
+    if found.partitions < partitions:
+        raise ChangelogError(
+            f"the state changelog topic {topic} has {found.partitions} partitions, but the input has {partitions}; "
+            "it needs at least as many."
+        )
+    if "compact" not in found.cleanup_policy:
+        raise ChangelogError(
+            f"the state changelog topic {topic} has cleanup.policy={found.cleanup_policy}; it must be compacted "
+            "(cleanup.policy=compact)."
+        )
+    return topic
 
 
 class Restorer:

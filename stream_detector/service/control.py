@@ -35,6 +35,7 @@ from stream_detector.config import ConfigError, Settings
 from stream_detector.ingest.control import ControlRecord, ControlRecordError, parse_control
 from stream_detector.ingest.decode import BAD_CONTROL_RECORD, DeadLetter
 from stream_detector.ingest.kafka_config import admin_config, client_config, producer_config
+from stream_detector.service.compacted_topic import TopicNotCreated, ensure_compacted
 from stream_detector.service.kafka_errors import KafkaIOError
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,8 @@ def _unreachable(settings: Settings, e: Exception) -> KafkaIOError:
 def ensure_control_topic(settings: Settings) -> str:
     """The control topic, created (compacted, 1 partition) if missing; ConfigError with one sentence if it exists
     without compaction, KafkaIOError if the broker cannot be reached or the topic cannot be made."""
-    from confluent_kafka import KafkaError, KafkaException
-    from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
 
     topic = control_topic(settings)
     timeout = settings.kafka.timeout_s
@@ -81,26 +82,20 @@ def ensure_control_topic(settings: Settings) -> str:
     except KafkaException as e:
         raise _unreachable(settings, e) from None
     try:
-        if topic not in meta.topics or meta.topics[topic].error is not None:
-            new = NewTopic(topic, num_partitions=1, replication_factor=-1, config={"cleanup.policy": "compact"})
-            fut = admin.create_topics([new], operation_timeout=timeout)
-            try:
-                fut[topic].result(timeout=timeout)
-                log.info("created the control topic %s (1 partition, compacted)", topic)
-                return topic
-            except KafkaException as e:
-                if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                    raise KafkaIOError(
-                        f"the control topic {topic} does not exist and could not be created ({e.args[0].str()}); "
-                        "create it with cleanup.policy=compact and 1 partition."
-                    ) from None
-            # already exists: another process was quicker; check it like any other
-        res = ConfigResource(ConfigResource.Type.TOPIC, topic)
-        policy = admin.describe_configs([res])[res].result(timeout=timeout)["cleanup.policy"].value
+        found = ensure_compacted(admin, topic, 1, timeout, meta)
+    except TopicNotCreated as e:
+        raise KafkaIOError(
+            f"the control topic {topic} does not exist and could not be created ({e}); "
+            "create it with cleanup.policy=compact and 1 partition."
+        ) from None
     except KafkaException as e:
         raise KafkaIOError(f"checking the control topic {topic} failed ({e.args[0].str()}).") from None
     except concurrent.futures.TimeoutError:
         raise KafkaIOError(f"checking the control topic {topic} got no answer within {timeout:g} s.") from None
+    if found.created:
+        log.info("created the control topic %s (1 partition, compacted)", topic)
+        return topic
+    policy = found.cleanup_policy
     if "compact" not in policy:
         raise ConfigError(
             f"the control topic {topic} has cleanup.policy={policy}, but silences and feedback need a compacted topic "
