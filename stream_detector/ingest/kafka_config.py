@@ -27,6 +27,7 @@ Callbacks (`error_cb`, `logger`) are the clients' business and added where a cli
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 from stream_detector.config import ConfigError, Settings
@@ -71,6 +72,9 @@ RESTORER_DEFAULTS = {
     "queued.max.messages.kbytes": 16_384,
     "fetch.queue.backoff.ms": CONSUMER_DEFAULTS["fetch.queue.backoff.ms"],
 }
+
+
+CLIENT_LOG = "stream_detector.librdkafka"  # where every client's librdkafka lines are logged
 
 
 def _merge(user: dict[str, Any], fixed: dict[str, Any], section: str) -> dict[str, Any]:
@@ -135,6 +139,19 @@ def admin_config(settings: Settings) -> dict[str, Any]:
 
 def restorer_config(settings: Settings) -> dict[str, Any]:
     return client_config(settings, "restorer")
+
+
+def quiet(conf: dict[str, Any]) -> dict[str, Any]:
+    """`conf` with librdkafka's own lines (a refused connection, every retry) kept quiet: for the short-lived
+    clients of commands and start-up checks, whose failure reaches the user as one sentence from the call
+    that failed (`unreachable`)."""
+    return {**conf, "error_cb": lambda err: None, "log_level": 0, "logger": logging.getLogger(CLIENT_LOG)}
+
+
+def unreachable(settings: Settings, why: str, timeout: float | None = None) -> str:
+    """The one sentence for a broker that did not answer a metadata request in time."""
+    timeout = settings.kafka.timeout_s if timeout is None else timeout
+    return f"cannot reach the Kafka broker at {settings.kafka.bootstrap_servers} within {timeout:g} s ({why})."
 
 
 def check_client_configs(settings: Settings) -> None:

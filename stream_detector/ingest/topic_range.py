@@ -40,13 +40,12 @@ import numpy as np
 import orjson
 
 from stream_detector.ingest.decode import Decoder
-from stream_detector.ingest.kafka_config import client_config
+from stream_detector.ingest.kafka_config import client_config, quiet, unreachable
 
 if TYPE_CHECKING:
     from stream_detector.config import Settings
 
 log = logging.getLogger(__name__)
-client_log = logging.getLogger("stream_detector.librdkafka")
 
 KEY_NAMES = ("key", "entity")  # never taken as features when the features are discovered
 TIME_NAMES = ("timestamp", "time", "ts", "event_time")
@@ -179,17 +178,12 @@ def _open_range(settings: Settings, topic: str, start: Bound, end: Bound) -> tup
 
     bootstrap = settings.kafka.bootstrap_servers
     timeout = settings.kafka.timeout_s
-    # librdkafka's own log lines (a refused connection, every retry) stay quiet, as in `check`: a failure
-    # reaches the user as one sentence from the calls below.
-    conf = {**client_config(settings, "reader"), "error_cb": lambda err: None, "log_level": 0, "logger": client_log}
-    consumer = Consumer(conf)
+    consumer = Consumer(quiet(client_config(settings, "reader")))
     try:
         try:
             meta = consumer.list_topics(topic, timeout=timeout)
         except KafkaException as e:
-            raise TopicRangeError(
-                f"cannot reach the Kafka broker at {bootstrap} within {timeout:g} s ({e.args[0].str()})."
-            ) from None
+            raise TopicRangeError(unreachable(settings, e.args[0].str())) from None
         info = meta.topics.get(topic)
         if info is None or info.error is not None or not info.partitions:
             raise TopicRangeError(f"topic {topic!r} does not exist on {bootstrap}.")

@@ -11,7 +11,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException
 
 from stream_detector.config import Settings
-from stream_detector.ingest.kafka_config import admin_config
+from stream_detector.ingest.kafka_config import admin_config, unreachable
 from stream_detector.service.kafka_errors import KafkaIOError
 
 client_log = logging.getLogger("stream_detector.librdkafka")
@@ -48,9 +48,7 @@ def check_broker(settings: Settings, topics: Sequence[str], timeout: float | Non
                 f" of user '{conf.get('sasl.username', '')}' ({auth_error[0]})."
             ) from None
         why = last_error[-1] if last_error else e.args[0].str()
-        raise KafkaIOError(
-            f"cannot reach the Kafka broker at {settings.kafka.bootstrap_servers} within {timeout:g} s ({why})."
-        ) from None
+        raise KafkaIOError(unreachable(settings, why, timeout)) from None
 
     def missing_from(meta: Any) -> list[str]:
         return [t for t in topics if t not in meta.topics or meta.topics[t].error is not None]

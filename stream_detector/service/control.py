@@ -34,7 +34,7 @@ from typing import Any
 from stream_detector.config import ConfigError, Settings
 from stream_detector.ingest.control import ControlRecord, ControlRecordError, parse_control
 from stream_detector.ingest.decode import BAD_CONTROL_RECORD, DeadLetter
-from stream_detector.ingest.kafka_config import admin_config, client_config, producer_config
+from stream_detector.ingest.kafka_config import admin_config, client_config, producer_config, quiet, unreachable
 from stream_detector.service.compacted_topic import TopicNotCreated, ensure_compacted
 from stream_detector.service.kafka_errors import KafkaIOError
 
@@ -54,18 +54,9 @@ def control_topic(settings: Settings) -> str:
     return topic
 
 
-def _quiet(conf: dict[str, Any]) -> dict[str, Any]:
-    """librdkafka's own lines (a refused connection, every retry) stay quiet: a failure reaches the user as one
-    sentence from the calls that fail."""
-    return {**conf, "error_cb": lambda err: None, "log_level": 0, "logger": client_log}
-
-
 def _unreachable(settings: Settings, e: Exception) -> KafkaIOError:
     why = e.args[0].str() if e.args and hasattr(e.args[0], "str") else str(e) or type(e).__name__
-    return KafkaIOError(
-        f"cannot reach the Kafka broker at {settings.kafka.bootstrap_servers} within {settings.kafka.timeout_s:g} s "
-        f"({why})."
-    )
+    return KafkaIOError(unreachable(settings, why))
 
 
 def ensure_control_topic(settings: Settings) -> str:
@@ -76,7 +67,7 @@ def ensure_control_topic(settings: Settings) -> str:
 
     topic = control_topic(settings)
     timeout = settings.kafka.timeout_s
-    admin = AdminClient(_quiet(admin_config(settings)))
+    admin = AdminClient(quiet(admin_config(settings)))
     try:
         meta = admin.list_topics(timeout=timeout)
     except KafkaException as e:
@@ -241,7 +232,7 @@ def write_control(settings: Settings, records: Sequence[tuple[bytes, bytes | Non
         if err is not None and not failed:
             failed.append(err)
 
-    conf = _quiet(producer_config(settings))
+    conf = quiet(producer_config(settings))
     conf["message.timeout.ms"] = max(1000, int(timeout * 1000))  # give up when this command does
     producer = Producer(conf)
     try:
