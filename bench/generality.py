@@ -59,7 +59,8 @@ log = logging.getLogger("bench.generality")
 BEGIN, END = "<!-- generality-table:begin -->", "<!-- generality-table:end -->"
 # detector = (model variant, detection settings)
 NEW = DetectionSettings()
-OLD = DetectionSettings(threshold=ThresholdParams(method="quantile", quantile=0.99, multiplier=4.0, max_shift=1e12), alerts=AlertParams())
+OLD = DetectionSettings(threshold=ThresholdParams(method="quantile", quantile=0.99, multiplier=4.0, max_shift=1e12, max_shift_down=1e12),
+                        alerts=AlertParams())
 DETECTORS = {
     "new default": ("default", NEW),  # fit's defaults (its detectors for this data) and the new detection defaults
     "old default": ("transformer", OLD),  # the Transformer alone, rolling quantile 0.99 x 4.0 without a bound
@@ -70,22 +71,25 @@ CANDIDATES = {  # --candidates: the composites measured to choose fit's default 
     "transformer, new thresholds": ("transformer", NEW),
     "transformer+pca, new thresholds": ("transformer+pca", NEW),
     "transformer+zscore, new thresholds": ("transformer+zscore", NEW),
+    "default, relative errors": ("default:relative", NEW),  # fit --feature-errors relative
 }
 FIVE_X = 5.0
 SMD_MACHINES = ("machine-1-7", "machine-2-1", "machine-3-2")  # 3-2 is the held-out check: settings come from 1-7 and 2-1
 MAX_FALSE_PER_ROWS = 5000
+CODE = ("stream_detector/core/calibration.py", "training/composite.py", "training/settings.py")  # a cached bundle is refit when these change
 
 
 def train(variant: str, data: Path, fmt: str, work: Path, args: argparse.Namespace) -> Path:
     if variant.startswith("transformer"):
+        detectors, _, errors = variant.partition(":")  # "transformer+zscore:relative": fit --feature-errors relative
         params: dict[str, Any] = dict(epochs=args.epochs, max_windows_per_epoch=args.max_windows_per_epoch, seed=args.train_seed, threads=1,
-                                      detectors=variant.split("+"))
+                                      detectors=detectors.split("+"), **({"feature_errors": errors} if errors else {}))
     elif variant == "pca":
         params = dict(kind="pca", pca_variance=0.9)
     else:
         params = dict(kind="zscore", window=64, zscore_floor=0.1)
     content = hashlib.sha256(data.read_bytes()).hexdigest()
-    code = hashlib.sha256((REPO / "stream_detector" / "core" / "calibration.py").read_bytes()).hexdigest()  # calibration changes: refit
+    code = hashlib.sha256(b"".join((REPO / f).read_bytes() for f in CODE)).hexdigest()  # their changes: refit
     tag = hashlib.sha256(json.dumps([variant, content, fmt, params, code], sort_keys=True).encode()).hexdigest()[:10]
     out = work / "bundles" / f"{data.parent.name}-{data.stem}-{variant}-{tag}"
     if (out / "bundle.json").is_file():
@@ -174,8 +178,8 @@ def run_dataset(ds: Dataset, seed: int, args: argparse.Namespace) -> dict[str, O
     out: dict[str, Outcome] = {}
     tables = {}
     for label, (variant, settings) in args.detectors.items():
-        if variant == "default":
-            variant = default_variant(ds, args)
+        if variant.startswith("default"):
+            variant = default_variant(ds, args) + variant[len("default"):]
         if variant not in scorers:
             bundle = load_bundle(train(variant, ds.train, ds.fmt, args.work, args))
             scorers[variant] = MemoScorer(Scorer(bundle, provider="cpu", intra_op_threads=1))

@@ -165,10 +165,27 @@ class DetectionSettingsSection(_Section):
     learn_level: float = Field(
         _THR.learn_level, gt=0, description="calibrated: normal scores above this surprise are learned as this value"
     )
+    confirm_within: int = Field(
+        _THR.confirm_within,
+        ge=0,
+        description="calibrated: a score past alert_level but not past alert_level + 1 is anomalous only when another "
+        "score of the entity passed alert_level within the last N scores (0: every score past alert_level is)",
+    )
+    learn_tail: Literal["cap", "skip"] = Field(
+        _THR.learn_tail,  # type: ignore[arg-type]
+        description="calibrated: a normal score above learn_level is learned as that value ('cap') or not at all "
+        "('skip')",
+    )
     max_shift: float = Field(
         _THR.max_shift,
         ge=1,
         description="no threshold rises above this x its calibrated starting value without an alert",
+    )
+    max_shift_down: float = Field(
+        _THR.max_shift_down,
+        ge=1,
+        description="no threshold falls below 1 / this of its calibrated starting value (1: an entity quieter than "
+        "the calibration keeps the calibrated bar)",
     )
     quantile: float = Field(_THR.quantile, gt=0, le=1, description="rolling quantile of recent normal scores")
     history: int = Field(_THR.history, ge=1, description="recent normal scores kept per entity")
@@ -223,8 +240,11 @@ class DetectionSettingsSection(_Section):
                 method=self.threshold,
                 warmup=self.warmup,
                 max_shift=self.max_shift,
+                max_shift_down=self.max_shift_down,
                 alert_level=self.alert_level,
                 learn_level=self.learn_level,
+                learn_tail=self.learn_tail,
+                confirm_within=self.confirm_within,
                 quantile=self.quantile,
                 history=self.history,
                 multiplier=self.multiplier,

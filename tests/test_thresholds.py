@@ -119,7 +119,7 @@ def test_deterministic(method):
 
 def test_rolling_quantile_matches_numpy_on_the_last_history(rng):
     p = ThresholdParams(
-        method="quantile", warmup=10, history=64, quantile=0.9, multiplier=1.0, max_shift=1e12
+        method="quantile", warmup=10, history=64, quantile=0.9, multiplier=1.0, max_shift=1e12, max_shift_down=1e12
     )  # (no bound)
     t = RollingQuantile(1e9, p)
     learned: list[float] = []
@@ -134,7 +134,7 @@ def test_rolling_quantile_matches_numpy_on_the_last_history(rng):
 
 
 def test_rolling_quantile_multiplier():
-    p = ThresholdParams(method="quantile", warmup=3, history=10, quantile=1.0, multiplier=2.0, max_shift=1e12)
+    p = ThresholdParams(method="quantile", warmup=3, history=10, quantile=1.0, multiplier=2.0, max_shift=1e12, max_shift_down=1e12)
     t = RollingQuantile(100.0, p)
     for x in (1.0, 3.0, 2.0):
         t.observe(x)
@@ -142,7 +142,7 @@ def test_rolling_quantile_multiplier():
 
 
 def test_spot_threshold_is_a_far_tail_quantile(rng):
-    p = ThresholdParams(method="spot", warmup=2000, risk=1e-3, init_quantile=0.95, max_peaks=2000, max_shift=1e12)
+    p = ThresholdParams(method="spot", warmup=2000, risk=1e-3, init_quantile=0.95, max_peaks=2000, max_shift=1e12, max_shift_down=1e12)
     t = Spot(1e9, p)
     data = rng.exponential(1.0, size=20000)
     for x in data:
@@ -262,14 +262,92 @@ def test_calibrated_surprise_is_the_calibrated_value(rng):
     assert 0.0 < t.surprise(low) < 1.0
 
 
+def test_max_shift_down_1_keeps_a_quiet_entitys_bar_at_the_calibrated_one(rng):
+    """An entity a tenth as noisy as the validation data: by default its bar falls to 1/2 of the
+    calibrated one (max_shift_down 2), with max_shift_down 1 it stays there."""
+    quiet = 0.1 * scores(rng, 3000)
+    bars = {}
+    for down in (2.0, 1.0):
+        t = Calibrated(REF, ThresholdParams(method="calibrated", max_shift_down=down))
+        start = t.threshold()
+        for x in quiet:
+            t.observe(float(x))
+        bars[down] = t.threshold() / start
+    assert bars[2.0] == pytest.approx(0.5) and bars[1.0] == pytest.approx(1.0)
+
+
+def test_learn_tail_skip_keeps_moderate_incident_scores_out_of_the_level(rng):
+    """A long stretch of scores above the learn level but below the alert level (an incident the
+    point test does not flag, the run test switched off): capped, they lift the entity's level; skipped, they do not."""
+    point_only = ScoreReference(REF.point, None, 0, REF.anchor)
+    lo, hi = (math.exp(REF.point.log_score_at(s)) for s in (2.5, 3.5))
+    lifted = {}
+    for tail in ("cap", "skip"):
+        t = Calibrated(point_only, ThresholdParams(method="calibrated", learn_tail=tail))
+        start = t.threshold()
+        for x in scores(rng, 500):
+            t.observe(float(x))
+        flags = [t.observe(float(x))[1] for x in rng.uniform(lo, hi, size=1000)]
+        assert not any(flags)
+        lifted[tail] = t.threshold() / start
+    assert lifted["cap"] > 1.3 and lifted["skip"] < 1.1, lifted
+
+
+def test_confirm_within_needs_a_second_exceedance_unless_the_score_is_ten_times_rarer(rng):
+    p = ThresholdParams(method="calibrated", confirm_within=10)
+    point_only = ScoreReference(REF.point, None, 0, REF.anchor)
+    moderate = math.exp(REF.point.log_score_at(4.5))  # past the alert level 4, not past 5
+    extreme = math.exp(REF.point.log_score_at(5.5))
+    typical = float(np.median(scores(rng, 1000)))
+
+    def warm() -> Calibrated:
+        t = Calibrated(point_only, p)
+        for x in scores(np.random.default_rng(5), 300):
+            t.observe(float(x))
+        return t
+
+    t = warm()
+    assert not t.observe(moderate)[1]  # alone: not anomalous ...
+    for _ in range(5):
+        t.observe(typical)
+    assert t.observe(moderate)[1]  # ... confirmed 6 scores later: anomalous
+    t = warm()
+    t.observe(moderate)
+    for _ in range(10):
+        t.observe(typical)
+    assert not t.observe(moderate)[1]  # 11 scores later: alone again
+    assert warm().observe(extreme)[1]  # ten times rarer than the alert level: anomalous alone
+    assert Calibrated(point_only, ThresholdParams(method="calibrated")).observe(moderate)[1]  # off: anomalous alone
+    # The pending exceedance moves with the entity's state (changelog, rebalance).
+    t = warm()
+    t.observe(moderate)
+    restored = Calibrated.from_state(REF, p, orjson.loads(orjson.dumps(t.state(), option=orjson.OPT_SERIALIZE_NUMPY)))
+    assert restored.observe(moderate)[1]
+
+
+def test_confirm_within_lowers_the_false_alarm_rate_to_the_next_decade(rng):
+    """On scores drawn like the validation scores, confirmed single scores are anomalous at about
+    10 ** -(alert_level + 1), plus pairs: far below the 10 ** -alert_level without confirmation."""
+    point_only = ScoreReference(REF.point, None, 0, REF.anchor)
+    data = scores(rng, 200_000)
+    level = 2.0
+    base = ThresholdParams(method="calibrated", alert_level=level, learn_level=1.5, warmup=100)
+    rates = {}
+    for n in (0, 10):
+        t = Calibrated(point_only, ThresholdParams(**{**base.__dict__, "confirm_within": n}))
+        rates[n] = np.mean([t.observe(float(x))[1] for x in data])
+    assert 0.5 * 10**-level < rates[0] < 2.0 * 10**-level
+    assert 0.5 * 10 ** -(level + 1) < rates[10] < 3.0 * 10 ** -(level + 1), rates
+
+
 @pytest.mark.parametrize("method", ["quantile", "spot"])
 def test_near_zero_normal_scores_do_not_take_the_bar_to_zero(method, rng):
-    """A count model's normal scores are about 0: the rolling bar stops at 1 / max_shift of its start."""
+    """A count model's normal scores are about 0: the rolling bar stops at 1 / max_shift_down of its start."""
     p = BOUNDED[method]
     t = make_threshold(method, p, 1.0, None)
     for x in rng.uniform(0, 1e-12, size=5000):
         t.observe(float(x))
-    assert t.threshold() == pytest.approx(1.0 / p.max_shift)
+    assert t.threshold() == pytest.approx(1.0 / p.max_shift_down)
     assert not t.observe(0.1)[1]  # a score a tenth of the calibrated bar is not an alert
 
 

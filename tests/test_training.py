@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 from stream_detector.core.bundle import INPUT_NAME, OUTPUT_NAME, load_bundle, open_cpu_session  # noqa: E402
 from stream_detector.offline.datafiles import read_table  # noqa: E402
 from training.calibrate import calibrate  # noqa: E402
+from training.composite import ERROR_SCALE_FLOOR  # noqa: E402
 from training.export import ExportNameMismatch, ExportShapeMismatch, ExportValueMismatch, check_parity, export_onnx  # noqa: E402
 from training.fit import fit  # noqa: E402
 from training.model import TransformerAutoencoder  # noqa: E402
@@ -47,6 +48,14 @@ def trained(tmp_path_factory):
     torch.set_num_threads(1)
     data = make_csv(tmp / "normal.csv", np.random.default_rng(7))
     settings = make_settings({"data": data, "out": tmp / "bundle", "seed": 3, **TINY})
+    return settings, fit(settings)
+
+
+@pytest.fixture(scope="module")
+def trained_relative(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fit-relative")
+    data = make_csv(tmp / "normal.csv", np.random.default_rng(7))
+    settings = make_settings({"data": data, "out": tmp / "bundle", "seed": 3, "feature_errors": "relative", **TINY})
     return settings, fit(settings)
 
 
@@ -87,18 +96,22 @@ def test_masked_variant_cannot_see_the_rows_it_scores():
     assert plain.scoring_positions == (-1,)
 
 
+def validation_windows(settings, bundle):
+    plan = plan_windows(read_table(settings.data), W, settings.val_fraction, settings.gap_factor)
+    return plan, bundle.normaliser.apply(plan.data)[plan.val_starts[:, None] + np.arange(W)]
+
+
 def test_fit_writes_a_bundle_that_reproduces_pytorch_scores(trained):
     settings, res = trained
     bundle = load_bundle(res.bundle_dir)
     assert bundle.features == ("x", "y", "const") and bundle.window == W
     assert bundle.scoring.positions == (-1,) and bundle.model["variant"] == "masked"
+    assert "composite" not in bundle.model and bundle.scoring.reduction == "mean_squared_error"
     assert bundle.normaliser.scale[2] == pytest.approx(1e-3)  # constant feature: floored, not divided by zero
     assert (res.bundle_dir / "report.png").stat().st_size > 10_000
     assert res.parity_max_abs_diff <= 1e-4
     # Score validation windows through the bundle (ONNX Runtime) and through PyTorch.
-    table = read_table(settings.data)
-    plan = plan_windows(table, W, settings.val_fraction, settings.gap_factor)
-    x = bundle.normaliser.apply(plan.data)[plan.val_starts[:, None] + np.arange(W)]
+    plan, x = validation_windows(settings, bundle)
     session = open_cpu_session(bundle.model_path)
     ort_scores, _ = bundle.scoring.scores(x, session.run([OUTPUT_NAME], {INPUT_NAME: x})[0])
     with torch.no_grad():
@@ -108,6 +121,29 @@ def test_fit_writes_a_bundle_that_reproduces_pytorch_scores(trained):
     assert bundle.calibration.n_scores == len(plan.val_starts)
     assert bundle.calibration.threshold == pytest.approx(calibrate(ort_scores, settings.threshold_quantile).threshold, rel=1e-5)
     assert bundle.calibration.quantiles["1.0"] == pytest.approx(float(ort_scores.max()), rel=1e-5)
+
+
+def test_relative_feature_errors_divide_by_each_features_validation_error(trained_relative):
+    """--feature-errors relative: each feature's squared error at the newest row is divided by its
+    validation mean (floored), they are averaged, and the graph divides that by its validation 99 %
+    quantile; the bundle scores exactly that, as PyTorch computes it."""
+    settings, res = trained_relative
+    bundle = load_bundle(res.bundle_dir)
+    plan, x = validation_windows(settings, bundle)
+    session = open_cpu_session(bundle.model_path)
+    ort_scores, ort_errors = bundle.scoring.scores(x, session.run([OUTPUT_NAME], {INPUT_NAME: x})[0])
+    with torch.no_grad():
+        r = res.model(torch.from_numpy(x)).numpy()
+    sq = (x[:, -1, :] - r[:, -1, :]) ** 2
+    normal = np.maximum(sq.mean(axis=0), ERROR_SCALE_FLOOR)
+    relative = (sq / normal).mean(axis=1)
+    composite = bundle.model["composite"]
+    assert composite["detectors"] == ["transformer"]
+    assert composite["transformer_error_scale"]["floored_features"] == np.count_nonzero(sq.mean(axis=0) <= ERROR_SCALE_FLOOR)
+    np.testing.assert_allclose(ort_scores, relative / composite["scales"]["transformer"], rtol=1e-3, atol=1e-6)
+    # Per-feature errors (top_features) are the relative ones, as shares of the score.
+    np.testing.assert_array_equal(ort_errors.argmax(axis=1), (sq / normal).argmax(axis=1))
+    assert bundle.calibration.n_scores == len(plan.val_starts)
 
 
 def test_training_metadata(trained):

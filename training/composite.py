@@ -7,7 +7,13 @@ several detectors and keep the largest, each first divided by its own 99 % quant
 validation windows ("calibrated"), so that a score of 3 means "three times this detector's normal
 high" whichever detector it came from:
 
-- `transformer`: the autoencoder's squared error at its scoring positions, mean over features;
+- `transformer`: the autoencoder's squared error at its scoring positions, mean over features.
+  With `fit --feature-errors relative` each feature's error is first divided by its mean on the
+  validation windows (`error_scale`, floored at `ERROR_SCALE_FLOOR`), so that every feature's
+  normal error is 1 (the diagonal of the Mahalanobis distance of the errors that EncDec-AD,
+  Malhotra et al. 2016, scores with): a feature the model predicts closely then weighs as much
+  when it breaks as a noisy one. Measured on SMD it ranks incidents better but alerts and
+  attributes worse (docs/quality.md), so it is not the default;
 - `pca`: the squared residual of the newest row outside the principal subspace of the normalised
   training rows (enough components for 90 % of the variance), mean over features: a broken
   relation between features (training/baselines.py fits the same subspace);
@@ -31,7 +37,7 @@ describes the combined score like any other.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -45,6 +51,10 @@ SCORING = ScoringRule(positions=(-1,), reduction="model_error")
 FLAT_ROWS = 16  # rows of exact repeats beyond the training maximum that score FLAT_RATIO
 FLAT_RATIO = 10.0
 PCA_VARIANCE = 0.9
+# Smallest per-feature normal error (squared, normalised units): an error of a tenth of the feature's
+# training standard deviation, the z-score detector's floor. A feature the model reconstructs almost
+# exactly (a near-constant one) would otherwise turn any small legitimate move into a huge score.
+ERROR_SCALE_FLOOR = ZSCORE_FLOOR**2
 _TINY = 1e-12
 
 
@@ -57,6 +67,7 @@ class Components:
     pca_mean: np.ndarray | None = None  # [F]
     pca_projector: np.ndarray | None = None  # [F, F]: V_k V_k^T
     flat_max_run: np.ndarray | None = None  # [F]: longest run of exact repeats in a training window (W: never counts)
+    error_scale: np.ndarray | None = None  # [F]: the Transformer's mean squared error per feature, validation (floored)
 
     def describe(self) -> dict[str, Any]:
         """For bundle.json's model section."""
@@ -67,6 +78,12 @@ class Components:
         }
         if self.pca_projector is not None:
             d["pca_components"] = int(round(float(np.trace(self.pca_projector))))
+        if self.error_scale is not None:
+            d["transformer_error_scale"] = {
+                "rule": "squared error per feature / its validation mean",
+                "floor": ERROR_SCALE_FLOOR,
+                "floored_features": int(np.count_nonzero(self.error_scale <= ERROR_SCALE_FLOOR)),
+            }
         if self.flat_max_run is not None:
             d["flatline_rows"] = FLAT_ROWS
             d["flatline_features"] = int(np.count_nonzero(self.flat_max_run < self.window))
@@ -103,6 +120,8 @@ def raw_scores(c: Components, windows: np.ndarray, recon: np.ndarray) -> dict[st
     idx = list(c.positions)
     d = x[:, idx, :] - recon[:, idx, :]
     e_t = np.mean(d * d, axis=1)
+    if c.error_scale is not None:
+        e_t = e_t / c.error_scale
     out = {"transformer": (e_t.mean(axis=1), e_t)}
     if c.pca_projector is not None and c.pca_mean is not None:
         dp = x[:, -1, :] - c.pca_mean
@@ -120,6 +139,15 @@ def raw_scores(c: Components, windows: np.ndarray, recon: np.ndarray) -> dict[st
     return out
 
 
+def with_error_scale(c: Components, windows: np.ndarray, recon: np.ndarray) -> Components:
+    """The components with the Transformer's per-feature normal error, measured on these
+    (validation) windows: the mean over them of each feature's squared error, floored."""
+    idx = list(c.positions)
+    d = windows[:, idx, :].astype(np.float32) - recon[:, idx, :]
+    normal = np.mean(d * d, axis=(0, 1))
+    return replace(c, error_scale=np.maximum(normal, ERROR_SCALE_FLOOR).astype(np.float32))
+
+
 def with_scales(c: Components, windows: np.ndarray, recon: np.ndarray) -> Components:
     """The components with each detector's scale: its 99 % quantile on these (validation) windows."""
     scales = {
@@ -129,7 +157,7 @@ def with_scales(c: Components, windows: np.ndarray, recon: np.ndarray) -> Compon
     }
     if c.flat_max_run is not None:
         scales["flatline"] = FLAT_ROWS / FLAT_RATIO  # excess rows per unit of ratio (no validation scale: normal is 0)
-    return Components(c.detectors, c.positions, c.window, scales, c.pca_mean, c.pca_projector, c.flat_max_run)
+    return replace(c, scales=scales)
 
 
 def combined(c: Components, windows: np.ndarray, recon: np.ndarray) -> np.ndarray:
@@ -187,6 +215,8 @@ def composite_onnx(transformer: bytes, c: Components, n_features: int) -> bytes:
     rp = node("Gather", [inner, pos], "r_pos", axis=1)
     d = node("Sub", [xp, rp], "t_diff")
     errors = {"transformer": reduce("ReduceMean", node("Mul", [d, d], "t_sq"), 1, "t_err", 0)}
+    if c.error_scale is not None:
+        errors["transformer"] = node("Div", [errors["transformer"], const("t_error_scale", c.error_scale)], "t_rel_err")
     row_shape = const("row_shape", [-1, n_features], np.int64)
     newest = node(
         "Reshape",

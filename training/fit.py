@@ -125,9 +125,12 @@ def fit(settings: FitSettings, command_line: str | None = None) -> FitResult:
 
     scoring = ScoringRule(model.scoring_positions)
     architecture = model.architecture()
-    if tuple(s.detectors) != ("transformer",):  # the Transformer and simple detectors in one graph
+    # The Transformer's relative errors and any simple detectors are computed in one graph (with one
+    # feature, relative errors are the same score times a constant: nothing to compute)
+    relative = s.feature_errors == "relative" and len(table.features) > 1
+    if tuple(s.detectors) != ("transformer",) or relative:
         onnx_bytes, scoring, composite = build_composite(
-            onnx_bytes, s.detectors, model.scoring_positions, data, plan, s
+            onnx_bytes, s.detectors, model.scoring_positions, data, plan, s, relative
         )
         architecture = {**architecture, "composite": composite}
     val = score_windows(onnx_bytes, data, plan.val_starts, s.window, scoring)
@@ -225,10 +228,18 @@ def build_composite(
     data: np.ndarray,
     plan: Any,
     s: FitSettings,
+    relative: bool,
 ) -> tuple[bytes, ScoringRule, dict[str, Any]]:
     """The composite graph (training/composite.py): detectors fitted on the training windows,
     scaled on the validation windows, and proven against their numpy reference."""
-    from training.composite import SCORING, combined, composite_onnx, fit_components, with_scales
+    from training.composite import (
+        SCORING,
+        combined,
+        composite_onnx,
+        fit_components,
+        with_error_scale,
+        with_scales,
+    )
     from training.export import ort_session
 
     rng = np.random.default_rng(s.seed)
@@ -244,6 +255,8 @@ def build_composite(
     val_r = np.concatenate(
         [session.run([OUTPUT_NAME], {INPUT_NAME: val_x[i : i + 1024]})[0] for i in range(0, len(val_x), 1024)]
     )
+    if relative:
+        comps = with_error_scale(comps, val_x, val_r)
     comps = with_scales(comps, val_x, val_r)
     graph = composite_onnx(onnx_bytes, comps, data.shape[1])
     k = min(len(val_x), PARITY_WINDOWS)

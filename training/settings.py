@@ -91,6 +91,13 @@ class FitSettings(BaseModel):
         "validation 99%% quantile, the largest wins (training/composite.py); not given, a one-feature history "
         "with at least 100 validation windows gets transformer,zscore (training/sizing.py)",
     )
+    feature_errors: Literal["absolute", "relative"] = Field(
+        "absolute",
+        description="how the Transformer's per-feature errors add up: 'absolute' averages them as they are; "
+        "'relative' divides each feature's squared error by its mean on the validation windows (floored at 0.01) "
+        "first, so every feature's normal error is 1 (several features only; docs/quality.md: it ranks SMD's "
+        "incidents better but alerts and attributes worse there, so it is not the default)",
+    )
     d_model: int = Field(
         64,
         ge=4,

@@ -4,7 +4,7 @@ Every threshold follows the same contract (river's anomaly filters): `observe(sc
 the score against the current threshold, then learns from it only if it was judged normal, so an
 incident never raises its own bar. Until `warmup` normal scores have been seen, the threshold is
 the bundle's calibrated one. No threshold ever rises above `max_shift` times its calibrated
-starting value, or falls below 1 / `max_shift` of it (a stream of near-zero normal scores, such
+starting value, or falls below 1 / `max_shift_down` of it (a stream of near-zero normal scores, such
 as a count model's, would otherwise take a rolling quantile to 0, where anything alerts): a stream
 that drifts upward ends in an alert once its scores pass that bound, or in a re-baselining bounded
 by it (docs/quality.md, "Calibrated scores and thresholds that cannot ratchet").
@@ -17,7 +17,11 @@ by it (docs/quality.md, "Calibrated scores and thresholds that cannot ratchet").
   scores against the calibration's, within +-log(max_shift). A score is learned only if normal,
   and only up to the `learn_level` surprise (2: the top 1 %; a higher normal score is learned as
   that value), so neither an incident nor the far tail of the noise moves the entity's level; a
-  drift of the bulk of the scores does, within the bound.
+  drift of the bulk of the scores does, within the bound. Off by default, measured and documented
+  in docs/quality.md ("Three more rules"): `confirm_within` N (a score past the alert level but not
+  ten times rarer than it is anomalous only with another such score among the entity's last N: the
+  "k of n" declustering, 2 of N), `max_shift_down` 1 (the bar never sinks below the calibrated
+  one) and `learn_tail` "skip" (normal scores above the learn level are not learned at all).
 - `RollingQuantile` (the method of older bundles and of the log models): a quantile of the last
   `history` normal scores, times `multiplier`, at most `max_shift` x the calibrated threshold.
   Kept as a ring (arrival order) plus a sorted copy, so an update is two memmoves, not a sort.
@@ -50,9 +54,14 @@ class ThresholdParams:
     method: str = "auto"  # "calibrated" where the bundle's calibration allows it, else "quantile"; or "spot"
     warmup: int = 100  # normal scores seen before the entity's own statistics are used
     max_shift: float = 2.0  # no threshold rises above this x its calibrated starting value (docs/quality.md)
+    max_shift_down: float = 2.0  # ... or falls below 1 / this of it
     # calibrated (surprise = -log10 of the probability of a normal score at least this high)
     alert_level: float = 4.0
-    learn_level: float = 2.0  # normal scores above this surprise are learned as this value
+    learn_level: float = 2.0  # normal scores above this surprise are learned as this value ...
+    learn_tail: str = "cap"  # ... ("cap"), or not at all ("skip")
+    # A score past alert_level but not past alert_level + 1 is anomalous only when another score of the
+    # entity passed alert_level within the last `confirm_within` scores (0: every such score is)
+    confirm_within: int = 0
     # rolling quantile
     quantile: float = 0.99  # quantile 0.99 x 4.0: docs/quality.md (SMD dev sweep, event recall >= 0.8 first)
     history: int = 1000
@@ -67,10 +76,16 @@ class ThresholdParams:
             raise ValueError(f"unknown threshold method {self.method!r}; choose one of {', '.join(METHODS)}.")
         if not self.max_shift >= 1.0:
             raise ValueError(f"threshold max_shift must be at least 1, got {self.max_shift}.")
+        if not self.max_shift_down >= 1.0:
+            raise ValueError(f"threshold max_shift_down must be at least 1, got {self.max_shift_down}.")
         if not 0.0 < self.learn_level < self.alert_level:
             raise ValueError(
                 f"learn_level ({self.learn_level}) must be positive and below alert_level ({self.alert_level})."
             )
+        if self.confirm_within < 0:
+            raise ValueError(f"confirm_within must not be negative, got {self.confirm_within}.")
+        if self.learn_tail not in ("cap", "skip"):
+            raise ValueError(f"learn_tail must be 'cap' or 'skip', got {self.learn_tail!r}.")
         if self.warmup < 1:
             raise ValueError(f"threshold warm-up must be at least 1 score, got {self.warmup}.")
         if not 0.0 < self.quantile <= 1.0:
@@ -208,9 +223,13 @@ class Calibrated:
         self._run_count = 0
         self._run_sum = 0.0
         self._y_alert = reference.point.log_score_at(params.alert_level)
+        self._y_alone = reference.point.log_score_at(params.alert_level + 1.0) if params.confirm_within else -math.inf
+        self._since_exceed = math.inf  # scores observed since the last one past the alert level
         self._y_learn = reference.point.log_score_at(params.learn_level)
         self._y_run = reference.run.log_score_at(params.alert_level) if reference.run is not None else math.inf
         self._bound = math.log(params.max_shift)
+        self._lowest = -math.log(params.max_shift_down)
+        self._cap_tail = params.learn_tail == "cap"
         self._shift = 0.0  # the entity's level against the calibration, in log-score units
         self._threshold = math.exp(self._y_alert)
 
@@ -227,7 +246,9 @@ class Calibrated:
             return thr, True
         y = log_score(score)
         shift = self._shift
-        anomalous = y > self._y_alert + shift
+        exceeded = y > self._y_alert + shift
+        anomalous = exceeded and (y > self._y_alone + shift or self._since_exceed < self.params.confirm_within)
+        self._since_exceed = 0 if exceeded else self._since_exceed + 1
         n = self._run.size
         if n:
             yr = max(y, self.reference.run_floor + shift)  # a run measures excess over the typical score
@@ -242,8 +263,11 @@ class Calibrated:
                 self._run_sum = float(self._run.sum())
             if self._run_count == n and self._run_sum / n > self._y_run + shift:
                 anomalous = True
-        if not anomalous:
-            self._learn(min(y, self._y_learn + shift))
+        if not (anomalous or exceeded):
+            if y <= self._y_learn + shift:
+                self._learn(y)
+            elif self._cap_tail:
+                self._learn(self._y_learn + shift)
         return thr, anomalous
 
     def surprise(self, score: float) -> float:
@@ -261,7 +285,7 @@ class Calibrated:
         self._seen += 1
         if self._seen >= self.params.warmup:
             shift = self._hist.quantile(0.9) - self.reference.anchor
-            self._shift = min(max(shift, -self._bound), self._bound)
+            self._shift = min(max(shift, self._lowest), self._bound)
             self._threshold = math.exp(self._y_alert + self._shift)
 
     def state(self) -> dict[str, Any]:
@@ -272,6 +296,7 @@ class Calibrated:
             "seen": self._seen,
             "history": self._hist.in_order(),
             "run": [float(v) for v in run],
+            "since_exceed": None if math.isinf(self._since_exceed) else int(self._since_exceed),
         }
 
     @classmethod
@@ -285,8 +310,10 @@ class Calibrated:
         t._run_count = run.size
         t._run_head = run.size % n if n else 0
         t._run_sum = float(run.sum())
+        since = state.get("since_exceed")
+        t._since_exceed = math.inf if since is None else int(since)
         if t._seen >= params.warmup and t._hist.n:
-            t._shift = min(max(t._hist.quantile(0.9) - reference.anchor, -t._bound), t._bound)
+            t._shift = min(max(t._hist.quantile(0.9) - reference.anchor, t._lowest), t._bound)
             t._threshold = math.exp(t._y_alert + t._shift)
         return t
 
@@ -308,8 +335,7 @@ class RollingQuantile:
         if self._seen < self.params.warmup:
             return self.initial
         q = self._hist.quantile(self.params.quantile) * self.params.multiplier
-        bound = self.params.max_shift
-        return min(max(q, self.initial / bound), self.initial * bound)
+        return min(max(q, self.initial / self.params.max_shift_down), self.initial * self.params.max_shift)
 
     def observe(self, score: float) -> tuple[float, bool]:
         thr = self.threshold()
@@ -400,8 +426,9 @@ class Spot:
             z = self._t + sigma / gamma * (r ** (-gamma) - 1.0)
         else:
             z = self._t - sigma * math.log(r)
-        bound = self.params.max_shift
-        self._z = float(min(max(z, self._t, self.initial / bound), self.initial * bound))
+        self._z = float(
+            min(max(z, self._t, self.initial / self.params.max_shift_down), self.initial * self.params.max_shift)
+        )
 
     def state(self) -> dict[str, Any]:
         if self._n_peaks < self.params.max_peaks:
