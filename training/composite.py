@@ -142,10 +142,8 @@ def raw_scores(c: Components, windows: np.ndarray, recon: np.ndarray) -> dict[st
 def with_error_scale(c: Components, windows: np.ndarray, recon: np.ndarray) -> Components:
     """The components with the Transformer's per-feature normal error, measured on these
     (validation) windows: the mean over them of each feature's squared error, floored."""
-    idx = list(c.positions)
-    d = windows[:, idx, :].astype(np.float32) - recon[:, idx, :]
-    normal = np.mean(d * d, axis=(0, 1))
-    return replace(c, error_scale=np.maximum(normal, ERROR_SCALE_FLOOR).astype(np.float32))
+    _, errors = raw_scores(replace(c, error_scale=None), windows, recon)["transformer"]
+    return replace(c, error_scale=np.maximum(errors.mean(axis=0), ERROR_SCALE_FLOOR).astype(np.float32))
 
 
 def with_scales(c: Components, windows: np.ndarray, recon: np.ndarray) -> Components:
