@@ -70,7 +70,7 @@ def settings_for(bootstrap, kafka, bundle, am_urls, detection=None, alertmanager
 
 
 def produce(bootstrap, topic, events):
-    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5})
     for key, _, value in events:
         p.produce(topic, key=key.encode(), value=value)
     assert p.flush(30) == 0

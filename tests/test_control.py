@@ -367,7 +367,7 @@ def test_silence_and_feedback_are_written_and_read_back(
 @pytest.mark.kafka
 def test_a_malformed_record_is_a_dead_letter_and_the_rest_is_read(kafka_bootstrap: str, make_topic) -> None:
     topic = make_topic(config={"cleanup.policy": "compact"}, prefix="ctl")
-    p = Producer({"bootstrap.servers": kafka_bootstrap})
+    p = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True})
     p.produce(topic, key=b"silence:bad", value=b"{oops")
     p.produce(topic, key=b"feedback:a1", value=None)
     key, value = encode_silence(silence("good"))

@@ -168,7 +168,7 @@ def test_daemon_sends_ready_watchdog_and_stopping(tmp_path, kafka_bootstrap, mak
         assert ready, f"no READY=1 (process {'exited' if proc.poll() is not None else 'running'})"
         assert ", 2 partition(s) assigned" in ready[0]["STATUS"] and "notify-v1" in ready[0]["STATUS"]
 
-        p = Producer({"bootstrap.servers": kafka_bootstrap})
+        p = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True})
         for i in range(50):
             p.produce(topic, key=f"e{i % 5}", value=json.dumps({"a": float(i), "b": 1.0}).encode())
         p.produce(topic, key="bad", value=b"not json")

@@ -254,7 +254,7 @@ def test_service_reload_under_load_loses_nothing(tmp_path, kafka_bootstrap, make
     detector = Detector(settings)
     rows = rng.normal(size=(steps, n_entities, F))
     rows[np.arange(20, steps, 20), :, 0] += 25.0  # every entity spikes every 20 steps
-    producer = Producer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 2})
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True, "linger.ms": 2})
     # The last third of the input comes only once the new model is in: every partition then has
     # events after the swap, however the consumer's fetches fell between the partitions before it
     # (a slow group join leaves a backlog, read a partition at a time).

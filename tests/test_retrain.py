@@ -58,7 +58,7 @@ def make_topic(bootstrap: str, recs: list[dict]) -> str:
     admin = AdminClient({"bootstrap.servers": bootstrap})
     keep = {"retention.ms": "-1"}  # event times of 2026-01-01: the test broker's 24 h retention would delete them
     admin.create_topics([NewTopic(topic, num_partitions=2, replication_factor=1, config=keep)])[topic].result(timeout=30)
-    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5})
     for r in recs:
         p.produce(topic, key=r["key"].encode(), value=orjson.dumps(r), timestamp=r["ts"])
     assert p.flush(30) == 0

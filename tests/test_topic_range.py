@@ -21,7 +21,7 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
 from stream_detector.config import load_settings
-from stream_detector.ingest.topic_range import TopicRangeError, parse_bound, read_topic_range
+from stream_detector.ingest.topic_range import TopicRangeError, _resolve, parse_bound, read_topic_range
 
 pytestmark = pytest.mark.kafka
 
@@ -50,7 +50,7 @@ def records(rng) -> list[dict]:
 
 
 def produce(bootstrap: str, topic: str, recs: list[dict], extra: list[tuple[bytes | None, bytes]] = ()) -> None:
-    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5})
     for r in recs:
         p.produce(topic, key=r["key"].encode(), value=orjson.dumps(r), timestamp=r["ts"])
     for k, v in extra:
@@ -208,3 +208,30 @@ def test_bad_input_is_one_sentence_exit_2_nothing_written(fleet, fleet_bundle, k
     if case != "file-option":
         assert replayed.returncode == 2 and fragment in replayed.stderr and "Traceback" not in replayed.stderr, replayed.stderr
         assert not (tmp_path / "r").exists()
+
+
+def test_a_partition_whose_time_lookup_fails_is_an_error_never_an_empty_range():
+    """offsets_for_times reports a failed lookup in the partition's error, with no offset: read as "no
+    record after the time", the partition would be left out of the range without a word."""
+    from types import SimpleNamespace
+
+    from confluent_kafka import KafkaError, KafkaException
+
+    class Lookup:
+        def __init__(self, answer):
+            self.answer = answer
+
+        def offsets_for_times(self, tps, timeout):
+            return [self.answer]
+
+    def tp(topic, p, value):
+        return (topic, p, value)
+
+    bound = parse_bound("2026-01-01T01:00Z", "earliest")
+    found = SimpleNamespace(error=None, offset=120)
+    assert _resolve(Lookup(found), tp, "t", 0, bound, 0, 700, 1.0) == 120
+    none_after = SimpleNamespace(error=None, offset=-1)
+    assert _resolve(Lookup(none_after), tp, "t", 0, bound, 0, 700, 1.0) == 700, "no record at or after it: the end"
+    failed = SimpleNamespace(error=KafkaError(KafkaError.NOT_LEADER_FOR_PARTITION), offset=-1001)
+    with pytest.raises(KafkaException):
+        _resolve(Lookup(failed), tp, "t", 0, bound, 0, 700, 1.0)

@@ -189,9 +189,14 @@ def _open_range(settings: Settings, topic: str, start: Bound, end: Bound) -> tup
             raise TopicRangeError(f"topic {topic!r} does not exist on {bootstrap}.")
         ranges = {}
         for p in sorted(info.partitions):
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout, cached=False)
-            first = _resolve(consumer, TopicPartition, topic, p, start, low, high, timeout)
-            last = _resolve(consumer, TopicPartition, topic, p, end, low, high, timeout)
+            try:
+                low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout, cached=False)
+                first = _resolve(consumer, TopicPartition, topic, p, start, low, high, timeout)
+                last = _resolve(consumer, TopicPartition, topic, p, end, low, high, timeout)
+            except KafkaException as e:
+                raise TopicRangeError(
+                    f"could not read the offsets of partition {p} of {topic!r} ({e.args[0].str()})."
+                ) from None
             if last > first:
                 ranges[p] = (first, last)
         if ranges:
@@ -203,14 +208,18 @@ def _open_range(settings: Settings, topic: str, start: Bound, end: Bound) -> tup
 
 
 def _resolve(consumer: Any, tp_type: Any, topic: str, p: int, bound: Bound, low: int, high: int, timeout: float) -> int:
+    from confluent_kafka import KafkaException
+
     if bound.kind == "earliest":
         return low
     if bound.kind == "latest":
         return high
     if bound.kind == "offset":
         return min(max(bound.value, low), high)
-    found = consumer.offsets_for_times([tp_type(topic, p, bound.value)], timeout=timeout)[0].offset
-    return high if found < 0 else min(max(found, low), high)  # -1: no record at or after the time
+    found = consumer.offsets_for_times([tp_type(topic, p, bound.value)], timeout=timeout)[0]
+    if found.error is not None:  # never read as "no record after the time": that would skip the partition silently
+        raise KafkaException(found.error)
+    return high if found.offset < 0 else min(max(found.offset, low), high)  # -1: no record at or after the time
 
 
 def _read(
