@@ -67,7 +67,7 @@ def test_defaults_train_300_rows_and_replay_of_the_rest_alerts_on_a_level_shift(
     assert code == 0, capsys.readouterr().err
     # The rule: 240 training rows give 241 - W training windows and 60 validation windows; 64 gives
     # 177 < 4 x 64, 32 gives 209 >= 4 x 32. 300 rows: d_model 16 (16^2 <= 300 < 32^2), ff_dim 32;
-    # 209 training windows: batch 16 (<= 209 / 8), 14 steps a pass, 35 epochs (480 steps), patience 7.
+    # 209 training windows: batch 16 (<= 209 / 8), 14 steps a pass, the default 8 epochs and patience 3.
     b = load_bundle(tmp_path / "b")
     assert b.window == 32 and b.model["d_model"] == 16 and b.model["ff_dim"] == 32
     assert b.training["sized_to_data"] == {
@@ -75,8 +75,6 @@ def test_defaults_train_300_rows_and_replay_of_the_rest_alerts_on_a_level_shift(
         "d_model": 16,
         "ff_dim": 32,
         "batch_size": 16,
-        "epochs": 35,
-        "patience": 7,
     }
     assert "composite" not in b.model  # one feature, but 60 validation windows (< 100): the Transformer alone
     assert (
@@ -152,7 +150,7 @@ def test_a_long_history_keeps_every_default(tmp_path, rng):
     assert sized.chosen == {}
     assert (
         sized.settings.model_dump() == s.model_dump()
-    )  # window 64, d_model 64, ff_dim 128, batch 256, 15 epochs, patience 3
+    )  # window 64, d_model 64, ff_dim 128, batch 256, 8 epochs, patience 3
     want = plan_windows(table, 64, s.val_fraction, s.gap_factor, s.stride)
     np.testing.assert_array_equal(sized.plan.train_starts, want.train_starts)
     np.testing.assert_array_equal(sized.plan.val_starts, want.val_starts)
@@ -183,6 +181,8 @@ def test_given_settings_are_kept_and_the_window_stays_above_mask_steps(tmp_path,
         3,
         3,
     )  # ff_dim follows only a chosen d_model
+    longer = size_to_data(make_settings({"data": data, "out": tmp_path / "b", "epochs": 30}), table).settings
+    assert (longer.epochs, longer.patience) == (30, 6), "a short history's patience is a fifth of the epochs"
     # masked with 40 steps: of the ladder only 64 is above it, and 300 rows cannot support 64; 48 is the largest that fits
     caplog.set_level(logging.INFO)
     assert size_to_data(make_settings({"data": data, "out": tmp_path / "b", "mask_steps": 40}), table).plan.window == 48

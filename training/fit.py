@@ -298,7 +298,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "TOML file (--config); flags override it. Options given neither way are sized to the data: the window is "
         "the largest of 64, 32, 16, 8 that leaves at least 4 x W training and 20 validation windows, d_model the "
         "largest of 64, 32, 16, 8 whose square is at most the number of rows (ff_dim twice that), and a history "
-        "of fewer than 2,048 training windows gets a smaller batch and more epochs (about 480 optimiser steps); "
+        "of fewer than 2,048 training windows gets a smaller batch (8 or more steps an epoch); "
         "with plenty of data these are the defaults listed below. bundle.json records what was chosen.",
     )
     add_fit_arguments(p)

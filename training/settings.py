@@ -112,10 +112,9 @@ class FitSettings(BaseModel):
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout")
     # optimisation
     epochs: int = Field(
-        15,
+        8,
         ge=1,
-        description="maximum epochs; not given, with fewer than 2048 training windows: enough for about 480 "
-        "optimiser steps",
+        description="maximum epochs (the training budget every figure of docs/quality.md was measured with)",
     )
     patience: int = Field(
         3,
@@ -133,7 +132,7 @@ class FitSettings(BaseModel):
     weight_decay: float = Field(1e-4, ge=0.0, description="AdamW weight decay")
     grad_clip: float = Field(1.0, gt=0.0, description="gradient norm clip")
     max_windows_per_epoch: int = Field(
-        8192,
+        4096,
         ge=0,
         description="training windows drawn at random per epoch, so an epoch takes seconds on a CPU (0: all)",
     )

@@ -17,9 +17,11 @@ defaults. The rules:
   from 4,096 rows on. ff_dim (not given) follows as 2 x d_model, the default's ratio.
 - Optimiser, for a short history only (fewer than `SHORT_HISTORY` = 2,048 training windows,
   8 default batches): batch_size = the largest power of two <= 1/8 of the windows drawn per
-  epoch (at least 16), so a pass is 8 or more steps; epochs = enough passes for
-  `STEP_BUDGET` = 480 optimiser steps, what a long history gets by default (15 epochs x 32
-  batches of 256); patience = a fifth of the epochs (the default's 3 in 15), at least 3.
+  epoch (at least 16), so a pass is 8 or more steps; patience = a fifth of the epochs, at least
+  3. The epochs are the default's 8 passes, as for a long history. (Until 2026-12 a short history
+  got enough epochs for 480 optimiser steps, the old default's 15 x 8,192 / 256: on the 300- and
+  750-row datasets of the generality suite that gave 0.33 and 0.38 false openings per 1,000 rows
+  against 0.24 and 0.20 with 8 passes, docs/quality.md "The training budget".)
   From 2,048 training windows on, the defaults stand.
 - Detectors (not given): a single series (one feature) whose validation part holds at least
   `ZSCORE_MIN_VAL_WINDOWS` = 100 windows (500 rows at the default 20 %) adds the `zscore`
@@ -52,8 +54,7 @@ WINDOW_LADDER = (64, 32, 16, 8)  # tried in order when --window is not given
 WIDTH_LADDER = (64, 32, 16, 8)  # d_model, when --d-model is not given
 TRAIN_WINDOWS_PER_STEP = 4  # a window W needs at least 4 x W training windows
 MIN_VAL_WINDOWS = 20  # and at least 20 validation windows
-SHORT_HISTORY = 2048  # fewer training windows than this: batch, epochs and patience are sized to the data
-STEP_BUDGET = 480  # optimiser steps a long history gets by default: 15 epochs x 8192 / 256
+SHORT_HISTORY = 2048  # fewer training windows than this: batch and patience are sized to the data
 UNIVARIATE_DETECTORS = ("transformer", "zscore")  # detectors of a one-feature history, when not given
 ZSCORE_MIN_VAL_WINDOWS = 100  # validation windows the z-score's calibrated tail needs to join by default
 
@@ -81,11 +82,8 @@ def size_to_data(s: FitSettings, table: DataTable) -> Sizing:
         per_epoch = min(n_train, s.max_windows_per_epoch) if s.max_windows_per_epoch else n_train
         if "batch_size" not in given:
             values["batch_size"] = max(16, 1 << max(0, (per_epoch // 8).bit_length() - 1))
-        batch = values.get("batch_size", s.batch_size)
-        if "epochs" not in given:
-            values["epochs"] = max(s.epochs, math.ceil(STEP_BUDGET / math.ceil(per_epoch / batch)))
         if "patience" not in given:
-            values["patience"] = max(s.patience, math.ceil(values.get("epochs", s.epochs) / 5))
+            values["patience"] = max(s.patience, math.ceil(s.epochs / 5))
     if "detectors" not in given and len(table.features) == 1 and plan.val_starts.size >= ZSCORE_MIN_VAL_WINDOWS:
         values["detectors"] = UNIVARIATE_DETECTORS
     sized = FitSettings.model_validate({**s.model_dump(), **values})
