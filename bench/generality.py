@@ -150,12 +150,19 @@ class Dataset:
     train: Path  # normal history of every entity
     fmt: str
     parts: tuple[tuple[str, Path, Path], ...]  # (entity, test file, labels file: 0/1 per row)
+    histories: dict[str, Path] = field(default_factory=dict)  # --per-entity: each entity's own history, its own model
 
 
-def synthetic(name: str, seed: int, work: Path) -> Dataset:
+def synthetic(name: str, seed: int, work: Path, per_entity: bool = False) -> Dataset:
     paths = write_dataset(generate(SUITE[name], seed), work / "data" / f"{name}-seed{seed}")
     keys = [k[len("test-"):] for k in paths if k.startswith("test-")]
-    return Dataset(name, paths["history"], "csv", tuple((k, paths[f"test-{k}"], paths[f"labels-{k}"]) for k in keys))
+    histories = {}
+    if per_entity:  # as a user with one series trains: history-KEY.csv holds that entity's rows only
+        header, *lines = paths["history"].read_text().splitlines(keepends=True)
+        for k in keys:
+            histories[k] = paths["history"].with_name(f"history-{k}.csv")
+            histories[k].write_text(header + "".join(ln for ln in lines if ln.startswith(f"{k},")))
+    return Dataset(name, paths["history"], "csv", tuple((k, paths[f"test-{k}"], paths[f"labels-{k}"]) for k in keys), histories)
 
 
 def smd(machine: str, root: Path) -> Dataset:
@@ -164,29 +171,29 @@ def smd(machine: str, root: Path) -> Dataset:
                    ((machine, root / "test" / f"{machine}.txt", root / "test_label" / f"{machine}.txt"),))
 
 
-def default_variant(ds: Dataset, args: argparse.Namespace) -> str:
+def default_variant(train: Path, fmt: str, args: argparse.Namespace) -> str:
     """The detectors `fit` chooses for this history when none are given (training/sizing.py)."""
     from training.settings import make_settings
     from training.sizing import size_to_data
 
-    settings = make_settings({"data": ds.train, "out": args.work / "unused", "format": ds.fmt})
-    return "+".join(size_to_data(settings, read_table(ds.train, ds.fmt)).settings.detectors)
+    settings = make_settings({"data": train, "out": args.work / "unused", "format": fmt})
+    return "+".join(size_to_data(settings, read_table(train, fmt)).settings.detectors)
 
 
 def run_dataset(ds: Dataset, seed: int, args: argparse.Namespace) -> dict[str, Outcome]:
     eval_settings = EvaluationSettings(tolerance=args.tolerance, vus_max_buffer=args.vus_max_buffer)
-    scorers: dict[str, MemoScorer] = {}
+    scorers: dict[tuple[str, Path], MemoScorer] = {}
     out: dict[str, Outcome] = {}
     tables = {}
-    for label, (variant, settings) in args.detectors.items():
-        if variant.startswith("default"):
-            variant = default_variant(ds, args) + variant[len("default"):]
-        if variant not in scorers:
-            bundle = load_bundle(train(variant, ds.train, ds.fmt, args.work, args))
-            scorers[variant] = MemoScorer(Scorer(bundle, provider="cpu", intra_op_threads=1))
-        scorer = scorers[variant]
+    for label, (named, settings) in args.detectors.items():
         all_series, strong, strong_hit, missed, rows = [], 0, 0, [], 0
         for key, test, labels_path in ds.parts:
+            history = ds.histories.get(key, ds.train)
+            variant = default_variant(history, ds.fmt, args) + named[len("default"):] if named.startswith("default") else named
+            if (variant, history) not in scorers:
+                bundle = load_bundle(train(variant, history, ds.fmt, args.work, args))
+                scorers[variant, history] = MemoScorer(Scorer(bundle, provider="cpu", intra_op_threads=1))
+            scorer = scorers[variant, history]
             if test not in tables:
                 keyed = ds.fmt == "csv"
                 tables[test] = read_table(test, ds.fmt, features=scorer.bundle.features, key_field="key" if keyed else None,
@@ -277,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=Path("/tmp/stream-detector-generality"))
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--max-windows-per-epoch", type=int, default=4096)
+    p.add_argument("--per-entity", action="store_true", help="synthetic datasets: one model per entity, trained on "
+                   "that entity's history alone (as a user with one series trains), instead of one on the three together")
     p.add_argument("--fit-budget", action="store_true", help="train with fit's own epochs and windows per epoch (sized "
                    "to the data for short histories) instead of --epochs and --max-windows-per-epoch")
     p.add_argument("--tolerance", type=int, default=5)
@@ -313,13 +322,14 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     results: dict[str, dict[int, dict[str, Outcome]]] = {}
     for name in names:
-        results[name] = {}
+        shown = f"{name}, per entity" if args.per_entity and not name.startswith("smd:") else name
+        results[shown] = {}
         for seed in seeds:
             args.train_seed = seed
-            ds = smd(name[4:], args.data / "smd") if name.startswith("smd:") else synthetic(name, seed, args.work)
-            results[name][seed] = run_dataset(ds, seed, args)
+            ds = smd(name[4:], args.data / "smd") if name.startswith("smd:") else synthetic(name, seed, args.work, args.per_entity)
+            results[shown][seed] = run_dataset(ds, seed, args)
             print(f"{name} seed {seed}: " + "; ".join(
-                f"{k}: F1 {_f(o.metrics['event']['f1'])} ({o.metrics['event']['false_episodes']} false)" for k, o in results[name][seed].items()), flush=True)
+                f"{k}: F1 {_f(o.metrics['event']['f1'])} ({o.metrics['event']['false_episodes']} false)" for k, o in results[shown][seed].items()), flush=True)
     rows = summarise(results)
     table = markdown(rows)
     print()
