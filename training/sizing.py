@@ -31,10 +31,12 @@ defaults. The rules:
   Transformer alone -> with the z-score: 3,000-row histories 0.76 -> 0.88 on seed 0, 750-row ones
   0.698 -> 0.855, 300-row ones 0.819 -> 0.850); on multivariate server metrics (SMD) the max z
   over 38 features fires on their legitimate jumps and the Transformer alone is better. The 100:
-  each member's tail is fitted through its validation scores' 90 and 95 % quantiles
-  (core/calibration.py); with fewer than 100 scores the 95 % one rests on fewer than 5, and the
-  z-score, whose tail is the thin part of its distribution, then pages on noise (a 300-row series
-  has 60 validation windows).
+  under 500 validation scores each member's tail rests on the 10 % of them above the 90 %
+  quantile (core/calibration.py); with fewer than 100 scores that is fewer than 10, and the
+  z-score, whose tail is the thin part of its distribution, then paged on noise (a 300-row series
+  has 60 validation windows). Set when that tail was an exponential through two quantiles; the
+  predictive tail that replaced it widens a tail resting on few scores, and this rule was not
+  measured again since.
 """
 
 from __future__ import annotations
