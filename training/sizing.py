@@ -34,9 +34,10 @@ defaults. The rules:
   under 500 validation scores each member's tail rests on the 10 % of them above the 90 %
   quantile (core/calibration.py); with fewer than 100 scores that is fewer than 10, and the
   z-score, whose tail is the thin part of its distribution, then paged on noise (a 300-row series
-  has 60 validation windows). Set when that tail was an exponential through two quantiles; the
-  predictive tail that replaced it widens a tail resting on few scores, and this rule was not
-  measured again since.
+  has 60 validation windows). Set when that tail was an exponential through two quantiles, and
+  measured again with the predictive tail that replaced it: one model per 300-row series, event
+  F1 0.911 for the Transformer alone against 0.687 with the z-score (0.02 against 0.76 false
+  openings per 1,000 rows; docs/quality.md).
 """
 
 from __future__ import annotations
