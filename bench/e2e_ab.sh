@@ -33,9 +33,10 @@ for hop in (1, 16):
     rows, cal = [], []
     for r in range(1, rounds + 1):
         old_file = f"{out}/old-{r}.json"
-        o = rate(old_file, hop, "quantile" if both(old_file) else "auto")
+        old_both = both(old_file)
+        o = rate(old_file, hop, "quantile" if old_both else "auto")
         q, c = rate(f"{out}/new-{r}.json", hop, "quantile"), rate(f"{out}/new-{r}.json", hop, "calibrated")
-        if both(old_file):
+        if old_both:
             oc = rate(old_file, hop, "calibrated")
             cal.append(c / oc)
             print(f"hop {hop} round {r}: calibrated, new {c:,} / old {oc:,} = {c / oc:.3f}")

@@ -186,11 +186,14 @@ def run_dataset(ds: Dataset, seed: int, args: argparse.Namespace) -> dict[str, O
     scorers: dict[tuple[str, Path], MemoScorer] = {}
     out: dict[str, Outcome] = {}
     tables = {}
+    chosen: dict[Path, str] = {}  # history -> the detectors fit chooses for it (reads and sizes the history once)
     for label, (named, settings) in args.detectors.items():
         all_series, strong, strong_hit, missed, rows = [], 0, 0, [], 0
         for key, test, labels_path in ds.parts:
             history = ds.histories.get(key, ds.train)
-            variant = default_variant(history, ds.fmt, args) + named[len("default"):] if named.startswith("default") else named
+            if named.startswith("default") and history not in chosen:
+                chosen[history] = default_variant(history, ds.fmt, args)
+            variant = chosen[history] + named[len("default"):] if named.startswith("default") else named
             if (variant, history) not in scorers:
                 bundle = load_bundle(train(variant, history, ds.fmt, args.work, args))
                 scorers[variant, history] = MemoScorer(Scorer(bundle, provider="cpu", intra_op_threads=1))

@@ -179,7 +179,7 @@ def predictive_tail(excesses: np.ndarray, floor: float) -> tuple[float, float]:
     scale m. It tends to the exponential as k grows. With k = 6 (60 validation scores) a plain
     exponential fit puts a 1-in-10,000 bar where normal scores pass it about ten times as often
     over draws of the validation scores; the predictive keeps it near 1 in 10,000
-    (tests/test_thresholds.py)."""
+    (bench/tail_calibration.py; tests/test_thresholds.py)."""
     k = int(excesses.size)
     if k == 0:  # every score at the threshold (ties): the scores' own spread
         return 0.0, floor
