@@ -157,3 +157,69 @@ def test_a_fenced_transactional_sink_says_so_in_one_sentence_on_its_next_record(
     finally:
         newer.alert("e2", b"{}")
         newer.flush(10)
+
+
+# confluent-kafka raises a fatal error from inside its error callback without keeping it; a later
+# callback of the same flush (a librdkafka log line) can clear it, and flush then fails with this.
+LOST_FATAL = SystemError("<method 'flush' of 'cimpl.Producer' objects> returned NULL without setting an exception")
+
+
+@pytest.mark.parametrize("lost_in", ["flush", "produce"])
+def test_a_fenced_sink_whose_fatal_error_confluent_kafka_lost_still_says_it_was_fenced(
+    kafka_bootstrap, make_topic, lost_in
+):
+    """The fenced error is consumed outside the sink (as when confluent-kafka loses it); then either
+    flush fails with the bare SystemError, or the next produce only says "Fatal error". Both end in
+    `MemberFenced`, recovered from the transactional producer, not in a traceback or a vague line."""
+    from confluent_kafka import KafkaException
+
+    from stream_detector.config import load_settings
+    from stream_detector.service.kafka_io import KafkaSink, MemberFenced
+
+    alerts = make_topic(partitions=1)
+    settings = load_settings(overrides={
+        "kafka": {"bootstrap_servers": kafka_bootstrap, "alerts_topic": alerts, "group_id": f"g-{uuid.uuid4().hex[:6]}"},
+        "processing": {"instance_id": "twin"},
+    })
+    txn_id = f"fence-{uuid.uuid4().hex[:8]}"
+    older = KafkaSink(settings, transactional_id=txn_id)
+    older.alert("e1", b"{}")
+    older.flush(10)
+    newer = KafkaSink(settings, transactional_id=txn_id)
+    try:
+        for _ in range(50):  # drive the older client into its fatal state, dropping what it raises
+            try:
+                older._producer.produce(alerts, value=b"{}")
+                older._producer.flush(10)
+            except (KafkaException, SystemError):
+                break
+        else:
+            pytest.fail("the older producer was never fenced")
+        if lost_in == "flush":
+            error = older._client_error(LOST_FATAL, "waiting for acknowledgements")
+        else:
+            with pytest.raises(MemberFenced) as raised:
+                older.alert("e1", b"{}")
+            error = raised.value
+        assert isinstance(error, MemberFenced), repr(error)
+        text = str(error)
+        assert "fenced by another process running with this member's instance id 'twin'" in text, text
+        assert "fenced by newer producer instance" in text, text  # the broker's own cause, recovered
+    finally:
+        newer.alert("e2", b"{}")
+        newer.flush(10)
+
+
+def test_an_idempotent_sink_whose_fatal_error_was_lost_says_so_in_one_sentence(kafka_bootstrap):
+    from stream_detector.config import load_settings
+    from stream_detector.service.kafka_io import KafkaIOError, KafkaSink, MemberFenced
+
+    settings = load_settings(overrides={"kafka": {"bootstrap_servers": kafka_bootstrap}})
+    sink = KafkaSink(settings)  # not transactional: nothing holds the lost cause
+    error = sink._client_error(LOST_FATAL, "waiting for acknowledgements")
+    assert isinstance(error, KafkaIOError) and not isinstance(error, MemberFenced), repr(error)
+    text = str(error)
+    assert text.startswith("waiting for acknowledgements: the Kafka producer hit a fatal error"), text
+    assert "librdkafka log line before this one names it" in text, text
+    assert text.endswith(".") and ". " not in text, text
+    sink.close(5)

@@ -164,15 +164,45 @@ class KafkaSink:
     def _client_error(self, e: Exception, what: str) -> KafkaIOError:
         """The sentence for a fatal error that confluent-kafka raised out of produce/poll/flush.
         A delivery callback that touches its message while that error is pending turns it into a
-        SystemError caused by the KafkaException."""
+        SystemError caused by the KafkaException; a bare SystemError, or produce's bare "Fatal
+        error", means the cause itself was lost (`_producer_fatal_error` recovers it)."""
         cause = e if isinstance(e, KafkaException) else e.__cause__
-        if not isinstance(cause, KafkaException):
+        err: KafkaError | None
+        if isinstance(cause, KafkaException):
+            err = cause.args[0]
+        elif isinstance(e, SystemError) and cause is None:
+            err = None
+        else:
             raise e
-        err = cause.args[0]
+        if err is None or err.code() == KafkaError._FATAL:
+            err = self._producer_fatal_error() or err
+        if err is None:
+            return KafkaIOError(
+                f"{what}: the Kafka producer hit a fatal error that confluent-kafka did not keep ({e}); "
+                "the librdkafka log line before this one names it."
+            )
         kept = self._remember_if_fenced(err)
         if kept is not None:
             return kept
         return KafkaIOError(f"{what}: the Kafka producer hit a fatal error: {err.str().rstrip('.')}.")
+
+    def _producer_fatal_error(self) -> KafkaError | None:
+        """The producer's fatal error, asked again. confluent-kafka raises a fatal error from inside
+        its error callback without keeping it, so a later callback of the same poll/flush (a
+        librdkafka log line) can clear it: the call then fails with a bare SystemError ("returned
+        NULL without setting an exception") and later produce calls only say "Fatal error". A
+        transactional producer still holds the cause: `begin_transaction` returns it once the
+        producer is in its fatal state (otherwise it is a state error inside a transaction, or it
+        begins the next one: harmless). None for an idempotent producer, which has no such call."""
+        if not self.transactional:
+            return None
+        try:
+            self._producer.begin_transaction()
+            self._in_txn = True
+        except KafkaException as e:
+            if e.args[0].fatal():
+                return e.args[0]
+        return None
 
     def _remember_if_fenced(self, err: KafkaError) -> MemberFenced | None:
         """Keep the first fenced error (raised from then on by `raise_if_failed`); the one kept."""
