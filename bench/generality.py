@@ -50,7 +50,7 @@ from stream_detector.offline.evalinputs import build_series, read_labels, read_s
 from stream_detector.offline.evaluate import EvaluationSettings, evaluate_series  # noqa: E402
 from stream_detector.offline.replay import replay_table  # noqa: E402
 from stream_detector.offline.measures import segments  # noqa: E402
-from stream_detector.offline.series import SUITE, generate, write_dataset  # noqa: E402
+from stream_detector.offline.series import SUITE, Incident, Series, generate, write_dataset  # noqa: E402
 
 from quality import MemoScorer  # noqa: E402  (bench/quality.py: scores each distinct batch once)
 
@@ -76,6 +76,7 @@ CANDIDATES = {  # --candidates: the composites measured to choose fit's default 
 FIVE_X = 5.0
 SMD_MACHINES = ("machine-1-7", "machine-2-1", "machine-3-2")  # 3-2 is the held-out check: settings come from 1-7 and 2-1
 MAX_FALSE_PER_ROWS = 5000
+TRIAL_HISTORY = (0.15, 750)  # smd-series: the issue's trial trained on the first 15 % of a series, at most 750 rows
 # a cached bundle is refit when these change: the calibration and every file of training/
 CODE = ("stream_detector/core/calibration.py", *sorted(str(p.relative_to(REPO)) for p in (REPO / "training").glob("*.py")))
 
@@ -155,7 +156,10 @@ class Dataset:
 
 
 def synthetic(name: str, seed: int, work: Path, per_entity: bool = False) -> Dataset:
-    paths = write_dataset(generate(SUITE[name], seed), work / "data" / f"{name}-seed{seed}")
+    return _dataset(name, write_dataset(generate(SUITE[name], seed), work / "data" / f"{name}-seed{seed}"), per_entity)
+
+
+def _dataset(name: str, paths: dict[str, Path], per_entity: bool) -> Dataset:
     keys = [k[len("test-"):] for k in paths if k.startswith("test-")]
     histories = {}
     if per_entity:  # as a user with one series trains: history-KEY.csv holds that entity's rows only
@@ -164,6 +168,31 @@ def synthetic(name: str, seed: int, work: Path, per_entity: bool = False) -> Dat
             histories[k] = paths["history"].with_name(f"history-{k}.csv")
             histories[k].write_text(header + "".join(ln for ln in lines if ln.startswith(f"{k},")))
     return Dataset(name, paths["history"], "csv", tuple((k, paths[f"test-{k}"], paths[f"labels-{k}"]) for k in keys), histories)
+
+
+def smd_series(machine: str, root: Path, work: Path) -> Dataset:
+    """Real one-feature series, trained the way the issue's trial trained: every metric of an SMD
+    machine's test half that its interpretation labels name is one series, with its own model
+    trained on the first 15 % of the series, at most 750 rows (`TRIAL_HISTORY`), and the rest
+    replayed. Its incidents are those whose interpretation names that metric; the machine's other
+    incidents count as normal rows for it. Metrics constant over their history are left out (a
+    one-value history has nothing to learn: `fit` refuses it)."""
+    values = np.loadtxt(root / "test" / f"{machine}.txt", delimiter=",", ndmin=2)
+    share, cap = TRIAL_HISTORY
+    h = min(int(share * len(values)), cap)
+    spans: dict[int, list[tuple[int, int]]] = {}
+    for line in (root / "interpretation_label" / f"{machine}.txt").read_text().split():
+        span, dims = line.split(":")
+        a, b = (int(v) for v in span.split("-"))  # 1-based, inclusive
+        for d in dims.split(","):
+            spans.setdefault(int(d) - 1, []).append((a - 1, b))
+    series = [
+        Series(f"dim{d + 1}", values[:h, d : d + 1], values[h:, d : d + 1],
+               [Incident("labelled", max(0, a - h), b - h, (0,), 0.0) for a, b in spans[d] if b > h])
+        for d in sorted(spans)
+        if np.ptp(values[:h, d]) > 0
+    ]
+    return _dataset(f"smd-series {machine}", write_dataset(series, work / "data" / f"smd-series-{machine}"), per_entity=True)
 
 
 def smd(machine: str, root: Path) -> Dataset:
@@ -211,6 +240,8 @@ def run_dataset(ds: Dataset, seed: int, args: argparse.Namespace) -> dict[str, O
             all_series += ser
             rows += st.n
             n, hit, miss = strong_incidents(key, labels, ser[0].score, ser[0].alerted, scorer.bundle.window, args.tolerance)
+            if key in ds.histories:  # that entity's own model: not needed again (an ONNX session holds its arena)
+                del scorers[variant, history]
             strong, strong_hit, missed = strong + n, strong_hit + hit, missed + miss
         ev = evaluate_series(all_series, eval_settings)
         out[label] = Outcome(ev.overall, rows, strong, strong_hit, missed)
@@ -282,7 +313,8 @@ def write_markdown(path: Path, table: str, command: str, wall_s: float, args: ar
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--datasets", default=",".join([*SUITE, *(f"smd:{m}" for m in SMD_MACHINES)]),
-                   help="synthetic datasets (series.SUITE) and smd:MACHINE")
+                   help="synthetic datasets (series.SUITE), smd:MACHINE and smd-series:MACHINE (its labelled metrics as "
+                        "one-feature series, trained as the issue's trial trained)")
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data", help="folder holding smd/")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--work", type=Path, default=Path("/tmp/stream-detector-generality"))
@@ -299,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--detection", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                    help="also the new default with these [detection] settings (the service's names, e.g. "
                         "max_shift=2); repeat for more candidates")
+    p.add_argument("--only", default="", metavar="LABEL[|LABEL]",
+                   help="run only these detectors, by their labels in the table ('new default|transformer, new thresholds')")
     p.add_argument("--markdown", action="store_true", help="write the table into --out")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "quality.md")
     args = p.parse_args(argv)
@@ -307,10 +341,11 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     names = [n.strip() for n in args.datasets.split(",") if n.strip()]
-    unknown = [n for n in names if n not in SUITE and not (n.startswith("smd:") and (args.data / "smd" / "train" / f"{n[4:]}.txt").is_file())]
+    unknown = [n for n in names if n not in SUITE and not (
+        n.partition(":")[0] in ("smd", "smd-series") and (args.data / "smd" / "test" / f"{n.partition(':')[2]}.txt").is_file())]
     if unknown:
-        print(f"generality: unknown dataset {unknown[0]!r}; choose from {', '.join(SUITE)} or smd:MACHINE with "
-              f"MACHINE.txt in {args.data / 'smd' / 'train'}.", file=sys.stderr)
+        print(f"generality: unknown dataset {unknown[0]!r}; choose from {', '.join(SUITE)}, smd:MACHINE or "
+              f"smd-series:MACHINE with MACHINE.txt in {args.data / 'smd' / 'test'}.", file=sys.stderr)
         return 2
     seeds = [int(s) for s in args.seeds.split(",")]
     args.detectors = {**DETECTORS, **(CANDIDATES if args.candidates else {})}
@@ -322,15 +357,28 @@ def main(argv: list[str] | None = None) -> int:
             print(f"generality: --detection {spec!r}: {e}", file=sys.stderr)
             return 2
         args.detectors[f"new default, {spec}"] = ("default", settings)
+    if args.only:
+        wanted = [w.strip() for w in args.only.split("|")]
+        if unknown_only := [w for w in wanted if w not in args.detectors]:
+            print(f"generality: --only {unknown_only[0]!r} is not a detector of this run; choose from "
+                  f"{' | '.join(args.detectors)}.", file=sys.stderr)
+            return 2
+        args.detectors = {k: v for k, v in args.detectors.items() if k in wanted}
     command = shlex.join([".venv/bin/python", "bench/generality.py", *(argv if argv is not None else sys.argv[1:])])
     t0 = time.perf_counter()
     results: dict[str, dict[int, dict[str, Outcome]]] = {}
     for name in names:
-        shown = f"{name}, per entity" if args.per_entity and not name.startswith("smd:") else name
+        kind, _, machine = name.partition(":")
+        shown = f"{name}, per entity" if args.per_entity and name in SUITE else name
         results[shown] = {}
         for seed in seeds:
             args.train_seed = seed
-            ds = smd(name[4:], args.data / "smd") if name.startswith("smd:") else synthetic(name, seed, args.work, args.per_entity)
+            if kind == "smd":
+                ds = smd(machine, args.data / "smd")
+            elif kind == "smd-series":
+                ds = smd_series(machine, args.data / "smd", args.work)
+            else:
+                ds = synthetic(name, seed, args.work, args.per_entity)
             results[shown][seed] = run_dataset(ds, seed, args)
             print(f"{name} seed {seed}: " + "; ".join(
                 f"{k}: F1 {_f(o.metrics['event']['f1'])} ({o.metrics['event']['false_episodes']} false)" for k, o in results[shown][seed].items()), flush=True)
