@@ -129,11 +129,12 @@ def test_check_broker_waits_briefly_for_a_new_topic_then_refuses_a_missing_one(k
     assert time.monotonic() - t0 >= NEW_TOPIC_GRACE_S - 0.5, "refused without waiting for the topic to appear"
 
 
-def test_a_fenced_transactional_sink_says_so_in_one_sentence_on_its_next_record(kafka_bootstrap, make_topic):
-    """A newer process with the same transactional id fences the older one's producer; the older
-    one's next record raises `MemberFenced` (exit 2 in `run`), not librdkafka's bare "Fatal error"."""
+def _twin_sinks(kafka_bootstrap, make_topic):
+    """(alerts topic, older sink, newer sink): two transactional sinks of instance 'twin' with one
+    transactional id; the older one produced and flushed a record before the newer one's
+    init_transactions fenced it."""
     from stream_detector.config import load_settings
-    from stream_detector.service.kafka_io import KafkaIOError, KafkaSink, MemberFenced
+    from stream_detector.service.kafka_io import KafkaSink
 
     alerts = make_topic(partitions=1)
     settings = load_settings(overrides={
@@ -144,7 +145,15 @@ def test_a_fenced_transactional_sink_says_so_in_one_sentence_on_its_next_record(
     older = KafkaSink(settings, transactional_id=txn_id)
     older.alert("e1", b"{}")
     older.flush(10)
-    newer = KafkaSink(settings, transactional_id=txn_id)  # init_transactions fences `older`
+    return alerts, older, KafkaSink(settings, transactional_id=txn_id)
+
+
+def test_a_fenced_transactional_sink_says_so_in_one_sentence_on_its_next_record(kafka_bootstrap, make_topic):
+    """A newer process with the same transactional id fences the older one's producer; the older
+    one's next record raises `MemberFenced` (exit 2 in `run`), not librdkafka's bare "Fatal error"."""
+    from stream_detector.service.kafka_io import KafkaIOError, MemberFenced
+
+    _, older, newer = _twin_sinks(kafka_bootstrap, make_topic)
     try:
         with pytest.raises(KafkaIOError) as e:
             for _ in range(50):  # the fatal error reaches the older client with its next request
@@ -173,19 +182,9 @@ def test_a_fenced_sink_whose_fatal_error_confluent_kafka_lost_still_says_it_was_
     `MemberFenced`, recovered from the transactional producer, not in a traceback or a vague line."""
     from confluent_kafka import KafkaException
 
-    from stream_detector.config import load_settings
-    from stream_detector.service.kafka_io import KafkaSink, MemberFenced
+    from stream_detector.service.kafka_io import MemberFenced
 
-    alerts = make_topic(partitions=1)
-    settings = load_settings(overrides={
-        "kafka": {"bootstrap_servers": kafka_bootstrap, "alerts_topic": alerts, "group_id": f"g-{uuid.uuid4().hex[:6]}"},
-        "processing": {"instance_id": "twin"},
-    })
-    txn_id = f"fence-{uuid.uuid4().hex[:8]}"
-    older = KafkaSink(settings, transactional_id=txn_id)
-    older.alert("e1", b"{}")
-    older.flush(10)
-    newer = KafkaSink(settings, transactional_id=txn_id)
+    alerts, older, newer = _twin_sinks(kafka_bootstrap, make_topic)
     try:
         for _ in range(50):  # drive the older client into its fatal state, dropping what it raises
             try:
