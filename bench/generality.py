@@ -170,6 +170,24 @@ def _dataset(name: str, paths: dict[str, Path], per_entity: bool) -> Dataset:
     return Dataset(name, paths["history"], "csv", tuple((k, paths[f"test-{k}"], paths[f"labels-{k}"]) for k in keys), histories)
 
 
+def trial_history_rows(n_rows: int) -> int:
+    """Rows the issue's trial trained on for a series of `n_rows` (`TRIAL_HISTORY`)."""
+    share, cap = TRIAL_HISTORY
+    return min(int(share * n_rows), cap)
+
+
+def interpretation_spans(path: Path) -> dict[int, list[tuple[int, int]]]:
+    """An SMD interpretation_label file (`start-end:dim,dim,...`, 1-based and inclusive) as 0-based
+    column -> [(first row, end row exclusive)] of the incidents that name it."""
+    spans: dict[int, list[tuple[int, int]]] = {}
+    for line in path.read_text().split():
+        span, dims = line.split(":")
+        a, b = (int(v) for v in span.split("-"))
+        for d in dims.split(","):
+            spans.setdefault(int(d) - 1, []).append((a - 1, b))
+    return spans
+
+
 def smd_series(machine: str, root: Path, work: Path) -> Dataset:
     """Real one-feature series, trained the way the issue's trial trained: every metric of an SMD
     machine's test half that its interpretation labels name is one series, with its own model
@@ -178,14 +196,8 @@ def smd_series(machine: str, root: Path, work: Path) -> Dataset:
     incidents count as normal rows for it. Metrics constant over their history are left out (a
     one-value history has nothing to learn: `fit` refuses it)."""
     values = np.loadtxt(root / "test" / f"{machine}.txt", delimiter=",", ndmin=2)
-    share, cap = TRIAL_HISTORY
-    h = min(int(share * len(values)), cap)
-    spans: dict[int, list[tuple[int, int]]] = {}
-    for line in (root / "interpretation_label" / f"{machine}.txt").read_text().split():
-        span, dims = line.split(":")
-        a, b = (int(v) for v in span.split("-"))  # 1-based, inclusive
-        for d in dims.split(","):
-            spans.setdefault(int(d) - 1, []).append((a - 1, b))
+    h = trial_history_rows(len(values))
+    spans = interpretation_spans(root / "interpretation_label" / f"{machine}.txt")
     series = [
         Series(f"dim{d + 1}", values[:h, d : d + 1], values[h:, d : d + 1],
                [Incident("labelled", max(0, a - h), b - h, (0,), 0.0) for a, b in spans[d] if b > h])
@@ -193,6 +205,11 @@ def smd_series(machine: str, root: Path, work: Path) -> Dataset:
         if np.ptp(values[:h, d]) > 0
     ]
     return _dataset(f"smd-series {machine}", write_dataset(series, work / "data" / f"smd-series-{machine}"), per_entity=True)
+
+
+def replay_folder(work: Path, dataset: str, seed: int, label: str, key: str) -> Path:
+    """Where `run_dataset` replays one entity of a dataset with one detector (scores.csv, alerts.jsonl)."""
+    return work / "replay" / f"{dataset}-seed{seed}".replace(" ", "_") / label.replace(" ", "_").replace(",", "") / key
 
 
 def smd(machine: str, root: Path) -> Dataset:
@@ -231,7 +248,7 @@ def run_dataset(ds: Dataset, seed: int, args: argparse.Namespace) -> dict[str, O
                 keyed = ds.fmt == "csv"
                 tables[test] = read_table(test, ds.fmt, features=scorer.bundle.features, key_field="key" if keyed else None,
                                           timestamp_field="ts" if keyed else None)
-            replay_dir = args.work / "replay" / f"{ds.name}-seed{seed}".replace(" ", "_") / label.replace(" ", "_").replace(",", "") / key
+            replay_dir = replay_folder(args.work, ds.name, seed, label, key)
             core = DetectorCore(scorer.bundle, scorer, settings)  # type: ignore[arg-type]
             replay_table(core, tables[test], replay_dir)
             st = read_scores(replay_dir / "scores.csv")
@@ -240,9 +257,9 @@ def run_dataset(ds: Dataset, seed: int, args: argparse.Namespace) -> dict[str, O
             all_series += ser
             rows += st.n
             n, hit, miss = strong_incidents(key, labels, ser[0].score, ser[0].alerted, scorer.bundle.window, args.tolerance)
+            strong, strong_hit, missed = strong + n, strong_hit + hit, missed + miss
             if key in ds.histories:  # that entity's own model: not needed again (an ONNX session holds its arena)
                 del scorers[variant, history]
-            strong, strong_hit, missed = strong + n, strong_hit + hit, missed + miss
         ev = evaluate_series(all_series, eval_settings)
         out[label] = Outcome(ev.overall, rows, strong, strong_hit, missed)
     return out

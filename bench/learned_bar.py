@@ -1,7 +1,7 @@
 """What a bar learned from each entity's own stream could reach on the smd-series datasets: an
 upper bound for the next step of issue 17, not a detector.
 
-    .venv/bin/python bench/learned_bar.py [--work /tmp/stream-detector-generality] [--detector new_default] [--seed 0]
+    .venv/bin/python bench/learned_bar.py [--work /tmp/stream-detector-generality] [--detector 'new default'] [--seed 0]
 
 Reads the raw scores that `bench/generality.py --datasets smd-series:MACHINE` replayed (its --work)
 and, per series, fixes one bar from the first N replayed rows (rows of labelled incidents left out:
@@ -14,7 +14,6 @@ those N rows' scores and 1.5 x their largest.
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
@@ -22,7 +21,11 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
+from generality import replay_folder, smd_series  # noqa: E402
+
+from stream_detector.offline.evalinputs import build_series, read_labels, read_scores  # noqa: E402
 from stream_detector.offline.measures import segments  # noqa: E402
 
 GAP = 90  # rows between crossings for a new opening (resolve after 30 + cool-down 60)
@@ -31,7 +34,7 @@ TOLERANCE = 5
 
 def one_series(scores: np.ndarray, labels: np.ndarray, n: int, bar_of: str, window: int) -> tuple[int, int, int, int]:
     """(incidents after row n, of them crossed, false openings, rows after n)."""
-    learn = scores[:n][(labels[:n] == 0) & ~np.isnan(scores[:n])]
+    learn = scores[:n][~labels[:n] & ~np.isnan(scores[:n])]
     bar = 1.5 * learn.max() if bar_of == "max" else float(np.quantile(learn, float(bar_of)))
     crossed = np.nan_to_num(scores, nan=-np.inf) > bar
     crossed[:n] = False
@@ -41,7 +44,7 @@ def one_series(scores: np.ndarray, labels: np.ndarray, n: int, bar_of: str, wind
             opens.append(i)
         last = i
     near = np.zeros(labels.size, dtype=bool)
-    incidents = [(a, b) for a, b in segments(labels.astype(bool)) if a >= n]
+    incidents = [(a, b) for a, b in segments(labels) if a >= n]
     hit = 0
     for a, b in incidents:
         near[max(0, a - TOLERANCE) : b + window + TOLERANCE] = True
@@ -51,30 +54,31 @@ def one_series(scores: np.ndarray, labels: np.ndarray, n: int, bar_of: str, wind
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data", help="folder holding smd/")
+    p.add_argument("--machines", default="machine-1-7,machine-2-1", help="the development machines by default")
     p.add_argument("--work", type=Path, default=Path("/tmp/stream-detector-generality"))
-    p.add_argument("--detector", default="new_default", help="the replay folder's detector name")
+    p.add_argument("--detector", default="new default", help="the detector's label in generality.py's table")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--window", type=int, default=64, help="rows after an incident that still count as near it")
     args = p.parse_args(argv)
-    runs = sorted((args.work / "replay").glob(f"smd-series_*-seed{args.seed}/{args.detector}"))
-    if not runs:
-        print(f"learned_bar: no smd-series replays of {args.detector!r}, seed {args.seed}, under {args.work / 'replay'}; "
-              "run bench/generality.py --datasets smd-series:MACHINE with that --work first.", file=sys.stderr)
-        return 2
+    series = []  # (scores, labels) of every replayed series
+    for machine in args.machines.split(","):
+        ds = smd_series(machine, args.data / "smd", args.work)
+        for key, _, labels_path in ds.parts:
+            scores_csv = replay_folder(args.work, ds.name, args.seed, args.detector, key) / "scores.csv"
+            if not scores_csv.is_file():
+                print(f"learned_bar: {scores_csv} does not exist; run bench/generality.py --datasets "
+                      f"smd-series:{machine} --seeds {args.seed} --work {args.work} first.", file=sys.stderr)
+                return 2
+            st = read_scores(scores_csv)
+            s = build_series(st, read_labels(labels_path, st.n))[0]
+            series.append((s.score, s.labels))
     print("| rows learned | bar | incidents crossed | false openings | per 1,000 rows |")
     print("|---|---|---|---|---|")
     for n in (2000, 5000):
         for bar_of in ("0.999", "0.9999", "max"):
-            inc = hit = false = rows = 0
-            for run in runs:
-                machine = run.parent.name[len("smd-series_") : -len(f"-seed{args.seed}")]
-                for series in sorted(run.iterdir()):
-                    with open(series / "scores.csv") as fh:
-                        scores = np.array([float(r["score"]) if r["score"] else np.nan for r in csv.DictReader(fh)])
-                    labels_file = args.work / "data" / f"smd-series-{machine}" / f"labels-{series.name}.txt"
-                    labels = np.array(labels_file.read_text().split(), dtype=np.int8)[: scores.size]
-                    a, b, c, d = one_series(scores, labels, n, bar_of, args.window)
-                    inc, hit, false, rows = inc + a, hit + b, false + c, rows + d
+            totals = np.sum([one_series(scores, labels, n, bar_of, args.window) for scores, labels in series], axis=0)
+            inc, hit, false, rows = (int(v) for v in totals)
             shown = "1.5 x largest" if bar_of == "max" else f"{float(bar_of) * 100:g} % quantile"
             print(f"| {n} | {shown} | {hit}/{inc} | {false} | {1000 * false / rows:.2f} |")
     return 0

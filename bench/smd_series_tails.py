@@ -23,15 +23,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
-from generality import TRIAL_HISTORY  # noqa: E402
+from generality import interpretation_spans, trial_history_rows  # noqa: E402
 
 VAL_FRACTION = 0.2  # fit's default val_fraction
-
-
-def labelled_metrics(path: Path) -> list[int]:
-    """0-based columns named by the interpretation labels (`start-end:dim,dim,...`, 1-based dims)."""
-    dims = {int(d) - 1 for line in path.read_text().split() for d in line.split(":")[1].split(",")}
-    return sorted(dims)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,12 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     for machine in args.machines.split(","):
         try:
             values = np.loadtxt(root / "test" / f"{machine}.txt", delimiter=",", ndmin=2)
-            dims = labelled_metrics(root / "interpretation_label" / f"{machine}.txt")
+            dims = sorted(interpretation_spans(root / "interpretation_label" / f"{machine}.txt"))
         except OSError as e:
             print(f"smd_series_tails: cannot read machine {machine!r} under {root} ({str(e).rstrip('.')}).", file=sys.stderr)
             return 2
-        share, cap = TRIAL_HISTORY
-        h = min(int(share * len(values)), cap)
+        h = trial_history_rows(len(values))
         v0 = h - int(VAL_FRACTION * h)
         for d in dims:
             col = values[:, d]
