@@ -120,18 +120,23 @@ class Outcome:
     strong_missed: list[str] = field(default_factory=list)
 
 
-def strong_incidents(key: str, labels: np.ndarray, scores: np.ndarray, alerted: np.ndarray, window: int, tolerance: int) -> tuple[int, int, list[str]]:
-    """(incidents whose peak raw score passed 5x the entity's normal scores, of them alerted, the
-    missed ones) for one entity's replay; normal = the 99 % quantile of the scores of rows whose
-    window (and tolerance) reaches no incident."""
-    incidents = segments(labels.astype(bool))
+def normal_level(labels: np.ndarray, scores: np.ndarray, window: int, tolerance: int) -> tuple[np.ndarray, float | None]:
+    """(rows whose window, or tolerance, reaches an incident; the 99 % quantile of the other rows'
+    scores, the "normal scores" of the 5x rule, or None below 100 such rows) for one entity's replay."""
     near = np.zeros(labels.size, dtype=bool)
-    for a, b in incidents:
+    for a, b in segments(labels.astype(bool)):
         near[max(0, a - tolerance) : min(labels.size, b + window + tolerance)] = True
     normal = scores[~near & ~np.isnan(scores)]
-    if normal.size < 100:
+    return near, (float(np.quantile(normal, 0.99)) if normal.size >= 100 else None)
+
+
+def strong_incidents(key: str, labels: np.ndarray, scores: np.ndarray, alerted: np.ndarray, window: int, tolerance: int) -> tuple[int, int, list[str]]:
+    """(incidents whose peak raw score passed 5x the entity's normal scores, of them alerted, the
+    missed ones) for one entity's replay (`normal_level`)."""
+    incidents = segments(labels.astype(bool))
+    _, level = normal_level(labels, scores, window, tolerance)
+    if level is None:
         return 0, 0, []
-    level = float(np.quantile(normal, 0.99))
     n = hit = 0
     missed = []
     for a, b in incidents:
@@ -207,6 +212,30 @@ def smd_series(machine: str, root: Path, work: Path) -> Dataset:
     return _dataset(f"smd-series {machine}", write_dataset(series, work / "data" / f"smd-series-{machine}"), per_entity=True)
 
 
+class RecordedScorer:
+    """The raw scores a replay of the same model recorded (its scores.csv, row order), served in the
+    order the pipeline asks for them instead of running the model (`--scores-from`): other detection
+    settings are judged on exactly the same scores, in seconds. Per-feature errors are zeros (they
+    only name an alert's top features)."""
+
+    def __init__(self, bundle: Any, scores_csv: Path) -> None:
+        if not scores_csv.is_file():
+            raise SystemExit(f"generality: --scores-from needs {scores_csv}; run that detector on this dataset and seed first.")
+        self.bundle, self.provider, self.on_cuda = bundle, "recorded", False
+        st = read_scores(scores_csv)
+        s = st.score[np.argsort(st.row, kind="stable")]
+        self._scores, self._next = s[~np.isnan(s)].astype(np.float32), 0
+
+    def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n = windows.shape[0]
+        out = self._scores[self._next : self._next + n]
+        if out.size != n:
+            raise SystemExit("generality: --scores-from: the recorded replay scored fewer windows than this one asks for "
+                             "(a detector with another model or window?).")
+        self._next += n
+        return out, np.zeros((n, self.bundle.n_features), dtype=np.float32)
+
+
 def replay_folder(work: Path, dataset: str, seed: int, label: str, key: str) -> Path:
     """Where `run_dataset` replays one entity of a dataset with one detector (scores.csv, alerts.jsonl)."""
     return work / "replay" / f"{dataset}-seed{seed}".replace(" ", "_") / label.replace(" ", "_").replace(",", "") / key
@@ -242,8 +271,14 @@ def run_dataset(ds: Dataset, seed: int, args: argparse.Namespace) -> dict[str, O
             variant = chosen[history] + named[len("default"):] if named.startswith("default") else named
             if (variant, history) not in scorers:
                 bundle = load_bundle(train(variant, history, ds.fmt, args.work, args))
-                scorers[variant, history] = MemoScorer(Scorer(bundle, provider="cpu", intra_op_threads=1))
+                if args.scores_from:  # only the bundle: the scores come from the recorded replay
+                    scorers[variant, history] = bundle  # type: ignore[assignment]
+                else:
+                    scorers[variant, history] = MemoScorer(Scorer(bundle, provider="cpu", intra_op_threads=1))
             scorer = scorers[variant, history]
+            if args.scores_from:
+                recorded = replay_folder(args.work, ds.name, seed, args.scores_from, key) / "scores.csv"
+                scorer = RecordedScorer(scorers[variant, history], recorded)  # type: ignore[arg-type]
             if test not in tables:
                 keyed = ds.fmt == "csv"
                 tables[test] = read_table(test, ds.fmt, features=scorer.bundle.features, key_field="key" if keyed else None,
@@ -350,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
                         "max_shift=2); repeat for more candidates")
     p.add_argument("--only", default="", metavar="LABEL[|LABEL]",
                    help="run only these detectors, by their labels in the table ('new default|transformer, new thresholds')")
+    p.add_argument("--scores-from", default="", metavar="LABEL",
+                   help="do not run the models: judge the raw scores that this detector's earlier replay (same --work, "
+                        "dataset and seed) recorded; for detectors that share its model and differ only in detection settings")
     p.add_argument("--markdown", action="store_true", help="write the table into --out")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "quality.md")
     args = p.parse_args(argv)

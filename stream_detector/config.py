@@ -176,10 +176,21 @@ class DetectionSettingsSection(_Section):
         description="calibrated: a normal score above learn_level is learned as that value ('cap') or not at all "
         "('skip')",
     )
+    own_tail: bool = Field(
+        _THR.own_tail,
+        description="calibrated: an entity's bar also follows its own tail (its scores as a power of the calibrated "
+        "ones, through its 90th percentile and the median of its last blocks' maxima)",
+    )
+    rebaseline_per_alert: bool = Field(
+        _THR.rebaseline_per_alert,
+        description="calibrated: an alert opened while an entity's bar sits at max_shift lets it rise max_shift times "
+        "further (a re-baselining step per alert)",
+    )
     max_shift: float = Field(
         _THR.max_shift,
         ge=1,
-        description="no threshold rises above this x its calibrated starting value without an alert",
+        description="no threshold rises above this x its calibrated starting value without an alert (with "
+        "rebaseline_per_alert, max_shift ** (1 + alerts the entity opened at the bound))",
     )
     max_shift_down: float = Field(
         _THR.max_shift_down,
@@ -244,6 +255,8 @@ class DetectionSettingsSection(_Section):
                 alert_level=self.alert_level,
                 learn_level=self.learn_level,
                 learn_tail=self.learn_tail,
+                own_tail=self.own_tail,
+                rebaseline_per_alert=self.rebaseline_per_alert,
                 confirm_within=self.confirm_within,
                 quantile=self.quantile,
                 history=self.history,

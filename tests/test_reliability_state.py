@@ -5,6 +5,8 @@ evicted ones, and its fences skip exactly the events a restored state already ho
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import orjson
 import pytest
@@ -362,7 +364,10 @@ def test_changelog_topic_created_checked_and_refused(kafka_bootstrap, make_topic
     fresh = f"state-{uuid.uuid4().hex[:10]}"
     assert ensure_changelog_topic(settings(fresh), 3) == fresh
     admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
-    meta = admin.list_topics(timeout=10).topics[fresh]
+    deadline = time.monotonic() + 30  # the broker that created it may answer metadata before it knows the topic
+    while (meta := admin.list_topics(timeout=10).topics.get(fresh)) is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert meta is not None, f"{fresh} was created but never listed"
     res = ConfigResource(ConfigResource.Type.TOPIC, fresh)
     assert len(meta.partitions) == 3 and admin.describe_configs([res])[res].result(10)["cleanup.policy"].value == "compact"
     admin.delete_topics([fresh])

@@ -12,7 +12,9 @@ import orjson
 import pytest
 
 from stream_detector.core.calibration import ScoreDistribution, ScoreReference, calibrate_scores, describe_distribution
+from stream_detector.core.alerts import OPEN, RESOLVED, AlertParams, AlertState, Source
 from stream_detector.core.thresholds import (
+    BLOCK,
     Calibrated,
     RollingQuantile,
     Spot,
@@ -96,7 +98,7 @@ def test_scores_before_learning_and_ignores_anomalies(rng, method):
 def test_state_round_trip_through_json(rng, method):
     p = PARAMS[method]
     data = scores(rng, 900)
-    for cut in (5, 10, p.warmup + 5, 700):
+    for cut in (5, 10, p.warmup + 5, 700, 750):  # 750: within a block of the calibrated method's own tail
         a = new(method, 9.0)
         for x in data[:cut]:
             a.observe(float(x))
@@ -295,12 +297,13 @@ def test_max_shift_down_1_keeps_a_quiet_entitys_bar_at_the_calibrated_one(rng):
 
 def test_learn_tail_skip_keeps_moderate_incident_scores_out_of_the_level(rng):
     """A long stretch of scores above the learn level but below the alert level (an incident the
-    point test does not flag, the run test switched off): capped, they lift the entity's level; skipped, they do not."""
+    point test does not flag, the run test switched off): capped, they lift the entity's level; skipped, they do not
+    (its own tail, which would learn them, switched off)."""
     point_only = ScoreReference(REF.point, None, 0, REF.anchor)
     lo, hi = (math.exp(REF.point.log_score_at(s)) for s in (2.5, 3.5))
     lifted = {}
     for tail in ("cap", "skip"):
-        t = Calibrated(point_only, ThresholdParams(method="calibrated", learn_tail=tail))
+        t = Calibrated(point_only, ThresholdParams(method="calibrated", learn_tail=tail, own_tail=False))
         start = t.threshold()
         for x in scores(rng, 500):
             t.observe(float(x))
@@ -388,3 +391,99 @@ def test_bad_params_are_refused():
         ThresholdParams(learn_level=5.0, alert_level=4.0).validate()
     with pytest.raises(ValueError, match="unknown threshold state kind"):
         threshold_from_state(ThresholdParams(), {"kind": "nope"})
+
+
+# ---- the entity's own tail, and re-baselining one alert at a time -----------------------------
+
+
+def heavier_tail(rng, n):
+    """Scores like the calibration's in their bulk, but with a Pareto tail (index 1.5) on top, as
+    real series whose short history held none of their spikes."""
+    return scores(rng, n) * (1.0 + 0.3 * rng.pareto(1.5, size=n))
+
+
+def test_own_tail_lifts_the_bar_of_an_entity_whose_tail_is_heavier_than_the_calibration(rng):
+    """The same stream, judged with and without the entity's own tail: with it, far fewer normal
+    scores cross the bar (the bar follows the tail, within max_shift since no alert opened)."""
+    stream = heavier_tail(rng, 30_000)
+    crossed, bars = {}, {}
+    for own in (False, True):
+        t = Calibrated(REF, ThresholdParams(method="calibrated", own_tail=own, max_shift=4.0))
+        start = t.threshold()
+        crossed[own] = sum(t.observe(float(x))[1] for x in stream)
+        bars[own] = t.threshold() / start
+        assert bars[own] <= t.params.max_shift * (1 + 1e-9)
+    assert crossed[True] < 0.3 * crossed[False] and bars[True] > bars[False], (crossed, bars)
+
+
+def test_own_tail_asks_nothing_of_a_stream_like_the_calibration_and_ignores_one_incidents_scores(rng):
+    """Scores like the validation ones leave the bar where the calibration put it; then 150 scores
+    just below the bar (an incident the bar does not flag) fill one or two blocks, and the median of
+    the blocks' maxima bounds what they do to the entity's tail (with the 99 % quantile of the last
+    1,000 scores instead, they would be its whole top 1 %)."""
+    point_only = ScoreReference(REF.point, None, 0, REF.anchor)
+    t = Calibrated(point_only, ThresholdParams(method="calibrated", learn_tail="skip"))
+    start = t.threshold()
+    for x in scores(rng, 20 * BLOCK):
+        t.observe(float(x))
+    assert t.threshold() == pytest.approx(start, rel=0.1)
+    before = t.threshold()
+    lo, hi = (math.exp(REF.point.log_score_at(z)) for z in (3.0, 3.8))
+    assert not any(t.observe(float(x))[1] for x in rng.uniform(lo, hi, size=150))
+    for x in scores(rng, 2 * BLOCK):
+        t.observe(float(x))
+    assert t.threshold() < 1.6 * before
+
+
+def replay_with_alerts(t, stream, params=AlertParams()):
+    """Judge `stream` as the pipeline does: the threshold, then the entity's alert lifecycle, which
+    tells the threshold of every alert it opens. Yields (threshold, anomalous, alerts opened so far)."""
+    alert, opened = AlertState(), 0
+    for i, x in enumerate(stream):
+        thr, anomalous = t.observe(float(x))
+        ev = alert.step(float(x), anomalous, params)
+        if ev == OPEN:
+            alert.opened(f"a{i}", Source("t", 0, i))
+            t.alert_opened()
+            opened += 1
+        elif ev == RESOLVED:
+            alert.closed(params)
+        yield thr, anomalous, opened
+
+
+def test_a_drift_re_baselines_one_alert_per_step_and_a_spike_after_it_still_alerts(rng):
+    """Scores whose level grows 100x over 20,000 events, with alerts as the pipeline opens them: the
+    bar never passes max_shift ** (1 + alerts opened so far) x its start, the drift opens alerts
+    rather than lifting the bar silently, the bar does re-baseline (it ends above max_shift x its
+    start), and a spike 10x the drifted level afterwards alerts."""
+    p = ThresholdParams(method="calibrated")
+    t = Calibrated(REF, p)
+    start = t.threshold()
+    n = 20_000
+    drift = scores(rng, n) * np.exp(np.linspace(0.0, math.log(100.0), n))
+    opened = 0
+    for thr, _, opened in replay_with_alerts(t, drift):
+        assert thr <= start * p.max_shift ** (1 + opened) * (1 + 1e-9)
+    assert 1 <= opened <= 40
+    assert t.threshold() > p.max_shift * start
+    assert t.observe(10.0 * 100.0 * float(np.median(scores(rng, 1000))))[1]
+
+
+def test_without_rebaseline_per_alert_the_bound_stays_whatever_alerts_open(rng):
+    p = ThresholdParams(method="calibrated", rebaseline_per_alert=False)
+    t = Calibrated(REF, p)
+    start = t.threshold()
+    drift = scores(rng, 5000) * np.exp(np.linspace(0.0, math.log(100.0), 5000))
+    assert max(thr for thr, _, _ in replay_with_alerts(t, drift)) <= p.max_shift * start * (1 + 1e-9)
+
+
+def test_the_widened_bound_and_the_blocks_survive_a_state_round_trip(rng):
+    t = Calibrated(REF, ThresholdParams(method="calibrated"))
+    drift = scores(rng, 6000) * np.exp(np.linspace(0.0, math.log(30.0), 6000))
+    *_, (_, _, opened) = replay_with_alerts(t, drift)
+    assert opened >= 1
+    state = orjson.loads(orjson.dumps(t.state(), option=orjson.OPT_SERIALIZE_NUMPY))
+    back = threshold_from_state(t.params, state, REF)
+    assert back.threshold() == t.threshold()
+    for x in 30.0 * heavier_tail(rng, 2000):
+        assert back.observe(float(x)) == t.observe(float(x))

@@ -226,6 +226,7 @@ class DetectorCore:
                 if ev == OPEN:
                     alert_id = make_alert_id(model_version, key, source)
                     a.opened(alert_id, source)
+                    thr_by_slot[s].alert_opened()  # type: ignore[union-attr]  # made in the loop above
                     incident = self.storms.join(
                         alert_id, key, detected_at_ms if event_time_ms == NO_TIME else event_time_ms
                     )

@@ -4,10 +4,13 @@ Every threshold follows the same contract (river's anomaly filters): `observe(sc
 the score against the current threshold, then learns from it only if it was judged normal, so an
 incident never raises its own bar. Until `warmup` normal scores have been seen, the threshold is
 the bundle's calibrated one. No threshold ever rises above `max_shift` times its calibrated
-starting value, or falls below 1 / `max_shift_down` of it (a stream of near-zero normal scores, such
-as a count model's, would otherwise take a rolling quantile to 0, where anything alerts): a stream
-that drifts upward ends in an alert once its scores pass that bound, or in a re-baselining bounded
-by it (docs/quality.md, "Calibrated scores and thresholds that cannot ratchet").
+starting value without an alert, or falls below 1 / `max_shift_down` of it (a stream of near-zero
+normal scores, such as a count model's, would otherwise take a rolling quantile to 0, where anything
+alerts): a stream that drifts upward ends in an alert once its scores pass that bound, or in a
+re-baselining bounded by it (docs/quality.md, "Calibrated scores and thresholds that cannot
+ratchet"). With `rebaseline_per_alert` (calibrated, the default), an alert opened while the bar sits
+at its bound widens the bound by another `max_shift`: the bar of an entity that has opened k such
+alerts stays below max_shift ** (1 + k) x its start, one alert per re-baselining step.
 
 - `Calibrated` (the default for bundles whose calibration describes their score distribution,
   core/calibration.py): judges the *surprise* of a score, -log10 of the probability of a normal
@@ -17,11 +20,18 @@ by it (docs/quality.md, "Calibrated scores and thresholds that cannot ratchet").
   scores against the calibration's, within +-log(max_shift). A score is learned only if normal,
   and only up to the `learn_level` surprise (2: the top 1 %; a higher normal score is learned as
   that value), so neither an incident nor the far tail of the noise moves the entity's level; a
-  drift of the bulk of the scores does, within the bound. Off by default, measured and documented
-  in docs/quality.md ("Three more rules"): `confirm_within` N (a score past the alert level but not
-  ten times rarer than it is anomalous only with another such score among the entity's last N: the
-  "k of n" declustering, 2 of N), `max_shift_down` 1 (the bar never sinks below the calibrated
-  one) and `learn_tail` "skip" (normal scores above the learn level are not learned at all).
+  drift of the bulk of the scores does, within the bound. With `own_tail` (the default) the bar also
+  follows the entity's own tail, for an entity whose spikes are heavier than the calibration saw (a
+  short history, docs/quality.md "The entity's own tail"): its normal scores, uncapped, are taken in
+  blocks of `BLOCK`, and its log-scores are modelled as a linear function of the calibrated ones
+  through its 90 % quantile and the median of its last `TAIL_BLOCKS` block maxima; the shift is the
+  larger of the two. A median of block maxima moves little for one incident's sub-threshold scores
+  (they lift one or two blocks), where a high quantile of the last scores would be made of them.
+  Off by default, measured and documented in docs/quality.md ("Three more rules"): `confirm_within`
+  N (a score past the alert level but not ten times rarer than it is anomalous only with another
+  such score among the entity's last N: the "k of n" declustering, 2 of N), `max_shift_down` 1 (the
+  bar never sinks below the calibrated one) and `learn_tail` "skip" (normal scores above the learn
+  level are not learned at all).
 - `RollingQuantile` (the method of older bundles and of the log models): a quantile of the last
   `history` normal scores, times `multiplier`, at most `max_shift` x the calibrated threshold.
   Kept as a ring (arrival order) plus a sorted copy, so an update is two memmoves, not a sort.
@@ -47,6 +57,11 @@ from stream_detector.core.calibration import ScoreReference, log_score
 
 _EPS = 1e-12
 METHODS = ("auto", "calibrated", "quantile", "spot")
+# own_tail: the entity's normal scores are taken in blocks of this many, and the median of the last
+# TAIL_BLOCKS block maxima stands for its typical largest of BLOCK scores (from MIN_BLOCKS blocks on).
+# A median of block maxima is robust: an incident's sub-threshold scores lift one or two blocks, not it.
+BLOCK, TAIL_BLOCKS, MIN_BLOCKS = 100, 10, 3
+BLOCK_MAX_SURPRISE = -math.log10(1.0 - 0.5 ** (1.0 / BLOCK))  # its level: the median of a max of BLOCK (2.16)
 
 
 @dataclass(frozen=True)
@@ -59,6 +74,8 @@ class ThresholdParams:
     alert_level: float = 4.0
     learn_level: float = 2.0  # normal scores above this surprise are learned as this value ...
     learn_tail: str = "cap"  # ... ("cap"), or not at all ("skip")
+    own_tail: bool = True  # the entity's bar also follows its own tail (Calibrated: block maxima, a power law)
+    rebaseline_per_alert: bool = True  # every alert the entity opens lets its bar rise max_shift times further
     # A score past alert_level but not past alert_level + 1 is anomalous only when another score of the
     # entity passed alert_level within the last `confirm_within` scores (0: every such score is)
     confirm_within: int = 0
@@ -107,6 +124,10 @@ class Threshold(Protocol):
 
     def observe(self, score: float) -> tuple[float, bool]:
         """(threshold the score was judged against, anomalous); learns from the score only if normal."""
+        ...
+
+    def alert_opened(self) -> None:
+        """The entity has just opened an alert (a method whose bound widens with alerts counts it)."""
         ...
 
     def state(self) -> dict[str, Any]: ...
@@ -230,6 +251,14 @@ class Calibrated:
         self._bound = math.log(params.max_shift)
         self._lowest = -math.log(params.max_shift_down)
         self._cap_tail = params.learn_tail == "cap"
+        self._alerts = 0  # alerts the entity has opened (rebaseline_per_alert widens the bound by each)
+        # own_tail: maxima of the last blocks of normal scores (log), the running block's, its size
+        self._block_maxima: list[float] = []
+        self._block_max = -math.inf
+        self._block_n = 0
+        self._tail_shift = -math.inf  # what the entity's own tail asks of the shift (-inf: nothing yet)
+        self._y90_ref = reference.anchor
+        self._y_top_ref = reference.point.log_score_at(BLOCK_MAX_SURPRISE)
         self._shift = 0.0  # the entity's level against the calibration, in log-score units
         self._threshold = math.exp(self._y_alert)
 
@@ -264,6 +293,8 @@ class Calibrated:
             if self._run_count == n and self._run_sum / n > self._y_run + shift:
                 anomalous = True
         if not (anomalous or exceeded):
+            if self.params.own_tail:
+                self._add_to_block(y)
             if y <= self._y_learn + shift:
                 self._learn(y)
             elif self._cap_tail:
@@ -284,9 +315,43 @@ class Calibrated:
         self._hist.add(y)
         self._seen += 1
         if self._seen >= self.params.warmup:
-            shift = self._hist.quantile(0.9) - self.reference.anchor
-            self._shift = min(max(shift, self._lowest), self._bound)
-            self._threshold = math.exp(self._y_alert + self._shift)
+            self._update_shift()
+
+    def _add_to_block(self, y: float) -> None:
+        self._block_max = max(self._block_max, y)
+        self._block_n += 1
+        if self._block_n == BLOCK:
+            self._block_maxima = [*self._block_maxima, self._block_max][-TAIL_BLOCKS:]
+            self._block_max, self._block_n = -math.inf, 0
+            self._update_tail_shift()
+            if self._seen >= self.params.warmup:
+                self._update_shift()
+
+    def _update_tail_shift(self) -> None:
+        """own_tail: the entity's scores as a power of the calibrated ones (a straight line between
+        log-scores), through its 90 % quantile and its typical block maximum; the shift is where that
+        line puts the alert level, against the calibrated alert level. An entity whose tail is as
+        heavy as the calibration's asks no more than its level does; a heavier one, more."""
+        if len(self._block_maxima) < MIN_BLOCKS or self._hist.n == 0:
+            return
+        y90, y_top = self._hist.quantile(0.9), float(np.median(self._block_maxima))
+        stretch = max(0.0, (y_top - y90) / max(self._y_top_ref - self._y90_ref, _EPS))
+        self._tail_shift = y_top + (self._y_alert - self._y_top_ref) * stretch - self._y_alert
+
+    def _update_shift(self) -> None:
+        shift = max(self._hist.quantile(0.9) - self.reference.anchor, self._tail_shift)
+        self._shift = min(max(shift, self._lowest), self._bound)
+        self._threshold = math.exp(self._y_alert + self._shift)
+
+    def alert_opened(self) -> None:
+        """rebaseline_per_alert: an alert opened while the entity's shift sits at its bound lets the
+        bar rise `max_shift` times further, so a stream that outgrows its calibration re-baselines
+        one alert per step, and never further than max_shift ** (1 + alerts opened)."""
+        if self.params.rebaseline_per_alert and self._shift >= self._bound - 1e-12:
+            self._alerts += 1
+            self._bound = math.log(self.params.max_shift) * (1 + self._alerts)
+            if self._seen >= self.params.warmup:
+                self._update_shift()
 
     def state(self) -> dict[str, Any]:
         n = self._run.size
@@ -297,6 +362,10 @@ class Calibrated:
             "history": self._hist.in_order(),
             "run": [float(v) for v in run],
             "since_exceed": None if math.isinf(self._since_exceed) else int(self._since_exceed),
+            "alerts": self._alerts,
+            "block_maxima": list(self._block_maxima),
+            "block": None if self._block_n == 0 else [self._block_max, self._block_n],
+            "tail_shift": None if math.isinf(self._tail_shift) else self._tail_shift,
         }
 
     @classmethod
@@ -312,9 +381,17 @@ class Calibrated:
         t._run_sum = float(run.sum())
         since = state.get("since_exceed")
         t._since_exceed = math.inf if since is None else int(since)
+        # states written before own_tail and rebaseline_per_alert have neither
+        if params.rebaseline_per_alert:
+            t._alerts = int(state.get("alerts", 0))
+            t._bound = math.log(params.max_shift) * (1 + t._alerts)
+        t._block_maxima = [float(v) for v in state.get("block_maxima", [])][-TAIL_BLOCKS:]
+        if state.get("block"):
+            t._block_max, t._block_n = float(state["block"][0]), int(state["block"][1])
+        if state.get("tail_shift") is not None:  # as of the last full block (recomputed at the next)
+            t._tail_shift = float(state["tail_shift"])
         if t._seen >= params.warmup and t._hist.n:
-            t._shift = min(max(t._hist.quantile(0.9) - reference.anchor, t._lowest), t._bound)
-            t._threshold = math.exp(t._y_alert + t._shift)
+            t._update_shift()
         return t
 
 
@@ -345,6 +422,9 @@ class RollingQuantile:
             self._seen += 1
             self._cached = None
         return thr, anomalous
+
+    def alert_opened(self) -> None:
+        """Its bound does not depend on alerts."""
 
     def state(self) -> dict[str, Any]:
         return {"kind": "quantile", "initial": self.initial, "seen": self._seen, "history": self._hist.in_order()}
@@ -429,6 +509,9 @@ class Spot:
         self._z = float(
             min(max(z, self._t, self.initial / self.params.max_shift_down), self.initial * self.params.max_shift)
         )
+
+    def alert_opened(self) -> None:
+        """Its bound does not depend on alerts."""
 
     def state(self) -> dict[str, Any]:
         if self._n_peaks < self.params.max_peaks:
