@@ -23,9 +23,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from generality import FIVE_X, MAX_FALSE_PER_ROWS, normal_level, replay_folder, synthetic  # noqa: E402
+from generality import FIVE_X, MAX_FALSE_PER_ROWS, normal_level, replayed_series, synthetic  # noqa: E402
 
-from stream_detector.offline.evalinputs import build_series, read_labels, read_scores  # noqa: E402
 from stream_detector.offline.series import SUITE  # noqa: E402
 
 GAP = 90  # rows between crossings for a new opening (resolve after 30 + cool-down 60)
@@ -57,15 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.datasets.split(","):
         opens = rows = 0
         for seed in (int(s) for s in args.seeds.split(",")):
-            ds = synthetic(name, seed, args.work)
-            for key, _, labels_path in ds.parts:
-                scores_csv = replay_folder(args.work, ds.name, seed, args.detector, key) / "scores.csv"
-                if not scores_csv.is_file():
-                    print(f"five_x_floor: {scores_csv} does not exist; run bench/generality.py --datasets {name} "
-                          f"--seeds {args.seeds} --work {args.work} first.", file=sys.stderr)
-                    return 2
-                st = read_scores(scores_csv)
-                s = build_series(st, read_labels(labels_path, st.n))[0]
+            for s in replayed_series(args.work, synthetic(name, seed, args.work), seed, args.detector):
                 o, r = floor_openings(s.labels, s.score, args.window, args.tolerance)
                 opens, rows = opens + o, rows + r
         print(f"| {name} | {opens} | {rows} | {1000 * opens / max(rows, 1):.2f} |")

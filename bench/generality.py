@@ -32,6 +32,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -46,6 +47,7 @@ from stream_detector.core.pipeline import DetectionSettings, DetectorCore  # noq
 from stream_detector.core.scorer import Scorer  # noqa: E402
 from stream_detector.core.thresholds import ThresholdParams  # noqa: E402
 from stream_detector.offline.datafiles import read_table  # noqa: E402
+from stream_detector.offline.evalinputs import Series as Series_  # noqa: E402  (series.Series is the generator's)
 from stream_detector.offline.evalinputs import build_series, read_labels, read_scores  # noqa: E402
 from stream_detector.offline.evaluate import EvaluationSettings, evaluate_series  # noqa: E402
 from stream_detector.offline.replay import replay_table  # noqa: E402
@@ -241,6 +243,18 @@ def replay_folder(work: Path, dataset: str, seed: int, label: str, key: str) -> 
     return work / "replay" / f"{dataset}-seed{seed}".replace(" ", "_") / label.replace(" ", "_").replace(",", "") / key
 
 
+def replayed_series(work: Path, ds: Dataset, seed: int, label: str) -> Iterator[Series_]:
+    """Each entity's series as `run_dataset` replayed it with detector `label` (its scores.csv and
+    labels); SystemExit with one sentence when that replay is not in `work`."""
+    for key, _, labels_path in ds.parts:
+        scores_csv = replay_folder(work, ds.name, seed, label, key) / "scores.csv"
+        if not scores_csv.is_file():
+            raise SystemExit(f"{scores_csv} does not exist; run bench/generality.py on {ds.name!r} with seed {seed}, "
+                             f"detector {label!r} and --work {work} first.")
+        st = read_scores(scores_csv)
+        yield build_series(st, read_labels(labels_path, st.n))[0]
+
+
 def smd(machine: str, root: Path) -> Dataset:
     """An SMD machine: train/ is the history, test/ and test_label/ the replay (one entity)."""
     return Dataset(f"smd {machine}", root / "train" / f"{machine}.txt", "smd",
@@ -271,14 +285,11 @@ def run_dataset(ds: Dataset, seed: int, args: argparse.Namespace) -> dict[str, O
             variant = chosen[history] + named[len("default"):] if named.startswith("default") else named
             if (variant, history) not in scorers:
                 bundle = load_bundle(train(variant, history, ds.fmt, args.work, args))
-                if args.scores_from:  # only the bundle: the scores come from the recorded replay
-                    scorers[variant, history] = bundle  # type: ignore[assignment]
-                else:
-                    scorers[variant, history] = MemoScorer(Scorer(bundle, provider="cpu", intra_op_threads=1))
+                scorers[variant, history] = MemoScorer(Scorer(bundle, provider="cpu", intra_op_threads=1))
             scorer = scorers[variant, history]
-            if args.scores_from:
-                recorded = replay_folder(args.work, ds.name, seed, args.scores_from, key) / "scores.csv"
-                scorer = RecordedScorer(scorers[variant, history], recorded)  # type: ignore[arg-type]
+            if named in args.scores_from:  # the same model's scores, as an earlier replay recorded them
+                recorded = replay_folder(args.work, ds.name, seed, args.scores_from[named], key) / "scores.csv"
+                scorer = RecordedScorer(scorer.bundle, recorded)  # type: ignore[assignment]
             if test not in tables:
                 keyed = ds.fmt == "csv"
                 tables[test] = read_table(test, ds.fmt, features=scorer.bundle.features, key_field="key" if keyed else None,
@@ -385,9 +396,10 @@ def main(argv: list[str] | None = None) -> int:
                         "max_shift=2); repeat for more candidates")
     p.add_argument("--only", default="", metavar="LABEL[|LABEL]",
                    help="run only these detectors, by their labels in the table ('new default|transformer, new thresholds')")
-    p.add_argument("--scores-from", default="", metavar="LABEL",
-                   help="do not run the models: judge the raw scores that this detector's earlier replay (same --work, "
-                        "dataset and seed) recorded; for detectors that share its model and differ only in detection settings")
+    p.add_argument("--scores-from", default="", metavar="LABEL[|LABEL]",
+                   help="do not run these detectors' models: every detector with the same model as one of them judges the "
+                        "raw scores that its earlier replay (same --work, dataset and seed) recorded, e.g. to measure other "
+                        "detection settings in seconds")
     p.add_argument("--markdown", action="store_true", help="write the table into --out")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "quality.md")
     args = p.parse_args(argv)
@@ -412,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"generality: --detection {spec!r}: {e}", file=sys.stderr)
             return 2
         args.detectors[f"new default, {spec}"] = ("default", settings)
+    every_detector = {**DETECTORS, **CANDIDATES, **args.detectors}
     if args.only:
         wanted = [w.strip() for w in args.only.split("|")]
         if unknown_only := [w for w in wanted if w not in args.detectors]:
@@ -419,6 +432,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"{' | '.join(args.detectors)}.", file=sys.stderr)
             return 2
         args.detectors = {k: v for k, v in args.detectors.items() if k in wanted}
+    sources = [w.strip() for w in args.scores_from.split("|") if w.strip()]
+    if unknown_source := [w for w in sources if w not in every_detector]:
+        print(f"generality: --scores-from {unknown_source[0]!r} is not a detector; choose from {' | '.join(every_detector)}.",
+              file=sys.stderr)
+        return 2
+    args.scores_from = {every_detector[w][0]: w for w in sources}  # model -> the label whose replay recorded its scores
     command = shlex.join([".venv/bin/python", "bench/generality.py", *(argv if argv is not None else sys.argv[1:])])
     t0 = time.perf_counter()
     results: dict[str, dict[int, dict[str, Outcome]]] = {}

@@ -23,9 +23,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from generality import replay_folder, smd_series  # noqa: E402
+from generality import replayed_series, smd_series  # noqa: E402
 
-from stream_detector.offline.evalinputs import build_series, read_labels, read_scores  # noqa: E402
 from stream_detector.offline.measures import segments  # noqa: E402
 
 GAP = 90  # rows between crossings for a new opening (resolve after 30 + cool-down 60)
@@ -64,15 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     series = []  # (scores, labels) of every replayed series
     for machine in args.machines.split(","):
         ds = smd_series(machine, args.data / "smd", args.work)
-        for key, _, labels_path in ds.parts:
-            scores_csv = replay_folder(args.work, ds.name, args.seed, args.detector, key) / "scores.csv"
-            if not scores_csv.is_file():
-                print(f"learned_bar: {scores_csv} does not exist; run bench/generality.py --datasets "
-                      f"smd-series:{machine} --seeds {args.seed} --work {args.work} first.", file=sys.stderr)
-                return 2
-            st = read_scores(scores_csv)
-            s = build_series(st, read_labels(labels_path, st.n))[0]
-            series.append((s.score, s.labels))
+        series += [(s.score, s.labels) for s in replayed_series(args.work, ds, args.seed, args.detector)]
     print("| rows learned | bar | incidents crossed | false openings | per 1,000 rows |")
     print("|---|---|---|---|---|")
     for n in (2000, 5000):

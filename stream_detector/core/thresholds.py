@@ -75,7 +75,7 @@ class ThresholdParams:
     learn_level: float = 2.0  # normal scores above this surprise are learned as this value ...
     learn_tail: str = "cap"  # ... ("cap"), or not at all ("skip")
     own_tail: bool = True  # the entity's bar also follows its own tail (Calibrated: block maxima, a power law)
-    rebaseline_per_alert: bool = True  # every alert the entity opens lets its bar rise max_shift times further
+    rebaseline_per_alert: bool = True  # an alert opened at the bound lets the bar rise max_shift times further
     # A score past alert_level but not past alert_level + 1 is anomalous only when another score of the
     # entity passed alert_level within the last `confirm_within` scores (0: every such score is)
     confirm_within: int = 0
@@ -251,6 +251,7 @@ class Calibrated:
         self._bound = math.log(params.max_shift)
         self._lowest = -math.log(params.max_shift_down)
         self._cap_tail = params.learn_tail == "cap"
+        self._own_tail = params.own_tail
         self._alerts = 0  # alerts the entity has opened (rebaseline_per_alert widens the bound by each)
         # own_tail: maxima of the last blocks of normal scores (log), the running block's, its size
         self._block_maxima: list[float] = []
@@ -293,8 +294,12 @@ class Calibrated:
             if self._run_count == n and self._run_sum / n > self._y_run + shift:
                 anomalous = True
         if not (anomalous or exceeded):
-            if self.params.own_tail:
-                self._add_to_block(y)
+            if self._own_tail:  # inline: this runs for nearly every score
+                if y > self._block_max:
+                    self._block_max = y
+                self._block_n += 1
+                if self._block_n == BLOCK:
+                    self._close_block()
             if y <= self._y_learn + shift:
                 self._learn(y)
             elif self._cap_tail:
@@ -317,15 +322,12 @@ class Calibrated:
         if self._seen >= self.params.warmup:
             self._update_shift()
 
-    def _add_to_block(self, y: float) -> None:
-        self._block_max = max(self._block_max, y)
-        self._block_n += 1
-        if self._block_n == BLOCK:
-            self._block_maxima = [*self._block_maxima, self._block_max][-TAIL_BLOCKS:]
-            self._block_max, self._block_n = -math.inf, 0
-            self._update_tail_shift()
-            if self._seen >= self.params.warmup:
-                self._update_shift()
+    def _close_block(self) -> None:
+        self._block_maxima = [*self._block_maxima, self._block_max][-TAIL_BLOCKS:]
+        self._block_max, self._block_n = -math.inf, 0
+        self._update_tail_shift()
+        if self._seen >= self.params.warmup:
+            self._update_shift()
 
     def _update_tail_shift(self) -> None:
         """own_tail: the entity's scores as a power of the calibrated ones (a straight line between
