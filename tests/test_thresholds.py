@@ -487,3 +487,15 @@ def test_the_widened_bound_and_the_blocks_survive_a_state_round_trip(rng):
     assert back.threshold() == t.threshold()
     for x in 30.0 * heavier_tail(rng, 2000):
         assert back.observe(float(x)) == t.observe(float(x))
+
+
+def test_a_state_restored_with_own_tail_off_keeps_only_the_level(rng):
+    """A user who turns own_tail off keeps the entity's learned level but not its tail's lift."""
+    on = Calibrated(REF, ThresholdParams(method="calibrated", max_shift=4.0))
+    for x in heavier_tail(rng, 5000):
+        on.observe(float(x))
+    state = orjson.loads(orjson.dumps(on.state(), option=orjson.OPT_SERIALIZE_NUMPY))
+    off = ThresholdParams(method="calibrated", max_shift=4.0, own_tail=False)
+    restored = threshold_from_state(off, state, REF)
+    without_tail = threshold_from_state(off, {k: v for k, v in state.items() if k not in ("block_maxima", "block", "tail_shift")}, REF)
+    assert restored.threshold() == without_tail.threshold() < on.threshold()

@@ -387,11 +387,12 @@ class Calibrated:
         if params.rebaseline_per_alert:
             t._alerts = int(state.get("alerts", 0))
             t._bound = math.log(params.max_shift) * (1 + t._alerts)
-        t._block_maxima = [float(v) for v in state.get("block_maxima", [])][-TAIL_BLOCKS:]
-        if state.get("block"):
-            t._block_max, t._block_n = float(state["block"][0]), int(state["block"][1])
-        if state.get("tail_shift") is not None:  # as of the last full block (recomputed at the next)
-            t._tail_shift = float(state["tail_shift"])
+        if params.own_tail:  # a state written with own_tail on, restored with it off, keeps only its level
+            t._block_maxima = [float(v) for v in state.get("block_maxima", [])][-TAIL_BLOCKS:]
+            if state.get("block"):
+                t._block_max, t._block_n = float(state["block"][0]), int(state["block"][1])
+            if state.get("tail_shift") is not None:  # as of the last full block (recomputed at the next)
+                t._tail_shift = float(state["tail_shift"])
         if t._seen >= params.warmup and t._hist.n:
             t._update_shift()
         return t
