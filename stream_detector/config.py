@@ -181,6 +181,16 @@ class DetectionSettingsSection(_Section):
         description="calibrated: an entity's bar also follows its own tail (its scores as a power of the calibrated "
         "ones, through its 90th percentile and the median of its last blocks' maxima)",
     )
+    single_entity_floor: bool = Field(
+        _THR.single_entity_floor,
+        description="calibrated, a bundle trained on one entity's history: no bar falls below the calibrated one "
+        "(max_shift_down applies to bundles whose calibration pooled several entities)",
+    )
+    own_tail_lowers: bool = Field(
+        _THR.own_tail_lowers,
+        description="calibrated, with own_tail: an entity whose tail is lighter than the calibration's gets a lower "
+        "bar too, by at most max_shift_down below the one its level asks for",
+    )
     rebaseline_per_alert: bool = Field(
         _THR.rebaseline_per_alert,
         description="calibrated: an alert opened while an entity's bar sits at max_shift lets it rise max_shift times "
@@ -256,6 +266,8 @@ class DetectionSettingsSection(_Section):
                 learn_level=self.learn_level,
                 learn_tail=self.learn_tail,
                 own_tail=self.own_tail,
+                own_tail_lowers=self.own_tail_lowers,
+                single_entity_floor=self.single_entity_floor,
                 rebaseline_per_alert=self.rebaseline_per_alert,
                 confirm_within=self.confirm_within,
                 quantile=self.quantile,

@@ -15,7 +15,7 @@ Normalised inputs are (x - center) / scale with center 0 and scale 1 unless give
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import onnx
@@ -77,6 +77,7 @@ def make_bundle(
     positions: Sequence[int] = (-1,),
     model_version: str | None = None,
     calibration: Calibration | None = None,
+    training: dict[str, Any] | None = None,
 ) -> Bundle:
     """Write a bundle under tmp_path/name and return it loaded (and verified) by `load_bundle`. The
     calibration is a single threshold (the quantile method's) unless `calibration` is given."""
@@ -97,6 +98,6 @@ def make_bundle(
         scoring=ScoringRule(tuple(positions)),
         calibration=calibration or Calibration({"0.999": threshold, "1.0": threshold}, float(threshold), 1000),
         model={"kind": kind, "source": "tests/bundle_factory.py"},
-        training={"data": "none (hand-built test model)"},
+        training=training or {"data": "none (hand-built test model)"},
     )
     return load_bundle(out)

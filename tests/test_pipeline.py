@@ -212,5 +212,24 @@ def test_a_calibrated_run_opens_an_alert_that_no_single_score_would(tmp_path, rn
     assert not [o for o in opens(True) if 1000 <= o[0] < 1100 and o[1] < o[2]]
 
 
+@pytest.mark.parametrize("entities", [1, 3])
+def test_the_bundles_training_entities_decide_whether_a_quiet_entitys_bar_may_sink(tmp_path, rng, entities):
+    """single_entity_floor (the default) through the pipeline: the bundle's `training.entities`
+    reaches the calibrated threshold. A quiet stream (scores a third of the calibration's) leaves a
+    one-entity bundle's bar at its calibrated value and sinks a pooled bundle's to half of it."""
+    from stream_detector.core.calibration import calibrate_scores
+
+    normal = (rng.normal(size=(20_000, F)) ** 2).mean(axis=1)
+    cal = calibrate_scores(normal, 0.999, np.arange(0, 20_000, 2000))
+    b = make_bundle(tmp_path, features=[f"f{i}" for i in range(F)], window=2, kind="zeros", name="cal",
+                    calibration=cal, training={"entities": entities})
+    rows = (rng.normal(size=(3000, F)) / np.sqrt(3.0)).astype(np.float32)
+    core = DetectorCore(b, Scorer(b, provider="cpu", intra_op_threads=1), DetectionSettings(), clock=lambda: 1.8e9)
+    res = core.process(EventBatch.build(["e"] * 3000, rows, np.arange(3000, dtype=np.int64) * 1000))
+    thr = np.asarray(res.threshold, dtype=np.float64)
+    thr = thr[~np.isnan(thr)]
+    assert thr[-1] / thr[0] == (pytest.approx(1.0) if entities == 1 else pytest.approx(0.5))
+
+
 def core_method_is_calibrated(bundle) -> bool:
     return DetectorCore(bundle, Scorer(bundle, provider="cpu", intra_op_threads=1), DetectionSettings()).threshold_method == "calibrated"

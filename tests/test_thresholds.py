@@ -5,6 +5,7 @@ followed by a spike)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -433,6 +434,47 @@ def test_own_tail_asks_nothing_of_a_stream_like_the_calibration_and_ignores_one_
     for x in scores(rng, 2 * BLOCK):
         t.observe(float(x))
     assert t.threshold() < 1.6 * before
+
+
+def test_own_tail_lowers_the_bar_of_a_lighter_tailed_entity_within_max_shift_down(rng):
+    """own_tail_lowers: an entity whose scores have the calibration's 90 % quantile but a lighter tail
+    (gamma with a larger shape, scaled to it) gets a lower bar, never below 1 / max_shift_down of
+    the one its level asks for; a spike between the two bars alerts only with the option. A stream
+    like the calibration's keeps its bar."""
+    q90 = float(np.quantile(scores(rng, 100_000), 0.9))
+    light = rng.gamma(12.0, 1.0, size=20 * BLOCK) * (q90 / float(np.quantile(rng.gamma(12.0, 1.0, 100_000), 0.9)))
+    bars = {}
+    for lowers in (False, True):
+        t = Calibrated(REF, ThresholdParams(method="calibrated", own_tail_lowers=lowers))
+        for x in light:
+            t.observe(float(x))
+        bars[lowers] = t
+    lower, level_only = bars[True].threshold(), bars[False].threshold()
+    assert level_only / bars[True].params.max_shift_down * (1 - 1e-9) <= lower < 0.7 * level_only
+    spike = math.sqrt(lower * level_only)
+    assert bars[True].observe(spike)[1] and not bars[False].observe(spike)[1]
+    like = Calibrated(REF, ThresholdParams(method="calibrated", own_tail_lowers=True))
+    start = like.threshold()
+    for x in scores(rng, 20 * BLOCK):
+        like.observe(float(x))
+    assert like.threshold() == pytest.approx(start, rel=0.15)
+
+
+@pytest.mark.parametrize("entities", [1, 3, None])
+def test_single_entity_floor_keeps_a_one_entity_bundles_bar_at_its_calibration(rng, entities):
+    """A quiet stretch (scores a third of the calibration's) sinks the bar to 1 / max_shift_down of its
+    start, except with single_entity_floor for a bundle whose calibration is one entity's own scores;
+    a pooled calibration (several entities) or an unknown one (older bundles) sinks as before."""
+    ref = dataclasses.replace(REF, entities=entities)
+    bars = {}
+    for floor in (False, True):
+        t = Calibrated(ref, ThresholdParams(method="calibrated", single_entity_floor=floor))
+        start = t.threshold()
+        for x in scores(rng, 3000) / 3.0:
+            t.observe(float(x))
+        bars[floor] = t.threshold() / start
+    assert bars[False] == pytest.approx(1 / 2.0)
+    assert bars[True] == (pytest.approx(1.0) if entities == 1 else pytest.approx(1 / 2.0))
 
 
 def replay_with_alerts(t, stream, params=AlertParams()):

@@ -121,11 +121,13 @@ class ScoreReference:
     run_length: int = 0
     anchor: float = 0.0
     run_floor: float = -math.inf  # log-score below which a score enters a run as this value
+    entities: int | None = None  # entities whose validation scores the calibration pooled (None: not known)
 
     @classmethod
-    def from_calibration(cls, calibration: Any) -> ScoreReference | None:
-        """From a `bundle.Calibration`; None for a calibration without a fitted tail (older bundles,
-        and the log models, whose threshold is a per-session decision): those keep the quantile method."""
+    def from_calibration(cls, calibration: Any, entities: Any = None) -> ScoreReference | None:
+        """From a `bundle.Calibration` (and the bundle's `training.entities`); None for a calibration
+        without a fitted tail (older bundles, and the log models, whose threshold is a per-session
+        decision): those keep the quantile method."""
         if calibration.tail is None:
             return None
         point = ScoreDistribution.from_json(calibration.quantiles, calibration.tail)
@@ -135,7 +137,9 @@ class ScoreReference:
         floor = -math.inf
         if run is not None:
             floor = point.log_score_at(-math.log10(1.0 - float(calibration.run.get("floor_level", RUN_FLOOR_LEVEL))))
-        return cls(point, run, int(calibration.run["length"]) if run is not None else 0, point.log_score_at(1.0), floor)
+        run_length = int(calibration.run["length"]) if run is not None else 0
+        known = isinstance(entities, int) and not isinstance(entities, bool) and entities > 0  # informational metadata
+        return cls(point, run, run_length, point.log_score_at(1.0), floor, entities if known else None)
 
 
 # ---- fitting (training writes these into bundle.json's calibration) ----------------------------

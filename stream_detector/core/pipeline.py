@@ -121,7 +121,7 @@ class DetectorCore:
     def _use_calibration(self, bundle: Bundle) -> None:
         """The bundle's calibrated threshold, score distribution and the threshold method they allow
         (ValueError with one sentence for a method the bundle cannot support)."""
-        reference = ScoreReference.from_calibration(bundle.calibration)
+        reference = ScoreReference.from_calibration(bundle.calibration, bundle.training.get("entities"))
         self.threshold_method = resolve_method(self.settings.threshold, reference)  # raises before anything changed
         self._initial_threshold = float(bundle.calibration.threshold)
         self._reference = reference

@@ -6,11 +6,14 @@ incident never raises its own bar. Until `warmup` normal scores have been seen, 
 the bundle's calibrated one. No threshold ever rises above `max_shift` times its calibrated
 starting value without an alert, or falls below 1 / `max_shift_down` of it (a stream of near-zero
 normal scores, such as a count model's, would otherwise take a rolling quantile to 0, where anything
-alerts): a stream that drifts upward ends in an alert once its scores pass that bound, or in a
-re-baselining bounded by it (docs/quality.md, "Calibrated scores and thresholds that cannot
-ratchet"). With `rebaseline_per_alert` (calibrated, the default), an alert opened while the bar sits
-at its bound widens the bound by another `max_shift`: the bar of an entity that has opened k such
-alerts stays below max_shift ** (1 + k) x its start, one alert per re-baselining step.
+alerts; with `single_entity_floor`, the default, a calibrated bar of a bundle trained on one entity's
+history does not fall below the calibrated one at all, since its calibration is that entity's own
+scores and a quiet stretch is no lighter entity): a stream that drifts upward ends in an alert once
+its scores pass that bound, or in a re-baselining bounded by it (docs/quality.md, "Calibrated
+scores and thresholds that cannot ratchet"). With `rebaseline_per_alert` (calibrated, the default),
+an alert opened while the bar sits at its bound widens the bound by another `max_shift`: the bar of
+an entity that has opened k such alerts stays below max_shift ** (1 + k) x its start, one alert per
+re-baselining step.
 
 - `Calibrated` (the default for bundles whose calibration describes their score distribution,
   core/calibration.py): judges the *surprise* of a score, -log10 of the probability of a normal
@@ -27,6 +30,8 @@ alerts stays below max_shift ** (1 + k) x its start, one alert per re-baselining
   through its 90 % quantile and the median of its last `TAIL_BLOCKS` block maxima; the shift is the
   larger of the two. A median of block maxima moves little for one incident's sub-threshold scores
   (they lift one or two blocks), where a high quantile of the last scores would be made of them.
+  With `own_tail_lowers` (off: measured, not adopted) a lighter tail than the calibration's lowers
+  the bar too, at most 1 / `max_shift_down` below the level's.
   Off by default, measured and documented in docs/quality.md ("Three more rules"): `confirm_within`
   N (a score past the alert level but not ten times rarer than it is anomalous only with another
   such score among the entity's last N: the "k of n" declustering, 2 of N), `max_shift_down` 1 (the
@@ -70,11 +75,13 @@ class ThresholdParams:
     warmup: int = 100  # normal scores seen before the entity's own statistics are used
     max_shift: float = 2.0  # no threshold rises above this x its calibrated starting value (docs/quality.md)
     max_shift_down: float = 2.0  # ... or falls below 1 / this of it
+    single_entity_floor: bool = True  # calibrated, a bundle trained on one entity: max_shift_down is 1
     # calibrated (surprise = -log10 of the probability of a normal score at least this high)
     alert_level: float = 4.0
     learn_level: float = 2.0  # normal scores above this surprise are learned as this value ...
     learn_tail: str = "cap"  # ... ("cap"), or not at all ("skip")
     own_tail: bool = True  # the entity's bar also follows its own tail (Calibrated: block maxima, a power law)
+    own_tail_lowers: bool = False  # ... both ways: a lighter tail lowers it (within max_shift_down of the level's)
     rebaseline_per_alert: bool = True  # an alert opened at the bound lets the bar rise max_shift times further
     # A score past alert_level but not past alert_level + 1 is anomalous only when another score of the
     # entity passed alert_level within the last `confirm_within` scores (0: every such score is)
@@ -249,9 +256,14 @@ class Calibrated:
         self._y_learn = reference.point.log_score_at(params.learn_level)
         self._y_run = reference.run.log_score_at(params.alert_level) if reference.run is not None else math.inf
         self._bound = math.log(params.max_shift)
-        self._lowest = -math.log(params.max_shift_down)
+        # single_entity_floor: a calibration made of one entity's own scores is that entity's bar; a
+        # quiet stretch of it is no reason to sink below (a pooled calibration's is: a mixture's tail
+        # is heavier than each entity's)
+        floor = params.single_entity_floor and reference.entities == 1
+        self._lowest = 0.0 if floor else -math.log(params.max_shift_down)
         self._cap_tail = params.learn_tail == "cap"
         self._own_tail = params.own_tail
+        self._tail_lowers = params.own_tail and params.own_tail_lowers
         self._alerts = 0  # alerts the entity has opened (rebaseline_per_alert widens the bound by each)
         # own_tail: maxima of the last blocks of normal scores (log), the running block's, its size
         self._block_maxima: list[float] = []
@@ -341,7 +353,12 @@ class Calibrated:
         self._tail_shift = y_top + (self._y_alert - self._y_top_ref) * stretch - self._y_alert
 
     def _update_shift(self) -> None:
-        shift = max(self._hist.quantile(0.9) - self.reference.anchor, self._tail_shift)
+        level = self._hist.quantile(0.9) - self.reference.anchor
+        if self._tail_lowers and self._tail_shift > -math.inf:
+            # a tail lighter than the calibration's lowers the bar, by at most max_shift_down below the level's
+            shift = max(self._tail_shift, level + self._lowest)
+        else:
+            shift = max(level, self._tail_shift)
         self._shift = min(max(shift, self._lowest), self._bound)
         self._threshold = math.exp(self._y_alert + self._shift)
 
