@@ -23,22 +23,16 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from generality import FIVE_X, MAX_FALSE_PER_ROWS, normal_level, replayed_series, synthetic  # noqa: E402
+from generality import FIVE_X, MAX_FALSE_PER_ROWS, normal_level, openings, replayed_series, synthetic  # noqa: E402
 
 from stream_detector.offline.series import SUITE  # noqa: E402
-
-GAP = 90  # rows between crossings for a new opening (resolve after 30 + cool-down 60)
-
 
 def floor_openings(labels: np.ndarray, scores: np.ndarray, window: int, tolerance: int) -> tuple[int, int]:
     """(false openings of a bar at 5x the entity's normal scores, rows away from incidents)."""
     near, level = normal_level(labels, scores, window, tolerance)
     if level is None:
         return 0, 0
-    opens, last = 0, -(10**9)
-    for i in np.flatnonzero(~near & (np.nan_to_num(scores, nan=-np.inf) > FIVE_X * level)):
-        opens += i - last > GAP
-        last = i
+    opens = openings(~near & (np.nan_to_num(scores, nan=-np.inf) > FIVE_X * level)).size
     return opens, int((~near & ~np.isnan(scores)).sum())
 
 

@@ -132,6 +132,16 @@ def normal_level(labels: np.ndarray, scores: np.ndarray, window: int, tolerance:
     return near, (float(np.quantile(normal, 0.99)) if normal.size >= 100 else None)
 
 
+OPENING_GAP = 90  # rows between crossings for a new alert opening (resolve after 30 + cool-down 60)
+
+
+def openings(crossed: np.ndarray) -> np.ndarray:
+    """Rows where a bar crossing would open an alert: the first crossing, and every one more than
+    OPENING_GAP rows after the previous crossing (the service's resolve-after and cool-down)."""
+    rows = np.flatnonzero(crossed)
+    return rows[np.diff(rows, prepend=-(10**9)) > OPENING_GAP]
+
+
 def strong_incidents(key: str, labels: np.ndarray, scores: np.ndarray, alerted: np.ndarray, window: int, tolerance: int) -> tuple[int, int, list[str]]:
     """(incidents whose peak raw score passed 5x the entity's normal scores, of them alerted, the
     missed ones) for one entity's replay (`normal_level`)."""

@@ -23,11 +23,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from generality import replayed_series, smd_series  # noqa: E402
+from generality import openings, replayed_series, smd_series  # noqa: E402
 
 from stream_detector.offline.measures import segments  # noqa: E402
 
-GAP = 90  # rows between crossings for a new opening (resolve after 30 + cool-down 60)
 TOLERANCE = 5
 
 
@@ -37,11 +36,7 @@ def one_series(scores: np.ndarray, labels: np.ndarray, n: int, bar_of: str, wind
     bar = 1.5 * learn.max() if bar_of == "max" else float(np.quantile(learn, float(bar_of)))
     crossed = np.nan_to_num(scores, nan=-np.inf) > bar
     crossed[:n] = False
-    opens, last = [], -(10**9)
-    for i in np.flatnonzero(crossed):
-        if i - last > GAP:
-            opens.append(i)
-        last = i
+    opens = openings(crossed)
     near = np.zeros(labels.size, dtype=bool)
     incidents = [(a, b) for a, b in segments(labels) if a >= n]
     hit = 0

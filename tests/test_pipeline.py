@@ -182,16 +182,22 @@ def test_swap_model_renormalises_stored_windows(tmp_path, rng):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+def calibrated_zeros_bundle(tmp_path, rng, training=None):
+    """A bundle with a fitted calibration: the "zeros" model scores the mean square of the normalised
+    newest row, calibrated on such scores of standard-normal rows (F features, window 2)."""
+    from stream_detector.core.calibration import calibrate_scores
+
+    normal = (rng.normal(size=(20_000, F)) ** 2).mean(axis=1)
+    cal = calibrate_scores(normal, 0.999, np.arange(0, 20_000, 2000))
+    return make_bundle(tmp_path, features=[f"f{i}" for i in range(F)], window=2, kind="zeros", name="cal",
+                       calibration=cal, training=training)
+
+
 def test_a_calibrated_run_opens_an_alert_that_no_single_score_would(tmp_path, rng):
     """A sustained moderate rise (scores about 3x their usual level, below the point threshold)
     opens an alert through the calibrated threshold's run test; the same stream with the run
     test unavailable (a point-only reference) opens none during the rise."""
-    from stream_detector.core.calibration import calibrate_scores
-
-    # the "zeros" model scores the mean square of the normalised newest row
-    normal = (rng.normal(size=(20_000, F)) ** 2).mean(axis=1)
-    cal = calibrate_scores(normal, 0.999, np.arange(0, 20_000, 2000))
-    b = make_bundle(tmp_path, features=[f"f{i}" for i in range(F)], window=2, kind="zeros", name="cal", calibration=cal)
+    b = calibrated_zeros_bundle(tmp_path, rng)
     rows = rng.normal(size=(1500, F)).astype(np.float32)
     rows[1000:1100] *= np.float32(np.sqrt(3.0))  # scores x3 for 100 events
     batch = EventBatch.build(["e"] * 1500, rows, np.arange(1500, dtype=np.int64) * 1000)
@@ -217,12 +223,7 @@ def test_the_bundles_training_entities_decide_whether_a_quiet_entitys_bar_may_si
     """single_entity_floor (the default) through the pipeline: the bundle's `training.entities`
     reaches the calibrated threshold. A quiet stream (scores a third of the calibration's) leaves a
     one-entity bundle's bar at its calibrated value and sinks a pooled bundle's to half of it."""
-    from stream_detector.core.calibration import calibrate_scores
-
-    normal = (rng.normal(size=(20_000, F)) ** 2).mean(axis=1)
-    cal = calibrate_scores(normal, 0.999, np.arange(0, 20_000, 2000))
-    b = make_bundle(tmp_path, features=[f"f{i}" for i in range(F)], window=2, kind="zeros", name="cal",
-                    calibration=cal, training={"entities": entities})
+    b = calibrated_zeros_bundle(tmp_path, rng, training={"entities": entities})
     rows = (rng.normal(size=(3000, F)) / np.sqrt(3.0)).astype(np.float32)
     core = DetectorCore(b, Scorer(b, provider="cpu", intra_op_threads=1), DetectionSettings(), clock=lambda: 1.8e9)
     res = core.process(EventBatch.build(["e"] * 3000, rows, np.arange(3000, dtype=np.int64) * 1000))

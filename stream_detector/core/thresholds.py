@@ -270,7 +270,6 @@ class Calibrated:
         self._block_max = -math.inf
         self._block_n = 0
         self._tail_shift = -math.inf  # what the entity's own tail asks of the shift (-inf: nothing yet)
-        self._y90_ref = reference.anchor
         self._y_top_ref = reference.point.log_score_at(BLOCK_MAX_SURPRISE)
         self._shift = 0.0  # the entity's level against the calibration, in log-score units
         self._threshold = math.exp(self._y_alert)
@@ -349,7 +348,7 @@ class Calibrated:
         if len(self._block_maxima) < MIN_BLOCKS or self._hist.n == 0:
             return
         y90, y_top = self._hist.quantile(0.9), float(np.median(self._block_maxima))
-        stretch = max(0.0, (y_top - y90) / max(self._y_top_ref - self._y90_ref, _EPS))
+        stretch = max(0.0, (y_top - y90) / max(self._y_top_ref - self.reference.anchor, _EPS))
         self._tail_shift = y_top + (self._y_alert - self._y_top_ref) * stretch - self._y_alert
 
     def _update_shift(self) -> None:
