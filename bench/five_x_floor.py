@@ -6,8 +6,8 @@ incident whose raw score passes 5x them), against the issue's limit of 1 per 5,0
 
 Reads the raw scores that `bench/generality.py` replayed (its --work, the detector's label, the
 seeds) and counts, per entity, the rows away from every incident (`normal_level`) whose score passes
-5x the normal scores, as the service would open them: a crossing at least 90 rows after the
-previous one (resolve-after 30 plus cool-down 60). Any bar low enough for the 5x rule opens at least
+5x the normal scores, as the service would open them: a crossing more than `generality.OPENING_GAP` rows after the
+previous one (the service's resolve-after plus cool-down: 150 + 60). Any bar low enough for the 5x rule opens at least
 these; a dataset whose floor is above the limit cannot meet both targets with one bar.
 """
 

@@ -62,7 +62,7 @@ BEGIN, END = "<!-- generality-table:begin -->", "<!-- generality-table:end -->"
 # detector = (model variant, detection settings)
 NEW = DetectionSettings()
 OLD = DetectionSettings(threshold=ThresholdParams(method="quantile", quantile=0.99, multiplier=4.0, max_shift=1e12, max_shift_down=1e12),
-                        alerts=AlertParams())
+                        alerts=AlertParams(resolve_after=30, cooldown=60))  # resolve_after was 30 until 2026-12-06
 DETECTORS = {
     "new default": ("default", NEW),  # fit's defaults (its detectors for this data) and the new detection defaults
     "old default": ("transformer", OLD),  # the Transformer alone, rolling quantile 0.99 x 4.0 without a bound
@@ -132,7 +132,9 @@ def normal_level(labels: np.ndarray, scores: np.ndarray, window: int, tolerance:
     return near, (float(np.quantile(normal, 0.99)) if normal.size >= 100 else None)
 
 
-OPENING_GAP = 90  # rows between crossings for a new alert opening (resolve after 30 + cool-down 60)
+# rows between crossings for a new alert opening: the service's resolve-after plus cool-down (150 + 60;
+# an entity whose alerts flap waits longer, `resolve_backoff`, which this count leaves out)
+OPENING_GAP = AlertParams().resolve_after + AlertParams().cooldown
 
 
 def openings(crossed: np.ndarray) -> np.ndarray:

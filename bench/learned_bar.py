@@ -6,8 +6,8 @@ upper bound for the next step of issue 17, not a detector.
 Reads the raw scores that `bench/generality.py --datasets smd-series:MACHINE` replayed (its --work)
 and, per series, fixes one bar from the first N replayed rows (rows of labelled incidents left out:
 an oracle, which no service has), then counts over the rows after them: incidents with a score past
-the bar, and false openings (a crossing at least 90 rows after the previous one, the service's
-resolve-after plus cool-down, that no incident is near). Bars: the 99.9 % and 99.99 % quantiles of
+the bar, and false openings (a crossing more than `generality.OPENING_GAP` rows after the previous one, the
+service's resolve-after plus cool-down, that no incident is near). Bars: the 99.9 % and 99.99 % quantiles of
 those N rows' scores and 1.5 x their largest.
 """
 

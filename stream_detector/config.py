@@ -222,6 +222,12 @@ class DetectionSettingsSection(_Section):
     cooldown: int = Field(
         _ALERT.cooldown, ge=0, description="scored events after a resolve during which nothing new opens"
     )
+    resolve_backoff: int = Field(
+        _ALERT.resolve_backoff,
+        ge=0,
+        description="an alert that opens within its entity's resolve period after the previous one resolved doubles "
+        "that period, up to this many times (flapping); 0 = never",
+    )
     update_every: int = Field(
         _ALERT.update_every, ge=0, description="while open, emit `update` every N anomalous scores (0 = never)"
     )
@@ -280,6 +286,7 @@ class DetectionSettingsSection(_Section):
             alerts=AlertParams(
                 resolve_after=self.resolve_after,
                 cooldown=self.cooldown,
+                resolve_backoff=self.resolve_backoff,
                 update_every=self.update_every,
                 update_factor=self.update_factor,
                 top_k=self.top_features,

@@ -52,12 +52,12 @@ def test_resolve_after_counts_consecutive_normal_scores():
 
 
 def test_cooldown_suppresses_a_new_open_right_after_resolve():
-    p = AlertParams(resolve_after=2, cooldown=3)
+    p = AlertParams(resolve_after=2, cooldown=3, resolve_backoff=0)
     out = run("X..XX.XX..", p)
     # resolved at 2; events 3, 4, 5 are inside the cool-down; 6 opens a new alert
     assert events(out) == [(0, "open"), (2, "resolved"), (6, "open"), (9, "resolved")]
     # without a cool-down the crossing at 3 opens a second alert at once
-    assert events(run("X..XX.XX..", AlertParams(resolve_after=2, cooldown=0))) == [(0, "open"), (2, "resolved"), (3, "open"), (9, "resolved")]
+    assert events(run("X..XX.XX..", AlertParams(resolve_after=2, cooldown=0, resolve_backoff=0))) == [(0, "open"), (2, "resolved"), (3, "open"), (9, "resolved")]
 
 
 def test_update_every_n_anomalous_scores():
@@ -101,6 +101,40 @@ def test_alert_id_is_deterministic_and_input_dependent():
     assert a == make_alert_id("m1", "host-1", Source("metrics", 3, 1234))
     assert re.fullmatch(r"[0-9a-f]{32}", a)
     assert len({a, make_alert_id("m2", "host-1", s), make_alert_id("m1", "host-2", s), make_alert_id("m1", "host-1", Source("metrics", 3, 1235))}) == 4
+
+
+def test_flapping_alerts_back_off_their_resolve_period():
+    pattern = "X...X...X...X....."  # the same trouble coming back every 4 scores
+    flat = AlertParams(resolve_after=2, cooldown=0, resolve_backoff=0)
+    assert events(run(pattern, flat)) == [(0, "open"), (2, "resolved"), (4, "open"), (6, "resolved"),
+                                          (8, "open"), (10, "resolved"), (12, "open"), (14, "resolved")]
+    # it came back within one resolve period of resolving: the second alert waits 4 normal scores,
+    # so the later crossings stay in it
+    backoff = AlertParams(resolve_after=2, cooldown=0, resolve_backoff=2)
+    assert events(run(pattern, backoff)) == [(0, "open"), (2, "resolved"), (4, "open"), (16, "resolved")]
+
+
+def test_resolve_backoff_is_capped_and_a_quiet_period_resets_it():
+    p = AlertParams(resolve_after=2, cooldown=1, resolve_backoff=1)
+    a = AlertState()
+    periods = []
+    # alerts that each come back 2 scores after the previous resolved (inside cool-down + period)
+    for _ in range(4):
+        assert a.step(9.0, True, p) == "open"
+        a.opened("x", Source("t", 0, 0))
+        periods.append(a.resolve_period(p))
+        while a.step(1.0, False, p) != "resolved":
+            pass
+        a.closed(p)
+        assert a.step(1.0, False, p) is None  # cool-down
+    assert periods == [2, 4, 4, 4]  # doubled once, never more (resolve_backoff 1)
+    for _ in range(p.cooldown + 4):  # a whole watch (cool-down + period) without trouble
+        a.step(1.0, False, p)
+    assert a.step(9.0, True, p) == "open" and a.resolve_period(p) == 2
+    restored = AlertState.from_state(a.state())
+    assert (restored.flaps, restored.watch_left) == (a.flaps, a.watch_left)
+    old = {k: v for k, v in a.state().items() if k not in ("flaps", "watch_left")}  # written before resolve_backoff
+    assert AlertState.from_state(old).resolve_period(p) == 2
 
 
 def test_alert_event_json_contract():

@@ -44,7 +44,8 @@ def test_replay_csv_writes_scores_and_alerts(tmp_path, rng, bundle, capsys):
     rows = write_csv(data, rng)
     out = tmp_path / "out"
     rc = main(["replay", "--model", str(bundle.path), "--input", str(data), "--out", str(out),
-               "--model.provider", "cpu", "--runtime.max-batch", "100", "--detection.warmup", "50", "--detection.history", "200"])
+               "--model.provider", "cpu", "--runtime.max-batch", "100", "--detection.warmup", "50", "--detection.history", "200",
+               "--detection.resolve-after", "30"])  # resolves within the 50 rows after the spike
     assert rc == 0
     printed = capsys.readouterr().out
     assert "rows/s" in printed and "replayed 900 rows" in printed

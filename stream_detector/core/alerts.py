@@ -7,6 +7,10 @@ of the scoring hop's rate):
   score reaches `update_factor` times the last reported score;
 - `resolved`: after `resolve_after` consecutive normal scores; then a cool-down of `cooldown`
   scored events starts during which new crossings open nothing (one incident, one alert).
+- flapping (`resolve_backoff` N): an alert that opens within the resolve period after the previous
+  one resolved (cool-down included) is the same trouble coming back; its resolve period doubles,
+  up to N times (2**N x `resolve_after`). One such period without a new alert and the entity is
+  back to `resolve_after`.
 
 Incidents (core/storms.py): every `open` joins an incident; its events carry `incident_id`,
 `page` (the first alert of an incident), `incident_size` and `storm`. Feedback: a false-positive
@@ -40,8 +44,9 @@ OPEN, UPDATE, RESOLVED = "open", "update", "resolved"
 
 @dataclass(frozen=True)
 class AlertParams:
-    resolve_after: int = 30  # consecutive normal scores that resolve an open alert (docs/quality.md)
+    resolve_after: int = 150  # consecutive normal scores that resolve an open alert (docs/quality.md)
     cooldown: int = 60  # scored events after a resolve during which a crossing opens nothing (docs/quality.md)
+    resolve_backoff: int = 1  # a flapping entity's resolve period doubles up to this many times (0: never)
     update_every: int = 0  # while open, emit `update` every N further anomalous scores (0: never)
     update_factor: float = 0.0  # while open, emit `update` when score >= factor x last reported (0: never)
     top_k: int = 3  # features listed in top_features
@@ -51,8 +56,8 @@ class AlertParams:
     def validate(self) -> None:
         if self.resolve_after < 1:
             raise ValueError(f"resolve_after must be at least 1 scored event, got {self.resolve_after}.")
-        if self.cooldown < 0 or self.update_every < 0:
-            raise ValueError("cooldown and update_every must not be negative.")
+        if self.cooldown < 0 or self.update_every < 0 or self.resolve_backoff < 0:
+            raise ValueError("cooldown, update_every and resolve_backoff must not be negative.")
         if self.update_factor != 0 and self.update_factor <= 1.0:
             raise ValueError(f"update_factor must be 0 (off) or above 1, got {self.update_factor}.")
         if self.top_k < 1:
@@ -84,6 +89,8 @@ class AlertState:
         "peak_score",
         "n_anomalous",
         "cooldown_left",
+        "flaps",
+        "watch_left",
         "incident_id",
         "feedback_floor",
         "feedback_cap",
@@ -101,6 +108,8 @@ class AlertState:
         self.peak_score = 0.0
         self.n_anomalous = 0
         self.cooldown_left = 0
+        self.flaps = 0  # resolve_backoff: alerts in a row that came back soon after the previous one resolved
+        self.watch_left = 0  # ... scored events left after a resolve in which a new alert counts as one
         self.incident_id: str | None = None  # the incident of the open alert (core/storms.py)
         self.feedback_floor = 0.0  # raw score at or below which nothing is anomalous (0: none)
         self.feedback_cap = 0.0  # the open alert was called a false positive: its floor's bound, set on resolve
@@ -110,14 +119,25 @@ class AlertState:
     def is_open(self) -> bool:
         return self.alert_id is not None
 
+    def resolve_period(self, params: AlertParams) -> int:
+        """Consecutive normal scores that resolve this entity's open alert (doubled per flap)."""
+        return params.resolve_after << min(self.flaps, params.resolve_backoff)
+
     def step(self, score: float, anomalous: bool, params: AlertParams) -> str | None:
         """Advance by one scored event; returns the event to emit ('open'/'update'/'resolved') or None.
         After 'open' the caller must call `opened(alert_id, source)`."""
         if not self.is_open:
+            watching = self.watch_left > 0
+            if watching:
+                self.watch_left -= 1
+                if self.watch_left == 0 and not anomalous:
+                    self.flaps = 0  # a whole resolve period without trouble
             if self.cooldown_left > 0:
                 self.cooldown_left -= 1
                 return None
             if anomalous:
+                self.flaps = self.flaps + 1 if watching else 0
+                self.watch_left = 0
                 self.normal_run = 0
                 self.since_report = 0
                 self.reported_score = score
@@ -138,7 +158,7 @@ class AlertState:
                 return UPDATE
             return None
         self.normal_run += 1
-        if self.normal_run >= params.resolve_after:
+        if self.normal_run >= self.resolve_period(params):
             return RESOLVED
         return None
 
@@ -154,6 +174,8 @@ class AlertState:
                 self.feedback_floor, min(self.peak_score * params.feedback_headroom, self.feedback_cap)
             )
             self.feedback_cap = 0.0
+        if params.resolve_backoff:
+            self.watch_left = params.cooldown + self.resolve_period(params)
         self.alert_id = None
         self.opened_by = None
         self.normal_run = 0
@@ -187,6 +209,8 @@ class AlertState:
             "peak_score": self.peak_score,
             "n_anomalous": self.n_anomalous,
             "cooldown_left": self.cooldown_left,
+            "flaps": self.flaps,
+            "watch_left": self.watch_left,
             "incident_id": self.incident_id,
             "feedback_floor": self.feedback_floor,
             "feedback_cap": self.feedback_cap,
@@ -207,6 +231,8 @@ class AlertState:
         s.cooldown_left = int(d["cooldown_left"])
         # absent from states written before incidents and feedback existed
         s.incident_id = d.get("incident_id")
+        s.flaps = int(d.get("flaps", 0))  # absent from states written before resolve_backoff
+        s.watch_left = int(d.get("watch_left", 0))
         s.feedback_floor = float(d.get("feedback_floor", 0.0))
         s.feedback_cap = float(d.get("feedback_cap", 0.0))
         s.recent = [(str(a), float(p)) for a, p in d.get("recent", [])]

@@ -190,8 +190,8 @@ class DetectorCore:
         needs_alert_step: list[int] = []
         stepping: set[int] = set()
         # The hot loop: every scored event is judged (and learned from) by its entity's threshold;
-        # only events that are anomalous, or whose entity has an alert open or cooling down, go on
-        # through the alert lifecycle below (for the others `AlertState.step` changes nothing).
+        # only events that are anomalous, or whose entity has an alert open, cooling down or watched for
+        # flapping, go on through the alert lifecycle below (for the others `AlertState.step` changes nothing).
         for j, (s, score) in enumerate(zip(ing.slots[ing.due].tolist(), scores.tolist())):
             thr = thr_by_slot[s]
             if thr is None:
@@ -207,7 +207,7 @@ class DetectorCore:
             thr_values[j] = t
             if anom:
                 anomalous[j] = True  # the threshold's judgement (a calibrated run can be anomalous below t)
-            if anom or s in stepping or a.alert_id is not None or a.cooldown_left:
+            if anom or s in stepping or a.alert_id is not None or a.cooldown_left or a.watch_left:
                 needs_alert_step.append(j)
                 stepping.add(s)  # its later events in this batch follow its (possibly new) alert
                 if calibrated:  # its calibrated value as of this event (the run moves on with later ones)
