@@ -62,7 +62,7 @@ BEGIN, END = "<!-- generality-table:begin -->", "<!-- generality-table:end -->"
 # detector = (model variant, detection settings)
 NEW = DetectionSettings()
 OLD = DetectionSettings(threshold=ThresholdParams(method="quantile", quantile=0.99, multiplier=4.0, max_shift=1e12, max_shift_down=1e12),
-                        alerts=AlertParams(resolve_after=30, cooldown=60))  # resolve_after was 30 until 2026-12-06
+                        alerts=AlertParams(resolve_after=30, cooldown=60, resolve_backoff=0))  # the lifecycle until 2026-12-06
 DETECTORS = {
     "new default": ("default", NEW),  # fit's defaults (its detectors for this data) and the new detection defaults
     "old default": ("transformer", OLD),  # the Transformer alone, rolling quantile 0.99 x 4.0 without a bound
