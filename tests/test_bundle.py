@@ -43,11 +43,17 @@ def test_round_trip_keeps_every_field(tmp_path):
     np.testing.assert_array_equal(b.normaliser.scale, np.array([1, 0.5, 1e-3], np.float32))
     assert b.scoring.positions == (-2, -1)
     assert b.calibration.threshold == 1.5 and b.calibration.quantiles == {"0.99": 1.0, "1.0": 2.0}
+    assert b.calibration.entity_levels is None  # a bundle of one entity, or written before them
     assert b.training["history"]["val_loss"] == [0.5, 0.25] and b.extra == {"logs": {"preset": "hdfs"}}
     assert (out / "templates.json").read_bytes() == b"{}"
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # mkdtemp alone would leave it 0700
+
+
+def test_entity_levels_round_trip(tmp_path):
+    cal = Calibration({"0.99": 1.0, "1.0": 2.0}, 1.5, 100, entity_levels={"pump-1": 0.25, "pump-2": -0.5})
+    assert load_bundle(write(tmp_path, model_bytes(8, 3, "mean"), calibration=cal)).calibration == cal
 
 
 def test_scores_are_mse_at_the_scoring_positions():
@@ -124,6 +130,9 @@ def test_onnx_io_must_match_w_and_f(tmp_path, onnx_window, onnx_features, kwargs
         (lambda m: m["scoring"].update(positions=[0]), "negative indices"),
         (lambda m: m["calibration"].update(threshold=-1), "not a positive number"),
         (lambda m: m["normaliser"].update(scale=[1.0, 1.0]), "2 scales"),
+        (lambda m: m["calibration"].update(entity_levels=[1.0]), "entity levels must map entity keys to numbers"),
+        (lambda m: m["calibration"].update(entity_levels={"a": "x"}), "entity levels must map entity keys to numbers"),
+        (lambda m: m["calibration"].update(entity_levels={"a": "nan"}), "entity levels must be finite"),
     ],
 )
 def test_bad_bundle_json_is_refused(tmp_path, edit, message):

@@ -232,5 +232,30 @@ def test_the_bundles_training_entities_decide_whether_a_quiet_entitys_bar_may_si
     assert thr[-1] / thr[0] == (pytest.approx(1.0) if entities == 1 else pytest.approx(0.5))
 
 
+def test_each_entity_a_pooled_calibration_knows_starts_at_its_own_level_and_keeps_it_through_a_restore(tmp_path, rng):
+    """A pooled bundle calibrated in each entity's own frame: through the pipeline, the entity key
+    picks its level, so an entity at 4x the calibration's level starts at 4x its bar and one the
+    calibration never saw starts at the bar itself; a state restored on another core keeps the level."""
+    import dataclasses
+    import math
+
+    from stream_detector.core.calibration import calibrate_scores
+
+    normal = (rng.normal(size=(20_000, F)) ** 2).mean(axis=1)
+    cal = dataclasses.replace(calibrate_scores(normal, 0.999), entity_levels={"loud": math.log(4.0), "known": 0.0})
+    b = make_bundle(tmp_path, features=[f"f{i}" for i in range(F)], window=2, kind="zeros", name="levels",
+                    calibration=cal, training={"entities": 2})
+    keys = ["loud", "known", "new"] * 3
+    rows = (rng.normal(size=(len(keys), F)) * 0.1).astype(np.float32)
+    core = DetectorCore(b, Scorer(b, provider="cpu", intra_op_threads=1), DetectionSettings(), clock=lambda: 1.8e9)
+    res = core.process(EventBatch.build(keys, rows, np.repeat(np.arange(3, dtype=np.int64), 3) * 1000))
+    first = {keys[i]: float(t) for i, t in zip(res.index.tolist(), res.threshold.tolist())}
+    assert first["loud"] / first["known"] == pytest.approx(4.0) and first["new"] == pytest.approx(first["known"])
+    other = DetectorCore(b, Scorer(b, provider="cpu", intra_op_threads=1), DetectionSettings(), clock=lambda: 1.8e9)
+    other.restore(0, "loud", core.state_of(0, "loud"))
+    again = other.process(EventBatch.build(["loud"], rows[:1], np.array([3000], dtype=np.int64)))
+    assert float(again.threshold[0]) == pytest.approx(first["loud"])
+
+
 def core_method_is_calibrated(bundle) -> bool:
     return DetectorCore(bundle, Scorer(bundle, provider="cpu", intra_op_threads=1), DetectionSettings()).threshold_method == "calibrated"

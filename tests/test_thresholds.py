@@ -541,3 +541,64 @@ def test_a_state_restored_with_own_tail_off_keeps_only_the_level(rng):
     restored = threshold_from_state(off, state, REF)
     without_tail = threshold_from_state(off, {k: v for k, v in state.items() if k not in ("block_maxima", "block", "tail_shift")}, REF)
     assert restored.threshold() == without_tail.threshold() < on.threshold()
+
+
+# ---- a pooled bundle calibrated in each entity's own frame (calibration.entity_frame) ------------
+
+FLEET_SCALES = {"quiet": 1.0, "middle": 3.0, "loud": 9.0}  # entities' score levels in one pooled bundle
+
+
+def fleet_reference(rng, per_entity: bool) -> ScoreReference:
+    """A pooled bundle's reference: gamma(2, 1) validation scores of three entities at FLEET_SCALES,
+    calibrated with (per_entity) or without the entity of each score."""
+    keys = [k for k in FLEET_SCALES for _ in range(2000)]
+    sample = np.concatenate([scale * rng.gamma(2.0, 1.0, size=2000) for scale in FLEET_SCALES.values()])
+    ref = ScoreReference.from_calibration(calibrate_scores(sample, 0.999, entities=keys if per_entity else None), 3)
+    assert ref is not None
+    return ref
+
+
+def test_a_pooled_calibration_in_each_entitys_frame_keeps_every_entitys_false_alarm_rate(rng):
+    """Three entities 3x apart pooled raw form a mixture far wider than each one: its 1-in-1,000 bar,
+    moved by each entity's own level, is passed by every entity's normal scores more than ten times
+    less often than promised (the bar sits that much too high for incidents too). Calibrated in each
+    entity's frame, every entity starts at its own level and its normal scores pass the bar at about
+    the promised rate."""
+    p = ThresholdParams(method="calibrated", alert_level=3.0, learn_level=1.5, warmup=100)
+    pooled, framed = fleet_reference(rng, False), fleet_reference(rng, True)
+    assert pooled.entity_levels == {} and set(framed.entity_levels) == set(FLEET_SCALES)
+    levels = framed.entity_levels
+    assert levels["middle"] - levels["quiet"] == pytest.approx(math.log(3.0), abs=0.15)
+    assert levels["loud"] - levels["middle"] == pytest.approx(math.log(3.0), abs=0.15)
+    for key, scale in FLEET_SCALES.items():
+        data = scale * scores(rng, 100_000)
+        rates = {}
+        for name, ref in (("pooled", pooled), ("framed", framed)):
+            t = make_threshold("calibrated", p, 1.0, dataclasses.replace(ref, run=None, run_length=0), key)
+            rates[name] = np.mean([t.observe(float(x))[1] for x in data])
+        assert 0.2e-3 < rates["framed"] < 2.0e-3, (key, rates)
+        assert rates["pooled"] < 0.1e-3, (key, rates)
+
+
+def test_a_known_entity_starts_at_its_level_and_its_bounds_are_around_it(rng):
+    """An entity the calibration knows starts at its own bar (no warm-up at the pooled one), drifts at
+    most max_shift above it before an alert, and never sinks below it (its level is its own
+    calibration: single_entity_floor); an entity it did not see starts at the pooled bar."""
+    ref = fleet_reference(rng, True)
+    p = ThresholdParams(method="calibrated")
+    unknown = make_threshold("calibrated", p, 1.0, ref, "new-entity")
+    loud = make_threshold("calibrated", p, 1.0, ref, "loud")
+    start = loud.threshold()
+    assert start / unknown.threshold() == pytest.approx(math.exp(ref.entity_levels["loud"]))
+    for x in 9.0 * scores(rng, 3000) / 4.0:  # a quiet stretch: a quarter of its calibration
+        loud.observe(float(x))
+    assert loud.threshold() == pytest.approx(start)
+    crossed = False
+    for x in 9.0 * scores(rng, 20_000) * np.linspace(1.0, 20.0, 20_000):  # a slow drift upward
+        thr, anomalous = loud.observe(float(x))
+        assert thr <= 2.0 * start * (1 + 1e-9)
+        crossed = crossed or anomalous
+    assert crossed
+    state = orjson.loads(orjson.dumps(loud.state(), option=orjson.OPT_SERIALIZE_NUMPY))
+    restored = threshold_from_state(p, state, ref, "loud")
+    assert restored.threshold() == pytest.approx(loud.threshold())

@@ -72,6 +72,8 @@ def test_windows_never_cross_entities_gaps_or_the_split(tmp_path, rng):
     assert not np.any(plan.train_rows[plan.val_starts + W - 1]), "a validation window's newest row is a training row"
     # Validation is the last 20% of each entity by time: 60 rows each.
     assert int((~plan.train_rows[:300]).sum()) == 60 and int((~plan.train_rows[300:]).sum()) == 60
+    # Each window's entity, for calibrating every entity in its own frame.
+    assert plan.entities_of(plan.val_starts) == ["a" if s < 300 else "b" for s in plan.val_starts.tolist()]
 
 
 def test_too_few_rows_for_a_window(tmp_path):

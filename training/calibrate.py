@@ -5,6 +5,7 @@ consecutive scores) and keep a suggested threshold (the `threshold_quantile` qua
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,16 +37,22 @@ def score_windows(
     return ValidationScores(np.concatenate(scores), np.concatenate(errors))
 
 
-def calibrate(scores: np.ndarray, threshold_quantile: float, starts: np.ndarray | None = None) -> Calibration:
+def calibrate(
+    scores: np.ndarray,
+    threshold_quantile: float,
+    starts: np.ndarray | None = None,
+    entities: Sequence[str] | None = None,
+) -> Calibration:
     """Calibration of validation scores given in window-start order; `starts` (the windows' start
-    rows) tells where one uninterrupted stretch ends, so runs of scores never cross a gap."""
+    rows) tells where one uninterrupted stretch ends, so runs of scores never cross a gap, and
+    `entities` (each window's entity) puts every entity's scores in its own frame."""
     if scores.size == 0:
         raise ValueError("no validation scores to calibrate on.")
     segments = None
     if starts is not None:
         starts = np.asarray(starts, dtype=np.int64)
         segments = np.concatenate([[0], np.flatnonzero(np.diff(starts) != 1) + 1])
-    return calibrate_scores(scores, threshold_quantile, segments)
+    return calibrate_scores(scores, threshold_quantile, segments, entities=entities)
 
 
 def score_histogram(scores: np.ndarray, bins: int = 60) -> dict[str, list[float]]:

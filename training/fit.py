@@ -134,7 +134,7 @@ def fit(settings: FitSettings, command_line: str | None = None) -> FitResult:
         )
         architecture = {**architecture, "composite": composite}
     val = score_windows(onnx_bytes, data, plan.val_starts, s.window, scoring)
-    calibration = calibrate(val.scores, s.threshold_quantile, plan.val_starts)
+    calibration = calibrate(val.scores, s.threshold_quantile, plan.val_starts, plan.entities_of(plan.val_starts))
 
     import hashlib
 

@@ -33,6 +33,13 @@ class WindowPlan:
     window: int
     n_segments: int
     n_gaps: int
+    entity_keys: tuple[str, ...] = ()  # the entities, in the order of their rows in `data`
+    row_entity: np.ndarray | None = None  # int32 [N]: each row's index into entity_keys
+
+    def entities_of(self, starts: np.ndarray) -> list[str]:
+        """The entity of each window starting at `starts` (rows of `data`)."""
+        assert self.row_entity is not None
+        return [self.entity_keys[i] for i in self.row_entity[starts].tolist()]
 
 
 def plan_windows(table: DataTable, window: int, val_fraction: float, gap_factor: float, stride: int = 1) -> WindowPlan:
@@ -46,9 +53,13 @@ def plan_windows(table: DataTable, window: int, val_fraction: float, gap_factor:
     train_flags: list[np.ndarray] = []
     train_starts: list[np.ndarray] = []
     val_starts: list[np.ndarray] = []
+    row_entity: list[np.ndarray] = []
+    keys: list[str] = []
     offset = n_segments = n_gaps = 0
     for ent in table.by_entity():
         n = ent.values.shape[0]
+        row_entity.append(np.full(n, len(keys), dtype=np.int32))
+        keys.append(ent.key)
         split = int(np.floor(n * (1.0 - val_fraction)))
         segments = _segments(n, ent.timestamps_ms, gap_factor)
         n_gaps += len(segments) - 1
@@ -72,6 +83,8 @@ def plan_windows(table: DataTable, window: int, val_fraction: float, gap_factor:
         window=window,
         n_segments=n_segments,
         n_gaps=n_gaps,
+        entity_keys=tuple(keys),
+        row_entity=np.concatenate(row_entity),
     )
     if plan.train_starts.size == 0:
         raise WindowingError(

@@ -148,13 +148,16 @@ class Calibration:
     tail of those scores ({"level", "shape", "scale"}), and `run`, the same description of the
     geometric mean of `length` consecutive scores, each floored at its `floor_level` quantile
     ({"length", "floor_level", "quantiles", "tail"}); older bundles
-    lack both and still load (their thresholds use the quantile method)."""
+    lack both and still load (their thresholds use the quantile method). A bundle trained on several
+    entities also carries `entity_levels` ({entity key: log of its 90 % quantile against the
+    calibration's}): its distributions then describe each entity's scores in its own frame."""
 
     quantiles: dict[str, float]  # e.g. {"0.5": .., "0.9": .., "0.98": .., ..., "1.0": max}
     threshold: float
     n_scores: int
     tail: dict[str, float] | None = None
     run: dict[str, Any] | None = None
+    entity_levels: dict[str, float] | None = None
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"quantiles": self.quantiles, "threshold": self.threshold, "n_scores": self.n_scores}
@@ -162,6 +165,8 @@ class Calibration:
             d["tail"] = self.tail
         if self.run is not None:
             d["run"] = self.run
+        if self.entity_levels is not None:
+            d["entity_levels"] = self.entity_levels
         return d
 
     @classmethod
@@ -185,7 +190,20 @@ class Calibration:
             if not 0.0 < floor < 1.0:
                 raise BundleError(f"the calibration's run floor level {floor} is not in (0, 1).")
             run = {"length": length, "floor_level": floor, "quantiles": rq, "tail": rt}
-        return cls(q, thr, int(d.get("n_scores", 0)), tail, run)
+        return cls(q, thr, int(d.get("n_scores", 0)), tail, run, _entity_levels(d.get("entity_levels")))
+
+
+def _entity_levels(levels: Any) -> dict[str, float] | None:
+    """{entity key: finite log level}, or None when the calibration has none."""
+    if levels is None:
+        return None
+    try:
+        out = {str(k): float(v) for k, v in dict(levels).items()}
+    except (TypeError, ValueError):
+        raise BundleError("the calibration's entity levels must map entity keys to numbers.") from None
+    if not all(math.isfinite(v) for v in out.values()):
+        raise BundleError("the calibration's entity levels must be finite numbers.")
+    return out
 
 
 def _numbers(d: Any, what: str) -> dict[str, float]:

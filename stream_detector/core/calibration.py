@@ -22,13 +22,22 @@ a stuck sensor, is unlikely as a run long before any single score of it is). Bot
 same validation windows, in stream order, so the run distribution includes the autocorrelation
 of overlapping windows. The thresholds (core/thresholds.py, `Calibrated`) work in log-scores
 y = log(max(score, TINY)) with thresholds precomputed from `log_score_at`.
+
+A bundle trained on several entities is calibrated in the frame the service judges in. The service
+shifts each entity's log-scores by its own level (its 90 % quantile against the calibration's), so
+the distribution its bar is read from must be that of level-shifted scores: each entity's
+validation scores are divided by its own 90 % quantile (relative to the pooled one) before the
+distributions are fitted, and each entity's level is kept (`entity_levels`) as its starting shift.
+Pooled raw, the scores of entities a few times apart in level form a mixture whose tail is far
+heavier than any entity's (docs/quality.md, "Calibrated per entity"), and the bar read from it sat
+several times above every entity's own.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -45,6 +54,7 @@ MIN_DISJOINT_RUNS = 50  # fewer disjoint runs in the validation scores: no run t
 RUN_FLOOR_LEVEL = 0.5  # scores below this quantile enter a run as this quantile: a run measures excess,
 # and a near-zero score (log -> -27) would otherwise hide the rest of its run
 MAX_SHAPE = 1.5  # a fitted tail heavier than this is an artefact of few excesses
+MIN_ENTITY_SCORES = 100  # validation scores of an entity for its own level (the service's warm-up, likewise)
 _LN10 = math.log(10.0)
 
 
@@ -122,6 +132,11 @@ class ScoreReference:
     anchor: float = 0.0
     run_floor: float = -math.inf  # log-score below which a score enters a run as this value
     entities: int | None = None  # entities whose validation scores the calibration pooled (None: not known)
+    entity_levels: Mapping[str, float] = field(default_factory=dict)  # each known entity's level (log, vs anchor)
+
+    def level_of(self, key: str) -> float | None:
+        """The entity's calibrated level against the anchor (None: the calibration did not see it)."""
+        return self.entity_levels.get(key)
 
     @classmethod
     def from_calibration(cls, calibration: Any, entities: Any = None) -> ScoreReference | None:
@@ -139,7 +154,8 @@ class ScoreReference:
             floor = point.log_score_at(-math.log10(1.0 - float(calibration.run.get("floor_level", RUN_FLOOR_LEVEL))))
         run_length = int(calibration.run["length"]) if run is not None else 0
         known = isinstance(entities, int) and not isinstance(entities, bool) and entities > 0  # informational metadata
-        return cls(point, run, run_length, point.log_score_at(1.0), floor, entities if known else None)
+        levels = dict(calibration.entity_levels or {})
+        return cls(point, run, run_length, point.log_score_at(1.0), floor, entities if known else None, levels)
 
 
 # ---- fitting (training writes these into bundle.json's calibration) ----------------------------
@@ -243,21 +259,48 @@ def run_means(scores: np.ndarray, segment_starts: np.ndarray, length: int, floor
     return np.exp(np.concatenate(out)) if out else np.zeros(0)
 
 
+def entity_frame(scores: np.ndarray, entities: Sequence[str] | None) -> tuple[np.ndarray, dict[str, float]]:
+    """(the scores with each entity's divided by its own 90 % quantile relative to the pooled one, each
+    such entity's level: log of its 90 % quantile against the normalised scores' 90 % quantile, the
+    service's anchor). Only entities with MIN_ENTITY_SCORES scores are normalised, and only when
+    there are two or more of them; the others' scores stay as they are (their level is unknown)."""
+    if entities is None:
+        return scores, {}
+    keys = np.asarray(entities, dtype=object)
+    if keys.size != scores.size:
+        raise ValueError(f"{keys.size} entity keys for {scores.size} validation scores.")
+    known = [k for k in dict.fromkeys(keys.tolist()) if int(np.count_nonzero(keys == k)) >= MIN_ENTITY_SCORES]
+    if len(known) < 2:
+        return scores, {}
+    pooled = max(float(np.quantile(scores, TAIL_LEVEL)), TINY)
+    out = scores.copy()
+    q90 = {}
+    for k in known:
+        m = keys == k
+        q90[k] = max(float(np.quantile(scores[m], TAIL_LEVEL)), TINY)
+        out[m] = scores[m] * (pooled / q90[k])
+    anchor = max(float(np.quantile(out, TAIL_LEVEL)), TINY)
+    return out, {str(k): math.log(v / anchor) for k, v in q90.items()}
+
+
 def calibrate_scores(
     scores: np.ndarray,
     threshold_quantile: float,
     segment_starts: np.ndarray | None = None,
     run_length: int = RUN_LENGTH,
+    entities: Sequence[str] | None = None,
 ) -> Any:
     """A `bundle.Calibration` of normal validation scores, in stream order: the point distribution,
     the run distribution (runs never cross `segment_starts`; none with fewer than MIN_DISJOINT_RUNS
-    disjoint runs)
+    disjoint runs), both in each entity's own frame when `entities` (the entity of each score) names
+    several (`entity_frame`), the entities' levels,
     and the `threshold_quantile` quantile as the initial threshold of the quantile/SPOT methods."""
     from stream_detector.core.bundle import Calibration
 
-    scores = np.asarray(scores, dtype=np.float64)
+    raw = np.asarray(scores, dtype=np.float64)
+    threshold = max(float(np.quantile(raw, threshold_quantile)), TINY)  # the loader requires > 0
+    scores, levels = entity_frame(raw, entities)
     quantiles, tail = describe_distribution(scores)
-    threshold = max(float(np.quantile(scores, threshold_quantile)), TINY)  # the loader requires > 0
     starts = np.zeros(1, dtype=np.int64) if segment_starts is None else np.asarray(segment_starts, dtype=np.int64)
     means = run_means(scores, starts, run_length, quantiles[str(RUN_FLOOR_LEVEL)])
     bounds = [*starts.tolist(), scores.size]
@@ -266,4 +309,4 @@ def calibrate_scores(
     if disjoint >= MIN_DISJOINT_RUNS:
         rq, rt = describe_distribution(means)
         run = {"length": int(run_length), "floor_level": RUN_FLOOR_LEVEL, "quantiles": rq, "tail": rt}
-    return Calibration(quantiles, threshold, int(scores.size), tail, run)
+    return Calibration(quantiles, threshold, int(scores.size), tail, run, levels or None)

@@ -195,7 +195,7 @@ class DetectorCore:
         for j, (s, score) in enumerate(zip(ing.slots[ing.due].tolist(), scores.tolist())):
             thr = thr_by_slot[s]
             if thr is None:
-                thr = thr_by_slot[s] = make_threshold(method, thr_params, initial, reference)
+                thr = thr_by_slot[s] = make_threshold(method, thr_params, initial, reference, batch.keys[due_list[j]])
             a = alert_by_slot[s]
             if a is None:
                 a = alert_by_slot[s] = AlertState()
@@ -364,7 +364,7 @@ class DetectorCore:
         if t is None or t.get("kind") != self.threshold_method:
             self._thresholds[slot] = None
         else:
-            self._thresholds[slot] = threshold_from_state(self.settings.threshold, t, self._reference)
+            self._thresholds[slot] = threshold_from_state(self.settings.threshold, t, self._reference, key)
         self._alerts[slot] = None if a is None else AlertState.from_state(a)
 
 

@@ -8,7 +8,8 @@ starting value without an alert, or falls below 1 / `max_shift_down` of it (a st
 normal scores, such as a count model's, would otherwise take a rolling quantile to 0, where anything
 alerts; with `single_entity_floor`, the default, a calibrated bar of a bundle trained on one entity's
 history does not fall below the calibrated one at all, since its calibration is that entity's own
-scores and a quiet stretch is no lighter entity): a stream that drifts upward ends in an alert once
+scores and a quiet stretch is no lighter entity, and likewise the bar of an entity a pooled bundle
+calibrated in its own frame): a stream that drifts upward ends in an alert once
 its scores pass that bound, or in a re-baselining bounded by it (docs/quality.md, "Calibrated
 scores and thresholds that cannot ratchet"). With `rebaseline_per_alert` (calibrated, the default),
 an alert opened while the bar sits at its bound widens the bound by another `max_shift`: the bar of
@@ -20,7 +21,9 @@ re-baselining step.
   score at least this high, and of the mean log-score of the entity's last `run_length` scores
   (sustained moderate rises), against `alert_level` (4: one normal score in 10,000). The entity's
   own level enters as a shift of its log-scores: the 90 % quantile of its last `history` learned
-  scores against the calibration's, within +-log(max_shift). A score is learned only if normal,
+  scores against the calibration's, within +-log(max_shift) of where it starts: the entity's own
+  calibrated level when the bundle was calibrated in each entity's frame and knows the entity
+  (`ScoreReference.entity_levels`, core/calibration.py), else 0. A score is learned only if normal,
   and only up to the `learn_level` surprise (2: the top 1 %; a higher normal score is learned as
   that value), so neither an incident nor the far tail of the noise moves the entity's level; a
   drift of the bulk of the scores does, within the bound. With `own_tail` (the default) the bar also
@@ -75,7 +78,8 @@ class ThresholdParams:
     warmup: int = 100  # normal scores seen before the entity's own statistics are used
     max_shift: float = 2.0  # no threshold rises above this x its calibrated starting value (docs/quality.md)
     max_shift_down: float = 2.0  # ... or falls below 1 / this of it
-    single_entity_floor: bool = True  # calibrated, a bundle trained on one entity: max_shift_down is 1
+    single_entity_floor: bool = True  # calibrated, one entity's own calibration (a one-entity bundle, or an entity
+    # whose level a pooled bundle knows): max_shift_down is 1
     # calibrated (surprise = -log10 of the probability of a normal score at least this high)
     alert_level: float = 4.0
     learn_level: float = 2.0  # normal scores above this surprise are learned as this value ...
@@ -153,19 +157,19 @@ def resolve_method(params: ThresholdParams, reference: ScoreReference | None) ->
 
 
 def make_threshold(
-    method: str, params: ThresholdParams, initial: float, reference: ScoreReference | None = None
+    method: str, params: ThresholdParams, initial: float, reference: ScoreReference | None = None, key: str = ""
 ) -> Threshold:
-    """A fresh threshold of a resolved method (`resolve_method`)."""
+    """A fresh threshold of a resolved method (`resolve_method`) for the entity `key`."""
     if method == "calibrated":
         assert reference is not None
-        return Calibrated(reference, params)
+        return Calibrated(reference, params, reference.level_of(key))
     if method == "spot":
         return Spot(initial, params)
     return RollingQuantile(initial, params)
 
 
 def threshold_from_state(
-    params: ThresholdParams, state: dict[str, Any], reference: ScoreReference | None = None
+    params: ThresholdParams, state: dict[str, Any], reference: ScoreReference | None = None, key: str = ""
 ) -> Threshold:
     kind = state.get("kind")
     if kind == "calibrated":
@@ -173,7 +177,7 @@ def threshold_from_state(
             raise ValueError(
                 "a calibrated threshold state cannot be restored for a bundle without a calibrated score distribution."
             )
-        return Calibrated.from_state(reference, params, state)
+        return Calibrated.from_state(reference, params, state, reference.level_of(key))
     if kind == "spot":
         return Spot.from_state(params, state)
     if kind == "quantile":
@@ -240,7 +244,11 @@ class Calibrated:
     (module docstring). `observe` is on the service's hot path: it compares log-scores with
     precomputed log thresholds; the surprise itself is computed only for alerts (`surprise`)."""
 
-    def __init__(self, reference: ScoreReference, params: ThresholdParams = ThresholdParams()) -> None:
+    def __init__(
+        self, reference: ScoreReference, params: ThresholdParams = ThresholdParams(), level: float | None = None
+    ) -> None:
+        """`level`: the entity's calibrated level (`ScoreReference.level_of`; None for an entity the
+        calibration did not see, whose level starts at the calibration's own)."""
         self.reference = reference
         self.params = params
         self._hist = _SortedRing(params.history)  # learned log-scores (capped at the learn level)
@@ -259,8 +267,10 @@ class Calibrated:
         # single_entity_floor: a calibration made of one entity's own scores is that entity's bar; a
         # quiet stretch of it is no reason to sink below (a pooled calibration's is: a mixture's tail
         # is heavier than each entity's)
-        floor = params.single_entity_floor and reference.entities == 1
+        # (and likewise an entity of a pooled bundle calibrated in its own frame: its level is known)
+        floor = params.single_entity_floor and (reference.entities == 1 or level is not None)
         self._lowest = 0.0 if floor else -math.log(params.max_shift_down)
+        self._start = 0.0 if level is None else float(level)  # the shift the entity starts at; its bounds are around it
         self._cap_tail = params.learn_tail == "cap"
         self._own_tail = params.own_tail
         self._tail_lowers = params.own_tail and params.own_tail_lowers
@@ -271,8 +281,8 @@ class Calibrated:
         self._block_n = 0
         self._tail_shift = -math.inf  # what the entity's own tail asks of the shift (-inf: nothing yet)
         self._y_top_ref = reference.point.log_score_at(BLOCK_MAX_SURPRISE)
-        self._shift = 0.0  # the entity's level against the calibration, in log-score units
-        self._threshold = math.exp(self._y_alert)
+        self._shift = self._start  # the entity's level against the calibration, in log-score units
+        self._threshold = math.exp(self._y_alert + self._shift)
 
     @property
     def shift(self) -> float:
@@ -358,14 +368,14 @@ class Calibrated:
             shift = max(self._tail_shift, level + self._lowest)
         else:
             shift = max(level, self._tail_shift)
-        self._shift = min(max(shift, self._lowest), self._bound)
+        self._shift = min(max(shift, self._start + self._lowest), self._start + self._bound)
         self._threshold = math.exp(self._y_alert + self._shift)
 
     def alert_opened(self) -> None:
         """rebaseline_per_alert: an alert opened while the entity's shift sits at its bound lets the
         bar rise `max_shift` times further, so a stream that outgrows its calibration re-baselines
         one alert per step, and never further than max_shift ** (1 + alerts opened)."""
-        if self.params.rebaseline_per_alert and self._shift >= self._bound - 1e-12:
+        if self.params.rebaseline_per_alert and self._shift >= self._start + self._bound - 1e-12:
             self._alerts += 1
             self._bound = math.log(self.params.max_shift) * (1 + self._alerts)
             if self._seen >= self.params.warmup:
@@ -387,8 +397,10 @@ class Calibrated:
         }
 
     @classmethod
-    def from_state(cls, reference: ScoreReference, params: ThresholdParams, state: dict[str, Any]) -> Calibrated:
-        t = cls(reference, params)
+    def from_state(
+        cls, reference: ScoreReference, params: ThresholdParams, state: dict[str, Any], level: float | None = None
+    ) -> Calibrated:
+        t = cls(reference, params, level)
         t._hist = _SortedRing.of(params.history, np.asarray(state["history"], dtype=np.float64))
         t._seen = int(state["seen"])
         n = t._run.size
