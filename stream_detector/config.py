@@ -183,8 +183,8 @@ class DetectionSettingsSection(_Section):
     )
     single_entity_floor: bool = Field(
         _THR.single_entity_floor,
-        description="calibrated, a bundle trained on one entity's history, or an entity whose own level a pooled "
-        "bundle's calibration holds: no bar falls below the calibrated one (max_shift_down applies to the others)",
+        description="calibrated, a bundle trained on one entity's history: no bar falls below the calibrated one "
+        "(max_shift_down applies to bundles whose calibration pooled several entities)",
     )
     own_tail_lowers: bool = Field(
         _THR.own_tail_lowers,

@@ -8,8 +8,7 @@ starting value without an alert, or falls below 1 / `max_shift_down` of it (a st
 normal scores, such as a count model's, would otherwise take a rolling quantile to 0, where anything
 alerts; with `single_entity_floor`, the default, a calibrated bar of a bundle trained on one entity's
 history does not fall below the calibrated one at all, since its calibration is that entity's own
-scores and a quiet stretch is no lighter entity, and likewise the bar of an entity a pooled bundle
-calibrated in its own frame): a stream that drifts upward ends in an alert once
+scores and a quiet stretch is no lighter entity): a stream that drifts upward ends in an alert once
 its scores pass that bound, or in a re-baselining bounded by it (docs/quality.md, "Calibrated
 scores and thresholds that cannot ratchet"). With `rebaseline_per_alert` (calibrated, the default),
 an alert opened while the bar sits at its bound widens the bound by another `max_shift`: the bar of
@@ -78,8 +77,7 @@ class ThresholdParams:
     warmup: int = 100  # normal scores seen before the entity's own statistics are used
     max_shift: float = 2.0  # no threshold rises above this x its calibrated starting value (docs/quality.md)
     max_shift_down: float = 2.0  # ... or falls below 1 / this of it
-    single_entity_floor: bool = True  # calibrated, one entity's own calibration (a one-entity bundle, or an entity
-    # whose level a pooled bundle knows): max_shift_down is 1
+    single_entity_floor: bool = True  # calibrated, a bundle trained on one entity: max_shift_down is 1
     # calibrated (surprise = -log10 of the probability of a normal score at least this high)
     alert_level: float = 4.0
     learn_level: float = 2.0  # normal scores above this surprise are learned as this value ...
@@ -267,8 +265,7 @@ class Calibrated:
         # single_entity_floor: a calibration made of one entity's own scores is that entity's bar; a
         # quiet stretch of it is no reason to sink below (a pooled calibration's is: a mixture's tail
         # is heavier than each entity's)
-        # (and likewise an entity of a pooled bundle calibrated in its own frame: its level is known)
-        floor = params.single_entity_floor and (reference.entities == 1 or level is not None)
+        floor = params.single_entity_floor and reference.entities == 1
         self._lowest = 0.0 if floor else -math.log(params.max_shift_down)
         self._start = 0.0 if level is None else float(level)  # the shift the entity starts at; its bounds are around it
         self._cap_tail = params.learn_tail == "cap"
