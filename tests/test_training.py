@@ -3,6 +3,8 @@ calibration, and that the written bundle scores exactly as PyTorch does."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -146,6 +148,27 @@ def test_relative_feature_errors_divide_by_each_features_validation_error(traine
     # Per-feature errors (top_features) are the relative ones, as shares of the score.
     np.testing.assert_array_equal(ort_errors.argmax(axis=1), (sq / normal).argmax(axis=1))
     assert bundle.calibration.n_scores == len(plan.val_starts)
+
+
+def test_a_fleet_is_calibrated_in_each_entitys_own_frame(tmp_path):
+    """fit on two entities with 100+ validation windows each, the second's readings 3x the first's: the
+    bundle keeps each entity's level (the second's errors are larger), its quantiles describe the
+    scores in each entity's frame, and the report says so."""
+    from training.report import summary_text
+
+    path = make_csv(tmp_path / "fleet.csv", np.random.default_rng(11), n_per_entity=700, gap_at=10**9)
+    lines = path.read_text().splitlines()
+    loud = [lines[0]] + [
+        ",".join([*f[:2], f"{3 * float(f[2]):.5f}", f"{3 * float(f[3]):.5f}", f[4]]) if f[1] == "b" else line
+        for line, f in ((line, line.split(",")) for line in lines[1:])
+    ]
+    path.write_text("\n".join(loud) + "\n")
+    res = fit(make_settings({"data": path, "out": tmp_path / "bundle", "seed": 3, **TINY}))
+    bundle = load_bundle(res.bundle_dir)
+    levels = bundle.calibration.entity_levels
+    assert levels is not None and set(levels) == {"a", "b"}
+    assert 1.5 < math.exp(levels["b"] - levels["a"]) < 20.0  # b's errors are larger in absolute terms
+    assert "in each entity's own frame" in summary_text(bundle)
 
 
 def test_training_metadata(trained):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import sys
 from pathlib import Path
 
@@ -83,6 +84,13 @@ def summary_text(bundle: Bundle) -> str:
         "  validation score quantiles: " + ", ".join(f"q{k}={v:.4g}" for k, v in q.items()),
         f"  suggested threshold: {bundle.calibration.threshold:.5g}",
     ]
+    levels = bundle.calibration.entity_levels
+    if levels:  # the quantiles above are then of every entity's scores in its own frame
+        lines.insert(
+            -1,
+            f"  (in each entity's own frame; its level, x the calibration's: {len(levels)} entities, "
+            f"{math.exp(min(levels.values())):.3g} to {math.exp(max(levels.values())):.3g})",
+        )
     return "\n".join(lines)
 
 
