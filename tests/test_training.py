@@ -150,10 +150,10 @@ def test_relative_feature_errors_divide_by_each_features_validation_error(traine
     assert bundle.calibration.n_scores == len(plan.val_starts)
 
 
-def test_a_fleet_is_calibrated_in_each_entitys_own_frame(tmp_path):
+def test_a_fleet_is_calibrated_in_each_entitys_own_frame(tmp_path, caplog):
     """fit on two entities with 100+ validation windows each, the second's readings 3x the first's: the
     bundle keeps each entity's level (the second's errors are larger), its quantiles describe the
-    scores in each entity's frame, and the report says so."""
+    scores in each entity's frame, and fit and the report say so."""
     from training.report import summary_text
 
     path = make_csv(tmp_path / "fleet.csv", np.random.default_rng(11), n_per_entity=700, gap_at=10**9)
@@ -163,7 +163,9 @@ def test_a_fleet_is_calibrated_in_each_entitys_own_frame(tmp_path):
         for line, f in ((line, line.split(",")) for line in lines[1:])
     ]
     path.write_text("\n".join(loud) + "\n")
-    res = fit(make_settings({"data": path, "out": tmp_path / "bundle", "seed": 3, **TINY}))
+    with caplog.at_level("INFO", logger="training.fit"):
+        res = fit(make_settings({"data": path, "out": tmp_path / "bundle", "seed": 3, **TINY}))
+    assert "calibrated in each entity's own frame: 2 entities" in caplog.text
     bundle = load_bundle(res.bundle_dir)
     levels = bundle.calibration.entity_levels
     assert levels is not None and set(levels) == {"a", "b"}
