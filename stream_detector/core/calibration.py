@@ -28,9 +28,9 @@ shifts each entity's log-scores by its own level (its 90 % quantile against the 
 the distribution its bar is read from must be that of level-shifted scores: each entity's
 validation scores are divided by its own 90 % quantile (relative to the pooled one) before the
 distributions are fitted, and each entity's level is kept (`entity_levels`) as its starting shift.
-Pooled raw, the scores of entities a few times apart in level form a mixture whose tail is far
-heavier than any entity's (docs/quality.md, "Calibrated per entity"), and the bar read from it sat
-several times above every entity's own.
+Pooled raw, the scores of entities a few times apart in level form a mixture far wider than any
+entity's, and the bar read from it sat a median 1.5x above the entity's own (docs/quality.md, "A
+pooled bundle calibrated in each entity's own frame").
 """
 
 from __future__ import annotations
