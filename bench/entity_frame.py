@@ -93,14 +93,11 @@ def unknown_entity_table(work: Path, datasets: list[str], window: int = 64, tole
         for d in newest_bundles(work, [name]):
             seed = int(d.name.split("-history")[0].rsplit("seed", 1)[1])
             scores, keys, starts = validation_scores(d)
-            framed = calibrate(scores, 0.999, starts, keys)
-            pooled = calibrate(scores, 0.999, starts, None)
             n_entities = len(set(keys))
-            refs = {
-                "known (own level)": (ScoreReference.from_calibration(framed, n_entities), True),
-                "unknown (warms up)": (ScoreReference.from_calibration(framed, n_entities), False),
-                "pooled raw (before)": (ScoreReference.from_calibration(pooled, n_entities), False),
-            }
+            framed = ScoreReference.from_calibration(load_bundle(d).calibration, n_entities)  # what fit wrote
+            pooled = ScoreReference.from_calibration(calibrate(scores, 0.999, starts, None), n_entities)
+            refs = {"known (own level)": (framed, True), "unknown (warms up)": (framed, False),
+                    "pooled raw (before)": (pooled, False)}
             for series in replayed_series(work, synthetic(name, seed, work), seed, "new default"):
                 near, _ = normal_level(series.labels, series.score, window, tolerance)
                 for label, (ref, known) in refs.items():

@@ -269,7 +269,8 @@ def entity_frame(scores: np.ndarray, entities: Sequence[str] | None) -> tuple[np
     keys = np.asarray(entities, dtype=object)
     if keys.size != scores.size:
         raise ValueError(f"{keys.size} entity keys for {scores.size} validation scores.")
-    known = [k for k in dict.fromkeys(keys.tolist()) if int(np.count_nonzero(keys == k)) >= MIN_ENTITY_SCORES]
+    names, counts = np.unique(keys, return_counts=True)
+    known = names[counts >= MIN_ENTITY_SCORES].tolist()
     if len(known) < 2:
         return scores, {}
     pooled = max(float(np.quantile(scores, TAIL_LEVEL)), TINY)
