@@ -64,11 +64,18 @@ from stream_detector.core.calibration import ScoreReference, log_score
 
 _EPS = 1e-12
 METHODS = ("auto", "calibrated", "quantile", "spot")
-# own_tail: the entity's normal scores are taken in blocks of this many, and the median of the last
-# TAIL_BLOCKS block maxima stands for its typical largest of BLOCK scores (from MIN_BLOCKS blocks on).
-# A median of block maxima is robust: an incident's sub-threshold scores lift one or two blocks, not it.
+# own_tail: the entity's normal scores are taken in blocks of this many, and the TAIL_QUANTILE (the
+# median) of the last TAIL_BLOCKS block maxima stands for its typical largest of BLOCK scores (from
+# MIN_BLOCKS blocks on). A median of block maxima is robust: an incident's sub-threshold scores lift
+# one or two blocks, not it. A longer horizon or a higher quantile was measured and not adopted
+# (docs/quality.md "The own tail's horizon"; bench/own_tail_horizon.py varies these two).
 BLOCK, TAIL_BLOCKS, MIN_BLOCKS = 100, 10, 3
-BLOCK_MAX_SURPRISE = -math.log10(1.0 - 0.5 ** (1.0 / BLOCK))  # its level: the median of a max of BLOCK (2.16)
+TAIL_QUANTILE = 0.5
+
+
+def block_max_surprise(q: float) -> float:
+    """The calibrated surprise of the q-quantile of a maximum of BLOCK normal scores (2.16 for the median)."""
+    return -math.log10(1.0 - q ** (1.0 / BLOCK))
 
 
 @dataclass(frozen=True)
@@ -277,7 +284,7 @@ class Calibrated:
         self._block_max = -math.inf
         self._block_n = 0
         self._tail_shift = -math.inf  # what the entity's own tail asks of the shift (-inf: nothing yet)
-        self._y_top_ref = reference.point.log_score_at(BLOCK_MAX_SURPRISE)
+        self._y_top_ref = reference.point.log_score_at(block_max_surprise(TAIL_QUANTILE))
         self._shift = self._start  # the entity's level against the calibration, in log-score units
         self._threshold = math.exp(self._y_alert + self._shift)
 
@@ -354,7 +361,7 @@ class Calibrated:
         heavy as the calibration's asks no more than its level does; a heavier one, more."""
         if len(self._block_maxima) < MIN_BLOCKS or self._hist.n == 0:
             return
-        y90, y_top = self._hist.quantile(0.9), float(np.median(self._block_maxima))
+        y90, y_top = self._hist.quantile(0.9), float(np.quantile(self._block_maxima, TAIL_QUANTILE))
         stretch = max(0.0, (y_top - y90) / max(self._y_top_ref - self.reference.anchor, _EPS))
         self._tail_shift = y_top + (self._y_alert - self._y_top_ref) * stretch - self._y_alert
 
