@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import shlex
 import sys
@@ -136,13 +135,11 @@ def fit(settings: FitSettings, command_line: str | None = None) -> FitResult:
         architecture = {**architecture, "composite": composite}
     val = score_windows(onnx_bytes, data, plan.val_starts, s.window, scoring)
     calibration = calibrate(val.scores, s.threshold_quantile, plan.val_starts, plan.entities_of(plan.val_starts))
-    if calibration.entity_levels:
-        levels = [math.exp(v) for v in calibration.entity_levels.values()]
+    if (level_range := calibration.level_range()) is not None:
         log.info(
             "calibrated in each entity's own frame: %d entities at %.3g to %.3g x the calibration's level",
-            len(levels),
-            min(levels),
-            max(levels),
+            len(calibration.entity_levels or ()),
+            *level_range,
         )
 
     import hashlib

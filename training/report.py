@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import math
 import sys
 from pathlib import Path
 
@@ -84,12 +83,11 @@ def summary_text(bundle: Bundle) -> str:
         "  validation score quantiles: " + ", ".join(f"q{k}={v:.4g}" for k, v in q.items()),
         f"  suggested threshold: {bundle.calibration.threshold:.5g}",
     ]
-    levels = bundle.calibration.entity_levels
-    if levels:  # the quantiles above are then of every entity's scores in its own frame
+    if (level_range := bundle.calibration.level_range()) is not None:  # the quantiles above are in each entity's frame
         lines.insert(
             -1,
-            f"  (in each entity's own frame; its level, x the calibration's: {len(levels)} entities, "
-            f"{math.exp(min(levels.values())):.3g} to {math.exp(max(levels.values())):.3g})",
+            f"  (in each entity's own frame; its level, x the calibration's: "
+            f"{len(bundle.calibration.entity_levels or ())} entities, {level_range[0]:.3g} to {level_range[1]:.3g})",
         )
     return "\n".join(lines)
 

@@ -169,6 +169,13 @@ class Calibration:
             d["entity_levels"] = self.entity_levels
         return d
 
+    def level_range(self) -> tuple[float, float] | None:
+        """The lowest and highest entity level as factors of the calibration's level (None without
+        entity levels): what `fit` logs and `report` prints."""
+        if not self.entity_levels:
+            return None
+        return math.exp(min(self.entity_levels.values())), math.exp(max(self.entity_levels.values()))
+
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Calibration:
         q = _numbers(d["quantiles"], "score quantiles")
