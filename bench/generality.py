@@ -79,11 +79,14 @@ FIVE_X = 5.0
 SMD_MACHINES = ("machine-1-7", "machine-2-1", "machine-3-2")  # 3-2 is the held-out check: settings come from 1-7 and 2-1
 MAX_FALSE_PER_ROWS = 5000
 TRIAL_HISTORY = (0.15, 750)  # smd-series: the issue's trial trained on the first 15 % of a series, at most 750 rows
+EPOCHS, MAX_WINDOWS_PER_EPOCH = 8, 4096  # the Transformer's budget here (fit's own defaults since 2026-12-06)
 # a cached bundle is refit when these change: the calibration and every file of training/
 CODE = ("stream_detector/core/calibration.py", *sorted(str(p.relative_to(REPO)) for p in (REPO / "training").glob("*.py")))
 
 
-def train(variant: str, data: Path, fmt: str, work: Path, args: argparse.Namespace) -> Path:
+def train(variant: str, data: Path, fmt: str, work: Path, args: argparse.Namespace, cached_only: bool = False) -> Path:
+    """The bundle of `variant` trained on `data` in `work`, trained now unless cached; with `cached_only`
+    a missing one is a SystemExit with one sentence instead."""
     if variant.startswith("transformer"):
         detectors, _, errors = variant.partition(":")  # "transformer+zscore:relative": fit --feature-errors relative
         budget = {} if args.fit_budget else dict(epochs=args.epochs, max_windows_per_epoch=args.max_windows_per_epoch)
@@ -99,6 +102,8 @@ def train(variant: str, data: Path, fmt: str, work: Path, args: argparse.Namespa
     out = work / "bundles" / f"{data.parent.name}-{data.stem}-{variant}-{tag}"
     if (out / "bundle.json").is_file():
         return out
+    if cached_only:
+        raise SystemExit(f"{out} is not in {work}; run bench/generality.py on {data} with the same code and seed first.")
     if variant.startswith("transformer"):
         from training.fit import fit
         from training.settings import make_settings
@@ -393,8 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data", help="folder holding smd/")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--work", type=Path, default=Path("/tmp/stream-detector-generality"))
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--max-windows-per-epoch", type=int, default=4096)
+    p.add_argument("--epochs", type=int, default=EPOCHS)
+    p.add_argument("--max-windows-per-epoch", type=int, default=MAX_WINDOWS_PER_EPOCH)
     p.add_argument("--per-entity", action="store_true", help="synthetic datasets: one model per entity, trained on "
                    "that entity's history alone (as a user with one series trains), instead of one on the three together")
     p.add_argument("--fit-budget", action="store_true", help="train with fit's own epochs and windows per epoch (sized "

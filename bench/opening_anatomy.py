@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from false_bursts import AFTER, BEFORE  # noqa: E402
-from generality import default_variant, replay_folder, train  # noqa: E402
+from generality import EPOCHS, MAX_WINDOWS_PER_EPOCH, default_variant, replay_folder, train  # noqa: E402
 from held_open import dataset  # noqa: E402
 
 from stream_detector.core.bundle import load_bundle  # noqa: E402
@@ -59,8 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--control", type=int, default=1000, help="a lag that is no period, for comparison")
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     args = p.parse_args(argv)
-    budget = argparse.Namespace(
-        fit_budget=False, epochs=8, max_windows_per_epoch=4096, train_seed=args.seed, work=args.work
+    budget = argparse.Namespace(  # bench/generality.py's own defaults: the bundles its replays used
+        fit_budget=False,
+        epochs=EPOCHS,
+        max_windows_per_epoch=MAX_WINDOWS_PER_EPOCH,
+        train_seed=args.seed,
+        work=args.work,
     )
     for name in [n.strip() for n in args.datasets.split(",") if n.strip()]:
         ds = dataset(name, args.seed, args.work, args.data)
@@ -97,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
             if not false_rows:
                 continue
             history = ds.histories.get(key, ds.train)
-            bundle = load_bundle(train(default_variant(history, ds.fmt, budget), history, ds.fmt, args.work, budget))
+            bundle = load_bundle(
+                train(default_variant(history, ds.fmt, budget), history, ds.fmt, args.work, budget, cached_only=True)
+            )
             reference = ScoreReference.from_calibration(bundle.calibration, bundle.training.get("entities"))
             if reference is None:
                 raise SystemExit(f"{key}: the bundle has no calibrated score distribution to replay.")
