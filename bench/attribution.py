@@ -30,7 +30,7 @@ from stream_detector.offline.measures import average_precision  # noqa: E402
 
 from generality import train  # noqa: E402  (bench/generality.py: the same cached bundles)
 
-VARIANTS = {"absolute (default)": "transformer", "relative": "transformer:relative"}
+VARIANTS = {"absolute (default)": "transformer", "relative": "transformer:feature_errors=relative"}
 
 
 def interpretation(path: Path, n_rows: int) -> list[tuple[int, int, np.ndarray]]:

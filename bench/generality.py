@@ -1,7 +1,7 @@
 """The generality suite: detection quality on data no setting was tuned on.
 
     .venv/bin/python bench/generality.py [--datasets univariate,trend] [--seeds 0,1,2] [--work DIR]
-                                         [--candidates] [--detection max_shift=2 ...]
+                                         [--candidates] [--detection max_shift=2 ...] [--fit variant=plain ...]
                                          [--markdown] [--out docs/quality.md]
 
 Synthetic datasets (stream_detector/offline/series.py, `SUITE`: univariate, level shifts, variance
@@ -73,7 +73,7 @@ CANDIDATES = {  # --candidates: the composites measured to choose fit's default 
     "transformer, new thresholds": ("transformer", NEW),
     "transformer+pca, new thresholds": ("transformer+pca", NEW),
     "transformer+zscore, new thresholds": ("transformer+zscore", NEW),
-    "default, relative errors": ("default:relative", NEW),  # fit --feature-errors relative
+    "default, relative errors": ("default:feature_errors=relative", NEW),  # fit --feature-errors relative
 }
 FIVE_X = 5.0
 SMD_MACHINES = ("machine-1-7", "machine-2-1", "machine-3-2")  # 3-2 is the held-out check: settings come from 1-7 and 2-1
@@ -88,10 +88,10 @@ def train(variant: str, data: Path, fmt: str, work: Path, args: argparse.Namespa
     """The bundle of `variant` trained on `data` in `work`, trained now unless cached; with `cached_only`
     a missing one is a SystemExit with one sentence instead."""
     if variant.startswith("transformer"):
-        detectors, _, errors = variant.partition(":")  # "transformer+zscore:relative": fit --feature-errors relative
+        detectors, _, options = variant.partition(":")  # "transformer+zscore:variant=plain": fit --variant plain
         budget = {} if args.fit_budget else dict(epochs=args.epochs, max_windows_per_epoch=args.max_windows_per_epoch)
-        params: dict[str, Any] = dict(**budget, seed=args.train_seed, threads=1,
-                                      detectors=detectors.split("+"), **({"feature_errors": errors} if errors else {}))
+        params: dict[str, Any] = dict(**budget, seed=args.train_seed, threads=1, detectors=detectors.split("+"),
+                                      **fit_options(options))
     elif variant == "pca":
         params = dict(kind="pca", pca_variance=0.9)
     else:
@@ -114,6 +114,14 @@ def train(variant: str, data: Path, fmt: str, work: Path, args: argparse.Namespa
 
         fit_baseline(BaselineSettings(data=data, out=out, format=fmt, **params))
     return out
+
+
+def fit_options(spec: str) -> dict[str, str]:
+    """`fit` settings from "KEY=VALUE[,KEY=VALUE]" (a model's suffix after ':', or --fit)."""
+    items = [kv for kv in spec.split(",") if kv]
+    if bad := [kv for kv in items if "=" not in kv]:
+        raise ValueError(f"{bad[0]!r} is not KEY=VALUE.")
+    return dict(kv.split("=", 1) for kv in items)
 
 
 @dataclass
@@ -411,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--detection", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                    help="also the new default with these [detection] settings (the service's names, e.g. "
                         "max_shift=2); repeat for more candidates")
+    p.add_argument("--fit", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="also the new default trained with these `fit` settings (training/settings.py's names, e.g. "
+                        "variant=plain); repeat for more candidates")
     p.add_argument("--only", default="", metavar="LABEL[|LABEL]",
                    help="run only these detectors, by their labels in the table ('new default|transformer, new thresholds')")
     p.add_argument("--scores-from", default="", metavar="LABEL[|LABEL]",
@@ -441,6 +452,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"generality: --detection {spec!r}: {e}", file=sys.stderr)
             return 2
         args.detectors[f"new default, {spec}"] = ("default", settings)
+    for spec in args.fit:
+        from training.settings import SettingsError, make_settings
+
+        try:
+            make_settings({"data": args.work, "out": args.work, **fit_options(spec)})
+        except (ValueError, SettingsError) as e:  # ValueError: an item without '='
+            print(f"generality: --fit {spec!r}: {e}", file=sys.stderr)
+            return 2
+        args.detectors[f"new default, fit {spec}"] = (f"default:{spec}", NEW)
     every_detector = {**DETECTORS, **CANDIDATES, **args.detectors}
     if args.only:
         wanted = [w.strip() for w in args.only.split("|")]
