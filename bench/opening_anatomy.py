@@ -11,7 +11,9 @@ the entity one day (--period rows, +-15) before it, and, as a control, --control
 For the false openings it also replays the entity's recorded raw scores through the calibrated
 threshold (the bundle's calibration, the default [detection] settings, `alert_opened` at each
 recorded opening) and says where the entity's bar stood: at its start (nothing asks for more), set
-by its level, set by its own tail, or capped at its bound.
+by its level, set by its own tail, or capped at its bound. On `smd-series:MACHINE` it also counts the
+false openings that lie (by the same rule) at an incident of the machine that its interpretation label
+attributes to other metrics only: alerts on a real incident that the series' own labels do not name.
 """
 
 from __future__ import annotations
@@ -29,7 +31,15 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from false_bursts import AFTER, BEFORE  # noqa: E402
-from generality import EPOCHS, MAX_WINDOWS_PER_EPOCH, default_variant, replay_folder, train  # noqa: E402
+from generality import (  # noqa: E402
+    EPOCHS,
+    MAX_WINDOWS_PER_EPOCH,
+    default_variant,
+    interpretation_spans,
+    replay_folder,
+    train,
+    trial_history_rows,
+)
 from held_open import dataset  # noqa: E402
 
 from stream_detector.core.bundle import load_bundle  # noqa: E402
@@ -47,6 +57,21 @@ def where_the_bar_stood(t: Calibrated) -> str:
         return "start"
     level = t._hist.quantile(0.9) - t.reference.anchor if t._hist.n else -math.inf
     return "own tail" if t._tail_shift > level else "level"
+
+
+def machine_incident_rows(name: str, data: Path) -> np.ndarray | None:
+    """For `smd-series:MACHINE`, whether each replayed row lies in any incident of the machine (its
+    interpretation label, every metric); None for other datasets."""
+    kind, _, machine = name.partition(":")
+    if kind != "smd-series":
+        return None
+    n = sum(1 for _ in (data / "smd" / "test" / f"{machine}.txt").open())
+    h = trial_history_rows(n)
+    rows = np.zeros(n, dtype=bool)
+    for spans in interpretation_spans(data / "smd" / "interpretation_label" / f"{machine}.txt").values():
+        for a, b in spans:
+            rows[a:b] = True
+    return rows[h:]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         ds = dataset(name, args.seed, args.work, args.data)
         kinds: dict[bool, list[tuple[float, bool, bool, bool]]] = {True: [], False: []}
         stood = {"start": 0, "level": 0, "own tail": 0, "bound": 0}
+        machine_incident = machine_incident_rows(name, args.data)
+        at_machine_incident = 0
         for key, _, labels_path in ds.parts:
             folder = replay_folder(args.work, ds.name, args.seed, args.detector, key)
             if not (folder / "alerts.jsonl").is_file():
@@ -98,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 if not true:
                     false_rows.add(int(r))
+                    if machine_incident is not None:
+                        at_machine_incident += bool(machine_incident[max(0, r - BEFORE) : r + AFTER].any())
             if not false_rows:
                 continue
             history = ds.histories.get(key, ds.train)
@@ -130,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{np.mean([x[2] for x in v]):.2f} ({args.control} rows before: {np.mean([x[3] for x in v]):.2f})"
             )
         n_false = sum(stood.values())
+        if machine_incident is not None and n_false:
+            print(
+                f"{name}: false openings at an incident of the machine that its label attributes to other metrics: "
+                f"{at_machine_incident} of {n_false} ({at_machine_incident / n_false:.2f})"
+            )
         if n_false:
             print(
                 f"{name}: the bar at the false openings: "
