@@ -7,7 +7,8 @@ entity's scores.csv, alerts.jsonl and labels. An opening is true when a labelled
 in the 100 rows before it or the 10 after (bench/false_bursts.py's rule). Per dataset and kind of
 opening it prints: how many; the quantiles of the calibrated value over the alert level; the share
 followed by at least 3 crossings of the bar in its first 20 rows; the share with another opening of
-the entity one day (--period rows, +-15) before it, and, as a control, --control rows before it.
+the entity one day (--period rows, +-15) before it, and, as a control, --control rows before it; the
+share opened by a single score past the bar (the rest by the entity's run of scores).
 For the false openings it also replays the entity's recorded raw scores through the calibrated
 threshold (the bundle's calibration, the default [detection] settings, `alert_opened` at each
 recorded opening) and says where the entity's bar stood: at its start (nothing asks for more), set
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for name in [n.strip() for n in args.datasets.split(",") if n.strip()]:
         ds = dataset(name, args.seed, args.work, args.data)
-        kinds: dict[bool, list[tuple[float, bool, bool, bool]]] = {True: [], False: []}
+        kinds: dict[bool, list[tuple[float, bool, bool, bool, bool]]] = {True: [], False: []}
         stood = {"start": 0, "level": 0, "own tail": 0, "bound": 0}
         machine_incident = machine_incident_rows(name, args.data)
         at_machine_incident = 0
@@ -121,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                         follow >= 3,
                         bool(np.any(np.abs(at - (r - args.period)) <= NEAR)),
                         bool(np.any(np.abs(at - (r - args.control)) <= NEAR)),
+                        bool(scores[r] > bars[r]),  # the score alone passed the bar; else the run opened it
                     )
                 )
                 if not true:
@@ -156,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{name} ({args.detector}, seed {args.seed}), {'true' if true else 'false'} openings {len(v)}: "
                 f"value / alert level 10/50/90 % {q[0]:.2f} / {q[1]:.2f} / {q[2]:.2f}; >= 3 crossings in the first "
                 f"{FOLLOW} rows {np.mean([x[1] for x in v]):.2f}; an opening {args.period} rows before "
-                f"{np.mean([x[2] for x in v]):.2f} ({args.control} rows before: {np.mean([x[3] for x in v]):.2f})"
+                f"{np.mean([x[2] for x in v]):.2f} ({args.control} rows before: {np.mean([x[3] for x in v]):.2f}); "
+                f"opened by one score (not its run) {np.mean([x[4] for x in v]):.2f}"
             )
         n_false = sum(stood.values())
         if machine_incident is not None and n_false:
