@@ -91,7 +91,7 @@ def train(variant: str, data: Path, fmt: str, work: Path, args: argparse.Namespa
         detectors, _, options = variant.partition(":")  # "transformer+zscore:variant=plain": fit --variant plain
         budget = {} if args.fit_budget else dict(epochs=args.epochs, max_windows_per_epoch=args.max_windows_per_epoch)
         params: dict[str, Any] = dict(**budget, seed=args.train_seed, threads=1, detectors=detectors.split("+"),
-                                      **fit_options(options))
+                                      **key_values(options))
     elif variant == "pca":
         params = dict(kind="pca", pca_variance=0.9)
     else:
@@ -116,8 +116,8 @@ def train(variant: str, data: Path, fmt: str, work: Path, args: argparse.Namespa
     return out
 
 
-def fit_options(spec: str) -> dict[str, str]:
-    """`fit` settings from "KEY=VALUE[,KEY=VALUE]" (a model's suffix after ':', or --fit)."""
+def key_values(spec: str) -> dict[str, str]:
+    """Settings from "KEY=VALUE[,KEY=VALUE]" (--detection, --fit, a model's suffix after ':')."""
     items = [kv for kv in spec.split(",") if kv]
     if bad := [kv for kv in items if "=" not in kv]:
         raise ValueError(f"{bad[0]!r} is not KEY=VALUE.")
@@ -446,17 +446,17 @@ def main(argv: list[str] | None = None) -> int:
     args.detectors = {**DETECTORS, **(CANDIDATES if args.candidates else {})}
     for spec in args.detection:
         try:
-            overrides = dict(kv.split("=", 1) for kv in spec.split(","))
+            overrides = key_values(spec)
             settings = load_settings(None, {"detection": overrides}).detection.to_core()
         except (ValueError, ConfigError) as e:
             print(f"generality: --detection {spec!r}: {e}", file=sys.stderr)
             return 2
         args.detectors[f"new default, {spec}"] = ("default", settings)
-    for spec in args.fit:
-        from training.settings import SettingsError, make_settings
+    from training.settings import SettingsError, make_settings
 
+    for spec in args.fit:
         try:
-            make_settings({"data": args.work, "out": args.work, **fit_options(spec)})
+            make_settings({"data": args.work, "out": args.work, **key_values(spec)})
         except (ValueError, SettingsError) as e:  # ValueError: an item without '='
             print(f"generality: --fit {spec!r}: {e}", file=sys.stderr)
             return 2
