@@ -171,6 +171,12 @@ class DetectionSettingsSection(_Section):
         description="calibrated: a score past alert_level but not past alert_level + 1 is anomalous only when another "
         "score of the entity passed alert_level within the last N scores (0: every score past alert_level is)",
     )
+    relearn_after: int = Field(
+        _THR.relearn_after,
+        ge=0,
+        description="calibrated: normal scores that follow an anomalous one within this many are not learned (0: all "
+        "are)",
+    )
     learn_tail: Literal["cap", "skip"] = Field(
         _THR.learn_tail,  # type: ignore[arg-type]
         description="calibrated: a normal score above learn_level is learned as that value ('cap') or not at all "
@@ -276,6 +282,7 @@ class DetectionSettingsSection(_Section):
                 single_entity_floor=self.single_entity_floor,
                 rebaseline_per_alert=self.rebaseline_per_alert,
                 confirm_within=self.confirm_within,
+                relearn_after=self.relearn_after,
                 quantile=self.quantile,
                 history=self.history,
                 multiplier=self.multiplier,

@@ -602,3 +602,35 @@ def test_a_known_entity_starts_at_its_level_and_its_bounds_are_around_it(rng):
     state = orjson.loads(orjson.dumps(loud.state(), option=orjson.OPT_SERIALIZE_NUMPY))
     restored = threshold_from_state(p, state, ref, "loud")
     assert restored.threshold() == pytest.approx(loud.threshold())
+
+
+def test_relearn_after_keeps_the_scores_just_after_an_anomalous_one_out_of_the_bar(rng):
+    """An incident that ends in a long tail of sub-threshold scores (what a window over the incident
+    scores after it): learned, they lift the entity's bar; with relearn_after longer than that tail,
+    the bar stays where it was. Scores after the pause are learned again, and the pause survives a
+    state round trip."""
+    lo, hi = (math.exp(REF.point.log_score_at(s)) for s in (2.5, 3.8))
+    spike = math.exp(REF.point.log_score_at(6.0))
+    point_only = ScoreReference(REF.point, None, 0, REF.anchor)  # the run test would flag the echo
+    lifted = {}
+    for n in (0, 200):
+        t = Calibrated(point_only, ThresholdParams(method="calibrated", relearn_after=n))
+        for x in scores(rng, 1500):
+            t.observe(float(x))
+        start = t.threshold()
+        assert t.observe(spike)[1]
+        echo = rng.uniform(lo, hi, size=150)
+        flags = [t.observe(float(x))[1] for x in echo[:100]]
+        assert not any(flags)
+        lifted[n] = t.threshold() / start
+        if n:
+            state = orjson.loads(orjson.dumps(t.state(), option=orjson.OPT_SERIALIZE_NUMPY))
+            assert state["since_anomalous"] == 100
+            back = threshold_from_state(t.params, state, point_only)
+            for x in echo[100:]:  # the rest of the pause: learned by neither
+                assert back.observe(float(x)) == t.observe(float(x))
+            assert t.threshold() == pytest.approx(start)
+            for x in rng.uniform(lo, hi, size=600):  # after it, the same scores are learned again
+                t.observe(float(x))
+            assert t.threshold() > 1.2 * start
+    assert lifted[0] > 1.2 and lifted[200] == pytest.approx(1.0), lifted

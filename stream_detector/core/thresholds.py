@@ -37,8 +37,10 @@ re-baselining step.
   Off by default, measured and documented in docs/quality.md ("Three more rules"): `confirm_within`
   N (a score past the alert level but not ten times rarer than it is anomalous only with another
   such score among the entity's last N: the "k of n" declustering, 2 of N), `max_shift_down` 1 (the
-  bar never sinks below the calibrated one) and `learn_tail` "skip" (normal scores above the learn
-  level are not learned at all).
+  bar never sinks below the calibrated one), `learn_tail` "skip" (normal scores above the learn
+  level are not learned at all) and `relearn_after` N (the N scores after an anomalous one are not
+  learned: an incident's sub-threshold scores, and the window's echo of it, stay out of the level
+  and the own tail; docs/quality.md "Learning nothing just after an anomalous score").
 - `RollingQuantile` (the method of older bundles and of the log models): a quantile of the last
   `history` normal scores, times `multiplier`, at most `max_shift` x the calibrated threshold.
   Kept as a ring (arrival order) plus a sorted copy, so an update is two memmoves, not a sort.
@@ -95,6 +97,8 @@ class ThresholdParams:
     # A score past alert_level but not past alert_level + 1 is anomalous only when another score of the
     # entity passed alert_level within the last `confirm_within` scores (0: every such score is)
     confirm_within: int = 0
+    # calibrated: normal scores that follow an anomalous one within this many are not learned (0: all are)
+    relearn_after: int = 0
     # rolling quantile
     quantile: float = 0.99  # quantile 0.99 x 4.0: docs/quality.md (SMD dev sweep, event recall >= 0.8 first)
     history: int = 1000
@@ -266,6 +270,7 @@ class Calibrated:
         self._y_alert = reference.point.log_score_at(params.alert_level)
         self._y_alone = reference.point.log_score_at(params.alert_level + 1.0) if params.confirm_within else -math.inf
         self._since_exceed = math.inf  # scores observed since the last one past the alert level
+        self._since_anomalous = math.inf  # scores observed since the last anomalous one
         self._y_learn = reference.point.log_score_at(params.learn_level)
         self._y_run = reference.run.log_score_at(params.alert_level) if reference.run is not None else math.inf
         self._bound = math.log(params.max_shift)
@@ -318,7 +323,8 @@ class Calibrated:
                 self._run_sum = float(self._run.sum())
             if self._run_count == n and self._run_sum / n > self._y_run + shift:
                 anomalous = True
-        if not (anomalous or exceeded):
+        self._since_anomalous = 0 if anomalous else self._since_anomalous + 1
+        if not (anomalous or exceeded) and self._since_anomalous > self.params.relearn_after:
             if self._own_tail:  # inline: this runs for nearly every score
                 if y > self._block_max:
                     self._block_max = y
@@ -394,6 +400,7 @@ class Calibrated:
             "history": self._hist.in_order(),
             "run": [float(v) for v in run],
             "since_exceed": None if math.isinf(self._since_exceed) else int(self._since_exceed),
+            "since_anomalous": None if math.isinf(self._since_anomalous) else int(self._since_anomalous),
             "alerts": self._alerts,
             "block_maxima": list(self._block_maxima),
             "block": None if self._block_n == 0 else [self._block_max, self._block_n],
@@ -415,6 +422,8 @@ class Calibrated:
         t._run_sum = float(run.sum())
         since = state.get("since_exceed")
         t._since_exceed = math.inf if since is None else int(since)
+        since = state.get("since_anomalous")  # states written before relearn_after have none
+        t._since_anomalous = math.inf if since is None else int(since)
         # states written before own_tail and rebaseline_per_alert have neither
         if params.rebaseline_per_alert:
             t._alerts = int(state.get("alerts", 0))
