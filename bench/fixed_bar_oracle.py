@@ -33,7 +33,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from generality import SMD_MACHINES, replayed_series, smd, smd_series, synthetic  # noqa: E402
+from generality import replayed_series, unknown_dataset  # noqa: E402
+from held_open import dataset  # noqa: E402
 
 from stream_detector.core.alerts import AlertParams  # noqa: E402
 from stream_detector.offline.evalinputs import Series  # noqa: E402
@@ -111,17 +112,6 @@ def best(results: list[dict], precision: float, recall: float) -> tuple[dict, di
             max(at_r, key=lambda r: (r["alert_precision"] or 0.0, r["recall"])) if at_r else None)
 
 
-def dataset(name: str, data: Path, work: Path, seed: int):
-    if name.startswith("smd-series:"):
-        return smd_series(name.split(":", 1)[1], data / "smd", work)
-    if name.startswith("smd:"):
-        machine = name.split(":", 1)[1]
-        if machine not in SMD_MACHINES:
-            raise SystemExit(f"fixed_bar_oracle: {machine!r} is not one of {', '.join(SMD_MACHINES)}.")
-        return smd(machine, data / "smd")
-    return synthetic(name, seed, work)
-
-
 def _line(r: dict | None) -> str:
     if r is None:
         return "none"
@@ -148,12 +138,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     print(f"lifecycle: open at a crossing, resolve after {args.resolve_after} scores below the bar, "
           f"cool-down {args.cooldown}; tolerance {args.tolerance} rows")
+    names = args.datasets.split(",")
+    if unknown := unknown_dataset(names, args.data):
+        print(f"fixed_bar_oracle: {unknown}", file=sys.stderr)
+        return 2
     table = []  # per dataset and detector: (the replay's F1, the best bar's, the best recall at the precision) per seed
-    for name in args.datasets.split(","):
+    for name in names:
         for label in args.detectors.split(","):
             per_seed = []
             for seed in (int(s) for s in args.seeds.split(",")):
-                series = list(replayed_series(args.work, dataset(name, args.data, args.work, seed), seed, label))
+                series = list(replayed_series(args.work, dataset(name, seed, args.work, args.data), seed, label))
                 results = sweep(series, candidate_bars(series, args.bars), args.resolve_after, args.cooldown,
                                 args.tolerance)
                 own = replay_counts(series, args.tolerance)
@@ -166,9 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n| dataset | detector | event F1 of the replay, counted by openings | of the best fixed bar | "
           f"highest recall of a bar at precision >= {args.precision} |\n|---|---|---|---|---|")
     for name, label, per_seed in table:
-        reach = [r for _, _, r in per_seed]
-        print(f"| {name} | {label} | {np.mean([a for a, _, _ in per_seed]):.3f} | {np.mean([b for _, b, _ in per_seed]):.3f} | "
-              + ("none" if any(r is None for r in reach) else f"{np.mean(reach):.2f}") + " |")
+        own, bar, reach = zip(*per_seed)
+        print(f"| {name} | {label} | {np.mean(own):.3f} | {np.mean(bar):.3f} | "
+              + ("none" if None in reach else f"{np.mean(reach):.2f}") + " |")
     return 0
 
 

@@ -280,6 +280,17 @@ def replayed_series(work: Path, ds: Dataset, seed: int, label: str) -> Iterator[
         yield build_series(st, read_labels(labels_path, st.n))[0]
 
 
+def unknown_dataset(names: list[str], data: Path) -> str | None:
+    """One sentence naming the first of `names` that is no dataset of this suite (None: all are)."""
+    test = data / "smd" / "test"
+    for n in names:
+        kind, _, machine = n.partition(":")
+        if n not in SUITE and not (kind in ("smd", "smd-series") and (test / f"{machine}.txt").is_file()):
+            return (f"unknown dataset {n!r}; choose from {', '.join(SUITE)}, smd:MACHINE or smd-series:MACHINE "
+                    f"with MACHINE.txt in {test}.")
+    return None
+
+
 def smd(machine: str, root: Path) -> Dataset:
     """An SMD machine: train/ is the history, test/ and test_label/ the replay (one entity)."""
     return Dataset(f"smd {machine}", root / "train" / f"{machine}.txt", "smd",
@@ -436,11 +447,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     names = [n.strip() for n in args.datasets.split(",") if n.strip()]
-    unknown = [n for n in names if n not in SUITE and not (
-        n.partition(":")[0] in ("smd", "smd-series") and (args.data / "smd" / "test" / f"{n.partition(':')[2]}.txt").is_file())]
-    if unknown:
-        print(f"generality: unknown dataset {unknown[0]!r}; choose from {', '.join(SUITE)}, smd:MACHINE or "
-              f"smd-series:MACHINE with MACHINE.txt in {args.data / 'smd' / 'test'}.", file=sys.stderr)
+    if unknown := unknown_dataset(names, args.data):
+        print(f"generality: {unknown}", file=sys.stderr)
         return 2
     seeds = [int(s) for s in args.seeds.split(",")]
     args.detectors = {**DETECTORS, **(CANDIDATES if args.candidates else {})}
