@@ -259,3 +259,23 @@ def test_each_entity_a_pooled_calibration_knows_starts_at_its_own_level_and_keep
 
 def core_method_is_calibrated(bundle) -> bool:
     return DetectorCore(bundle, Scorer(bundle, provider="cpu", intra_op_threads=1), DetectionSettings()).threshold_method == "calibrated"
+
+
+def test_an_alert_that_widens_its_bar_does_so_at_once_however_the_stream_is_batched(tmp_path, rng):
+    """A calibrated bar that sits at its bound when an alert opens widens it (`rebaseline_per_alert`)
+    before the entity's next score is judged, in the same batch or the next: a slow upward drift,
+    fed whole and in small batches, gives the same scores, thresholds and alert events."""
+    b = calibrated_zeros_bundle(tmp_path, rng)
+    n = 6000
+    rows = rng.normal(size=(n, F)).astype(np.float32) * np.exp(np.linspace(0.0, np.log(6.0), n))[:, None].astype(np.float32)
+    keys, times, parts = ["e"] * n, np.arange(n, dtype=np.int64) * 1000, np.zeros(n, dtype=np.int32)
+    settings = DetectionSettings(alerts=AlertParams(resolve_after=20, cooldown=5))
+
+    def replay(batch_sizes):
+        core = DetectorCore(b, Scorer(b, provider="cpu", intra_op_threads=1), settings, clock=lambda: 1.8e9)
+        res = run(core, keys, rows, times, parts, batch_sizes)
+        return flatten(res), [(a["alert_id"], a["state"], a["threshold"]) for _, r in res for a in r.alerts]
+
+    whole, whole_alerts = replay([n])
+    assert sum(1 for a in whole_alerts if a[1] == "open") >= 3  # the drift re-baselines one alert at a time
+    assert replay([1, 7, 64]) == (whole, whole_alerts)

@@ -184,14 +184,14 @@ class DetectorCore:
             self._reference,
         )
         calibrated = method == "calibrated"
-        surprise: dict[int, float] = {}
         due_list = ing.due.tolist()
         thr_values = [0.0] * m
-        needs_alert_step: list[int] = []
-        stepping: set[int] = set()
         # The hot loop: every scored event is judged (and learned from) by its entity's threshold;
         # only events that are anomalous, or whose entity has an alert open, cooling down or watched for
-        # flapping, go on through the alert lifecycle below (for the others `AlertState.step` changes nothing).
+        # flapping, go through the alert lifecycle (for the others `AlertState.step` changes nothing).
+        # They go through it at once, not after the batch: what an alert does to its entity's threshold
+        # (`alert_opened`) and floor (`closed`) holds from the entity's next event on, however the
+        # stream is cut into batches.
         for j, (s, score) in enumerate(zip(ing.slots[ing.due].tolist(), scores.tolist())):
             thr = thr_by_slot[s]
             if thr is None:
@@ -207,55 +207,48 @@ class DetectorCore:
             thr_values[j] = t
             if anom:
                 anomalous[j] = True  # the threshold's judgement (a calibrated run can be anomalous below t)
-            if anom or s in stepping or a.alert_id is not None or a.cooldown_left or a.watch_left:
-                needs_alert_step.append(j)
-                stepping.add(s)  # its later events in this batch follow its (possibly new) alert
-                if calibrated:  # its calibrated value as of this event (the run moves on with later ones)
-                    surprise[j] = thr.surprise(score)
+            if anom or a.alert_id is not None or a.cooldown_left or a.watch_left:
+                ev = a.step(score, anom, params)
+                if ev is not None:
+                    i = due_list[j]
+                    key = batch.keys[i]
+                    source = Source(batch.topic[i], int(batch.partition[i]), int(batch.offset[i]))
+                    event_time_ms = int(batch.event_time_ms[i])
+                    if ev == OPEN:
+                        alert_id = make_alert_id(model_version, key, source)
+                        a.opened(alert_id, source)
+                        thr.alert_opened()
+                        incident = self.storms.join(
+                            alert_id, key, detected_at_ms if event_time_ms == NO_TIME else event_time_ms
+                        )
+                        a.incident_id = incident.incident_id
+                    else:
+                        incident = self.storms.member(a.incident_id or a.alert_id or "")
+                    alerts.append(
+                        alert_event(
+                            state=ev,
+                            alert=a,
+                            key=key,
+                            source=source,
+                            event_time_ms=event_time_ms,
+                            detected_at_ms=detected_at_ms,
+                            score=score,
+                            threshold=t,
+                            model_version=model_version,
+                            feature_errors=errors[j],
+                            feature_names=self._features,
+                            top_k=params.top_k,
+                            # its calibrated value as of this event (the run moves on with later ones)
+                            calibrated=thr.surprise(score) if calibrated else None,
+                            calibrated_threshold=self._calibrated_level,
+                            incident=incident,
+                        )
+                    )
+                    if ev == RESOLVED:
+                        a.closed(params)
+                    emitted[j] = ev
+                alert_open[j] = a.is_open
         thresholds[:] = thr_values
-        for j in needs_alert_step:
-            i, s = due_list[j], int(ing.slots[due_list[j]])
-            score, t, a = float(scores[j]), thr_values[j], alert_by_slot[s]
-            assert a is not None  # made in the loop above
-            anom = bool(anomalous[j])
-            ev = a.step(score, anom, params)
-            if ev is not None:
-                key = batch.keys[i]
-                source = Source(batch.topic[i], int(batch.partition[i]), int(batch.offset[i]))
-                event_time_ms = int(batch.event_time_ms[i])
-                if ev == OPEN:
-                    alert_id = make_alert_id(model_version, key, source)
-                    a.opened(alert_id, source)
-                    thr_by_slot[s].alert_opened()  # type: ignore[union-attr]  # made in the loop above
-                    incident = self.storms.join(
-                        alert_id, key, detected_at_ms if event_time_ms == NO_TIME else event_time_ms
-                    )
-                    a.incident_id = incident.incident_id
-                else:
-                    incident = self.storms.member(a.incident_id or a.alert_id or "")
-                alerts.append(
-                    alert_event(
-                        state=ev,
-                        alert=a,
-                        key=key,
-                        source=source,
-                        event_time_ms=event_time_ms,
-                        detected_at_ms=detected_at_ms,
-                        score=score,
-                        threshold=t,
-                        model_version=model_version,
-                        feature_errors=errors[j],
-                        feature_names=self._features,
-                        top_k=params.top_k,
-                        calibrated=surprise.get(j),
-                        calibrated_threshold=self._calibrated_level,
-                        incident=incident,
-                    )
-                )
-                if ev == RESOLVED:
-                    a.closed(params)
-                emitted[j] = ev
-            alert_open[j] = a.is_open
 
         open_after = None
         if row_alert_state:
