@@ -269,7 +269,8 @@ def test_an_alert_that_widens_its_bar_does_so_at_once_however_the_stream_is_batc
     n = 6000
     rows = rng.normal(size=(n, F)).astype(np.float32) * np.exp(np.linspace(0.0, np.log(6.0), n))[:, None].astype(np.float32)
     keys, times, parts = ["e"] * n, np.arange(n, dtype=np.int64) * 1000, np.zeros(n, dtype=np.int32)
-    settings = DetectionSettings(alerts=AlertParams(resolve_after=20, cooldown=5))
+    settings = DetectionSettings(threshold=ThresholdParams(rebaseline_per_alert=True),
+                                 alerts=AlertParams(resolve_after=20, cooldown=5))
 
     def replay(batch_sizes):
         core = DetectorCore(b, Scorer(b, provider="cpu", intra_op_threads=1), settings, clock=lambda: 1.8e9)

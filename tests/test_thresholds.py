@@ -498,7 +498,7 @@ def test_a_drift_re_baselines_one_alert_per_step_and_a_spike_after_it_still_aler
     bar never passes max_shift ** (1 + alerts opened so far) x its start, the drift opens alerts
     rather than lifting the bar silently, the bar does re-baseline (it ends above max_shift x its
     start), and a spike 10x the drifted level afterwards alerts."""
-    p = ThresholdParams(method="calibrated")
+    p = ThresholdParams(method="calibrated", rebaseline_per_alert=True)
     t = Calibrated(REF, p)
     start = t.threshold()
     n = 20_000
@@ -520,7 +520,7 @@ def test_without_rebaseline_per_alert_the_bound_stays_whatever_alerts_open(rng):
 
 
 def test_the_widened_bound_and_the_blocks_survive_a_state_round_trip(rng):
-    t = Calibrated(REF, ThresholdParams(method="calibrated"))
+    t = Calibrated(REF, ThresholdParams(method="calibrated", rebaseline_per_alert=True))
     drift = scores(rng, 6000) * np.exp(np.linspace(0.0, math.log(30.0), 6000))
     *_, (_, _, opened) = replay_with_alerts(t, drift)
     assert opened >= 1

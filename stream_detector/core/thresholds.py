@@ -10,10 +10,11 @@ alerts; with `single_entity_floor`, the default, a calibrated bar of a bundle tr
 history does not fall below the calibrated one at all, since its calibration is that entity's own
 scores and a quiet stretch is no lighter entity): a stream that drifts upward ends in an alert once
 its scores pass that bound, or in a re-baselining bounded by it (docs/quality.md, "Calibrated
-scores and thresholds that cannot ratchet"). With `rebaseline_per_alert` (calibrated, the default),
-an alert opened while the bar sits at its bound widens the bound by another `max_shift`: the bar of
-an entity that has opened k such alerts stays below max_shift ** (1 + k) x its start, one alert per
-re-baselining step.
+scores and thresholds that cannot ratchet"). With `rebaseline_per_alert` (calibrated; off by default
+since an alert's step runs right after its judgement: docs/quality.md "The re-baselining per alert,
+measured again"), an alert opened while the bar sits at its bound widens the bound by another
+`max_shift`: the bar of an entity that has opened k such alerts stays below max_shift ** (1 + k) x
+its start, one alert per re-baselining step.
 
 - `Calibrated` (the default for bundles whose calibration describes their score distribution,
   core/calibration.py): judges the *surprise* of a score, -log10 of the probability of a normal
@@ -93,7 +94,7 @@ class ThresholdParams:
     learn_tail: str = "cap"  # ... ("cap"), or not at all ("skip")
     own_tail: bool = True  # the entity's bar also follows its own tail (Calibrated: block maxima, a power law)
     own_tail_lowers: bool = False  # ... both ways: a lighter tail lowers it (within max_shift_down of the level's)
-    rebaseline_per_alert: bool = True  # an alert opened at the bound lets the bar rise max_shift times further
+    rebaseline_per_alert: bool = False  # an alert opened at the bound lets the bar rise max_shift times further
     # A score past alert_level but not past alert_level + 1 is anomalous only when another score of the
     # entity passed alert_level within the last `confirm_within` scores (0: every such score is)
     confirm_within: int = 0
