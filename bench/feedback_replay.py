@@ -47,7 +47,7 @@ from stream_detector.core.events import NO_TIME, EventBatch  # noqa: E402
 from stream_detector.core.pipeline import DetectorCore  # noqa: E402
 from stream_detector.offline.datafiles import read_table  # noqa: E402
 from stream_detector.offline.evalinputs import read_labels  # noqa: E402
-from stream_detector.offline.measures import segments, summarise_events  # noqa: E402
+from stream_detector.offline.measures import episode_overlap, segments, summarise_events  # noqa: E402
 
 TOLERANCE = 5  # rows, as the generality table counts
 
@@ -81,11 +81,7 @@ def counts(labels: np.ndarray, alerted: np.ndarray, since: int) -> dict:
     """Contract-4 counts (`event_metrics`) of the incidents and alert episodes that start at row
     `since` or later; an episode opened before it still alerts a later incident it covers."""
     incidents, episodes = segments(labels), segments(alerted)
-    if len(incidents) and len(episodes):
-        overlap = (episodes[:, 0][:, None] <= incidents[:, 1][None, :] + TOLERANCE) & (
-            episodes[:, 1][:, None] >= incidents[:, 0][None, :] - TOLERANCE)
-    else:
-        overlap = np.zeros((len(episodes), len(incidents)), dtype=bool)
+    overlap = episode_overlap(incidents, episodes, TOLERANCE)
     later_i = incidents[:, 0] >= since if len(incidents) else np.zeros(0, dtype=bool)
     later_e = episodes[:, 0] >= since if len(episodes) else np.zeros(0, dtype=bool)
     return {"incidents": int(later_i.sum()), "incidents_alerted": int(overlap.any(axis=0)[later_i].sum()),

@@ -78,28 +78,25 @@ def candidate_bars(series: list[Series], n_bars: int) -> np.ndarray:
     return np.nextafter(levels, -np.inf)
 
 
+def pooled(series: list[Series], openings, tolerance: int, bar: float) -> dict:
+    """`page_counts` of `openings(s)` summed over the series, summarised as `evaluate` does, with the bar."""
+    counts = {"incidents": 0, "incidents_alerted": 0, "episodes": 0, "false_episodes": 0, "delays": []}
+    for s in series:
+        c = page_counts(s.labels, openings(s), tolerance)
+        for k in ("incidents", "incidents_alerted", "episodes", "false_episodes"):
+            counts[k] += c[k]
+    return {"bar": bar, **summarise_events(counts)}
+
+
 def sweep(series: list[Series], bars: np.ndarray, hold: int, cooldown: int, tolerance: int) -> list[dict]:
-    """The pooled event counts of every bar (as `evaluate` summarises them), with the bar."""
-    out = []
-    for bar in bars:
-        counts = {"incidents": 0, "incidents_alerted": 0, "episodes": 0, "false_episodes": 0, "delays": []}
-        for s in series:
-            crossed = np.nan_to_num(s.score, nan=-np.inf) > bar
-            c = page_counts(s.labels, opening_rows(crossed, hold, cooldown), tolerance)
-            for k in ("incidents", "incidents_alerted", "episodes", "false_episodes", "delays"):
-                counts[k] += c[k]
-        out.append({"bar": float(bar), **summarise_events(counts)})
-    return out
+    """The pooled counts of every bar."""
+    return [pooled(series, lambda s: opening_rows(np.nan_to_num(s.score, nan=-np.inf) > bar, hold, cooldown),
+                   tolerance, float(bar)) for bar in bars]
 
 
 def replay_counts(series: list[Series], tolerance: int) -> dict:
     """The replay's own alerts counted the same way (its openings), with no bar."""
-    counts = {"incidents": 0, "incidents_alerted": 0, "episodes": 0, "false_episodes": 0, "delays": []}
-    for s in series:
-        c = page_counts(s.labels, [int(a) for a, _ in segments(s.alerted)], tolerance)
-        for k in ("incidents", "incidents_alerted", "episodes", "false_episodes"):
-            counts[k] += c[k]
-    return {"bar": float("nan"), **summarise_events(counts)}
+    return pooled(series, lambda s: [int(a) for a, _ in segments(s.alerted)], tolerance, float("nan"))
 
 
 def best(results: list[dict], precision: float, recall: float) -> tuple[dict, dict | None, dict | None]:

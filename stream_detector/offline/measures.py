@@ -181,6 +181,17 @@ def point_adjust(labels: np.ndarray, predicted: np.ndarray, k_percent: float = 0
     return out
 
 
+def episode_overlap(incidents: np.ndarray, episodes: np.ndarray, tolerance: int) -> np.ndarray:
+    """[episodes, incidents] bool: the episode (start, end) comes within `tolerance` rows of the
+    incident (both from `segments`)."""
+    if not (len(incidents) and len(episodes)):
+        return np.zeros((len(episodes), len(incidents)), dtype=bool)
+    overlap: np.ndarray = (episodes[:, 0][:, None] <= incidents[:, 1][None, :] + tolerance) & (
+        episodes[:, 1][:, None] >= incidents[:, 0][None, :] - tolerance
+    )
+    return overlap
+
+
 def event_metrics(labels: np.ndarray, alerted: np.ndarray, tolerance: int) -> dict[str, Any]:
     """Contract-4 counts for one series: incidents (label runs), alert episodes (alerted runs), an
     episode overlapping an incident when it comes within `tolerance` rows of it; incidents alerted,
@@ -188,12 +199,7 @@ def event_metrics(labels: np.ndarray, alerted: np.ndarray, tolerance: int) -> di
     overlapping episode, 0 when one was already open) and the missed incidents' (start, end)."""
     incidents = segments(labels)
     episodes = segments(alerted)
-    if len(incidents) and len(episodes):
-        overlap = (episodes[:, 0][:, None] <= incidents[:, 1][None, :] + tolerance) & (
-            episodes[:, 1][:, None] >= incidents[:, 0][None, :] - tolerance
-        )
-    else:
-        overlap = np.zeros((len(episodes), len(incidents)), dtype=bool)
+    overlap = episode_overlap(incidents, episodes, tolerance)
     detected: np.ndarray = np.any(overlap, axis=0)  # (numpy's stubs type the method form as maybe a scalar)
     false_episodes = int(np.sum(~overlap.any(axis=1)))
     delays = []
