@@ -2,6 +2,7 @@
 false alert.
 
     .venv/bin/python bench/feedback_replay.py --work WORK --datasets smd-series:machine-1-7 [--seeds 0,1,2] [--react 60]
+                                              [--rescore]
 
 The service takes `false_positive` verdicts on its control topic (`DetectorCore.learn_false_positive`:
 the entity stops alerting on scores like that episode's, up to `feedback_max_factor` x its bar).
@@ -13,6 +14,12 @@ page within `--react` rows and is never wrong. Printed per dataset and seed, wit
 reproduces the generality table) and with them: event recall, alert precision, event F1, false
 alert episodes per 1,000 rows (contract 4, as `evaluate` counts them) over the whole replay and
 over its last two thirds, once the first verdicts have been given.
+
+A verdict excuses the features that led its alert at its peak (`AlertState.floor_for`). Recorded
+scores carry no per-feature errors, so on a multivariate dataset the replay treats every score as
+led by the first feature, i.e. a verdict covers the whole entity, as every verdict did
+until 2026-12-07; `--rescore` runs the bundle's model on the windows again (ONNX Runtime on the CPU, the
+same scores and their per-feature errors) to replay what the service does now.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from stream_detector.config import ConfigError, load_settings  # noqa: E402
 from stream_detector.core.bundle import load_bundle  # noqa: E402
 from stream_detector.core.events import NO_TIME, EventBatch  # noqa: E402
 from stream_detector.core.pipeline import DetectorCore  # noqa: E402
+from stream_detector.core.scorer import Scorer  # noqa: E402
 from stream_detector.offline.datafiles import read_table  # noqa: E402
 from stream_detector.offline.evalinputs import read_labels  # noqa: E402
 from stream_detector.offline.measures import episode_overlap, segments, summarise_events  # noqa: E402
@@ -97,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     p.add_argument("--detection", default="", metavar="KEY=VALUE[,KEY=VALUE]",
                    help="[detection] settings of the replay with verdicts, e.g. feedback_headroom=1.0")
+    p.add_argument("--rescore", action="store_true",
+                   help="score the windows with the bundle's model (per-feature errors) instead of the recorded scores")
     args = p.parse_args(argv)
     try:
         with_verdicts = load_settings(None, {"detection": key_values(args.detection)} if args.detection else {}
@@ -129,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                 table_labels = read_labels(labels_path, table.n_rows).astype(bool)
                 first = table.n_rows // 3
                 for mode, verdicts in (("no verdicts", False), ("a verdict on every false alert", True)):
-                    scorer = RecordedScorer(bundle, replay_folder(args.work, ds.name, seed, label, key) / "scores.csv")
+                    scorer = (Scorer(bundle, provider="cpu", intra_op_threads=1) if args.rescore else
+                              RecordedScorer(bundle, replay_folder(args.work, ds.name, seed, label, key) / "scores.csv"))
                     core = DetectorCore(bundle, scorer, with_verdicts if verdicts else NEW)  # type: ignore[arg-type]
                     alerted, n_sent = replay(core, table, table_labels, key, args.react, verdicts)
                     totals[mode]["all"].append(counts(table_labels, alerted, 0))
@@ -138,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows += table.n_rows
                 later_rows += table.n_rows - first
             print(f"{name}, seed {seed} ({rows} rows; on-call answers within {args.react} rows; {sent} verdicts"
-                  + (f"; with verdicts: {args.detection}" if args.detection else "") + "):")
+                  + (f"; with verdicts: {args.detection}" if args.detection else "")
+                  + ("; scored again" if args.rescore else "; recorded scores") + "):")
             for mode, parts in totals.items():
                 line = []
                 for span, n_rows in (("all", rows), ("later", later_rows)):

@@ -16,6 +16,7 @@ from stream_detector.core.storms import StormGrouper, StormParams
 from stream_detector.core.thresholds import ThresholdParams
 
 F, W = 4, 8
+F_NAMES = ["a", "b", "c", "d"]  # bundle_factory's feature names
 T0 = 1_700_000_000_000
 
 
@@ -115,10 +116,51 @@ def test_feedback_floor_is_bounded_and_travels_with_the_entity_state(tmp_path, r
     state = core.state_of(0, "host-00")
     threshold_now = state["threshold"]
     assert floor < alert["peak_score"], "bounded: one verdict cannot blind the entity to the whole episode"
-    assert floor == pytest.approx(state["alert"]["feedback_floor"])
-    # the state round-trips through JSON (the changelog) with the floor and the remembered alert
+    # the floor covers the top_k features that led the episode at its peak, the faulty one (1) first
+    assert F_NAMES.index(alert["top_features"][0]["name"]) == 1
+    floors = state["alert"]["feedback_floors"]
+    assert len(floors) == AlertParams().top_k and 1 in [f for f, _ in floors]
+    assert all(v == pytest.approx(floor) for _, v in floors)
+    assert state["alert"]["feedback_floor"] == 0.0, "no floor for the features the alert did not name"
+    # the state round-trips through JSON (the changelog) with the floors and the remembered alert
     moved = new_core(tmp_path / "other")
     moved.restore(0, "host-00", orjson.loads(orjson.dumps(state, option=orjson.OPT_SERIALIZE_NUMPY)))
-    assert moved.state_of(0, "host-00")["alert"]["feedback_floor"] == pytest.approx(floor)
+    assert moved.state_of(0, "host-00")["alert"]["feedback_floors"] == state["alert"]["feedback_floors"]
     assert moved.learn_false_positive(alert["alert_id"]) is not None, "the resolved alert is remembered"
     assert threshold_now is not None
+
+
+def test_a_verdict_on_one_feature_does_not_hide_an_incident_on_another(tmp_path, rng):
+    """A false positive led by feature 1 excuses the same burst on feature 1 again, not a burst of
+    the same size on feature 3 of the same entity (a verdict on a noisy metric must not blind the
+    rest of a multivariate entity)."""
+    core = new_core(tmp_path, alerts=AlertParams(resolve_after=5, cooldown=10, top_k=1))
+    keys, rows, times = fleet(rng, n_entities=2, steps=300, faults=[([1], 200, 10, 40.0)])
+    first = opens(run(core, keys, rows, times))
+    assert [a["key"] for a in first] == ["host-01"] and first[0]["top_features"][0]["name"] == "b"
+    assert core.learn_false_positive(first[0]["alert_id"]) is not None
+    for r, (feature, expected) in enumerate(((1, []), (3, ["host-01"]), (1, [])), start=1):
+        keys2, rows2, times2 = fleet(rng, n_entities=2, steps=300)
+        rows2.reshape(300, 2, F)[200:210, 1, feature] += 40.0
+        opened = opens(run(core, keys2, rows2, times2 + 300_000 * r, start=r * len(keys)))
+        assert [a["key"] for a in opened] == expected, f"a burst on feature {feature}"
+
+
+def test_a_floor_from_an_older_state_still_covers_every_feature(tmp_path, rng):
+    """States written before floors were per feature carry one floor, and remembered alerts without
+    their features: both go on covering every feature."""
+    core = new_core(tmp_path)
+    keys, rows, times = fleet(rng, n_entities=2, steps=300, faults=[([1], 200, 10, 40.0)])
+    alert = opens(run(core, keys, rows, times))[0]
+    state = orjson.loads(orjson.dumps(core.state_of(0, "host-01"), option=orjson.OPT_SERIALIZE_NUMPY))
+    old = {k: v for k, v in state["alert"].items() if k not in ("feedback_floors", "peak_features")}
+    old["recent"] = [r[:2] for r in old["recent"]]
+    old["feedback_floor"] = 5.0 * alert["peak_score"]
+    older = new_core(tmp_path / "older")
+    older.restore(0, "host-01", {**state, "alert": old})
+    keys2, rows2, times2 = fleet(rng, n_entities=2, steps=300)
+    rows2.reshape(300, 2, F)[200:210, 1, 3] += 40.0
+    assert opens(run(older, keys2, rows2, times2 + 300_000, start=len(keys))) == []
+    _, _, floor = older.learn_false_positive(alert["alert_id"])
+    assert older.state_of(0, "host-01")["alert"]["feedback_floor"] == pytest.approx(5.0 * alert["peak_score"])
+    assert floor > 0 and older.state_of(0, "host-01")["alert"]["feedback_floors"] == []

@@ -14,8 +14,11 @@ of the scoring hop's rate):
 
 Incidents (core/storms.py): every `open` joins an incident; its events carry `incident_id`,
 `page` (the first alert of an incident), `incident_size` and `storm`. Feedback: a false-positive
-verdict on an alert sets the entity's `feedback_floor`, a raw score at or below which its scores
-are not anomalous (`learn_false_positive`, bounded by `feedback_max_factor`).
+verdict on an alert sets a floor, a raw score at or below which the entity's scores are not
+anomalous (`learn_false_positive`, bounded by `feedback_max_factor`), for the features that alert
+named at its peak (its `top_k`): a later score is held to the floor of the feature that leads it
+(`floor_for`), so a verdict on a noisy metric's burst does not hide an incident on another metric
+of the same entity. On a one-feature entity that is every score.
 `silenced` is null here; the service fills it in from the control topic's silences.
 
 `alert_id` is deterministic: sha256 of the model version, the entity key and the source topic,
@@ -93,7 +96,9 @@ class AlertState:
         "watch_left",
         "incident_id",
         "feedback_floor",
+        "feedback_floors",
         "feedback_cap",
+        "peak_features",
         "recent",
     )
 
@@ -111,9 +116,15 @@ class AlertState:
         self.flaps = 0  # resolve_backoff: alerts in a row that came back soon after the previous one resolved
         self.watch_left = 0  # ... scored events left after a resolve in which a new alert counts as one
         self.incident_id: str | None = None  # the incident of the open alert (core/storms.py)
-        self.feedback_floor = 0.0  # raw score at or below which nothing is anomalous (0: none)
+        # Floors of false-positive verdicts, raw scores at or below which a score is not anomalous:
+        # per feature (index -> floor), for the score that feature leads; `feedback_floor` for every
+        # feature (states written before floors were per feature).
+        self.feedback_floor = 0.0
+        self.feedback_floors: dict[int, float] = {}
         self.feedback_cap = 0.0  # the open alert was called a false positive: its floor's bound, set on resolve
-        self.recent: list[tuple[str, float]] = []  # (alert id, peak score) of the last resolved alerts
+        self.peak_features: tuple[int, ...] = ()  # the open alert's top features at its peak score
+        # (alert id, peak score, top features at the peak; None: every feature) of the last resolved alerts
+        self.recent: list[tuple[str, float, tuple[int, ...] | None]] = []
 
     @property
     def is_open(self) -> bool:
@@ -166,14 +177,35 @@ class AlertState:
         self.alert_id = alert_id
         self.opened_by = source
 
+    def note_peak(self, score: float, errors: np.ndarray, k: int) -> None:
+        """Remember the features that lead the open alert at its peak (call after an anomalous
+        `step`): a false-positive verdict excuses those."""
+        if self.is_open and score >= self.peak_score:
+            self.peak_features = tuple(int(i) for i in np.argsort(-errors, kind="stable")[:k])
+
+    def floor_for(self, errors: np.ndarray) -> float:
+        """The verdicts' floor for a score whose per-feature errors are `errors`: the floor of the
+        feature that leads it (0: no verdict covers it)."""
+        if not self.feedback_floors:
+            return self.feedback_floor
+        return max(self.feedback_floor, self.feedback_floors.get(int(np.argmax(errors)), 0.0))
+
+    def _raise_floors(self, features: tuple[int, ...] | None, floor: float) -> None:
+        if features is None:
+            self.feedback_floor = max(self.feedback_floor, floor)
+            return
+        for f in features:
+            self.feedback_floors[f] = max(self.feedback_floors.get(f, 0.0), floor)
+
     def closed(self, params: AlertParams) -> None:
         if self.alert_id is not None:
-            self.recent = [*self.recent, (self.alert_id, self.peak_score)][-self._RECENT :]
+            self.recent = [*self.recent, (self.alert_id, self.peak_score, self.peak_features or None)][-self._RECENT :]
         if self.feedback_cap:  # a false positive while open: the floor covers the whole episode
-            self.feedback_floor = max(
-                self.feedback_floor, min(self.peak_score * params.feedback_headroom, self.feedback_cap)
+            self._raise_floors(
+                self.peak_features or None, min(self.peak_score * params.feedback_headroom, self.feedback_cap)
             )
             self.feedback_cap = 0.0
+        self.peak_features = ()
         if params.resolve_backoff:
             self.watch_left = params.cooldown + self.resolve_period(params)
         self.alert_id = None
@@ -183,21 +215,27 @@ class AlertState:
 
     def learn_false_positive(self, alert_id: str, threshold: float, params: AlertParams) -> float | None:
         """A `false_positive` verdict on `alert_id` (open now or among the recent ones): scores up to
-        `feedback_headroom` x that episode's peak stop being anomalous for this entity, bounded by
-        `feedback_max_factor` x its current `threshold` so that one verdict cannot blind it. Returns
-        the floor, or None if the alert is not this entity's. Applying it again changes nothing.
-        For an alert still open, the floor grows with the episode's peak until it resolves."""
-        peak = self.peak_score if alert_id == self.alert_id else dict(self.recent).get(alert_id)
-        if peak is None:
-            return None
+        `feedback_headroom` x that episode's peak, led by one of the features that led it at its
+        peak, stop being anomalous for this entity, bounded by `feedback_max_factor` x its current
+        `threshold`. Returns the floor, or None if the alert is not this entity's. Applying it again
+        changes nothing. For an alert still open, the floor grows with the episode's peak until it
+        resolves."""
+        if alert_id == self.alert_id:  # no features known (an alert restored from an older state): every one
+            peak, features = self.peak_score, self.peak_features or None
+        else:
+            found = next((r for r in self.recent if r[0] == alert_id), None)
+            if found is None:
+                return None
+            _, peak, features = found
         cap = threshold * params.feedback_max_factor
         if alert_id == self.alert_id:
             self.feedback_cap = max(self.feedback_cap, cap)
-        self.feedback_floor = max(self.feedback_floor, min(peak * params.feedback_headroom, cap))
-        return self.feedback_floor
+        floor = min(peak * params.feedback_headroom, cap)
+        self._raise_floors(features, floor)
+        return floor
 
     def knows(self, alert_id: str) -> bool:
-        return alert_id == self.alert_id or any(a == alert_id for a, _ in self.recent)
+        return alert_id == self.alert_id or any(r[0] == alert_id for r in self.recent)
 
     def state(self) -> dict[str, Any]:
         return {
@@ -213,8 +251,10 @@ class AlertState:
             "watch_left": self.watch_left,
             "incident_id": self.incident_id,
             "feedback_floor": self.feedback_floor,
+            "feedback_floors": [[f, v] for f, v in sorted(self.feedback_floors.items())],
             "feedback_cap": self.feedback_cap,
-            "recent": [list(r) for r in self.recent],
+            "peak_features": list(self.peak_features),
+            "recent": [[a, p, None if fs is None else list(fs)] for a, p, fs in self.recent],
         }
 
     @classmethod
@@ -235,7 +275,14 @@ class AlertState:
         s.watch_left = int(d.get("watch_left", 0))
         s.feedback_floor = float(d.get("feedback_floor", 0.0))
         s.feedback_cap = float(d.get("feedback_cap", 0.0))
-        s.recent = [(str(a), float(p)) for a, p in d.get("recent", [])]
+        # absent from states written before floors were per feature: their floor and their
+        # remembered alerts cover every feature, as they did
+        s.feedback_floors = {int(f): float(v) for f, v in d.get("feedback_floors", [])}
+        s.peak_features = tuple(int(f) for f in d.get("peak_features", []))
+        s.recent = [
+            (str(r[0]), float(r[1]), None if len(r) < 3 or r[2] is None else tuple(int(f) for f in r[2]))
+            for r in d.get("recent", [])
+        ]
         return s
 
 

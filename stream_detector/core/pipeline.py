@@ -200,8 +200,8 @@ class DetectorCore:
             if a is None:
                 a = alert_by_slot[s] = AlertState()
             t, anom = thr.observe(score)
-            floor = a.feedback_floor  # a false-positive verdict's floor (AlertState.learn_false_positive)
-            if floor:
+            if a.feedback_floor or a.feedback_floors:  # false-positive verdicts (AlertState.learn_false_positive)
+                floor = a.floor_for(errors[j])
                 anom = anom and score > floor
                 t = max(t, floor)
             thr_values[j] = t
@@ -247,6 +247,8 @@ class DetectorCore:
                     if ev == RESOLVED:
                         a.closed(params)
                     emitted[j] = ev
+                if anom:
+                    a.note_peak(score, errors[j], params.top_k)
                 alert_open[j] = a.is_open
         thresholds[:] = thr_values
 
@@ -279,7 +281,7 @@ class DetectorCore:
         self._thresholds = [None] * len(self._thresholds)
         for a in self._alerts:  # feedback floors are raw scores of the old model
             if a is not None:
-                a.feedback_floor = 0.0
+                a.feedback_floor, a.feedback_floors = 0.0, {}
         self.device = self._device_for(bundle, scorer)  # the new model's graphs; the ring is re-sent
 
     # ------------------------------------------------------------------ feedback (control topic)
