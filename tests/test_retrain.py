@@ -46,7 +46,9 @@ def fleet(seed: int, shift: float = 8.0, corrupt: bool = False) -> list[dict]:
             if e == 1 and INCIDENT[0] <= i < INCIDENT[1]:
                 v = v + 25.0
             if corrupt and CHANGE <= i < 1000:
-                v = v * 0 + base[e] + shift  # a collector that sent a constant for weeks
+                # a collector that sent one reading, barely moving, for weeks (an exact constant is
+                # refused by fit itself: training/sizing.py)
+                v = base[e] + shift + rng.normal(size=len(FEATURES)) * 1e-3
             row = {"key": f"m-{e}", "ts": START_MS + i * STEP_MS}
             row.update({f: float(np.float32(x)) for f, x in zip(FEATURES, v)})
             out.append(row)

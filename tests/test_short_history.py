@@ -141,6 +141,24 @@ def test_a_history_too_short_for_any_window_is_one_sentence(tmp_path, rng, capsy
     assert "about 100 rows" in line and not (tmp_path / "b").exists()
 
 
+def test_a_history_with_nothing_moving_is_one_sentence_and_one_moving_feature_trains(tmp_path, rng, capsys):
+    """A history whose every feature is constant within every entity has no normal variation to learn
+    (every later change would score far beyond it): two entities constant at different levels are
+    refused like one constant series. A series that moves on one row in seven trains."""
+    flat = tmp_path / "flat.csv"
+    flat.write_text("key,a,b\n" + "".join(f"{'s1' if i % 2 else 's2'},{1 + i % 2},7\n" for i in range(600)))
+    code = train_main(["fit", "--data", str(flat), "--out", str(tmp_path / "b"), "--threads", "1", "--no-progress"])
+    line = one_sentence_error(code, capsys.readouterr().err, "every one of its 2 features is constant over all 600")
+    assert "no normal variation to learn" in line and not (tmp_path / "b").exists()
+    one = write_csv(tmp_path / "one.csv", np.full(600, 3.0))
+    code = train_main(["fit", "--data", str(one), "--out", str(tmp_path / "b"), "--threads", "1", "--no-progress"])
+    one_sentence_error(code, capsys.readouterr().err, "x is constant over all 600 usable rows")
+    values = np.full(600, 3.0)
+    values[::7] += rng.normal(size=values[::7].size)
+    table = read_table(write_csv(tmp_path / "moving.csv", values))
+    assert size_to_data(make_settings({"data": tmp_path / "moving.csv", "out": tmp_path / "b"}), table).plan.window == 64
+
+
 def test_a_long_history_keeps_every_default(tmp_path, rng):
     data = tmp_path / "long.csv"
     data.write_text("a,b,c\n" + "".join(f"{a:.4f},{b:.4f},{c:.4f}\n" for a, b, c in rng.standard_normal((5000, 3))))

@@ -5,6 +5,9 @@ config key, or a keyword to `FitSettings`, i.e. a name in `settings.model_fields
 given; the others are chosen here, and for a long history they are exactly the `FitSettings`
 defaults. The rules:
 
+- A history in which nothing moves (every feature constant within every entity) is refused in one
+  sentence: it holds no normal variation, the normaliser's floor would be the only scale, and the
+  first change after it would score as a catastrophe and hold an alert open for good.
 - Window (not given): the largest of 64, 32, 16, 8 the data supports. A window W is supported
   when the window plan (training.windows) gives at least `TRAIN_WINDOWS_PER_STEP` x W training
   windows (the training rows span about five windows or more, so windows are not all one stretch
@@ -47,7 +50,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from stream_detector.offline.datafiles import DataTable
+import numpy as np
+
+from stream_detector.offline.datafiles import DataFileError, DataTable
 from training.settings import FitSettings
 from training.windows import WindowingError, WindowPlan, plan_windows
 
@@ -70,6 +75,7 @@ class Sizing:
 
 
 def size_to_data(s: FitSettings, table: DataTable) -> Sizing:
+    _refuse_constant(table)
     given = s.model_fields_set
     values: dict[str, Any] = {}
     plan = _choose_window(s, table, auto="window" not in given)
@@ -101,6 +107,25 @@ def size_to_data(s: FitSettings, table: DataTable) -> Sizing:
             ", ".join(f"{k} {','.join(v) if isinstance(v, tuple) else v}" for k, v in chosen.items() if k != "window"),
         )
     return Sizing(sized, plan, chosen)
+
+
+def _refuse_constant(table: DataTable) -> None:
+    """One sentence when no feature moves within any entity: there is no normal variation to learn,
+    and every later change would score as far beyond it (the normaliser's floor is the only scale)."""
+    if table.n_rows == 0:
+        return
+    order = np.argsort(np.asarray(table.keys, dtype=object), kind="stable")
+    same_entity = np.asarray(table.keys, dtype=object)[order]
+    same_entity = same_entity[1:] == same_entity[:-1]
+    moves = ((np.diff(table.values[order], axis=0) != 0) & same_entity[:, None]).any(axis=0)
+    if moves.any():
+        return
+    n = len(table.features)
+    what = f"{table.features[0]} is" if n == 1 else f"every one of its {n} features is"
+    raise DataFileError(
+        f"{table.source}: {what} constant over all {table.n_rows} usable rows, so there is no normal variation "
+        "to learn; train on a history in which it moves."
+    )
 
 
 def supports(plan: WindowPlan) -> bool:
