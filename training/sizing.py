@@ -112,13 +112,7 @@ def size_to_data(s: FitSettings, table: DataTable) -> Sizing:
 def _refuse_constant(table: DataTable) -> None:
     """One sentence when no feature moves within any entity: there is no normal variation to learn,
     and every later change would score as far beyond it (the normaliser's floor is the only scale)."""
-    if table.n_rows == 0:
-        return
-    order = np.argsort(np.asarray(table.keys, dtype=object), kind="stable")
-    same_entity = np.asarray(table.keys, dtype=object)[order]
-    same_entity = same_entity[1:] == same_entity[:-1]
-    moves = ((np.diff(table.values[order], axis=0) != 0) & same_entity[:, None]).any(axis=0)
-    if moves.any():
+    if table.n_rows == 0 or any(np.ptp(entity.values, axis=0).any() for entity in table.by_entity()):
         return
     n = len(table.features)
     what = f"{table.features[0]} is" if n == 1 else f"every one of its {n} features is"

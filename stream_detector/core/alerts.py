@@ -181,7 +181,7 @@ class AlertState:
         """Remember the features that lead the open alert at its peak (call after an anomalous
         `step`): a false-positive verdict excuses those."""
         if self.is_open and score >= self.peak_score:
-            self.peak_features = tuple(int(i) for i in np.argsort(-errors, kind="stable")[:k])
+            self.peak_features = tuple(top_indices(errors, k))
 
     def floor_for(self, errors: np.ndarray) -> float:
         """The verdicts' floor for a score whose per-feature errors are `errors`: the floor of the
@@ -220,16 +220,15 @@ class AlertState:
         `threshold`. Returns the floor, or None if the alert is not this entity's. Applying it again
         changes nothing. For an alert still open, the floor grows with the episode's peak until it
         resolves."""
+        cap = threshold * params.feedback_max_factor
         if alert_id == self.alert_id:  # no features known (an alert restored from an older state): every one
             peak, features = self.peak_score, self.peak_features or None
+            self.feedback_cap = max(self.feedback_cap, cap)
         else:
             found = next((r for r in self.recent if r[0] == alert_id), None)
             if found is None:
                 return None
             _, peak, features = found
-        cap = threshold * params.feedback_max_factor
-        if alert_id == self.alert_id:
-            self.feedback_cap = max(self.feedback_cap, cap)
         floor = min(peak * params.feedback_headroom, cap)
         self._raise_floors(features, floor)
         return floor
@@ -304,12 +303,16 @@ def iso_utc(ms: int | float) -> str:
     return dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def top_indices(errors: np.ndarray, k: int) -> list[int]:
+    """The indices of the k largest per-feature errors, largest first (ties: column order)."""
+    return [int(i) for i in np.argsort(-np.asarray(errors), kind="stable")[:k]]
+
+
 def top_features(errors: np.ndarray, names: Sequence[str], k: int) -> list[dict[str, Any]]:
     """The k features with the largest share of the scoring error, largest first (ties: column order)."""
     errors = np.asarray(errors, dtype=np.float64)
     total = float(errors.sum())
-    k = min(k, errors.size)
-    order = np.argsort(-errors, kind="stable")[:k]
+    order = top_indices(errors, k)
     return [
         {"name": names[i], "share": round(float(errors[i]) / total, 4) if total > 0 else 0.0, "error": float(errors[i])}
         for i in order
