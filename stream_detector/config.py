@@ -144,6 +144,12 @@ class DetectionSettingsSection(_Section):
     idle_timeout_ms: int = Field(
         24 * 3600 * 1000, ge=0, description="evict entities silent this long in event time (0 = never)"
     )
+    restart_after_gap: bool = Field(
+        True,
+        description="a silence longer than a window in an entity's events (a step over W x its typical step, and "
+        "over the bundle's training gap_factor x it) starts its window again, as training never windows across a "
+        "gap; thresholds and alerts go on",
+    )
     threshold: Literal["auto", "calibrated", "quantile", "spot"] = Field(
         _THR.method,  # type: ignore[arg-type]  # ThresholdParams.method is a plain str, checked against METHODS
         description=(
@@ -269,6 +275,7 @@ class DetectionSettingsSection(_Section):
             hop=self.hop,
             max_entities=self.max_entities,
             idle_timeout_ms=self.idle_timeout_ms or None,
+            restart_after_gap=self.restart_after_gap,
             threshold=ThresholdParams(
                 method=self.threshold,
                 warmup=self.warmup,

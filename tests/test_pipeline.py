@@ -280,3 +280,34 @@ def test_an_alert_that_widens_its_bar_does_so_at_once_however_the_stream_is_batc
     whole, whole_alerts = replay([n])
     assert sum(1 for a in whole_alerts if a[1] == "open") >= 3  # the drift re-baselines one alert at a time
     assert replay([1, 7, 64]) == (whole, whole_alerts)
+
+
+@pytest.mark.parametrize("restart", [True, False])
+def test_a_sensor_back_from_an_outage_at_another_level_is_not_judged_across_the_outage(tmp_path, rng, restart):
+    """Training never windows across a time gap (training/windows.py, gap_factor); with the bundle's
+    gap_factor the service restarts the window there too. A reading that returns from a 10-minute
+    silence 3 sigma higher then reads as the entity's level, not as a jump from before the silence."""
+    b = make_bundle(tmp_path, window=W, threshold=12.0, center=[10.0] * F, scale=[2.0] * F, name=f"gap{restart}",
+                    training={"settings": {"gap_factor": 3.0}})
+    assert b.gap_factor == 3.0
+    settings = DetectionSettings(threshold=ThresholdParams(warmup=50, history=300), alerts=AlertParams(resolve_after=5),
+                                 restart_after_gap=restart)
+    core = DetectorCore(b, Scorer(b, provider="cpu", intra_op_threads=1), settings, clock=lambda: 1_800_000_000.0)
+    n = 400
+    rows = (rng.normal(size=(n, F)) * 2.0 + 10.0).astype(np.float32)
+    rows[200:, 1] += 30.0  # back from the outage 15 sigma higher on one feature, and staying there
+    times = 1_700_000_000_000 + np.arange(n, dtype=np.int64) * 1_000
+    times[200:] += 600_000
+    results = run(core, ["dev-0"] * n, rows, times, np.zeros(n, np.int32), [64])
+    opens = [a for _, r in results for a in r.alerts if a["state"] == "open"]
+    scored = sum(r.n_scored for _, r in results)
+    if restart:
+        assert opens == [] and core.store.gap_restarts == 1
+        assert scored == n - 2 * (W - 1)  # W - 1 rows after the first event and after the gap
+    else:
+        assert len(opens) == 1 and opens[0]["source"]["offset"] == 200 and scored == n - (W - 1)
+
+
+def test_a_bundle_without_a_gap_rule_has_no_gaps(tmp_path, rng):
+    core = new_core(tmp_path)  # make_bundle's default training section records no gap_factor
+    assert core.bundle.gap_factor is None and core.store.gap_factor is None

@@ -3,13 +3,15 @@ eviction, partition drop and state round-trip."""
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 import numpy as np
+import orjson
 import pytest
 
 from stream_detector.core.events import NO_TIME
-from stream_detector.core.windows import WindowStore, hop_phase
+from stream_detector.core.windows import STEP_MEMORY, WindowStore, hop_phase
 
 
 class NaiveWindows:
@@ -169,3 +171,126 @@ def test_a_fleet_reporting_in_lockstep_is_scored_evenly_over_the_hop():
     steady = due[16:]  # counts 17..48: every window full
     assert sum(steady) == n * len(steady) // hop
     assert max(steady) <= 2 * n / hop and min(steady) >= n / hop / 2, steady
+
+
+# ---------------------------------------------------------------------------------- time gaps
+
+
+class NaiveGapWindows(NaiveWindows):
+    """The reference with time gaps, one event at a time in plain Python: the rule of
+    core/windows.py's docstring (a step over gap_factor x the entity's typical step restarts its
+    window; the typical step is a geometric mean of recent steps, each at most gap_factor x it)."""
+
+    def __init__(self, window: int, hop: int, gap_factor: float) -> None:
+        super().__init__(window, hop)
+        self.gap_factor = gap_factor
+        self.last: dict[tuple[int, str], int] = {}
+        self.typical: dict[tuple[int, str], float] = {}
+        self.run: dict[tuple[int, str], int] = {}
+
+    def push_at(self, partition: int, key: str, row: np.ndarray, t: int) -> np.ndarray | None:
+        e = (partition, key)
+        last, typical = self.last.get(e), self.typical.get(e, 0.0)
+        step = t - last if last is not None and t != NO_TIME else 0
+        run = self.run.get(e, 0)
+        if typical > 0 and step > self.gap_factor * typical:
+            run = 0
+        if step > 0:
+            x = min(step, self.gap_factor * typical) if typical > 0 else step
+            typical = math.exp(math.log(typical) + STEP_MEMORY * (math.log(x) - math.log(typical))) if typical else x
+        self.typical[e], self.run[e] = typical, run + 1
+        if t != NO_TIME:
+            self.last[e] = t if last is None else max(last, t)
+        self.rows.setdefault(e, deque(maxlen=self.window)).append(row.copy())
+        self.count[e] = self.count.get(e, 0) + 1
+        if self.run[e] >= self.window and self.count[e] % self.hop == hop_phase(key, self.hop):
+            return np.stack(self.rows[e])
+        return None
+
+
+def gappy_times(rng: np.random.Generator, keys: list[str]) -> np.ndarray:
+    """Per entity: a rate of its own (1 s or 5 min), steps jittered by +-20 %, now and then a gap of
+    5-50 steps, a repeated or out-of-order time, or no time at all."""
+    rate = {k: (1_000 if int(k[1:]) % 2 else 300_000) for k in set(keys)}
+    clock = {k: 1_700_000_000_000 for k in rate}
+    out = np.empty(len(keys), dtype=np.int64)
+    for i, k in enumerate(keys):
+        u = rng.random()
+        if u < 0.03:
+            clock[k] += int(rate[k] * rng.uniform(5, 50))
+        elif u < 0.05:
+            clock[k] -= int(rate[k] * rng.uniform(0, 2))
+        else:
+            clock[k] += int(rate[k] * rng.uniform(0.8, 1.2))
+        out[i] = NO_TIME if u > 0.98 else clock[k]
+    return out
+
+
+@pytest.mark.parametrize("hop", [1, 3])
+def test_time_gaps_restart_windows_as_the_naive_reference_does(rng, hop):
+    w, f = 6, 2
+    parts, keys, rows = random_stream(rng, 3000, n_entities=9, n_partitions=2, f=f)
+    times = gappy_times(rng, keys)
+    store = WindowStore(w, f, hop=hop, gap_factor=3.0, initial_capacity=2)
+    ref = NaiveGapWindows(w, hop, 3.0)
+    expected = {i: x for i in range(len(keys)) if (x := ref.push_at(int(parts[i]), keys[i], rows[i], int(times[i]))) is not None}
+    got, i = {}, 0
+    while i < len(keys):
+        j = min(len(keys), i + int(rng.integers(1, 200)))
+        ing = store.ingest(parts[i:j], keys[i:j], rows[i:j], times[i:j])
+        got.update({i + d: x for d, x in zip(ing.due.tolist(), ing.windows)})
+        i = j
+    assert sorted(got) == sorted(expected)
+    for k in expected:
+        np.testing.assert_array_equal(got[k], expected[k], err_msg=f"event {k}")
+    plain = NaiveWindows(w, hop)
+    n_plain = sum(plain.push(int(parts[i]), keys[i], rows[i]) is not None for i in range(len(keys)))
+    # the stream has gaps, and they cost some scored windows but not most of them
+    assert store.gap_restarts > 20 and 0.5 * n_plain < len(got) < n_plain
+
+
+def test_a_gap_restarts_only_the_window_and_a_window_never_spans_one():
+    w = 4
+    store = WindowStore(w, 1, gap_factor=3.0)
+    plain = WindowStore(w, 1)
+    t = [1_000 * i for i in range(8)] + [7_000 + 600_000 + 1_000 * i for i in range(5)]  # 10 min silence after row 7
+    rows = np.arange(len(t), dtype=np.float32)[:, None]
+    ing = store.ingest(np.zeros(len(t), np.int64), ["a"] * len(t), rows, np.array(t))
+    assert ing.due.tolist() == [3, 4, 5, 6, 7, 11, 12] and store.gap_restarts == 1
+    np.testing.assert_array_equal(ing.windows[5, :, 0], [8, 9, 10, 11])  # only rows after the gap
+    assert store.count_of(store.slot_of(0, "a")) == len(t)  # the entity itself goes on
+    # without a gap rule the window after the silence joins rows from before and after it
+    assert plain.ingest(np.zeros(len(t), np.int64), ["a"] * len(t), rows, np.array(t)).due.tolist() == list(range(3, 13))
+
+
+def test_an_entity_whose_rate_slows_down_is_scored_again_after_a_few_restarts():
+    store = WindowStore(4, 1, gap_factor=3.0)
+    t = np.concatenate([np.arange(30) * 60_000, 29 * 60_000 + np.arange(1, 61) * 300_000])  # 1 min, then 5 min
+    ing = store.ingest(np.zeros(t.size, np.int64), ["a"] * t.size, np.zeros((t.size, 1), np.float32), t)
+    assert 1 <= store.gap_restarts <= 10
+    assert set(range(t.size - 30, t.size)) <= set(ing.due.tolist())  # at the new rate every event is scored
+
+
+def test_gap_state_round_trips_and_older_states_restore_as_before(rng):
+    w, f = 5, 1
+    t = np.array([1_000 * i for i in range(10)] + [9_000 + 60_000 + 1_000 * i for i in range(8)])
+    rows = rng.normal(size=(t.size, f)).astype(np.float32)
+    zero = np.zeros(t.size, np.int64)
+    a, b = WindowStore(w, f, gap_factor=3.0), WindowStore(w, f, gap_factor=3.0)
+    a.ingest(zero[:12], ["k"] * 12, rows[:12], t[:12])  # two rows after the gap
+    st = a.export_state(0, "k")
+    assert st is not None and st["run"] == 2 and st["step_ms"] > 0
+    b.import_state(0, "k", orjson.loads(orjson.dumps(st, option=orjson.OPT_SERIALIZE_NUMPY)))
+    ra, rb = (s.ingest(zero[12:], ["k"] * 6, rows[12:], t[12:]) for s in (a, b))
+    assert ra.due.tolist() == rb.due.tolist() == [2, 3, 4, 5]
+    np.testing.assert_array_equal(ra.windows, rb.windows)
+    # a state written before gaps were known: the window ran since the entity was first seen
+    old = {k: v for k, v in st.items() if k not in ("run", "step_ms")}
+    c = WindowStore(w, f, gap_factor=3.0)
+    c.import_state(0, "k", orjson.loads(orjson.dumps(old, option=orjson.OPT_SERIALIZE_NUMPY)))
+    assert c.ingest(zero[12:13], ["k"], rows[12:13], t[12:13]).due.tolist() == [0]
+
+
+def test_a_gap_factor_of_one_or_less_is_refused():
+    with pytest.raises(ValueError, match="gap_factor"):
+        WindowStore(4, 1, gap_factor=1.0)

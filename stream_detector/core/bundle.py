@@ -266,6 +266,16 @@ class Bundle:
     def model_path(self) -> Path:
         return self.path / MODEL_FILE
 
+    @property
+    def gap_factor(self) -> float | None:
+        """The step (x an entity's typical one) that training treated as a time gap, never windowing
+        across it; None when training did not record one (log models, hand-made bundles)."""
+        settings = self.training.get("settings")
+        value = settings.get("gap_factor") if isinstance(settings, dict) else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 1.0:
+            return float(value)
+        return None
+
     def check_session_io(self, session: Any) -> None:
         """Check an onnxruntime.InferenceSession against W and F; one sentence on mismatch."""
         inputs, outputs = session.get_inputs(), session.get_outputs()

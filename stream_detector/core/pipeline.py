@@ -48,6 +48,7 @@ class DetectionSettings:
     hop: int = 1  # score every k-th event of an entity (once its window is full)
     max_entities: int = 100_000  # tracked (partition, entity) pairs; beyond it the least recently seen go
     idle_timeout_ms: int | None = 24 * 3600 * 1000  # evict entities silent this long (event time); None: never
+    restart_after_gap: bool = True  # a time gap (as training defined it) starts the entity's window again
     threshold: ThresholdParams = field(default_factory=ThresholdParams)
     alerts: AlertParams = field(default_factory=AlertParams)
     storms: StormParams = field(default_factory=StormParams)
@@ -79,6 +80,7 @@ class BatchResult:
     alerts: list[dict[str, Any]]  # contract-3 events, in emission order, ready to serialise
     open_after: np.ndarray | None = None  # bool [n]: entity in an open alert after each batch event (on request)
     evicted: int = 0  # entities evicted by the window store during this batch
+    gap_restarts: int = 0  # entity windows started again after a time gap during this batch
 
     @property
     def n_scored(self) -> int:
@@ -108,6 +110,7 @@ class DetectorCore:
             max_entities=settings.max_entities,
             idle_timeout_ms=settings.idle_timeout_ms,
             hop=settings.hop,
+            gap_factor=self._gap_factor(bundle),
         )
         self._thresholds: list[Threshold | None] = []
         self._alerts: list[AlertState | None] = []
@@ -126,6 +129,17 @@ class DetectorCore:
         self._initial_threshold = float(bundle.calibration.threshold)
         self._reference = reference
         self._calibrated_level = self.settings.threshold.alert_level if self.threshold_method == "calibrated" else None
+
+    def _gap_factor(self, bundle: Bundle) -> float | None:
+        """A window restarts after a silence longer than a window (W steps), and never after a shorter
+        one than training split its windows at (the bundle's gap_factor). Training splits at every
+        gap, but a restart leaves the entity unscored for W - 1 events: after a shorter silence that
+        would blind it for longer than it was silent, and a window with a few readings missing is
+        close to what training saw. None (no restarts) when the bundle records no gap rule, or
+        `restart_after_gap` is off."""
+        if not self.settings.restart_after_gap or bundle.gap_factor is None:
+            return None
+        return max(bundle.gap_factor, float(bundle.window))
 
     def _device_for(self, bundle: Bundle, scorer: Scorer) -> DeviceWindows | None:
         mode = self._device_mode
@@ -152,6 +166,7 @@ class DetectorCore:
         rows = self.bundle.normaliser.apply(batch.rows)
         if self.device is not None:
             self.device.before_ingest(self.store)
+        restarts_before = self.store.gap_restarts
         ing = self.store.ingest(batch.partition, batch.keys, rows, batch.event_time_ms, gather=self.device is None)
         self._ensure_capacity()
         for s in ing.reset_slots.tolist():
@@ -256,7 +271,17 @@ class DetectorCore:
         if row_alert_state:
             open_after = _row_open_state(ing.slots, ing.due, alert_open, start_open)
         return BatchResult(
-            batch.n, ing.due, scores, thresholds, anomalous, alert_open, emitted, alerts, open_after, ing.evicted
+            batch.n,
+            ing.due,
+            scores,
+            thresholds,
+            anomalous,
+            alert_open,
+            emitted,
+            alerts,
+            open_after,
+            ing.evicted,
+            self.store.gap_restarts - restarts_before,
         )
 
     def _ensure_capacity(self) -> None:
@@ -275,6 +300,7 @@ class DetectorCore:
             raise ValueError("the new model reads other features or another window length; it needs a restart.")
         self._use_calibration(bundle)  # first: it refuses a bundle whose calibration the method cannot use
         self.store.renormalise(self.bundle.normaliser, bundle.normaliser)
+        self.store.gap_factor = self._gap_factor(bundle)
         self.bundle = bundle
         self.scorer = scorer
         self._features = list(bundle.features)
@@ -406,4 +432,5 @@ def _concat_results(parts: list[BatchResult]) -> BatchResult:
         alerts=[a for p in parts for a in p.alerts],
         open_after=open_after,
         evicted=sum(p.evicted for p in parts),
+        gap_restarts=sum(p.gap_restarts for p in parts),
     )

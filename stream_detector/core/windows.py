@@ -16,6 +16,15 @@ applied with a handful of numpy operations, not per-event Python lists of rows:
   event and set the latency; docs/performance.md), and the same key is scored at the same events
   in every process and replay.
 
+A window never spans a time gap, as training's windows never do (training/windows.py): with a
+`gap_factor`, an event that comes more than `gap_factor` x its entity's typical step after the
+entity's previous event starts the window again, and the entity is scored once W rows have come
+after the gap. The typical step is learned per entity from its own events (a geometric mean of its
+recent steps, each counted at most `gap_factor` x the typical one), so a fleet may mix rates and an
+entity whose rate changes is back to being scored after a few restarts. Only the window restarts:
+thresholds and alerts (the pipeline's per-entity state) go on. (The pipeline gives the store
+max(W, the bundle's gap_factor): only a silence longer than a window restarts one.)
+
 Memory is bounded by `max_entities`: entities not seen for `idle_timeout_ms` (by event time) are
 evicted at each batch, and when the cap is still hit, the least recently seen entities are
 evicted. Slots are handed out again, so callers keep per-entity state by slot and reset it for the
@@ -40,6 +49,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EntityKey = tuple[int, str]  # (partition, entity key)
+STEP_MEMORY = 1.0 / 16  # weight of each new step in an entity's typical step (log scale)
 
 
 @dataclass(frozen=True)
@@ -69,6 +79,7 @@ class WindowStore:
         idle_timeout_ms: int | None = None,
         hop: int = 1,
         initial_capacity: int = 1024,
+        gap_factor: float | None = None,
     ) -> None:
         if window < 1 or n_features < 1:
             raise ValueError(f"window ({window}) and n_features ({n_features}) must be positive.")
@@ -78,11 +89,14 @@ class WindowStore:
             raise ValueError(f"the scoring hop must be at least 1, got {hop}.")
         if idle_timeout_ms is not None and idle_timeout_ms <= 0:
             raise ValueError(f"idle_timeout_ms must be positive (or None to disable), got {idle_timeout_ms}.")
+        if gap_factor is not None and not gap_factor > 1.0:
+            raise ValueError(f"gap_factor must be above 1 (or None for no gaps), got {gap_factor}.")
         self.window = int(window)
         self.n_features = int(n_features)
         self.max_entities = int(max_entities)
         self.idle_timeout_ms = idle_timeout_ms
         self.hop = int(hop)
+        self.gap_factor = gap_factor
         self._index: dict[EntityKey, int] = {}
         self._keys: list[EntityKey | None] = []
         self._free: list[int] = []
@@ -91,12 +105,15 @@ class WindowStore:
         self._pos = np.zeros(0, dtype=np.int64)  # next write position in the ring
         self._count = np.zeros(0, dtype=np.int64)  # events since the entity was first seen
         self._phase = np.zeros(0, dtype=np.int64)  # hop_phase(key): due when count % hop == phase
+        self._run = np.zeros(0, dtype=np.int64)  # events since the window (re)started: due from W on
+        self._step = np.zeros(0, dtype=np.float64)  # typical step between the entity's events, ms (0: not known)
         self._last_time = np.zeros(0, dtype=np.int64)  # event time of the latest event (NO_TIME if unknown)
         self._last_seq = np.zeros(0, dtype=np.int64)  # ingest call that last touched the slot (LRU clock)
         self._seq = 0
         self._clock_ms = NO_TIME  # highest event time seen: the clock idle eviction runs on
         self.evicted_idle = 0
         self.evicted_lru = 0
+        self.gap_restarts = 0  # windows started again after a time gap
         # Slots whose rows were replaced outside `ingest` (state import, renormalisation), for a
         # device-resident copy to re-send; only recorded once `track_rewrites` is set.
         self.track_rewrites = False
@@ -168,11 +185,14 @@ class WindowStore:
             self._buf[s, p] = rows[idx]
             self._pos[s] = (p + 1) % self.window
             self._count[s] += 1
+            if self.gap_factor is not None:
+                self._restart_after_gaps(s, times[idx])
+            self._run[s] += 1
             np.maximum(self._last_time[s], times[idx], out=times_buf[: s.size])  # NO_TIME is int64 min: never wins
             self._last_time[s] = times_buf[: s.size]
             c = self._count[s]
             counts[idx] = c
-            due_mask = c >= self.window
+            due_mask = self._run[s] >= self.window
             if self.hop > 1:
                 due_mask &= c % self.hop == self._phase[s]
             if due_mask.any():
@@ -192,6 +212,27 @@ class WindowStore:
             if gather:
                 windows = windows[order]
         return Ingested(slots, due, windows, reset_slots, evicted, counts)
+
+    def _restart_after_gaps(self, s: np.ndarray, times: np.ndarray) -> None:
+        """Slots `s` (distinct) get events at `times`: restart the window of those that come after a
+        gap, and learn each one's typical step."""
+        assert self.gap_factor is not None
+        last, typical = self._last_time[s], self._step[s]
+        step = np.where((times != NO_TIME) & (last != NO_TIME), times - last, 0).astype(np.float64)
+        gap = (typical > 0) & (step > self.gap_factor * typical)
+        if gap.any():
+            self._run[s[gap]] = 0
+            self.gap_restarts += int(np.count_nonzero(gap))
+        moved = step > 0  # a repeated or out-of-order time says nothing about the rate
+        if moved.any():
+            t, x = typical[moved], step[moved]
+            known = t > 0
+            x[known] = np.minimum(x[known], self.gap_factor * t[known])  # a gap counts as gap_factor steps
+            # geometric mean of recent steps (16 events' memory): a rate change is learned in a few
+            # restarts, one long gap lifts it by at most gap_factor ** (1/16)
+            t[known] = np.exp(np.log(t[known]) + STEP_MEMORY * (np.log(x[known]) - np.log(t[known])))
+            t[~known] = x[~known]
+            self._step[s[moved]] = t
 
     def windows_of(self, slots: np.ndarray) -> np.ndarray:
         """The current windows of these slots, oldest row first: [len(slots), W, F] (a new array;
@@ -267,6 +308,8 @@ class WindowStore:
         self._pos[slot] = 0
         self._count[slot] = 0
         self._phase[slot] = hop_phase(entity[1], self.hop)
+        self._run[slot] = 0
+        self._step[slot] = 0.0
         self._last_time[slot] = NO_TIME
         self._last_seq[slot] = self._seq
 
@@ -333,6 +376,8 @@ class WindowStore:
         self._pos = grow(self._pos, 0)
         self._count = grow(self._count, 0)
         self._phase = grow(self._phase, 0)
+        self._run = grow(self._run, 0)
+        self._step = grow(self._step, 0)
         self._last_time = grow(self._last_time, NO_TIME)
         self._last_seq = grow(self._last_seq, 0)
         self._keys.extend([None] * extra)
@@ -369,7 +414,13 @@ class WindowStore:
         k = min(count, self.window)
         rows = self._gather(np.array([slot]))[0, self.window - k :]
         last = int(self._last_time[slot])
-        return {"count": count, "last_time_ms": None if last == NO_TIME else last, "rows": rows.copy()}
+        return {
+            "count": count,
+            "last_time_ms": None if last == NO_TIME else last,
+            "run": int(self._run[slot]),
+            "step_ms": float(self._step[slot]),
+            "rows": rows.copy(),
+        }
 
     def import_state(self, partition: int, key: str, state: dict[str, Any]) -> int:
         """Install an entity's window state (replacing any it has); returns its slot."""
@@ -392,6 +443,9 @@ class WindowStore:
         self._count[slot] = count
         last = state.get("last_time_ms")
         self._last_time[slot] = NO_TIME if last is None else int(last)
+        # states written before gaps were known: the window ran since the entity was first seen
+        self._run[slot] = min(int(state.get("run", count)), count)
+        self._step[slot] = float(state.get("step_ms", 0.0))
         if self.track_rewrites:
             self.rewritten.add(slot)
         return slot

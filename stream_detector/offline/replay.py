@@ -229,5 +229,10 @@ def run_cli(args: argparse.Namespace) -> int:
         f"{summary.rows_per_s:,.0f} rows/s, {summary.scored_per_s:,.0f} scored windows/s "
         f"({summary.seconds:.2f} s detection)"
     )
+    if core.store.gap_restarts:
+        print(
+            f"{core.store.gap_restarts} time gaps (a step over {core.store.gap_factor:g}x the entity's typical one) "
+            f"started a window again: the {bundle.window - 1} rows after each are not scored"
+        )
     print(f"wrote {args.out / SCORES_FILE} and {args.out / ALERTS_FILE}")
     return 0

@@ -17,6 +17,13 @@ freedom (heavy tails), both of unit variance before scaling. Incidents (in units
 - pattern: 150-300 rows, the seasonal part of every feature flattened (only with season > 0).
 Incidents start at least 200 rows into the test part, at least 300 rows apart. Randomness: one
 seed gives the dataset; the normal part of a series does not depend on its incidents.
+
+Outages (`outages` per entity, 0 but for the `outages` and `seasonal_outages` datasets): stretches of 30-240 rows of the
+test part that the series does not report, at least 100 rows from any incident. The series goes on
+underneath (its daily cycle and latent part move on), so the first reading after an outage is
+where the series is by then, not where it stopped; the written files leave those rows out, and the
+time column jumps over them. The other rows, and the incidents, are those of the same seed without
+outages.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ class SeriesSpec:
     trend: float = 0.0  # level change per 1,000 rows (it goes on through the test part)
     kinds: tuple[str, ...] = ("spike", "level_shift")
     incidents: int = 6  # per entity
+    outages: int = 0  # per entity: stretches of the test part the series does not report
 
     def validate(self) -> None:
         if self.features < 1 or self.entities < 1 or self.history < 10 or self.length < 500:
@@ -66,6 +74,8 @@ SUITE: dict[str, SeriesSpec] = {
     "trend": SeriesSpec(features=2, trend=0.3, kinds=("spike", "level_shift")),
     "short_history": SeriesSpec(features=1, history=300, season=1.0),
     "medium_history": SeriesSpec(features=1, history=750, season=1.0),  # issue 17's trial: at most 750 rows
+    "outages": SeriesSpec(features=1, season=1.0, outages=6),  # univariate's series, with readings missing
+    "seasonal_outages": SeriesSpec(features=2, season=3.0, kinds=("spike", "level_shift", "pattern"), outages=6),
 }
 
 
@@ -84,6 +94,7 @@ class Series:
     history: np.ndarray  # float64 [history, F]
     test: np.ndarray  # float64 [length, F]
     incidents: list[Incident] = field(default_factory=list)
+    reported: np.ndarray | None = None  # bool [length]: the test rows the series reports (None: all)
 
     def labels(self) -> np.ndarray:
         out = np.zeros(len(self.test), dtype=np.int8)
@@ -95,7 +106,30 @@ class Series:
 def generate(spec: SeriesSpec, seed: int) -> list[Series]:
     spec.validate()
     root = np.random.SeedSequence(seed)
-    return [_one(spec, f"series-{e}", *root.spawn(1)[0].spawn(2)) for e in range(spec.entities)]
+    out = [_one(spec, f"series-{e}", *root.spawn(1)[0].spawn(2)) for e in range(spec.entities)]
+    if spec.outages:  # a stream of its own, so the series and incidents are those of the same seed without
+        outage_rng = np.random.default_rng(np.random.SeedSequence([seed, 0x0C7A6E]))
+        for s in out:
+            s.reported = _reported(spec, s.incidents, outage_rng)
+    return out
+
+
+def _reported(spec: SeriesSpec, incidents: list[Incident], rng: np.random.Generator) -> np.ndarray:
+    """The test rows a series reports: all but `spec.outages` stretches of 30-240 rows, each at least
+    100 rows from any incident and from each other (fewer when the test part has no room)."""
+    reported = np.ones(spec.length, dtype=bool)
+    keep_clear = np.zeros(spec.length, dtype=bool)
+    for inc in incidents:
+        keep_clear[max(0, inc.start - 100) : inc.end + 100] = True
+    for _ in range(spec.outages):
+        for _attempt in range(100):
+            n = int(rng.integers(30, 241))
+            a = int(rng.integers(100, spec.length - n))
+            if not keep_clear[a : a + n].any():
+                reported[a : a + n] = False
+                keep_clear[max(0, a - 100) : a + n + 100] = True
+                break
+    return reported
 
 
 def _one(spec: SeriesSpec, key: str, normal_seq: np.random.SeedSequence, plan_seq: np.random.SeedSequence) -> Series:
@@ -176,12 +210,13 @@ def write_dataset(series: list[Series], folder: Path) -> dict[str, Path]:
                 w.writerow([s.key, T0_MS + i * STEP_MS, *(f"{v:.6g}" for v in row)])
     for s in series:
         test = paths[f"test-{s.key}"] = folder / f"test-{s.key}.csv"
+        rows = np.flatnonzero(s.reported) if s.reported is not None else np.arange(len(s.test))
         with open(test, "w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(["key", "ts", *names])
             base = len(s.history)
-            for i, row in enumerate(s.test):
-                w.writerow([s.key, T0_MS + (base + i) * STEP_MS, *(f"{v:.6g}" for v in row)])
+            for i in rows.tolist():
+                w.writerow([s.key, T0_MS + (base + i) * STEP_MS, *(f"{v:.6g}" for v in s.test[i])])
         labels = paths[f"labels-{s.key}"] = folder / f"labels-{s.key}.txt"
-        labels.write_text("\n".join(str(int(v)) for v in s.labels()) + "\n")
+        labels.write_text("\n".join(str(int(v)) for v in s.labels()[rows]) + "\n")
     return paths

@@ -116,6 +116,7 @@ def count_batch(
         )
     if result is not None:
         metrics.evicted(result.evicted)
+        metrics.restarted_windows(result.gap_restarts)
     scored = result.n_scored if result is not None else 0
     stats.scored += scored
     stats.batches += 1

@@ -123,6 +123,11 @@ class Metrics:
         self.open_alerts = Gauge(f"{p}_open_alerts", "entities currently in an open alert", registry=r)
         self.tracked_entities = Gauge(f"{p}_tracked_entities", "entities with window state in memory", registry=r)
         self.evictions = Counter(f"{p}_evictions", "entities evicted (entity cap or idle)", ["cause"], registry=r)
+        self.window_restarts = Counter(
+            f"{p}_window_restarts",
+            "entity windows started again after a time gap (not scored for W - 1 events)",
+            registry=r,
+        )
         self.threshold = Gauge(
             f"{p}_threshold", "quantiles of the current per-entity thresholds", ["quantile"], registry=r
         )
@@ -207,6 +212,10 @@ class Metrics:
     def evicted(self, n: int, cause: str = "idle") -> None:
         if n:
             self.evictions.labels(cause).inc(n)
+
+    def restarted_windows(self, n: int) -> None:
+        if n:
+            self.window_restarts.inc(n)
 
     def set_thresholds(self, values: np.ndarray) -> None:
         """Current per-entity thresholds; exposed as a few quantiles, not one series per entity."""
