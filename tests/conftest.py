@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -50,7 +51,19 @@ def make_topic(kafka_bootstrap: str):
         fut = admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1, config=config or {})])
         fut[name].result(timeout=30)
         created.append(name)
-        return name
+        # Creation returns before every partition has a leader in the metadata; a consumer that
+        # subscribes then may see fewer partitions until its next metadata refresh (minutes), and
+        # a test run once read one of two partitions only. Wait until all of them lead.
+        deadline = time.monotonic() + 30
+        while True:
+            meta = admin.list_topics(name, timeout=10).topics.get(name)
+            if meta is not None and meta.error is None and len(meta.partitions) == partitions and all(
+                p.leader >= 0 for p in meta.partitions.values()
+            ):
+                return name
+            if time.monotonic() > deadline:
+                raise AssertionError(f"topic {name}: not all {partitions} partitions have a leader 30 s after creation")
+            time.sleep(0.1)
 
     yield factory
     if created:
