@@ -166,7 +166,6 @@ class DetectorCore:
         rows = self.bundle.normaliser.apply(batch.rows)
         if self.device is not None:
             self.device.before_ingest(self.store)
-        restarts_before = self.store.gap_restarts
         ing = self.store.ingest(batch.partition, batch.keys, rows, batch.event_time_ms, gather=self.device is None)
         self._ensure_capacity()
         for s in ing.reset_slots.tolist():
@@ -281,7 +280,7 @@ class DetectorCore:
             alerts,
             open_after,
             ing.evicted,
-            self.store.gap_restarts - restarts_before,
+            ing.gap_restarts,
         )
 
     def _ensure_capacity(self) -> None:

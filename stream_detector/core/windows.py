@@ -62,6 +62,7 @@ class Ingested:
     reset_slots: np.ndarray  # int64: slots given to a new entity during this call (start their state fresh)
     evicted: int  # entities evicted during this call (idle or LRU)
     counts: np.ndarray | None = None  # int64 [n]: the entity's event count after each event
+    gap_restarts: int = 0  # entity windows started again after a time gap during this call
 
 
 def hop_phase(key: str, hop: int) -> int:
@@ -175,6 +176,7 @@ class WindowStore:
         self._last_seq[slots] = self._seq
 
         times_buf = np.empty(n, dtype=np.int64)
+        restarts = 0
         counts = np.empty(n, dtype=np.int64)
         no_windows = np.zeros((0, self.window, self.n_features), np.float32)
         due_parts: list[np.ndarray] = []
@@ -186,7 +188,7 @@ class WindowStore:
             self._pos[s] = (p + 1) % self.window
             self._count[s] += 1
             if self.gap_factor is not None:
-                self._restart_after_gaps(s, times[idx])
+                restarts += self._restart_after_gaps(s, times[idx])
             self._run[s] += 1
             np.maximum(self._last_time[s], times[idx], out=times_buf[: s.size])  # NO_TIME is int64 min: never wins
             self._last_time[s] = times_buf[: s.size]
@@ -201,7 +203,7 @@ class WindowStore:
                 if gather:
                     win_parts.append(self._gather(ds))
         if not due_parts:
-            return Ingested(slots, empty, no_windows, reset_slots, evicted, counts)
+            return Ingested(slots, empty, no_windows, reset_slots, evicted, counts, restarts)
         due = np.concatenate(due_parts)
         windows = no_windows
         if gather:
@@ -211,18 +213,19 @@ class WindowStore:
             due = due[order]
             if gather:
                 windows = windows[order]
-        return Ingested(slots, due, windows, reset_slots, evicted, counts)
+        return Ingested(slots, due, windows, reset_slots, evicted, counts, restarts)
 
-    def _restart_after_gaps(self, s: np.ndarray, times: np.ndarray) -> None:
+    def _restart_after_gaps(self, s: np.ndarray, times: np.ndarray) -> int:
         """Slots `s` (distinct) get events at `times`: restart the window of those that come after a
-        gap, and learn each one's typical step."""
+        gap, and learn each one's typical step. Returns how many restarted."""
         assert self.gap_factor is not None
         last, typical = self._last_time[s], self._step[s]
         step = np.where((times != NO_TIME) & (last != NO_TIME), times - last, 0).astype(np.float64)
         gap = (typical > 0) & (step > self.gap_factor * typical)
-        if gap.any():
+        restarts = int(np.count_nonzero(gap))
+        if restarts:
             self._run[s[gap]] = 0
-            self.gap_restarts += int(np.count_nonzero(gap))
+            self.gap_restarts += restarts
         moved = step > 0  # a repeated or out-of-order time says nothing about the rate
         if moved.any():
             t, x = typical[moved], step[moved]
@@ -233,6 +236,7 @@ class WindowStore:
             t[known] = np.exp(np.log(t[known]) + STEP_MEMORY * (np.log(x[known]) - np.log(t[known])))
             t[~known] = x[~known]
             self._step[s[moved]] = t
+        return restarts
 
     def windows_of(self, slots: np.ndarray) -> np.ndarray:
         """The current windows of these slots, oldest row first: [len(slots), W, F] (a new array;

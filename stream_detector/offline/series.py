@@ -18,12 +18,12 @@ freedom (heavy tails), both of unit variance before scaling. Incidents (in units
 Incidents start at least 200 rows into the test part, at least 300 rows apart. Randomness: one
 seed gives the dataset; the normal part of a series does not depend on its incidents.
 
-Outages (`outages` per entity, 0 but for the `outages` and `seasonal_outages` datasets): stretches of 30-240 rows of the
-test part that the series does not report, at least 100 rows from any incident. The series goes on
-underneath (its daily cycle and latent part move on), so the first reading after an outage is
-where the series is by then, not where it stopped; the written files leave those rows out, and the
-time column jumps over them. The other rows, and the incidents, are those of the same seed without
-outages.
+Outages (`outages` per entity, 0 but for the `outages` and `seasonal_outages` datasets):
+stretches of 30-240 rows of the test part that the series does not report, at least 100 rows from
+any incident. The series goes on underneath (its daily cycle and latent part move on), so the
+first reading after an outage is where the series is by then, not where it stopped; the written
+files leave those rows out, and the time column jumps over them. The other rows, and the
+incidents, are those of the same seed without outages.
 """
 
 from __future__ import annotations
